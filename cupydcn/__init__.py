@@ -1,0 +1,28 @@
+"""cupydcn: deformable convolution networks for any array library.
+
+Ops take any DLPack array (NumPy, CuPy, PyTorch, JAX), compute where the arrays live
+(CUDA arrays on CuPy-compiled kernels, CPU arrays on a vectorised NumPy backend) and
+return results in the caller's array type. Forward and backward are explicit functions.
+"""
+
+from ._conv_kernels import ConvGrads
+from ._deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
+from ._errors import (
+    CupydcnError,
+    CupydcnRuntimeError,
+    CupydcnTypeError,
+    CupydcnValueError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvGrads",
+    "CupydcnError",
+    "CupydcnRuntimeError",
+    "CupydcnTypeError",
+    "CupydcnValueError",
+    "DEFAULT_WORKSPACE_BYTES",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+]

@@ -1,0 +1,294 @@
+"""deform_conv2d on the CUDA kernels: buffers, batch chunking, GEMMs and launches.
+
+Written once against a :class:`~cupydcn._launch.KernelLauncher`: on a GPU with CuPy, in
+the tests with the CPU harness that runs the same kernels on the host (``xp`` = NumPy).
+
+Forward, per chunk of ``n`` images::
+
+    columns [n, C*K, P]  <- deform_conv_im2col(input, offset, mask)         (acc dtype)
+    output  [n, groups, Co/g, P] = weight [groups, Co/g, Cg*K] @ columns     (batched GEMM)
+
+Backward, per chunk::
+
+    grad_columns [n, groups, Cg*K, P] = weight^T @ grad_output
+    grad_input  += deform_conv_col2im_input(grad_columns)                     (atomics)
+    grad_offset, grad_mask = deform_conv_col2im_coord(grad_columns, input)
+    grad_weight += sum_n grad_output @ columns^T                              (columns recomputed)
+
+Half types (float16, bfloat16) are widened to float32 for the GEMMs and every result is
+rounded once; column buffers are in the accumulation dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ._conv_geometry import ConvGeometry
+from ._dtypes import DTYPES, INT32_LIMIT
+from ._launch import KernelLauncher
+
+GRADIENT_NAMES = ("input", "offset", "weight", "mask", "bias")
+
+
+class ConvGrads(NamedTuple):
+    """Gradients of deform_conv2d; an entry is None when it was not requested (or, for
+    grad_mask, when the call had no mask).
+
+    grad_input [N, C, H, W], grad_offset [N, 2*G*kh*kw, H_out, W_out],
+    grad_weight [C_out, C/groups, kh, kw], grad_mask [N, G*kh*kw, H_out, W_out],
+    grad_bias [C_out].
+    """
+
+    grad_input: object
+    grad_offset: object
+    grad_weight: object
+    grad_mask: object
+    grad_bias: object
+
+
+def images_per_chunk(geom: ConvGeometry, bytes_per_image: int, workspace_bytes: int) -> int:
+    """How many images' buffers fit in ``workspace_bytes`` (at least one, at most N)."""
+    fitting = workspace_bytes // max(bytes_per_image, 1)
+    return int(max(1, min(geom.batch, fitting)))
+
+
+def index_bits_for(geom: ConvGeometry, chunk: int) -> int:
+    """32 when every tensor and buffer a kernel indexes has fewer than 2^31 elements."""
+    sizes = (
+        geom.batch * geom.in_channels * geom.height * geom.width,
+        geom.batch * 2 * geom.offset_groups * geom.taps * geom.out_h * geom.out_w,
+        geom.batch * geom.out_channels * geom.out_h * geom.out_w,
+        chunk * geom.column_rows * geom.out_h * geom.out_w,
+    )
+    return 32 if max(sizes) <= INT32_LIMIT else 64
+
+
+class _Plan(NamedTuple):
+    dtype_name: str
+    acc_dtype: object  # xp dtype
+    needs_widening: bool
+    chunk: int
+    index_bits: int
+
+
+def _plan(launcher: KernelLauncher, dtype_name: str, geom: ConvGeometry,
+          per_image_elements: int, workspace_bytes: int, index_bits: int | None) -> _Plan:
+    xp = launcher.xp
+    info = DTYPES[dtype_name]
+    acc_dtype = xp.dtype(info.acc_name)
+    chunk = images_per_chunk(geom, per_image_elements * acc_dtype.itemsize, workspace_bytes)
+    bits = index_bits if index_bits is not None else index_bits_for(geom, chunk)
+    return _Plan(dtype_name, acc_dtype, info.acc_name != info.name, chunk, bits)
+
+
+def _shape_args(geom: ConvGeometry, images: int) -> list[int]:
+    """The size arguments every conv kernel takes after its pointers, in order."""
+    return [
+        images, geom.in_channels, geom.height, geom.width, geom.kernel_h, geom.kernel_w,
+        geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
+        geom.out_h, geom.out_w, geom.offset_groups,
+    ]
+
+
+def _widen(launcher: KernelLauncher, plan: _Plan, array, out=None):
+    """``array`` (C-contiguous, dtype T) in the accumulation dtype; no copy when T is it."""
+    if not plan.needs_widening:
+        return array
+    if out is None:
+        out = launcher.xp.empty(array.shape, dtype=plan.acc_dtype)
+    launcher.launch("widen_to_acc", plan.dtype_name, plan.index_bits, array.size,
+                    [array, out, array.size])
+    return out
+
+
+def _round(launcher: KernelLauncher, plan: _Plan, acc_array, dtype):
+    """``acc_array`` rounded once to the element dtype (no copy when they coincide)."""
+    if not plan.needs_widening:
+        return acc_array
+    out = launcher.xp.empty(acc_array.shape, dtype=dtype)
+    launcher.launch("round_to_output", plan.dtype_name, plan.index_bits, acc_array.size,
+                    [acc_array, out, acc_array.size])
+    return out
+
+
+def _contiguous(xp, array):
+    return None if array is None else xp.ascontiguousarray(array)
+
+
+def conv_forward(
+    launcher: KernelLauncher,
+    input,
+    offset,
+    weight,
+    bias,
+    mask,
+    geom: ConvGeometry,
+    *,
+    dtype_name: str,
+    workspace_bytes: int,
+    index_bits: int | None = None,
+):
+    """Output [N, C_out, H_out, W_out] of deform_conv2d (arrays of ``launcher.xp``)."""
+    xp = launcher.xp
+    input, offset, weight, bias, mask = (
+        _contiguous(xp, a) for a in (input, offset, weight, bias, mask)
+    )
+    output = xp.empty(geom.output_shape, dtype=input.dtype)
+    if geom.batch == 0:
+        return output
+
+    pixels = geom.out_h * geom.out_w
+    per_image = geom.column_rows * pixels
+    plan = _plan(launcher, dtype_name, geom, per_image + (geom.out_channels * pixels
+                 if DTYPES[dtype_name].acc_name != dtype_name else 0),
+                 workspace_bytes, index_bits)
+    groups = geom.groups
+    out_per_group = geom.out_channels // groups
+    rows_per_group = geom.column_rows // groups
+
+    weight_acc = _widen(launcher, plan, weight).reshape(1, groups, out_per_group, rows_per_group)
+    bias_acc = None if bias is None else _widen(launcher, plan, bias).reshape(
+        1, groups, out_per_group, 1)
+    columns = xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
+    chunk_output_acc = (
+        xp.empty((plan.chunk, geom.out_channels, pixels), dtype=plan.acc_dtype)
+        if plan.needs_widening else None
+    )
+
+    for start in range(0, geom.batch, plan.chunk):
+        stop = min(start + plan.chunk, geom.batch)
+        n = stop - start
+        chunk_columns = columns[:n]
+        launcher.launch(
+            "deform_conv_im2col", dtype_name, plan.index_bits, n * geom.in_channels * pixels,
+            [input[start:stop], offset[start:stop], None if mask is None else mask[start:stop],
+             chunk_columns, *_shape_args(geom, n)],
+        )
+        target = output[start:stop] if chunk_output_acc is None else chunk_output_acc[:n]
+        target = target.reshape(n, groups, out_per_group, pixels)
+        xp.matmul(weight_acc, chunk_columns.reshape(n, groups, rows_per_group, pixels), out=target)
+        if bias_acc is not None:
+            target += bias_acc
+        if chunk_output_acc is not None:
+            launcher.launch("round_to_output", dtype_name, plan.index_bits, target.size,
+                            [target, output[start:stop], target.size])
+    return output
+
+
+def conv_backward(
+    launcher: KernelLauncher,
+    grad_output,
+    input,
+    offset,
+    weight,
+    mask,
+    geom: ConvGeometry,
+    *,
+    dtype_name: str,
+    wrt: frozenset[str],
+    workspace_bytes: int,
+    index_bits: int | None = None,
+) -> ConvGrads:
+    """Gradients of deform_conv2d for the names in ``wrt`` (see :class:`ConvGrads`)."""
+    xp = launcher.xp
+    grad_output, input, offset, weight, mask = (
+        _contiguous(xp, a) for a in (grad_output, input, offset, weight, mask)
+    )
+    want_input = "input" in wrt
+    want_offset = "offset" in wrt
+    want_mask = "mask" in wrt and mask is not None
+    want_weight = "weight" in wrt
+    want_bias = "bias" in wrt
+    want_columns_grad = want_input or want_offset or want_mask
+
+    dtype = input.dtype
+    pixels = geom.out_h * geom.out_w
+    groups = geom.groups
+    out_per_group = geom.out_channels // groups
+    rows_per_group = geom.column_rows // groups
+    widening = DTYPES[dtype_name].acc_name != dtype_name
+    per_image = (
+        geom.column_rows * pixels * (int(want_columns_grad) + int(want_weight))
+        + (geom.out_channels * pixels if widening else 0)
+        + (geom.out_channels * rows_per_group if want_weight else 0)
+    )
+    plan = _plan(launcher, dtype_name, geom, per_image, workspace_bytes, index_bits)
+
+    grad_input_acc = (
+        xp.zeros(geom.input_shape, dtype=plan.acc_dtype) if want_input else None
+    )
+    grad_offset = xp.empty(geom.offset_shape, dtype=dtype) if want_offset else None
+    grad_mask = xp.empty(geom.mask_shape, dtype=dtype) if want_mask else None
+    grad_weight_acc = (
+        xp.zeros((groups, out_per_group, rows_per_group), dtype=plan.acc_dtype)
+        if want_weight else None
+    )
+    grad_bias_acc = xp.zeros((geom.out_channels,), dtype=plan.acc_dtype) if want_bias else None
+
+    if geom.batch > 0 and (want_columns_grad or want_weight or want_bias):
+        weight_acc = _widen(launcher, plan, weight).reshape(groups, out_per_group, rows_per_group)
+        weight_t = xp.swapaxes(weight_acc, 1, 2)[None]  # [1, groups, Cg*K, Co/g]
+        grad_columns = (
+            xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
+            if want_columns_grad else None
+        )
+        columns = (
+            xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
+            if want_weight else None
+        )
+        grad_output_acc = (
+            xp.empty((plan.chunk, geom.out_channels, pixels), dtype=plan.acc_dtype)
+            if widening else None
+        )
+        for start in range(0, geom.batch, plan.chunk):
+            stop = min(start + plan.chunk, geom.batch)
+            n = stop - start
+            chunk_mask = None if mask is None else mask[start:stop]
+            go = grad_output[start:stop].reshape(n, geom.out_channels, pixels)
+            if grad_output_acc is not None:
+                go = _widen(launcher, plan, go, out=grad_output_acc[:n])
+            go_grouped = go.reshape(n, groups, out_per_group, pixels)
+            if want_bias:
+                grad_bias_acc += go.sum(axis=(0, 2))
+            if want_columns_grad:
+                chunk_grad_columns = grad_columns[:n]
+                xp.matmul(weight_t, go_grouped,
+                          out=chunk_grad_columns.reshape(n, groups, rows_per_group, pixels))
+                if want_input:
+                    launcher.launch(
+                        "deform_conv_col2im_input", dtype_name, plan.index_bits,
+                        n * geom.column_rows * pixels,
+                        [chunk_grad_columns, offset[start:stop], chunk_mask,
+                         grad_input_acc[start:stop], *_shape_args(geom, n)],
+                    )
+                if want_offset or want_mask:
+                    launcher.launch(
+                        "deform_conv_col2im_coord", dtype_name, plan.index_bits,
+                        n * geom.offset_groups * geom.taps * pixels,
+                        [chunk_grad_columns, input[start:stop], offset[start:stop], chunk_mask,
+                         None if grad_offset is None else grad_offset[start:stop],
+                         None if grad_mask is None else grad_mask[start:stop],
+                         *_shape_args(geom, n)],
+                    )
+            if want_weight:
+                chunk_columns = columns[:n]
+                launcher.launch(
+                    "deform_conv_im2col", dtype_name, plan.index_bits,
+                    n * geom.in_channels * pixels,
+                    [input[start:stop], offset[start:stop], chunk_mask, chunk_columns,
+                     *_shape_args(geom, n)],
+                )
+                per_image_grad = xp.matmul(
+                    go_grouped,
+                    xp.swapaxes(chunk_columns.reshape(n, groups, rows_per_group, pixels), 2, 3),
+                )
+                grad_weight_acc += per_image_grad.sum(axis=0)
+
+    return ConvGrads(
+        grad_input=None if grad_input_acc is None else _round(launcher, plan, grad_input_acc, dtype),
+        grad_offset=grad_offset,
+        grad_weight=None if grad_weight_acc is None else _round(
+            launcher, plan, grad_weight_acc, dtype).reshape(geom.weight_shape),
+        grad_mask=grad_mask,
+        grad_bias=None if grad_bias_acc is None else _round(launcher, plan, grad_bias_acc, dtype),
+    )
