@@ -167,6 +167,19 @@ def to_native(placement: Placement, array):
     return cupy.from_dlpack(array)
 
 
+def natives(op: str, arrays: dict[str, object]) -> tuple[Placement, dict[str, object]]:
+    """The placement of a call and zero-copy native views of all its arrays (None kept)."""
+    placement = resolve_placement(op, arrays)
+    return placement, {name: to_native(placement, a) for name, a in arrays.items()}
+
+
+def kernel_launcher(placement: Placement):
+    """The launcher of the CUDA kernels for a placement on a CUDA device."""
+    from ._cupy_launcher import cupy_launcher
+
+    return cupy_launcher()
+
+
 # ------------------------------------------------------------------ computing
 @contextlib.contextmanager
 def compute_scope(placement: Placement) -> Iterator[None]:

@@ -42,8 +42,7 @@ def _wanted_gradients(wrt: Iterable[str] | None, has_mask: bool) -> frozenset[st
 
 def _to_native(op: str, arrays: dict[str, object]):
     """Placement, zero-copy native arrays and the shared dtype name of one call."""
-    placement = _arrays.resolve_placement(op, arrays)
-    native = {name: _arrays.to_native(placement, a) for name, a in arrays.items()}
+    placement, native = _arrays.natives(op, arrays)
     dtype_name = check_float_dtypes(op, {k: v for k, v in native.items() if v is not None})
     return placement, native, dtype_name
 
@@ -88,10 +87,9 @@ def deform_conv2d(
     with _arrays.compute_scope(placement):
         if placement.on_cuda:
             from ._conv_kernels import conv_forward
-            from ._cupy_launcher import cupy_launcher
 
             output = conv_forward(
-                cupy_launcher(), native["input"], native["offset"], native["weight"],
+                _arrays.kernel_launcher(placement), native["input"], native["offset"], native["weight"],
                 native["bias"], native["mask"], geom, dtype_name=dtype_name,
                 workspace_bytes=workspace,
             )
@@ -146,10 +144,9 @@ def deform_conv2d_backward(
     with _arrays.compute_scope(placement):
         if placement.on_cuda:
             from ._conv_kernels import conv_backward
-            from ._cupy_launcher import cupy_launcher
 
             grads = conv_backward(
-                cupy_launcher(), native["grad_output"], native["input"], native["offset"],
+                _arrays.kernel_launcher(placement), native["grad_output"], native["input"], native["offset"],
                 native["weight"], native["mask"], geom, dtype_name=dtype_name, wrt=wanted,
                 workspace_bytes=workspace,
             )
