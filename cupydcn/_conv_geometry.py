@@ -126,7 +126,7 @@ def conv_geometry(
     stride,
     padding,
     dilation,
-    padding_mode: str,
+    padding_mode: str = "zeros",
     op: str = OP,
 ) -> ConvGeometry:
     """Check every shape, dtype and option of a deform_conv2d call; return its geometry."""

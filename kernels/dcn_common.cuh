@@ -98,12 +98,12 @@ template <typename A, typename T, typename I>
 __device__ __forceinline__ CornerValues<A, T, I> corner_values(
     const T* plane, const BilinearPoint<A, I>& p, I width) {
   CornerValues<A, T, I> c;
-  const T* row0 = plane + p.y0 * width;
-  const T* row1 = row0 + width;
-  c.v00 = (p.y0_in && p.x0_in) ? to_acc(row0[p.x0]) : A(0);
-  c.v01 = (p.y0_in && p.x1_in) ? to_acc(row0[p.x0 + 1]) : A(0);
-  c.v10 = (p.y1_in && p.x0_in) ? to_acc(row1[p.x0]) : A(0);
-  c.v11 = (p.y1_in && p.x1_in) ? to_acc(row1[p.x0 + 1]) : A(0);
+  // Element offsets are formed only for in-map corners (no out-of-range pointers).
+  const I row0 = p.y0 * width, row1 = row0 + width;
+  c.v00 = (p.y0_in && p.x0_in) ? to_acc(plane[row0 + p.x0]) : A(0);
+  c.v01 = (p.y0_in && p.x1_in) ? to_acc(plane[row0 + p.x0 + 1]) : A(0);
+  c.v10 = (p.y1_in && p.x0_in) ? to_acc(plane[row1 + p.x0]) : A(0);
+  c.v11 = (p.y1_in && p.x1_in) ? to_acc(plane[row1 + p.x0 + 1]) : A(0);
   return c;
 }
 
@@ -156,12 +156,11 @@ __device__ __forceinline__ void bilinear_scatter(A* grad_plane, I height, I widt
   const BilinearPoint<A, I> p = bilinear_point<A, I>(y, x, height, width);
   if (p.is_nan || !p.any_in) return;
   const A hy = A(1) - p.ly, hx = A(1) - p.lx;
-  A* row0 = grad_plane + p.y0 * width;
-  A* row1 = row0 + width;
-  if (p.y0_in && p.x0_in) atomic_accumulate(row0 + p.x0, hy * hx * grad);
-  if (p.y0_in && p.x1_in) atomic_accumulate(row0 + p.x0 + 1, hy * p.lx * grad);
-  if (p.y1_in && p.x0_in) atomic_accumulate(row1 + p.x0, p.ly * hx * grad);
-  if (p.y1_in && p.x1_in) atomic_accumulate(row1 + p.x0 + 1, p.ly * p.lx * grad);
+  const I row0 = p.y0 * width, row1 = row0 + width;
+  if (p.y0_in && p.x0_in) atomic_accumulate(grad_plane + (row0 + p.x0), hy * hx * grad);
+  if (p.y0_in && p.x1_in) atomic_accumulate(grad_plane + (row0 + p.x0 + 1), hy * p.lx * grad);
+  if (p.y1_in && p.x0_in) atomic_accumulate(grad_plane + (row1 + p.x0), p.ly * hx * grad);
+  if (p.y1_in && p.x1_in) atomic_accumulate(grad_plane + (row1 + p.x0 + 1), p.ly * p.lx * grad);
 }
 
 }  // namespace cupydcn
