@@ -7,6 +7,8 @@ return results in the caller's array type. Forward and backward are explicit fun
 
 from ._conv_kernels import ConvGrads
 from ._deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
+from ._deform_psroi_pool import PSRoiPoolGrads, deform_psroi_pool, deform_psroi_pool_backward
+from ._deform_roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
 from ._errors import (
     CupydcnError,
     CupydcnRuntimeError,
@@ -23,6 +25,12 @@ __all__ = [
     "CupydcnTypeError",
     "CupydcnValueError",
     "DEFAULT_WORKSPACE_BYTES",
+    "PSRoiPoolGrads",
+    "RoiPoolGrads",
     "deform_conv2d",
     "deform_conv2d_backward",
+    "deform_psroi_pool",
+    "deform_psroi_pool_backward",
+    "deform_roi_pool",
+    "deform_roi_pool_backward",
 ]

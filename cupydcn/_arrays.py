@@ -173,6 +173,15 @@ def natives(op: str, arrays: dict[str, object]) -> tuple[Placement, dict[str, ob
     return placement, {name: to_native(placement, a) for name, a in arrays.items()}
 
 
+def array_module(placement: Placement) -> ModuleType:
+    """NumPy or CuPy: the module of the native arrays of a placement."""
+    if placement.on_cuda:
+        import cupy
+
+        return cupy
+    return np
+
+
 def kernel_launcher(placement: Placement):
     """The launcher of the CUDA kernels for a placement on a CUDA device."""
     from ._cupy_launcher import cupy_launcher

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ._dtypes import dtype_info
 from ._errors import type_error, value_error
 
 OP = "deform_conv2d"
@@ -96,24 +95,6 @@ def _pair(op: str, name: str, value, *, minimum: int) -> tuple[int, int]:
 
 def _shape(array) -> tuple[int, ...]:
     return tuple(int(s) for s in array.shape)
-
-
-def check_float_dtypes(op: str, named_arrays: dict[str, object]) -> str:
-    """All arrays share one supported floating dtype; returns its name."""
-    first_name, first = next(iter(named_arrays.items()))
-    info = dtype_info(first.dtype)
-    if info is None:
-        raise type_error(
-            op,
-            f"{first_name} has dtype {first.dtype}; expected one of float64, float32, "
-            "float16, bfloat16",
-        )
-    for name, array in named_arrays.items():
-        if dtype_info(array.dtype) is None or dtype_info(array.dtype).name != info.name:
-            raise type_error(
-                op, f"{name} has dtype {array.dtype}; expected {info.name} like {first_name}"
-            )
-    return info.name
 
 
 def conv_geometry(

@@ -24,8 +24,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._conv_geometry import ConvGeometry
-from ._dtypes import DTYPES, INT32_LIMIT
-from ._launch import KernelLauncher
+from ._dtypes import DTYPES
+from ._launch import (
+    KernelLauncher,
+    contiguous,
+    index_bits_for_sizes,
+    round_to_dtype,
+    widen_to_acc,
+)
 
 GRADIENT_NAMES = ("input", "offset", "weight", "mask", "bias")
 
@@ -53,14 +59,13 @@ def images_per_chunk(geom: ConvGeometry, bytes_per_image: int, workspace_bytes: 
 
 
 def index_bits_for(geom: ConvGeometry, chunk: int) -> int:
-    """32 when every tensor and buffer a kernel indexes has fewer than 2^31 elements."""
-    sizes = (
+    """32 when every tensor and buffer a kernel indexes fits 32-bit grid-stride indexing."""
+    return index_bits_for_sizes(
         geom.batch * geom.in_channels * geom.height * geom.width,
         geom.batch * 2 * geom.offset_groups * geom.taps * geom.out_h * geom.out_w,
         geom.batch * geom.out_channels * geom.out_h * geom.out_w,
         chunk * geom.column_rows * geom.out_h * geom.out_w,
     )
-    return 32 if max(sizes) <= INT32_LIMIT else 64
 
 
 class _Plan(NamedTuple):
@@ -91,28 +96,11 @@ def _shape_args(geom: ConvGeometry, images: int) -> list[int]:
 
 
 def _widen(launcher: KernelLauncher, plan: _Plan, array, out=None):
-    """``array`` (C-contiguous, dtype T) in the accumulation dtype; no copy when T is it."""
-    if not plan.needs_widening:
-        return array
-    if out is None:
-        out = launcher.xp.empty(array.shape, dtype=plan.acc_dtype)
-    launcher.launch("widen_to_acc", plan.dtype_name, plan.index_bits, array.size,
-                    [array, out, array.size])
-    return out
+    return widen_to_acc(launcher, plan.dtype_name, plan.index_bits, array, out)
 
 
 def _round(launcher: KernelLauncher, plan: _Plan, acc_array, dtype):
-    """``acc_array`` rounded once to the element dtype (no copy when they coincide)."""
-    if not plan.needs_widening:
-        return acc_array
-    out = launcher.xp.empty(acc_array.shape, dtype=dtype)
-    launcher.launch("round_to_output", plan.dtype_name, plan.index_bits, acc_array.size,
-                    [acc_array, out, acc_array.size])
-    return out
-
-
-def _contiguous(xp, array):
-    return None if array is None else xp.ascontiguousarray(array)
+    return round_to_dtype(launcher, plan.dtype_name, plan.index_bits, acc_array, dtype)
 
 
 def conv_forward(
@@ -131,7 +119,7 @@ def conv_forward(
     """Output [N, C_out, H_out, W_out] of deform_conv2d (arrays of ``launcher.xp``)."""
     xp = launcher.xp
     input, offset, weight, bias, mask = (
-        _contiguous(xp, a) for a in (input, offset, weight, bias, mask)
+        contiguous(xp, a) for a in (input, offset, weight, bias, mask)
     )
     output = xp.empty(geom.output_shape, dtype=input.dtype)
     if geom.batch == 0:
@@ -192,7 +180,7 @@ def conv_backward(
     """Gradients of deform_conv2d for the names in ``wrt`` (see :class:`ConvGrads`)."""
     xp = launcher.xp
     grad_output, input, offset, weight, mask = (
-        _contiguous(xp, a) for a in (grad_output, input, offset, weight, mask)
+        contiguous(xp, a) for a in (grad_output, input, offset, weight, mask)
     )
     want_input = "input" in wrt
     want_offset = "offset" in wrt

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Iterable
 
 from . import _arrays
-from ._conv_geometry import OP, check_float_dtypes, conv_geometry
+from ._conv_geometry import OP, conv_geometry
 from ._conv_kernels import GRADIENT_NAMES, ConvGrads
 from ._errors import type_error, value_error
+from ._validation import check_float_dtypes, wanted_gradients
 
 DEFAULT_WORKSPACE_BYTES = 512 * 2**20
 
@@ -22,22 +23,6 @@ def _workspace(op: str, workspace_bytes: int | None) -> int:
     if workspace_bytes < 1:
         raise value_error(op, f"workspace_bytes must be positive; got {workspace_bytes}")
     return workspace_bytes
-
-
-def _wanted_gradients(wrt: Iterable[str] | None, has_mask: bool) -> frozenset[str]:
-    if wrt is None:
-        return frozenset(n for n in GRADIENT_NAMES if n != "mask" or has_mask)
-    if isinstance(wrt, str):
-        wrt = (wrt,)
-    wanted = frozenset(wrt)
-    unknown = sorted(wanted - set(GRADIENT_NAMES))
-    if unknown:
-        raise value_error(
-            BACKWARD_OP, f"wrt names {unknown}; expected a subset of {list(GRADIENT_NAMES)}"
-        )
-    if "mask" in wanted and not has_mask:
-        raise value_error(BACKWARD_OP, "wrt names 'mask' but mask is None")
-    return wanted
 
 
 def _to_native(op: str, arrays: dict[str, object]):
@@ -139,7 +124,9 @@ def deform_conv2d_backward(
             BACKWARD_OP,
             f"grad_output has shape {grad_shape}; expected the output shape {geom.output_shape}",
         )
-    wanted = _wanted_gradients(wrt, geom.has_mask)
+    wanted = wanted_gradients(
+        BACKWARD_OP, wrt, {name: name != "mask" or geom.has_mask for name in GRADIENT_NAMES}
+    )
     workspace = _workspace(BACKWARD_OP, workspace_bytes)
     with _arrays.compute_scope(placement):
         if placement.on_cuda:

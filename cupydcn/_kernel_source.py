@@ -27,6 +27,16 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
         "deform_conv_col2im_coord",
     ),
     "convert.cu": ("widen_to_acc", "round_to_output"),
+    "deform_roi_pool.cu": (
+        "deform_roi_pool_forward",
+        "deform_roi_pool_backward_input",
+        "deform_roi_pool_backward_coord",
+    ),
+    "deform_psroi_pool.cu": (
+        "deform_psroi_pool_forward",
+        "deform_psroi_pool_backward_input",
+        "deform_psroi_pool_backward_offset",
+    ),
 }
 
 SOURCE_OF_KERNEL: dict[str, str] = {

@@ -10,7 +10,9 @@ provides a launcher that runs the same ``kernels/`` sources compiled for the hos
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
+
+from ._dtypes import DTYPES
 
 BLOCK_SIZE = 256
 # Grid-stride kernels need no more blocks than this to fill any current GPU.
@@ -41,3 +43,55 @@ def launch_config(total: int) -> tuple[int, int]:
     """(blocks, threads per block) for a grid-stride kernel over ``total`` items."""
     blocks = max(1, min(MAX_BLOCKS, -(-total // BLOCK_SIZE)))
     return blocks, BLOCK_SIZE
+
+
+# Grid-stride loops add blockDim * gridDim to an index that may already be near the end:
+# 32-bit indices are used only while that sum cannot overflow.
+INT32_INDEX_LIMIT = 2**31 - 1 - MAX_BLOCKS * BLOCK_SIZE
+
+
+def index_bits_for_sizes(*sizes: int) -> int:
+    """32 when every array or loop a kernel indexes stays below the 32-bit limit, else 64."""
+    return 32 if max(sizes, default=0) <= INT32_INDEX_LIMIT else 64
+
+
+def contiguous(xp: ModuleType, array):
+    """A C-contiguous version of ``array`` (no copy when it is already); None stays None."""
+    return None if array is None else xp.ascontiguousarray(array)
+
+
+def widen_to_acc(launcher: KernelLauncher, dtype_name: str, index_bits: int, array, out=None):
+    """``array`` (C-contiguous, element dtype ``dtype_name``) in its accumulation dtype;
+    returned as is when the two coincide (float32, float64)."""
+    info = DTYPES[dtype_name]
+    if info.acc_name == info.name:
+        return array
+    if out is None:
+        out = launcher.xp.empty(array.shape, dtype=launcher.xp.dtype(info.acc_name))
+    launcher.launch("widen_to_acc", dtype_name, index_bits, array.size, [array, out, array.size])
+    return out
+
+
+def round_to_dtype(launcher: KernelLauncher, dtype_name: str, index_bits: int, acc_array,
+                   dtype):
+    """``acc_array`` rounded once to the element ``dtype``; returned as is when the
+    accumulation dtype is the element dtype."""
+    info = DTYPES[dtype_name]
+    if info.acc_name == info.name:
+        return acc_array
+    out = launcher.xp.empty(acc_array.shape, dtype=dtype)
+    launcher.launch("round_to_output", dtype_name, index_bits, acc_array.size,
+                    [acc_array, out, acc_array.size])
+    return out
+
+
+class KernelTypes(NamedTuple):
+    """The template arguments of one call's kernels and the dtype they accumulate in."""
+
+    dtype_name: str
+    acc_dtype: object  # a dtype of launcher.xp
+    index_bits: int
+
+
+def kernel_types(launcher: KernelLauncher, dtype_name: str, index_bits: int) -> KernelTypes:
+    return KernelTypes(dtype_name, launcher.xp.dtype(DTYPES[dtype_name].acc_name), index_bits)

@@ -56,12 +56,3 @@ def check_rois(op: str, xp, rois, batch: int) -> int:
 
 def _row(values, row: int) -> list[float]:
     return [float(v) for v in values[row].tolist()]
-
-
-def check_positive(op: str, name: str, value, *, minimum: int = 1) -> int:
-    """An int >= ``minimum`` (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise type_error(op, f"{name} must be an int; got {value!r}")
-    if value < minimum:
-        raise value_error(op, f"{name} must be >= {minimum}; got {value}")
-    return value

@@ -11,7 +11,7 @@ import pytest
 from cupydcn._conv_geometry import ConvGeometry
 from cupydcn._conv_kernels import images_per_chunk, index_bits_for
 from cupydcn._kernel_source import KERNEL_TEMPLATES, module_source, name_expression
-from cupydcn._launch import BLOCK_SIZE, MAX_BLOCKS, launch_config
+from cupydcn._launch import BLOCK_SIZE, INT32_INDEX_LIMIT, MAX_BLOCKS, launch_config
 
 
 def _geometry(**overrides) -> ConvGeometry:
@@ -35,14 +35,17 @@ def test_index_bits_switch_at_int32_limit():
     geom = _geometry(batch=1, in_channels=1, out_channels=1, height=1, width=1, out_h=1, out_w=1,
                      kernel_h=1, kernel_w=1)
     assert index_bits_for(geom, 1) == 32
-    # input with exactly 2^31 - 1 elements still fits int32; one more does not
-    fits = dataclasses.replace(geom, height=2**31 - 1)
-    assert index_bits_for(fits, 1) == 32
+    # A grid-stride loop adds blocks * threads to an index below the total, so 32-bit
+    # indexing stops that far below 2^31 - 1.
+    limit = 2**31 - 1 - MAX_BLOCKS * BLOCK_SIZE
+    assert INT32_INDEX_LIMIT == limit
+    assert index_bits_for(dataclasses.replace(geom, height=limit), 1) == 32
+    assert index_bits_for(dataclasses.replace(geom, height=limit + 1), 1) == 64
     assert index_bits_for(dataclasses.replace(geom, height=2**31), 1) == 64
     # the column buffer alone can force 64 bits: C*K*P*chunk
     columns = _geometry(batch=64, in_channels=512, kernel_h=3, kernel_w=3, height=8, width=8,
                         out_h=256, out_w=256, out_channels=8)
-    assert columns.in_channels * 9 * 256 * 256 * 1 < 2**31
+    assert columns.in_channels * 9 * 256 * 256 * 1 < limit
     assert index_bits_for(columns, 1) == 32
     assert index_bits_for(columns, 8) == 64
     # the output too

@@ -1,0 +1,271 @@
+"""deform_psroi_pool on the CPU: vectorised NumPy.
+
+Every step works on all RoIs, classes, output channels and bins at once; the only Python
+loop runs over the sample_per_part**2 samples of a bin. The arithmetic follows the CUDA
+kernels (kernels/deform_psroi_pool.cu) operation by operation in the accumulation dtype
+(float32 for half types), so both backends place every sample identically and agree on
+which samples are skipped. Conventions at the kinks are the kernels' (MSRA's); see there.
+
+Shapes inside: ``[K, L, J, P, P]`` with L offset classes and J = output_dim / L output
+channels per class (output channel d = l * J + j); per-bin quantities that do not depend
+on the channel are ``[K, L, 1, P, P]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Iterator, NamedTuple
+
+import numpy as np
+
+from ._dtypes import DTYPES
+
+if TYPE_CHECKING:
+    from ._deform_psroi_pool import PSRoiPoolGeometry
+
+
+def _quiet_float_errors(function):
+    """Huge or infinite offsets legitimately overflow sample coordinates (those samples
+    are skipped) and NaN offsets propagate: no floating-point warnings for them."""
+
+    @functools.wraps(function)
+    def quiet(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return function(*args, **kwargs)
+
+    return quiet
+
+
+def _acc_dtype(dtype) -> np.dtype:
+    return np.dtype(DTYPES[np.dtype(dtype).name].acc_name)
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's round(): to the nearest integer, halves away from zero (np.round rounds them
+    to even)."""
+    whole = np.trunc(x)
+    return whole + np.where(np.abs(x - whole) >= 0.5, np.sign(x), 0).astype(x.dtype)
+
+
+class _Bins(NamedTuple):
+    """Where the samples of every bin lie (acc dtype)."""
+
+    batch: np.ndarray   # [K] int64, image of each RoI
+    hstart: np.ndarray  # [K, L, 1, P, P] first sample row, offset applied
+    wstart: np.ndarray  # [K, L, 1, P, P] first sample column
+    sub_h: np.ndarray   # [K, 1, 1, 1, 1] sample spacing
+    sub_w: np.ndarray
+    roi_h: np.ndarray   # [K] RoI size, the scale of the offsets
+    roi_w: np.ndarray
+
+
+def _part_of_bin(geom: PSRoiPoolGeometry) -> np.ndarray:
+    """[P] the offset cell of each bin index: floor(b * S / P), exactly."""
+    return np.arange(geom.pooled_size) * geom.part_size // geom.pooled_size
+
+
+def _bins(rois_acc: np.ndarray, offset_acc: np.ndarray | None, geom: PSRoiPoolGeometry) -> _Bins:
+    acc = rois_acc.dtype.type
+    scale, trans_std = acc(geom.spatial_scale), acc(geom.trans_std)
+    x1, y1, x2, y2 = (rois_acc[:, i] for i in range(1, 5))
+    start_w = _round_half_away(x1) * scale - acc(0.5)
+    start_h = _round_half_away(y1) * scale - acc(0.5)
+    end_w = (_round_half_away(x2) + acc(1)) * scale - acc(0.5)
+    end_h = (_round_half_away(y2) + acc(1)) * scale - acc(0.5)
+    roi_w = np.maximum(end_w - start_w, acc(0.1))
+    roi_h = np.maximum(end_h - start_h, acc(0.1))
+    bin_w = roi_w / acc(geom.pooled_size)
+    bin_h = roi_h / acc(geom.pooled_size)
+    sub_w = bin_w / acc(geom.sample_per_part)
+    sub_h = bin_h / acc(geom.sample_per_part)
+
+    index = np.arange(geom.pooled_size).astype(rois_acc.dtype)
+    wstart = (index[None, :] * bin_w[:, None] + start_w[:, None])[:, None, None, None, :]
+    hstart = (index[None, :] * bin_h[:, None] + start_h[:, None])[:, None, None, :, None]
+    if offset_acc is not None:
+        part = _part_of_bin(geom)
+        cells = offset_acc.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size,
+                                   geom.part_size)[:, :, :, part[:, None], part[None, :]]
+        wstart = wstart + cells[:, :, None, 0] * trans_std * roi_w[:, None, None, None, None]
+        hstart = hstart + cells[:, :, None, 1] * trans_std * roi_h[:, None, None, None, None]
+    shape = (geom.num_rois, geom.num_classes, 1, geom.pooled_size, geom.pooled_size)
+    to_grid = (slice(None), None, None, None, None)
+    return _Bins(
+        batch=rois_acc[:, 0].astype(np.int64),
+        hstart=np.broadcast_to(hstart, shape), wstart=np.broadcast_to(wstart, shape),
+        sub_h=sub_h[to_grid], sub_w=sub_w[to_grid], roi_h=roi_h, roi_w=roi_w,
+    )
+
+
+class _Sample(NamedTuple):
+    """One sample (ih, iw) of every bin, [K, L, 1, P, P]."""
+
+    kept: np.ndarray   # inside [-0.5, W-0.5] x [-0.5, H-0.5] (or NaN)
+    is_nan: np.ndarray
+    y0: np.ndarray     # floor of the clamped coordinates (int64; 0 where NaN)
+    x0: np.ndarray
+    ly: np.ndarray     # fractional parts (acc dtype)
+    lx: np.ndarray
+
+
+def _samples(bins: _Bins, geom: PSRoiPoolGeometry) -> Iterator[_Sample]:
+    acc = bins.hstart.dtype.type
+    h_last, w_last = acc(geom.height - 1), acc(geom.width - 1)
+    for ih in range(geom.sample_per_part):
+        for iw in range(geom.sample_per_part):
+            w = bins.wstart + acc(iw) * bins.sub_w
+            h = bins.hstart + acc(ih) * bins.sub_h
+            kept = ~((w < -0.5) | (w > w_last + acc(0.5)) | (h < -0.5) | (h > h_last + acc(0.5)))
+            is_nan = np.isnan(h) | np.isnan(w)
+            h = np.where(is_nan, 0, np.clip(h, 0, h_last)).astype(h.dtype)
+            w = np.where(is_nan, 0, np.clip(w, 0, w_last)).astype(w.dtype)
+            y0, x0 = np.floor(h), np.floor(w)
+            yield _Sample(kept, is_nan, y0.astype(np.int64), x0.astype(np.int64), h - y0, w - x0)
+
+
+class _Corner(NamedTuple):
+    """One of the four bilinear corners of a sample, for every output channel."""
+
+    index: np.ndarray   # [K, L, J, P, P] flat index into input (clipped where not inside)
+    inside: np.ndarray  # [K, L, 1, P, P] the corner lies in the map
+    weight: np.ndarray  # [K, L, 1, P, P] bilinear weight
+
+
+def _plane_starts(bins: _Bins, geom: PSRoiPoolGeometry) -> np.ndarray:
+    """[K, L, J, P, P] flat input index of the first pixel of the position-sensitive
+    channel plane each output element reads."""
+    group = np.arange(geom.pooled_size) * geom.group_size // geom.pooled_size
+    d = np.arange(geom.output_dim)[:, None, None]
+    channel = (d * geom.group_size + group[None, :, None]) * geom.group_size + group[None, None, :]
+    channel = channel.reshape(geom.num_classes, geom.channels_per_class, geom.pooled_size,
+                              geom.pooled_size)
+    plane = bins.batch[:, None, None, None, None] * geom.channels + channel[None]
+    return plane * (geom.height * geom.width)
+
+
+def _corners(sample: _Sample, plane_starts: np.ndarray, geom: PSRoiPoolGeometry) -> list[_Corner]:
+    """The corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1) in the blend's order."""
+    hy, hx = 1 - sample.ly, 1 - sample.lx
+    y1_inside = sample.y0 + 1 < geom.height
+    x1_inside = sample.x0 + 1 < geom.width
+    y1 = np.minimum(sample.y0 + 1, geom.height - 1)
+    x1 = np.minimum(sample.x0 + 1, geom.width - 1)
+    everywhere = np.ones_like(y1_inside)
+    corners = []
+    for y, y_inside, wy in ((sample.y0, everywhere, hy), (y1, y1_inside, sample.ly)):
+        for x, x_inside, wx in ((sample.x0, everywhere, hx), (x1, x1_inside, sample.lx)):
+            corners.append(_Corner(plane_starts + (y * geom.width + x),
+                                   y_inside & x_inside, wy * wx))
+    return corners
+
+
+def _corner_values(flat_input: np.ndarray, corners: list[_Corner]) -> list[np.ndarray]:
+    """[K, L, J, P, P] input values at each corner; 0 for corners outside the map."""
+    return [np.where(c.inside, flat_input[c.index], 0).astype(flat_input.dtype) for c in corners]
+
+
+def _counts(bins: _Bins, geom: PSRoiPoolGeometry) -> np.ndarray:
+    """[K, L, 1, P, P] number of kept samples per bin (int64)."""
+    return sum(s.kept.astype(np.int64) for s in _samples(bins, geom))
+
+
+def _prepare(input, rois, offset, geom: PSRoiPoolGeometry):
+    acc = _acc_dtype(input.dtype)
+    rois_acc = np.asarray(rois).astype(acc, copy=False)
+    offset_acc = None if offset is None else np.asarray(offset).astype(acc, copy=False)
+    bins = _bins(rois_acc, offset_acc, geom)
+    return acc, bins, _plane_starts(bins, geom)
+
+
+@_quiet_float_errors
+def psroi_pool_forward(input, rois, offset, geom: PSRoiPoolGeometry):
+    """(output [K, output_dim, P, P] of the input dtype, count [K, output_dim, P, P]
+    int32) for NumPy arrays."""
+    output = np.zeros(geom.output_shape, dtype=input.dtype)
+    count = np.zeros(geom.output_shape, dtype=np.int32)
+    if geom.num_rois == 0:
+        return output, count
+    acc, bins, plane_starts = _prepare(input, rois, offset, geom)
+    flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1)
+    total = np.zeros(plane_starts.shape, dtype=acc)
+    kept_count = np.zeros(bins.hstart.shape, dtype=np.int64)
+    for sample in _samples(bins, geom):
+        v00, v01, v10, v11 = _corner_values(flat_input, _corners(sample, plane_starts, geom))
+        hy, hx = 1 - sample.ly, 1 - sample.lx
+        value = hy * (hx * v00 + sample.lx * v01) + sample.ly * (hx * v10 + sample.lx * v11)
+        value = np.where(sample.is_nan, np.nan, value).astype(acc)
+        total += np.where(sample.kept, value, 0).astype(acc)
+        kept_count += sample.kept
+    mean = total / np.maximum(kept_count, 1).astype(acc)
+    output[...] = np.where(kept_count > 0, mean, 0).reshape(geom.output_shape)
+    count[...] = np.broadcast_to(kept_count, plane_starts.shape).reshape(geom.output_shape)
+    return output, count
+
+
+@_quiet_float_errors
+def psroi_pool_backward(grad_output, input, rois, offset, geom: PSRoiPoolGeometry, *,
+                        wrt: frozenset[str]):
+    """(grad_input [N, C, H, W] or None, grad_offset [K, 2 * num_classes, S, S] or None)
+    for the names in ``wrt``, NumPy arrays of the input dtype."""
+    want_input = "input" in wrt
+    want_offset = "offset" in wrt and offset is not None
+    dtype = input.dtype
+    if geom.num_rois == 0:
+        return (np.zeros(geom.input_shape, dtype=dtype) if want_input else None,
+                np.zeros(geom.offset_shape, dtype=dtype) if want_offset else None)
+    acc, bins, plane_starts = _prepare(input, rois, offset, geom)
+    counts = _counts(bins, geom)
+    grad = np.asarray(grad_output).astype(acc, copy=False).reshape(plane_starts.shape)
+    grad = grad / np.maximum(counts, 1).astype(acc)  # bins without samples have no terms
+    flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1) if want_offset else None
+
+    grad_input = np.zeros(int(np.prod(geom.input_shape)), dtype=np.float64) if want_input else None
+    bin_dh = np.zeros(bins.hstart.shape, dtype=acc) if want_offset else None
+    bin_dw = np.zeros(bins.hstart.shape, dtype=acc) if want_offset else None
+    for sample in _samples(bins, geom):
+        corners = _corners(sample, plane_starts, geom)
+        usable = sample.kept & ~sample.is_nan
+        if want_input:
+            # grad_input[q] += weight(q) * grad over the in-map corners q of kept samples
+            indices, values = [], []
+            for corner in corners:
+                scattered = np.broadcast_to(usable & corner.inside, corner.index.shape)
+                indices.append(corner.index[scattered])
+                values.append((corner.weight * grad)[scattered])
+            grad_input += np.bincount(np.concatenate(indices), np.concatenate(values),
+                                      minlength=grad_input.size)
+        if want_offset:
+            # The derivatives are linear in the corner values: weight them by grad, sum
+            # over the class's channels, then differentiate (MSRA: 0 on an integer
+            # coordinate, which covers every clamped sample).
+            v00, v01, v10, v11 = (
+                (grad * v).sum(axis=2, keepdims=True)
+                for v in _corner_values(flat_input, corners)
+            )
+            d_dw = (1 - sample.ly) * (v01 - v00) + sample.ly * (v11 - v10)
+            d_dh = (1 - sample.lx) * (v10 - v00) + sample.lx * (v11 - v01)
+            bin_dw += np.where(usable & (sample.lx != 0), d_dw, 0).astype(acc)
+            bin_dh += np.where(usable & (sample.ly != 0), d_dh, 0).astype(acc)
+            bin_dw[sample.kept & sample.is_nan] = np.nan
+            bin_dh[sample.kept & sample.is_nan] = np.nan
+
+    grad_offset = None
+    if want_offset:
+        grad_offset = np.empty(geom.offset_shape, dtype=dtype)
+        cells = grad_offset.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size,
+                                    geom.part_size)
+        trans_std = acc.type(geom.trans_std)
+        for axis, bin_sums, roi_size in ((0, bin_dw, bins.roi_w), (1, bin_dh, bins.roi_h)):
+            cells[:, :, axis] = _sum_bins_into_parts(bin_sums[:, :, 0], geom) * trans_std * (
+                roi_size[:, None, None, None])
+    return (None if grad_input is None else grad_input.reshape(geom.input_shape).astype(dtype),
+            grad_offset)
+
+
+def _sum_bins_into_parts(per_bin: np.ndarray, geom: PSRoiPoolGeometry) -> np.ndarray:
+    """[K, L, P, P] -> [K, L, S, S]: the sum over the bins of each offset cell (0 for a
+    cell without bins). A NaN stays in its own cell."""
+    part = _part_of_bin(geom)
+    cells = np.zeros((geom.part_size, geom.part_size, *per_bin.shape[:2]), dtype=per_bin.dtype)
+    np.add.at(cells, (part[:, None], part[None, :]), np.moveaxis(per_bin, (2, 3), (0, 1)))
+    return np.moveaxis(cells, (0, 1), (2, 3))

@@ -1,0 +1,389 @@
+"""Vectorised NumPy backend of deform_roi_pool for CPU arrays.
+
+Computes the function of ``kernels/deform_roi_pool.cu`` (SEMANTICS.md section 2) with the
+kernels' arithmetic, in the same order and dtype where it matters (RoI boxes, bin origins,
+sample coordinates, the RoIAlign blend), and the same conventions at the kinks
+(``kernels/roi_common.cuh``): derivative 0 along a clamped coordinate and outside
+[-1, H] x [-1, W], one-sided from the right at integer coordinates; a NaN sample is NaN
+and adds nothing to the input gradient.
+
+How it is vectorised. Loops run over the sampling grid only; each step handles one
+sample of every bin of every RoI at once:
+
+* Samples per bin (grid_h * grid_w) differ between RoIs when sampling_ratio = 0. The RoIs
+  are sorted by decreasing sample count, so the RoIs that still have a sample at flat step
+  ``s`` (iy = s // grid_w, ix = s % grid_w, per RoI) are a prefix of the order: step s
+  works on that prefix only, and the total work is the sum of the RoIs' own grids (no
+  padding to the largest).
+* The input is copied once into channels-last rows ``planes [N*H*W + 1, C]`` (acc dtype)
+  whose last row is zeros. A sample reads its four corner rows with one fancy index, all
+  channels at once; samples outside the map or NaN point at the zero row, so no
+  per-corner masks are needed, and their gradient lands in that row and is dropped.
+* RoIs are processed in chunks (in sorted order) whose temporaries fit ``_WORKSPACE_BYTES``.
+
+Per chunk of ``n`` RoIs (``B`` = ph * pw bins, ``a`` = RoIs active at a step):
+
+    top, left        [n, ph, pw]      bin origins after the offset shift
+    corner rows      [a, ph, pw]      4 per step
+    corner values    [a, ph, pw, C]   gathered from planes
+    output (sorted)  [n, ph, pw, C]   channels last, transposed and unsorted at the end
+
+Half types (float16, bfloat16) compute in float32 and every returned array is rounded
+once to the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from ._deform_roi_pool import RoiPoolGeometry, RoiPoolGrads
+from ._dtypes import DTYPES, numpy_dtype
+
+# Mirrors kMaxSamplesPerAxis of kernels/deform_roi_pool.cu.
+_MAX_SAMPLES_PER_AXIS = 1 << 30
+# Bound on the temporaries of one chunk of RoIs.
+_WORKSPACE_BYTES = 256 * 2**20
+# Arrays of one RoI's bins x channels alive at once (output / gradient, 4 corners, blend).
+_BUFFERS_PER_ROI = 8
+# Huge or NaN coordinates are part of the semantics (they sample 0 or NaN), not errors.
+_IGNORE_FLOAT_ERRORS = {"invalid": "ignore", "over": "ignore", "divide": "ignore"}
+
+
+# ---------------------------------------------------------------------------- public
+
+
+def roi_pool_forward(
+    input: np.ndarray,
+    rois: np.ndarray,
+    offset: np.ndarray | None,
+    mask: np.ndarray | None,
+    geom: RoiPoolGeometry,
+) -> np.ndarray:
+    """Deformable RoI pooling forward on NumPy arrays.
+
+    input [N, C, H, W], rois [K, 5] (any float dtype), offset [K, 2, ph, pw] or None,
+    mask [K, 1, ph, pw] or None. Returns output [K, C, ph, pw] in the input dtype, a new
+    C-contiguous array. Inputs are never written to.
+    """
+    acc = _acc_dtype(geom)
+    output = np.empty(geom.output_shape, dtype=input.dtype)
+    if output.size == 0:
+        return output
+    with np.errstate(**_IGNORE_FLOAT_ERRORS):
+        planes = _planes(input, acc)
+        boxes = _RoiBoxes.of(rois, geom, acc)
+        for chunk in _chunks(boxes, geom, acc):
+            bins = _bins(boxes, chunk, offset, geom, acc)
+            pooled = np.zeros((len(chunk), geom.pooled_h, geom.pooled_w, geom.channels), acc)
+            for active, samples in _steps(bins, boxes.batch_index[chunk], geom, acc):
+                pooled[:active] += samples.blend(*(planes[rows] for rows in samples.rows))
+            pooled /= bins.count[:, None, None, None]
+            if mask is not None:
+                pooled *= _per_bin(mask, chunk, acc)[..., None]
+            output[chunk] = pooled.transpose(0, 3, 1, 2)
+    return output
+
+
+def roi_pool_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    rois: np.ndarray,
+    offset: np.ndarray | None,
+    mask: np.ndarray | None,
+    geom: RoiPoolGeometry,
+    *,
+    wrt: frozenset[str],
+) -> RoiPoolGrads:
+    """Gradients of deformable RoI pooling on NumPy arrays.
+
+    grad_output [K, C, ph, pw]; the other arguments as in :func:`roi_pool_forward`.
+    ``wrt`` names the gradients wanted, a subset of {"input", "offset", "mask"}; the
+    others come back as None, and so do grad_offset / grad_mask when offset / mask is None.
+    Returns new C-contiguous arrays in the input dtype: grad_input [N, C, H, W],
+    grad_offset [K, 2, ph, pw], grad_mask [K, 1, ph, pw].
+    """
+    acc = _acc_dtype(geom)
+    dtype = input.dtype
+    want_input = "input" in wrt
+    want_offset = "offset" in wrt and offset is not None
+    want_mask = "mask" in wrt and mask is not None
+
+    grad_planes = (np.zeros((geom.batch * geom.height * geom.width + 1, geom.channels), acc)
+                   if want_input else None)
+    grad_offset = np.empty(geom.offset_shape, dtype=dtype) if want_offset else None
+    grad_mask = np.empty(geom.mask_shape, dtype=dtype) if want_mask else None
+
+    if geom.num_rois > 0 and (want_input or want_offset or want_mask):
+        with np.errstate(**_IGNORE_FLOAT_ERRORS):
+            planes = _planes(input, acc) if (want_offset or want_mask) else None
+            boxes = _RoiBoxes.of(rois, geom, acc)
+            for chunk in _chunks(boxes, geom, acc):
+                bins = _bins(boxes, chunk, offset, geom, acc)
+                batch_index = boxes.batch_index[chunk]
+                # [n, ph, pw, C]: d loss / d output of the chunk's bins, channels last
+                grad_bins = np.asarray(grad_output[chunk], dtype=acc).transpose(0, 2, 3, 1)
+                mask_bins = None if mask is None else _per_bin(mask, chunk, acc)
+                if want_input:
+                    _scatter_to_planes(grad_planes, grad_bins, mask_bins, bins,
+                                       _steps(bins, batch_index, geom, acc))
+                if not (want_offset or want_mask):
+                    continue
+                value_sum, dy_sum, dx_sum = _coordinate_sums(
+                    planes, grad_bins, _steps(bins, batch_index, geom, acc))
+                if want_mask:
+                    grad_mask[chunk, 0] = value_sum / bins.count[:, None, None]
+                if want_offset:
+                    per_sample = (acc.type(1) if mask_bins is None else mask_bins) / (
+                        bins.count[:, None, None])
+                    gamma = acc.type(geom.gamma)
+                    grad_offset[chunk, 0] = (gamma * bins.roi_w)[:, None, None] * (
+                        dx_sum * per_sample)
+                    grad_offset[chunk, 1] = (gamma * bins.roi_h)[:, None, None] * (
+                        dy_sum * per_sample)
+
+    grad_input = None
+    if grad_planes is not None:
+        grad_input = np.ascontiguousarray(
+            grad_planes[:-1].reshape(geom.batch, geom.height, geom.width, geom.channels)
+            .transpose(0, 3, 1, 2), dtype=dtype)
+    return RoiPoolGrads(grad_input, grad_offset, grad_mask)
+
+
+# ---------------------------------------------------------------------------- RoIs and bins
+
+
+def _acc_dtype(geom: RoiPoolGeometry) -> np.dtype:
+    return numpy_dtype(DTYPES[geom.dtype_name].acc_name)
+
+
+@dataclass(frozen=True)
+class _RoiBoxes:
+    """Per-RoI quantities that do not depend on the bin, [K] each, in the acc dtype
+    (grids and batch index as integers), and the processing order."""
+
+    batch_index: np.ndarray  # intp
+    start_y: np.ndarray      # y1 * scale - 0.5
+    start_x: np.ndarray
+    roi_h: np.ndarray        # (y2 * scale - 0.5) - start_y, not clamped
+    roi_w: np.ndarray
+    grid_h: np.ndarray       # samples per bin along y (int64, >= 0)
+    grid_w: np.ndarray
+    order: np.ndarray        # RoIs by decreasing grid_h * grid_w (stable)
+
+    @classmethod
+    def of(cls, rois: np.ndarray, geom: RoiPoolGeometry, acc: np.dtype) -> _RoiBoxes:
+        values = np.asarray(rois, dtype=acc)
+        scale, half = acc.type(geom.spatial_scale), acc.type(0.5)
+        start_x = values[:, 1] * scale - half
+        start_y = values[:, 2] * scale - half
+        roi_w = (values[:, 3] * scale - half) - start_x
+        roi_h = (values[:, 4] * scale - half) - start_y
+        grid_h = _samples_per_axis(geom.sampling_ratio, roi_h, geom.pooled_h, acc)
+        grid_w = _samples_per_axis(geom.sampling_ratio, roi_w, geom.pooled_w, acc)
+        order = np.argsort(-(grid_h * grid_w), kind="stable")
+        return cls(values[:, 0].astype(np.intp), start_y, start_x, roi_h, roi_w, grid_h,
+                   grid_w, order)
+
+
+def _samples_per_axis(sampling_ratio: int, roi_size: np.ndarray, pooled: int,
+                      acc: np.dtype) -> np.ndarray:
+    """sampling_ratio if positive, else ceil(roi_size / pooled); clamped to [0, cap]."""
+    if sampling_ratio > 0:
+        return np.full(roi_size.shape, min(sampling_ratio, _MAX_SAMPLES_PER_AXIS), np.int64)
+    adaptive = np.ceil(roi_size / acc.type(pooled))
+    positive = adaptive > 0  # False for NaN
+    capped = np.minimum(np.where(positive, adaptive, 0), _MAX_SAMPLES_PER_AXIS)
+    return capped.astype(np.int64)
+
+
+def _chunks(boxes: _RoiBoxes, geom: RoiPoolGeometry, acc: np.dtype) -> Iterator[np.ndarray]:
+    """Runs of RoI indices, consecutive in ``boxes.order``, sized to the workspace."""
+    per_roi = _BUFFERS_PER_ROI * geom.bins * max(geom.channels, 1) * acc.itemsize
+    size = max(1, _WORKSPACE_BYTES // per_roi)
+    for start in range(0, geom.num_rois, size):
+        yield boxes.order[start:start + size]
+
+
+@dataclass(frozen=True)
+class _Bins:
+    """The bins of a chunk of RoIs (in processing order): sample-grid origins [n, ph, pw]
+    and per-RoI sizes [n]."""
+
+    top: np.ndarray
+    left: np.ndarray
+    bin_h: np.ndarray
+    bin_w: np.ndarray
+    grid_h: np.ndarray
+    grid_w: np.ndarray
+    count: np.ndarray  # max(grid_h * grid_w, 1) in acc
+    roi_h: np.ndarray
+    roi_w: np.ndarray
+
+
+def _bins(boxes: _RoiBoxes, chunk: np.ndarray, offset: np.ndarray | None,
+          geom: RoiPoolGeometry, acc: np.dtype) -> _Bins:
+    roi_h, roi_w = boxes.roi_h[chunk], boxes.roi_w[chunk]
+    grid_h, grid_w = boxes.grid_h[chunk], boxes.grid_w[chunk]
+    bin_h = roi_h / acc.type(geom.pooled_h)
+    bin_w = roi_w / acc.type(geom.pooled_w)
+    start_y = boxes.start_y[chunk][:, None, None]
+    start_x = boxes.start_x[chunk][:, None, None]
+    if offset is not None:  # the grid above is computed before the shift
+        shift = np.asarray(offset[chunk], dtype=acc)
+        gamma = acc.type(geom.gamma)
+        start_x = start_x + (gamma * roi_w)[:, None, None] * shift[:, 0]
+        start_y = start_y + (gamma * roi_h)[:, None, None] * shift[:, 1]
+    shape = (len(chunk), geom.pooled_h, geom.pooled_w)
+    top = start_y + np.arange(geom.pooled_h, dtype=acc)[:, None] * bin_h[:, None, None]
+    left = start_x + np.arange(geom.pooled_w, dtype=acc) * bin_w[:, None, None]
+    count = np.maximum(grid_h.astype(acc) * grid_w.astype(acc), acc.type(1))
+    return _Bins(np.broadcast_to(top, shape), np.broadcast_to(left, shape), bin_h, bin_w,
+                 grid_h, grid_w, count, roi_h, roi_w)
+
+
+def _per_bin(array: np.ndarray, chunk: np.ndarray, acc: np.dtype) -> np.ndarray:
+    """mask [K, 1, ph, pw] of the chunk's RoIs as [n, ph, pw] in acc."""
+    return np.asarray(array[chunk, 0], dtype=acc)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _planes(input: np.ndarray, acc: np.dtype) -> np.ndarray:
+    """input [N, C, H, W] as channels-last rows [N*H*W + 1, C] in acc; the last row is 0."""
+    n, c, h, w = input.shape
+    planes = np.empty((n * h * w + 1, c), dtype=acc)
+    planes[:-1].reshape(n, h, w, c)[...] = input.transpose(0, 2, 3, 1)
+    planes[-1] = 0
+    return planes
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """One sample of every bin of the active RoIs, located for RoIAlign sampling
+    (kernels/roi_common.cuh), arrays [a, ph, pw].
+
+    rows: the planes rows of the corners (low, low), (low, high), (high, low), (high, high)
+    in (y, x) (equal at the last row / column; the zero row when outside or NaN).
+    frac_y / frac_x: weight of the high corner (0 outside, NaN for NaN samples).
+    moves_y / moves_x: 1 where the weights change with the coordinate, 0 where clamped.
+    """
+
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    frac_y: np.ndarray
+    frac_x: np.ndarray
+    moves_y: np.ndarray
+    moves_x: np.ndarray
+
+    def blend(self, v00, v01, v10, v11):
+        """The sample's value from its corner values [a, ph, pw, C] (the kernels' formula)."""
+        ly, lx = self.frac_y[..., None], self.frac_x[..., None]
+        hy, hx = 1 - ly, 1 - lx
+        return hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
+
+    def blend_with_gradient(self, v00, v01, v10, v11):
+        """(value, d/dy, d/dx) from corner values [a, ph, pw] (or channel sums of them:
+        the blend is linear in the corner values)."""
+        ly, lx = self.frac_y, self.frac_x
+        hy, hx = 1 - ly, 1 - lx
+        value = hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
+        d_dy = self.moves_y * (hx * (v10 - v00) + lx * (v11 - v01))
+        d_dx = self.moves_x * (hy * (v01 - v00) + ly * (v11 - v10))
+        return value, d_dy, d_dx
+
+    def corner_weights(self):
+        """Weights of the four corners, [a, ph, pw] each, in the order of ``rows``."""
+        ly, lx = self.frac_y, self.frac_x
+        hy, hx = 1 - ly, 1 - lx
+        return hy * hx, hy * lx, ly * hx, ly * lx
+
+
+def _steps(bins: _Bins, batch_index: np.ndarray, geom: RoiPoolGeometry,
+           acc: np.dtype) -> Iterator[tuple[int, _Samples]]:
+    """(a, samples) per flat sample step s, in the kernels' order (iy-major): the first
+    ``a`` RoIs of the chunk (those with more than s samples) sample (s // grid_w,
+    s % grid_w) of each of their bins."""
+    samples = bins.grid_h * bins.grid_w  # non-increasing along the chunk
+    steps = int(samples[0]) if len(samples) else 0
+    actives = np.searchsorted(-samples, -np.arange(steps), side="left")
+    half = acc.type(0.5)
+    for step, active in enumerate(actives.tolist()):
+        grid_h, grid_w = bins.grid_h[:active], bins.grid_w[:active]
+        iy, ix = np.divmod(step, grid_w)
+        y = bins.top[:active] + ((iy.astype(acc) + half) * bins.bin_h[:active]
+                                 / grid_h.astype(acc))[:, None, None]
+        x = bins.left[:active] + ((ix.astype(acc) + half) * bins.bin_w[:active]
+                                  / grid_w.astype(acc))[:, None, None]
+        yield active, _locate(y, x, batch_index[:active], geom, acc)
+
+
+def _axis(coord: np.ndarray, size: int, acc: np.dtype):
+    """(low, step, frac, moves) of coordinates in [-1, size] (roi_align_axis)."""
+    clamped_low = coord < 0
+    clamped = np.where(clamped_low, acc.type(0), coord)
+    low = np.floor(clamped)
+    last = low >= size - 1
+    frac = np.where(last, acc.type(0), clamped - low)
+    moves = np.where(last | clamped_low, acc.type(0), acc.type(1))
+    low = np.where(last, size - 1, low).astype(np.intp)
+    return low, (~last).astype(np.intp), frac, moves
+
+
+def _locate(y: np.ndarray, x: np.ndarray, batch_index: np.ndarray, geom: RoiPoolGeometry,
+            acc: np.dtype) -> _Samples:
+    """The samples at (y, x) [a, ph, pw] of the bins of RoIs on images ``batch_index``."""
+    height, width = geom.height, geom.width
+    is_nan = np.isnan(y) | np.isnan(x)
+    inside = ~is_nan & ~((y < -1) | (y > height) | (x < -1) | (x > width))
+    y_low, y_step, frac_y, moves_y = _axis(np.where(inside, y, acc.type(0)), height, acc)
+    x_low, x_step, frac_x, moves_x = _axis(np.where(inside, x, acc.type(0)), width, acc)
+    row00 = (batch_index[:, None, None] * height + y_low) * width + x_low
+    zero_row = geom.batch * height * width
+    row00 = np.where(inside, row00, zero_row)
+    row01 = row00 + x_step * inside
+    row10 = row00 + y_step * width * inside
+    row11 = row10 + x_step * inside
+    zero = acc.type(0)
+    frac_y, frac_x = np.where(inside, frac_y, zero), np.where(inside, frac_x, zero)
+    frac_y[is_nan] = np.nan
+    frac_x[is_nan] = np.nan
+    moves_y, moves_x = np.where(inside, moves_y, zero), np.where(inside, moves_x, zero)
+    return _Samples((row00, row01, row10, row11), frac_y, frac_x, moves_y, moves_x)
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def _scatter_to_planes(grad_planes: np.ndarray, grad_bins: np.ndarray,
+                       mask_bins: np.ndarray | None, bins: _Bins,
+                       steps: Iterator[tuple[int, _Samples]]) -> None:
+    """grad_planes [N*H*W + 1, C] += each sample's share of its bin's gradient,
+    ``grad_output * mask / count`` spread over its corners (np.add.at, acc dtype)."""
+    grad = grad_bins if mask_bins is None else grad_bins * mask_bins[..., None]
+    grad = grad / bins.count[:, None, None, None]
+    for active, samples in steps:
+        for rows, weight in zip(samples.rows, samples.corner_weights()):
+            np.add.at(grad_planes, rows, weight[..., None] * grad[:active])
+
+
+def _coordinate_sums(planes: np.ndarray, grad_bins: np.ndarray,
+                     steps: Iterator[tuple[int, _Samples]]):
+    """Sums over samples and channels of g_c * v_c, g_c * dv_c/dy and g_c * dv_c/dx per
+    bin, three arrays [n, ph, pw] (g = grad_bins [n, ph, pw, C], without mask or 1/count).
+
+    Like the kernel, the per-corner channel sums are formed first and blended once."""
+    shape = grad_bins.shape[:3]
+    value_sum = np.zeros(shape, grad_bins.dtype)
+    dy_sum = np.zeros(shape, grad_bins.dtype)
+    dx_sum = np.zeros(shape, grad_bins.dtype)
+    for active, samples in steps:
+        grad = grad_bins[:active]
+        corner_sums = [np.einsum("aijc,aijc->aij", planes[rows], grad) for rows in samples.rows]
+        value, d_dy, d_dx = samples.blend_with_gradient(*corner_sums)
+        value_sum[:active] += value
+        dy_sum[:active] += d_dy
+        dx_sum[:active] += d_dx
+    return value_sum, dy_sum, dx_sum

@@ -1,0 +1,236 @@
+// Deformable RoI pooling (mmcv DeformRoIPool, plus a modulation mask): each bin of each
+// RoI is the average of a grid of RoIAlign samples, the bin shifted by a learned offset
+// and its average multiplied by the mask (SEMANTICS.md section 2).
+//
+// Device code only; templates over the element type T (double, float, __half,
+// __nv_bfloat16) and the index type I (int, or long long for tensors past 2^31
+// elements). Buffers and launches live in cupydcn/_roi_pool_kernels.py.
+//
+// Layouts (all C-contiguous; K RoIs, B = pooled_h * pooled_w bins, A = acc_t<T>):
+//   input            [N, C, H, W]        T
+//   rois             [K, 5]              A  (batch_index, x1, y1, x2, y2); batch_index is
+//                                           an integral value in [0, N) (checked by the caller)
+//   offset           [K, 2, ph, pw]      T or nullptr; channel 0 is x, channel 1 is y
+//   mask             [K, 1, ph, pw]      T or nullptr
+//   scale_and_gamma  [2]                 A  (spatial_scale, gamma)
+//   output, grad_output [K, C, ph, pw]   T
+//   grad_input       [N, C, H, W]        A  accumulated with atomics (zeroed by the caller)
+//   grad_offset      [K, 2, ph, pw]      T
+//   grad_mask        [K, 1, ph, pw]      T
+//
+// Gradients, per bin with count = max(grid_h * grid_w, 1) samples s at (y_s, x_s):
+//   out               = m / count * sum_s v(y_s, x_s)
+//   d out / d offset_x = m / count * gamma * roi_w * sum_s dv/dx(y_s, x_s)   (likewise y)
+//   d out / d m        = 1 / count * sum_s v(y_s, x_s)
+// because the offset moves the bin (y_s = top + ... with d top / d offset_y = gamma * roi_h)
+// and leaves its size and sampling grid unchanged. dv/dx follows the conventions at the
+// kinks of roi_common.cuh: 0 where the coordinate is clamped (in [-1, 0) or at/after the
+// last row / column) or the sample is outside [-1, H] x [-1, W], the one-sided derivative
+// from the right at integer coordinates, NaN for NaN points.
+#include "roi_common.cuh"
+
+namespace cupydcn {
+
+// Samples per bin along one axis are capped here: no real RoI comes near it; the cap only
+// keeps the float -> int conversion defined for absurd (finite) boxes. Sample counts and
+// loop counters are int whatever the index type.
+constexpr int kMaxSamplesPerAxis = 1 << 30;
+
+// Bin (ph, pw) of one RoI: everything its samples depend on.
+template <typename A, typename I>
+struct RoiBin {
+  I batch_index;
+  A top, left;         // sample-grid origin: the bin's corner after the offset shift
+  A bin_h, bin_w;      // bin size (negative for a reversed RoI, y2 < y1 or x2 < x1)
+  int grid_h, grid_w;  // samples along y and x (0 for an empty or reversed RoI if adaptive)
+  A count;             // max(grid_h * grid_w, 1), the divisor of the average
+  A roi_h, roi_w;      // RoI size (not clamped): d top / d offset_y = gamma * roi_h
+};
+
+// sampling_ratio if positive, else ceil(roi_size / pooled); clamped to [0, cap].
+template <typename A, typename I>
+__device__ __forceinline__ int samples_per_axis(I sampling_ratio, A roi_size, I pooled) {
+  if (sampling_ratio > 0) {
+    return static_cast<int>(sampling_ratio < I(kMaxSamplesPerAxis) ? sampling_ratio
+                                                                    : I(kMaxSamplesPerAxis));
+  }
+  const A adaptive = ceil(roi_size / static_cast<A>(pooled));
+  const A cap = static_cast<A>(kMaxSamplesPerAxis);
+  if (!(adaptive > A(0))) return 0;  // also NaN
+  return static_cast<int>(adaptive < cap ? adaptive : cap);
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ RoiBin<acc_t<T>, I> roi_bin(
+    const acc_t<T>* rois, const T* offset, const acc_t<T>* scale_and_gamma, I k, I ph, I pw,
+    I pooled_h, I pooled_w, I sampling_ratio) {
+  using A = acc_t<T>;
+  const A* roi = rois + k * 5;
+  const A spatial_scale = scale_and_gamma[0];
+  RoiBin<A, I> bin;
+  bin.batch_index = static_cast<I>(roi[0]);
+  A start_x = roi[1] * spatial_scale - A(0.5);
+  A start_y = roi[2] * spatial_scale - A(0.5);
+  bin.roi_w = (roi[3] * spatial_scale - A(0.5)) - start_x;
+  bin.roi_h = (roi[4] * spatial_scale - A(0.5)) - start_y;
+  bin.bin_w = bin.roi_w / static_cast<A>(pooled_w);
+  bin.bin_h = bin.roi_h / static_cast<A>(pooled_h);
+  bin.grid_w = samples_per_axis<A, I>(sampling_ratio, bin.roi_w, pooled_w);
+  bin.grid_h = samples_per_axis<A, I>(sampling_ratio, bin.roi_h, pooled_h);
+  const A samples = static_cast<A>(bin.grid_h) * static_cast<A>(bin.grid_w);
+  bin.count = samples > A(1) ? samples : A(1);
+  if (offset != nullptr) {  // the grid size above is computed before the shift
+    const I bins = pooled_h * pooled_w;
+    const T* bin_offset = offset + k * 2 * bins + ph * pooled_w + pw;
+    const A gamma = scale_and_gamma[1];
+    start_x += gamma * bin.roi_w * to_acc(bin_offset[0]);
+    start_y += gamma * bin.roi_h * to_acc(bin_offset[bins]);
+  }
+  bin.left = start_x + static_cast<A>(pw) * bin.bin_w;
+  bin.top = start_y + static_cast<A>(ph) * bin.bin_h;
+  return bin;
+}
+
+// Coordinate of sample i of ``grid`` along a bin starting at ``origin`` of size ``size``.
+template <typename A>
+__device__ __forceinline__ A bin_sample(A origin, A size, int i, int grid) {
+  return origin + (static_cast<A>(i) + A(0.5)) * size / static_cast<A>(grid);
+}
+
+// output[k, c, ph, pw] = mask[k, 0, ph, pw] / count * sum of the bin's samples of
+// input[batch_index, c]. One thread per output element.
+template <typename T, typename I>
+__global__ void deform_roi_pool_forward(
+    const T* __restrict__ input, const acc_t<T>* __restrict__ rois,
+    const T* __restrict__ offset, const T* __restrict__ mask,
+    const acc_t<T>* __restrict__ scale_and_gamma, T* __restrict__ output, I num_rois,
+    I channels, I height, I width, I pooled_h, I pooled_w, I sampling_ratio) {
+  using A = acc_t<T>;
+  const I bins = pooled_h * pooled_w;
+  const I total = num_rois * channels * bins;
+  CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
+    const I pw = index % pooled_w;
+    const I ph = (index / pooled_w) % pooled_h;
+    const I c = (index / bins) % channels;
+    const I k = index / (bins * channels);
+    const RoiBin<A, I> bin = roi_bin<T, I>(rois, offset, scale_and_gamma, k, ph, pw, pooled_h,
+                                           pooled_w, sampling_ratio);
+    const T* plane = input + (bin.batch_index * channels + c) * height * width;
+    A sum = A(0);
+    for (int iy = 0; iy < bin.grid_h; ++iy) {
+      const A y = bin_sample<A>(bin.top, bin.bin_h, iy, bin.grid_h);
+      for (int ix = 0; ix < bin.grid_w; ++ix) {
+        const A x = bin_sample<A>(bin.left, bin.bin_w, ix, bin.grid_w);
+        sum += roi_align_sample<A, T, I>(plane, height, width, y, x);
+      }
+    }
+    A value = sum / bin.count;
+    if (mask != nullptr) value *= to_acc(mask[k * bins + ph * pooled_w + pw]);
+    output[index] = from_acc<T>(value);
+  }
+}
+
+// grad_input[batch_index, c] += grad_output[k, c, ph, pw] * mask / count spread over the
+// corners of each of the bin's samples. One thread per grad_output element; atomics in A.
+template <typename T, typename I>
+__global__ void deform_roi_pool_backward_input(
+    const T* __restrict__ grad_output, const acc_t<T>* __restrict__ rois,
+    const T* __restrict__ offset, const T* __restrict__ mask,
+    const acc_t<T>* __restrict__ scale_and_gamma, acc_t<T>* __restrict__ grad_input,
+    I num_rois, I channels, I height, I width, I pooled_h, I pooled_w, I sampling_ratio) {
+  using A = acc_t<T>;
+  const I bins = pooled_h * pooled_w;
+  const I total = num_rois * channels * bins;
+  CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
+    const I pw = index % pooled_w;
+    const I ph = (index / pooled_w) % pooled_h;
+    const I c = (index / bins) % channels;
+    const I k = index / (bins * channels);
+    const RoiBin<A, I> bin = roi_bin<T, I>(rois, offset, scale_and_gamma, k, ph, pw, pooled_h,
+                                           pooled_w, sampling_ratio);
+    A grad = to_acc(grad_output[index]);
+    if (mask != nullptr) grad *= to_acc(mask[k * bins + ph * pooled_w + pw]);
+    grad /= bin.count;
+    A* grad_plane = grad_input + (bin.batch_index * channels + c) * height * width;
+    for (int iy = 0; iy < bin.grid_h; ++iy) {
+      const A y = bin_sample<A>(bin.top, bin.bin_h, iy, bin.grid_h);
+      for (int ix = 0; ix < bin.grid_w; ++ix) {
+        const A x = bin_sample<A>(bin.left, bin.bin_w, ix, bin.grid_w);
+        roi_align_scatter<A, I>(grad_plane, height, width, y, x, grad);
+      }
+    }
+  }
+}
+
+// For each bin (k, ph, pw), with g_c = grad_output[k, c, ph, pw] and v_c the samples of
+// input[batch_index, c], summed over the samples s and channels c:
+//   grad_offset[k, 0, ph, pw] = m / count * gamma * roi_w * sum g_c * dv_c/dx
+//   grad_offset[k, 1, ph, pw] = m / count * gamma * roi_h * sum g_c * dv_c/dy
+//   grad_mask[k, 0, ph, pw]   = 1 / count * sum g_c * v_c
+// No atomics: each thread owns its outputs and sums over the channels. Either output
+// pointer may be nullptr when that gradient is not wanted.
+template <typename T, typename I>
+__global__ void deform_roi_pool_backward_coord(
+    const T* __restrict__ grad_output, const T* __restrict__ input,
+    const acc_t<T>* __restrict__ rois, const T* __restrict__ offset,
+    const T* __restrict__ mask, const acc_t<T>* __restrict__ scale_and_gamma,
+    T* __restrict__ grad_offset, T* __restrict__ grad_mask, I num_rois, I channels,
+    I height, I width, I pooled_h, I pooled_w, I sampling_ratio) {
+  using A = acc_t<T>;
+  const I bins = pooled_h * pooled_w;
+  const I plane_size = height * width;
+  const I total = num_rois * bins;
+  CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
+    const I pw = index % pooled_w;
+    const I ph = (index / pooled_w) % pooled_h;
+    const I k = index / bins;
+    const I bin_index = ph * pooled_w + pw;
+    const RoiBin<A, I> bin = roi_bin<T, I>(rois, offset, scale_and_gamma, k, ph, pw, pooled_h,
+                                           pooled_w, sampling_ratio);
+    const T* image = input + bin.batch_index * channels * plane_size;
+    const T* image_end = image + channels * plane_size;
+    const T* grad_bin = grad_output + k * channels * bins + bin_index;  // channel stride: bins
+    A sum_value = A(0), sum_dy = A(0), sum_dx = A(0);
+    for (int iy = 0; iy < bin.grid_h; ++iy) {
+      const A y = bin_sample<A>(bin.top, bin.bin_h, iy, bin.grid_h);
+      for (int ix = 0; ix < bin.grid_w; ++ix) {
+        const A x = bin_sample<A>(bin.left, bin.bin_w, ix, bin.grid_w);
+        const RoiAlignPoint<A, I> p = roi_align_point<A, I>(y, x, height, width);
+        if (p.is_nan) {
+          sum_value += p.nan;
+          sum_dy += p.nan;
+          sum_dx += p.nan;
+        }
+        if (!p.inside) continue;  // outside: samples 0 with zero derivatives
+        // Per-corner sums over the channels of g_c * input_c, blended once afterwards.
+        const RoiAlignCorners<I> q = roi_align_corners<A, I>(p, width);
+        A s00 = A(0), s01 = A(0), s10 = A(0), s11 = A(0);
+        // A pointer loop: ptxas keeps it rolled, which holds the float64 / 64-bit-index
+        // build under the register budget (an unrolled counter loop reaches ~127).
+        const T* grad = grad_bin;
+        for (const T* plane = image; plane != image_end; plane += plane_size, grad += bins) {
+          const A g = to_acc(*grad);
+          s00 += g * to_acc(plane[q.i00]);
+          s01 += g * to_acc(plane[q.i01]);
+          s10 += g * to_acc(plane[q.i10]);
+          s11 += g * to_acc(plane[q.i11]);
+        }
+        const SampleWithGradient<A> s = roi_align_blend<A, I>(p, s00, s01, s10, s11);
+        sum_value += s.value;
+        sum_dy += s.d_dy;
+        sum_dx += s.d_dx;
+      }
+    }
+    if (grad_offset != nullptr) {
+      const A m = mask == nullptr ? A(1) : to_acc(mask[index]);
+      const A gamma = scale_and_gamma[1];
+      const A per_sample = m / bin.count;
+      T* out = grad_offset + k * 2 * bins + bin_index;
+      out[0] = from_acc<T>(gamma * bin.roi_w * (sum_dx * per_sample));
+      out[bins] = from_acc<T>(gamma * bin.roi_h * (sum_dy * per_sample));
+    }
+    if (grad_mask != nullptr) grad_mask[index] = from_acc<T>(sum_value / bin.count);
+  }
+}
+
+}  // namespace cupydcn

@@ -1,0 +1,2 @@
+"""CUDA-on-CPU test harness: runs the real ``kernels/`` sources on the host (see
+``host_launcher.HostLauncher`` and ``cuda_shim.h``)."""

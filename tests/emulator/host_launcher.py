@@ -1,0 +1,526 @@
+"""A :class:`~cupydcn._launch.KernelLauncher` that runs the real CUDA kernels on the CPU.
+
+How it works: for each (kernel source file, dtype, index width) it builds one shared
+library from a C++17 translation unit = ``cuda_shim.h`` + ``module_source(file)`` (the very
+text NVRTC compiles) + one generated ``extern "C"`` entry point per name expression of
+that file. Each entry point hands the kernel's function pointer, the launch configuration
+and a ``void** args`` array (the ``cudaLaunchKernel`` convention) to the variadic
+``cupydcn_emulation::launch`` of the shim, which unpacks the arguments with an index
+sequence and runs every block and thread sequentially with the thread-local
+``blockIdx`` / ``threadIdx`` set. Grid and block come from ``cupydcn._launch.launch_config``,
+as on the GPU. Libraries are memoised in-process and cached on disk (keyed by a hash of
+the translation unit, the compiler flags and the compiler's version).
+
+Each entry point also reports the kernel's parameter types, so every launch checks its
+arguments: the count, each array's dtype, C-contiguity and writability, no aliasing of a
+written array with another argument (the kernels' pointers are ``__restrict__``), and
+every int against the index type's range.
+
+Checked mode (the default; ``CUPYDCN_EMULATOR_CHECKED=0`` turns it off) isolates every
+array argument in its own mapping for the launch: the bytes end exactly at a
+``PROT_NONE`` guard page, and the slack before them, from the preceding guard page, is
+filled with 0xFF (a NaN in every float dtype) and checked afterwards. A read or write past
+the end of what the kernel was given faults at once and is reported as a Python
+exception naming the kernel, the argument and the element; a write before the start is
+caught by the canary, a read before it yields NaN; const arguments are verified
+unchanged. Checked mode also makes ``xp.empty`` return NaN-filled float arrays, so an
+output element a kernel forgets to write shows up as NaN. ASan is impractical under
+ctypes (its runtime must be preloaded into the Python process), so it is optional:
+``CUPYDCN_EMULATOR_SANITIZE=undefined`` builds with UBSan (integer overflow, float->int
+conversion overflow, ...), and its reports are turned into exceptions; ``address`` is
+accepted only when libasan is already preloaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import mmap
+import operator
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import threading
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from cupydcn._kernel_source import KERNEL_TEMPLATES, SOURCE_OF_KERNEL, module_source, name_expression
+from cupydcn._launch import launch_config
+
+SHIM_PATH = Path(__file__).resolve().with_name("cuda_shim.h")
+
+BASE_FLAGS: tuple[str, ...] = ("-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off")
+SANITIZER_FLAGS: dict[str, tuple[str, ...]] = {
+    "undefined": ("-fsanitize=undefined", "-fsanitize=float-cast-overflow",
+                  "-fno-omit-frame-pointer", "-g"),
+    "address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g"),
+}
+
+# Flags of cupydcn_emulation::launch (cuda_shim.h).
+_GUARD_FAULTS = 1
+_REVERSE_ORDER = 2
+
+_INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1),
+               "uint32": (0, 2**32 - 1)}
+_INT_CTYPES = {"int32": ctypes.c_int32, "int64": ctypes.c_int64, "uint32": ctypes.c_uint32}
+
+
+class EmulatorBuildError(RuntimeError):
+    """The host compiler rejected a translation unit; ``output`` has its messages."""
+
+    def __init__(self, message: str, output: str, source_path: Path):
+        super().__init__(f"{message}\n{output}")
+        self.output = output
+        self.source_path = source_path
+
+
+class EmulatorFaultError(RuntimeError):
+    """An emulated kernel touched memory outside its arguments, or UBSan reported."""
+
+
+# ------------------------------------------------------------------ building
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CUPYDCN_EMULATOR_CXX") or os.environ.get("CXX") or "g++")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_identity(compiler: tuple[str, ...]) -> str:
+    try:
+        done = subprocess.run([*compiler, "--version"], capture_output=True, text=True)
+    except OSError as exc:
+        raise EmulatorBuildError(
+            f"the host compiler {' '.join(compiler)!r} could not be run (set "
+            "CUPYDCN_EMULATOR_CXX)", str(exc), Path()) from exc
+    return done.stdout.splitlines()[0] if done.stdout else " ".join(compiler)
+
+
+def compiler_missing() -> str | None:
+    """Why the host compiler cannot build the harness, or None when it can."""
+    compiler = tuple(_compiler())
+    try:
+        done = subprocess.run([*compiler, "--version"], capture_output=True, text=True)
+    except OSError as exc:
+        return f"no host C++ compiler for the CUDA emulation ({' '.join(compiler)}: {exc})"
+    if done.returncode != 0:
+        return f"the host C++ compiler {' '.join(compiler)!r} does not run: {done.stderr.strip()}"
+    return None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept across runs (``CUPYDCN_EMULATOR_CACHE`` overrides)."""
+    configured = os.environ.get("CUPYDCN_EMULATOR_CACHE")
+    path = Path(configured) if configured else (
+        Path(tempfile.gettempdir()) / f"cupydcn-emulator-{os.getuid()}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_LIBRARIES: dict[str, ctypes.CDLL] = {}
+_BUILD_LOCK = threading.Lock()
+
+
+def build_library(source: str, flags: Sequence[str] = BASE_FLAGS, *,
+                  what: str = "a translation unit") -> ctypes.CDLL:
+    """Compile ``source`` (C++) into a shared library and load it; memoised in-process
+    and on disk by a hash of the text, the flags and the compiler."""
+    compiler = tuple(_compiler())
+    key = hashlib.sha256(
+        "\0".join([_compiler_identity(compiler), *compiler, *flags, source]).encode()
+    ).hexdigest()[:32]
+    with _BUILD_LOCK:
+        if key in _LIBRARIES:
+            return _LIBRARIES[key]
+        directory = cache_dir()
+        library = directory / f"{key}.so"
+        source_path = directory / f"{key}.cpp"
+        if not library.exists():
+            source_path.write_text(source)
+            partial = directory / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp.so"
+            command = [*compiler, *flags, "-o", str(partial), str(source_path)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise EmulatorBuildError(
+                    f"host compilation of {what} failed (exit {done.returncode}); source "
+                    f"kept at {source_path}\n$ {shlex.join(command)}",
+                    done.stderr + done.stdout, source_path)
+            os.replace(partial, library)
+        loaded = ctypes.CDLL(str(library))
+        _LIBRARIES[key] = loaded
+        return loaded
+
+
+def shim_text() -> str:
+    """cuda_shim.h, to be the first part of a translation unit."""
+    text = SHIM_PATH.read_text().replace("#pragma once", "", 1)
+    return f'#line 1 "{SHIM_PATH}"\n{text}\n'
+
+
+def _entry_symbol(kernel: str) -> str:
+    return f"cupydcn_launch_{kernel}"
+
+
+def translation_unit(source_file: str, dtype_name: str, index_bits: int) -> str:
+    """shim + module_source(source_file) + an entry point per kernel of the file."""
+    parts = [shim_text(), f'#line 1 "{source_file} (cupydcn module_source)"\n',
+             module_source(source_file), '\n#line 1 "(generated entry points)"\n']
+    for kernel in KERNEL_TEMPLATES[source_file]:
+        expression = name_expression(kernel, dtype_name, index_bits)
+        symbol = _entry_symbol(kernel)
+        parts.append(
+            f'extern "C" int {symbol}(unsigned grid, unsigned block, void** args, int flags,\n'
+            f'                        void** fault_address) {{\n'
+            f'  return cupydcn_emulation::launch(&{expression}, grid, block, args, flags,\n'
+            f'                                   fault_address);\n'
+            f'}}\n'
+            f'extern "C" const char* {symbol}_signature() {{\n'
+            f'  static const std::string s = cupydcn_emulation::signature(&{expression});\n'
+            f'  return s.c_str();\n'
+            f'}}\n'
+        )
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------ arguments
+
+
+class Parameter(NamedTuple):
+    """One kernel parameter: a pointer to ``dtype`` (maybe const) or an int of ``dtype``."""
+
+    dtype: str
+    pointer: bool
+    const: bool
+
+    def __str__(self) -> str:
+        return f"{'const ' if self.const else ''}{self.dtype}{'*' if self.pointer else ''}"
+
+
+def _parse_signature(text: str) -> tuple[Parameter, ...]:
+    params = []
+    for item in filter(None, text.split(",")):
+        const = item.startswith("const ")
+        name = item.removeprefix("const ")
+        pointer = name.endswith("*")
+        params.append(Parameter(name.rstrip("*"), pointer, const))
+    return tuple(params)
+
+
+class _Entry(NamedTuple):
+    function: object  # ctypes function
+    parameters: tuple[Parameter, ...]
+
+
+class LaunchRecord(NamedTuple):
+    kernel: str
+    dtype_name: str
+    index_bits: int
+    total: int
+    grid: int
+    block: int
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PAGE = mmap.PAGESIZE
+_CANARY = 0xFF
+_PROT_NONE = 0
+
+
+def _bytes_at(address: int, size: int) -> np.ndarray:
+    return np.frombuffer((ctypes.c_ubyte * size).from_address(address), dtype=np.uint8)
+
+
+class _GuardedCopy:
+    """A copy of one array argument between guard pages:
+    [guard page][slack filled with 0xFF][the array's bytes][guard page]."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.nbytes = array.nbytes
+        self.slack = (-self.nbytes) % _PAGE
+        self.length = 2 * _PAGE + self.slack + self.nbytes
+        base = _LIBC.mmap(None, self.length, mmap.PROT_READ | mmap.PROT_WRITE,
+                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if base in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "mmap of a guarded argument buffer failed")
+        self.base = base
+        self.data = base + _PAGE + self.slack
+        ctypes.memset(base + _PAGE, _CANARY, self.slack)
+        if self.nbytes:
+            ctypes.memmove(self.data, array.ctypes.data, self.nbytes)
+        for page in (base, base + self.length - _PAGE):
+            if _LIBC.mprotect(page, _PAGE, _PROT_NONE) != 0:
+                self.release()
+                raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
+
+    def locate(self, address: int) -> int | None:
+        """Byte offset of ``address`` from the data start when it lies in this mapping."""
+        if self.base <= address < self.base + self.length:
+            return address - self.data
+        return None
+
+    def slack_intact(self) -> bool:
+        return not self.slack or bool(np.all(_bytes_at(self.base + _PAGE, self.slack) == _CANARY))
+
+    def unchanged(self) -> bool:
+        if not self.nbytes:
+            return True
+        return bool(np.array_equal(_bytes_at(self.data, self.nbytes),
+                                   self.array.reshape(-1).view(np.uint8)))
+
+    def copy_back(self) -> None:
+        if self.nbytes:
+            ctypes.memmove(self.array.ctypes.data, self.data, self.nbytes)
+
+    def release(self) -> None:
+        if self.base is not None:
+            _LIBC.munmap(self.base, self.length)
+            self.base = None
+
+
+def _poisoned_numpy() -> types.ModuleType:
+    """NumPy whose ``empty`` fills float arrays with NaN (everything else is NumPy's)."""
+    module = types.ModuleType(
+        "numpy_with_nan_empty", "NumPy, but empty() returns NaN-filled float arrays.")
+
+    def empty(shape, dtype=float, order="C", **kwargs):
+        out = np.empty(shape, dtype, order, **kwargs)
+        if out.dtype.kind in "fc" or out.dtype.name == "bfloat16":
+            out.fill(np.nan)
+        return out
+
+    module.__getattr__ = lambda name: getattr(np, name)  # PEP 562
+    module.empty = empty
+    return module
+
+
+def _sanitizers(value: str | None) -> tuple[str, ...]:
+    names = tuple(sorted(filter(None, re.split(r"[,\s]+", value or ""))))
+    unknown = set(names) - set(SANITIZER_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown sanitizer(s) {sorted(unknown)}; use "
+                         f"{' / '.join(SANITIZER_FLAGS)}")
+    if "address" in names and not _asan_loaded():
+        raise RuntimeError(
+            "the address sanitizer needs its runtime preloaded into Python: run with "
+            "LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 "
+            "(or rely on checked mode's guard pages)")
+    return names
+
+
+def _asan_loaded() -> bool:
+    try:
+        return "libasan" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("", "0", "false", "no")
+
+
+class _CapturedStderr:
+    """Redirects file descriptor 2 to a temporary file (sanitizer reports go there)."""
+
+    def __enter__(self):
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        return False
+
+
+# ------------------------------------------------------------------ the launcher
+
+
+@dataclass
+class HostLauncher:
+    """KernelLauncher running ``kernels/`` on the CPU with ``xp`` = NumPy.
+
+    checked: guard-page isolation of array arguments and NaN-filled ``xp.empty`` (default:
+        ``CUPYDCN_EMULATOR_CHECKED``, on unless set to 0).
+    sanitize: "undefined" and/or "address" (default: ``CUPYDCN_EMULATOR_SANITIZE``).
+    reverse: run blocks and threads last to first (exposes inter-thread dependences).
+    config: (grid, block) for a total; the GPU's ``launch_config`` unless overridden.
+    Every launch is appended to ``launches``.
+    """
+
+    checked: bool | None = None
+    sanitize: str | None = None
+    reverse: bool = False
+    config: Callable[[int], tuple[int, int]] = launch_config
+
+    def __post_init__(self):
+        if self.checked is None:
+            self.checked = _env_flag("CUPYDCN_EMULATOR_CHECKED", True)
+        if self.sanitize is None:
+            self.sanitize = os.environ.get("CUPYDCN_EMULATOR_SANITIZE", "")
+        self._sanitizers = _sanitizers(self.sanitize)
+        self.flags = BASE_FLAGS + tuple(
+            flag for name in self._sanitizers for flag in SANITIZER_FLAGS[name])
+        self.xp = _poisoned_numpy() if self.checked else np
+        self.launches: list[LaunchRecord] = []
+        self._entries: dict[tuple[str, str, int], _Entry] = {}
+
+    # -- compilation
+
+    def entry(self, kernel: str, dtype_name: str, index_bits: int) -> _Entry:
+        """The entry point of one specialisation (building its library on first use)."""
+        key = (kernel, dtype_name, index_bits)
+        if key not in self._entries:
+            if kernel not in SOURCE_OF_KERNEL:
+                raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(SOURCE_OF_KERNEL)}")
+            source_file = SOURCE_OF_KERNEL[kernel]
+            library = build_library(
+                translation_unit(source_file, dtype_name, index_bits), self.flags,
+                what=f"{source_file} for {dtype_name} with {index_bits}-bit indices")
+            for name in KERNEL_TEMPLATES[source_file]:
+                function = getattr(library, _entry_symbol(name))
+                function.restype = ctypes.c_int
+                function.argtypes = [ctypes.c_uint, ctypes.c_uint,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
+                                     ctypes.POINTER(ctypes.c_void_p)]
+                signature = getattr(library, _entry_symbol(name) + "_signature")
+                signature.restype = ctypes.c_char_p
+                self._entries[(name, dtype_name, index_bits)] = _Entry(
+                    function, _parse_signature(signature().decode()))
+        return self._entries[key]
+
+    # -- launching
+
+    def launch(self, kernel: str, dtype_name: str, index_bits: int, total: int,
+               args: Sequence[object]) -> None:
+        if index_bits not in (32, 64):
+            raise ValueError(f"index_bits must be 32 or 64; got {index_bits!r}")
+        total = operator.index(total)
+        if total < 0:
+            raise ValueError(f"{kernel}: total must be >= 0; got {total}")
+        grid, block = self.config(total)
+        self.launches.append(LaunchRecord(kernel, dtype_name, index_bits, total, grid, block))
+        if total == 0:
+            return
+        entry = self.entry(kernel, dtype_name, index_bits)
+        where = f"{kernel}<{dtype_name}, int{index_bits}>"
+        values, arrays = self._convert(where, entry.parameters, args)
+        if not (1 <= grid < 2**31 and 1 <= block <= 1024):
+            raise ValueError(f"{where}: bad launch configuration grid={grid}, block={block}")
+
+        guarded: list[_GuardedCopy | None] = [None] * len(values)
+        try:
+            if self.checked:
+                for i, array in enumerate(arrays):
+                    if array is not None:
+                        guarded[i] = _GuardedCopy(array)
+                        values[i] = ctypes.c_void_p(guarded[i].data)
+            argv = (ctypes.c_void_p * max(len(values), 1))(
+                *[ctypes.addressof(v) for v in values])
+            fault = ctypes.c_void_p()
+            flags = (_GUARD_FAULTS if self.checked else 0) | (
+                _REVERSE_ORDER if self.reverse else 0)
+            if "undefined" in self._sanitizers:
+                with _CapturedStderr() as captured:
+                    signal = entry.function(grid, block, argv, flags, ctypes.byref(fault))
+                if "runtime error" in captured.text:
+                    raise EmulatorFaultError(f"{where}: UBSan reported\n{captured.text}")
+            else:
+                signal = entry.function(grid, block, argv, flags, ctypes.byref(fault))
+            if signal:
+                raise EmulatorFaultError(
+                    self._describe_fault(where, entry.parameters, guarded, signal,
+                                         fault.value or 0))
+            for i, copy in enumerate(guarded):
+                if copy is None:
+                    continue
+                parameter = entry.parameters[i]
+                if not copy.slack_intact():
+                    raise EmulatorFaultError(
+                        f"{where}: wrote before the start of argument {i} ({parameter}, "
+                        f"shape {copy.array.shape})")
+                if parameter.const:
+                    if not copy.unchanged():
+                        raise EmulatorFaultError(
+                            f"{where}: modified const argument {i} ({parameter})")
+                else:
+                    copy.copy_back()
+        finally:
+            for copy in guarded:
+                if copy is not None:
+                    copy.release()
+
+    def _convert(self, where: str, parameters: tuple[Parameter, ...],
+                 args: Sequence[object]) -> tuple[list, list]:
+        if len(args) != len(parameters):
+            raise TypeError(f"{where}: takes {len(parameters)} arguments "
+                            f"({', '.join(map(str, parameters))}); got {len(args)}")
+        values: list = []
+        arrays: list[np.ndarray | None] = []
+        for i, (parameter, arg) in enumerate(zip(parameters, args)):
+            if parameter.pointer:
+                arrays.append(None if arg is None else self._check_array(where, i, parameter, arg))
+                values.append(ctypes.c_void_p(None if arg is None else arg.ctypes.data))
+            else:
+                if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, (int, np.integer)):
+                    raise TypeError(f"{where}: argument {i} ({parameter}) must be an int; "
+                                    f"got {type(arg).__name__} {arg!r}")
+                low, high = _INT_RANGES[parameter.dtype]
+                if not low <= int(arg) <= high:
+                    raise OverflowError(f"{where}: argument {i} = {int(arg)} does not fit "
+                                        f"{parameter.dtype}")
+                values.append(_INT_CTYPES[parameter.dtype](int(arg)))
+                arrays.append(None)
+        written = [a for a, p in zip(arrays, parameters) if a is not None and not p.const]
+        for out in written:
+            for i, other in enumerate(arrays):
+                if other is not None and other is not out and np.may_share_memory(out, other):
+                    raise ValueError(f"{where}: argument {i} overlaps a written argument "
+                                     "(the kernel's pointers are __restrict__)")
+        return values, arrays
+
+    @staticmethod
+    def _check_array(where: str, i: int, parameter: Parameter, arg: object) -> np.ndarray:
+        if not isinstance(arg, np.ndarray):
+            raise TypeError(f"{where}: argument {i} ({parameter}) must be a NumPy array or "
+                            f"None; got {type(arg).__name__}")
+        if arg.dtype.name != parameter.dtype:
+            raise TypeError(f"{where}: argument {i} ({parameter}) has dtype {arg.dtype.name}")
+        if not arg.flags.c_contiguous:
+            raise ValueError(f"{where}: argument {i} ({parameter}) of shape {arg.shape} is "
+                             f"not C-contiguous (strides {arg.strides})")
+        if not parameter.const and not arg.flags.writeable:
+            raise ValueError(f"{where}: argument {i} ({parameter}) is read-only")
+        return arg
+
+    @staticmethod
+    def _describe_fault(where: str, parameters, guarded, signal: int, address: int) -> str:
+        for i, copy in enumerate(guarded):
+            offset = None if copy is None else copy.locate(address)
+            if offset is None:
+                continue
+            itemsize = copy.array.itemsize
+            side = "before the start" if offset < 0 else "past the end"
+            return (f"{where}: out-of-bounds access {side} of argument {i} ({parameters[i]}, "
+                    f"shape {copy.array.shape}): element {offset // itemsize} of "
+                    f"{copy.array.size} (byte offset {offset})")
+        return f"{where}: memory fault (signal {signal}) at address {address:#x}"
