@@ -2,10 +2,10 @@
 backward on each, and compare with the reference.
 
 The reference is established in two steps, both printed:
-1. the NumPy backend in float64 against a direct evaluation of the formula
-   y(p0) = sum_k w(k) m_k x(p0 + p_k + dp_k) + b at random output points, and its
-   backward against central finite differences of the forward along random directions;
-2. every backend and dtype against that float64 result.
+1. the NumPy backend in float64: deform_conv2d's forward against a direct evaluation of
+   y(p0) = sum_k w(k) m_k x(p0 + p_k + dp_k) + b at random output points, and every op's
+   backward against central finite differences of its forward along random directions;
+2. every backend and dtype against that float64 backend on the same (rounded) inputs.
 """
 
 from __future__ import annotations
@@ -14,25 +14,167 @@ import math
 import platform
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from . import __version__
 from ._deform_conv import deform_conv2d, deform_conv2d_backward
+from ._deform_psroi_pool import deform_psroi_pool, deform_psroi_pool_backward
+from ._deform_roi_pool import deform_roi_pool, deform_roi_pool_backward
 from ._dtypes import DTYPES, numpy_dtype
 
-# A small problem with everything different in H and W, groups and offset groups.
-PROBLEM = dict(n=3, c=6, h=9, w=8, c_out=4, kh=3, kw=2, groups=2, offset_groups=3,
-               stride=(1, 2), padding=(1, 2), dilation=(2, 1))
-
-# Max |error| / max |reference| accepted per dtype.
+# Max |error| / max |reference| accepted per dtype (about 4 units of roundoff for halves).
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+FINITE_DIFFERENCE_TOLERANCE = 1e-5
 
-GRAD_NAMES = ("grad_input", "grad_offset", "grad_weight", "grad_mask", "grad_bias")
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op on one small problem. ``forward(arrays)`` returns the differentiable output,
+    ``backward(grad_output, arrays)`` a dict of gradients by input name."""
+
+    name: str
+    make_arrays: Callable[[np.random.Generator], dict[str, np.ndarray]]
+    forward: Callable[[dict], object]
+    backward: Callable[[object, dict], dict[str, object]]
+    differentiable: tuple[str, ...]
+    fixed: tuple[str, ...] = ()  # arrays not rounded to the dtype (RoI boxes)
 
 
+# ---------------------------------------------------------------- deform_conv2d
+CONV = dict(n=3, c=6, h=9, w=8, c_out=4, kh=3, kw=2, groups=2, offset_groups=3,
+            stride=(1, 2), padding=(1, 2), dilation=(2, 1))
+
+
+def _conv_options():
+    return {k: CONV[k] for k in ("stride", "padding", "dilation")}
+
+
+def _conv_out_size() -> tuple[int, int]:
+    return tuple(
+        (CONV[size] + 2 * CONV["padding"][a] - (CONV["dilation"][a] * (CONV[k] - 1) + 1))
+        // CONV["stride"][a] + 1
+        for a, (size, k) in enumerate((("h", "kh"), ("w", "kw")))
+    )
+
+
+def _conv_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out_h, out_w = _conv_out_size()
+    taps = CONV["kh"] * CONV["kw"]
+    return {
+        "input": rng.standard_normal((CONV["n"], CONV["c"], CONV["h"], CONV["w"])),
+        "offset": 1.7 * rng.standard_normal((CONV["n"], 2 * CONV["offset_groups"] * taps, out_h, out_w)),
+        "weight": rng.standard_normal((CONV["c_out"], CONV["c"] // CONV["groups"], CONV["kh"], CONV["kw"])),
+        "bias": rng.standard_normal((CONV["c_out"],)),
+        "mask": rng.uniform(size=(CONV["n"], CONV["offset_groups"] * taps, out_h, out_w)),
+    }
+
+
+def _conv_forward(a):
+    return deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
+                         **_conv_options())
+
+
+def _conv_backward(grad_output, a):
+    g = deform_conv2d_backward(grad_output, a["input"], a["offset"], a["weight"], a["mask"],
+                               **_conv_options())
+    return {"input": g.grad_input, "offset": g.grad_offset, "weight": g.grad_weight,
+            "mask": g.grad_mask, "bias": g.grad_bias}
+
+
+def _conv_direct_point(a: dict[str, np.ndarray], b: int, co: int, oy: int, ox: int) -> float:
+    """y[b, co, oy, ox] summed straight from the definition (float64)."""
+    cg = CONV["c"] // CONV["groups"]
+    group = co // (CONV["c_out"] // CONV["groups"])
+    per_offset_group = CONV["c"] // CONV["offset_groups"]
+    taps = CONV["kh"] * CONV["kw"]
+    total = a["bias"][co]
+    for ci in range(cg):
+        c = group * cg + ci
+        g = c // per_offset_group
+        for i in range(CONV["kh"]):
+            for j in range(CONV["kw"]):
+                k = i * CONV["kw"] + j
+                py = (oy * CONV["stride"][0] - CONV["padding"][0] + i * CONV["dilation"][0]
+                      + a["offset"][b, g * 2 * taps + 2 * k, oy, ox])
+                px = (ox * CONV["stride"][1] - CONV["padding"][1] + j * CONV["dilation"][1]
+                      + a["offset"][b, g * 2 * taps + 2 * k + 1, oy, ox])
+                value = 0.0
+                for qy in range(math.floor(py), math.floor(py) + 2):
+                    for qx in range(math.floor(px), math.floor(px) + 2):
+                        if 0 <= qy < CONV["h"] and 0 <= qx < CONV["w"]:
+                            value += (max(0.0, 1 - abs(qy - py)) * max(0.0, 1 - abs(qx - px))
+                                      * a["input"][b, c, qy, qx])
+                total += a["weight"][co, ci, i, j] * a["mask"][b, g * taps + k, oy, ox] * value
+    return float(total)
+
+
+# ---------------------------------------------------------------- RoI pooling
+def _rois(rng: np.random.Generator, count: int, batch: int, extent: float) -> np.ndarray:
+    x1, y1 = rng.uniform(-3, extent - 4, size=(2, count))
+    w, h = rng.uniform(2, extent / 2, size=(2, count))
+    return np.stack([rng.integers(0, batch, count).astype(np.float64), x1, y1, x1 + w, y1 + h], 1)
+
+
+ROI = dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=0, gamma=0.1)
+
+
+def _roi_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    k = 5
+    return {
+        "input": rng.standard_normal((2, 3, 10, 12)),
+        "rois": _rois(rng, k, 2, 22.0),
+        "offset": rng.standard_normal((k, 2, 3, 4)),
+        "mask": rng.uniform(size=(k, 1, 3, 4)),
+    }
+
+
+def _roi_forward(a):
+    return deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"], **ROI)
+
+
+def _roi_backward(grad_output, a):
+    g = deform_roi_pool_backward(grad_output, a["input"], a["rois"], a["offset"], a["mask"], **ROI)
+    return {"input": g.grad_input, "offset": g.grad_offset, "mask": g.grad_mask}
+
+
+PSROI = dict(output_dim=4, group_size=3, pooled_size=3, part_size=2, sample_per_part=3,
+             spatial_scale=0.5, trans_std=0.1)
+
+
+def _psroi_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    k = 5
+    return {
+        "input": rng.standard_normal((2, 4 * 9, 10, 12)),
+        "rois": _rois(rng, k, 2, 22.0),
+        "offset": rng.standard_normal((k, 2 * 2, 2, 2)),  # 2 classes
+    }
+
+
+def _psroi_forward(a):
+    return deform_psroi_pool(a["input"], a["rois"], a["offset"], **PSROI)[0]
+
+
+def _psroi_backward(grad_output, a):
+    g = deform_psroi_pool_backward(grad_output, a["input"], a["rois"], a["offset"], **PSROI)
+    return {"input": g.grad_input, "offset": g.grad_offset}
+
+
+CASES = (
+    OpCase("deform_conv2d", _conv_arrays, _conv_forward, _conv_backward,
+           ("input", "offset", "weight", "mask", "bias")),
+    OpCase("deform_roi_pool", _roi_arrays, _roi_forward, _roi_backward,
+           ("input", "offset", "mask"), fixed=("rois",)),
+    OpCase("deform_psroi_pool", _psroi_arrays, _psroi_forward, _psroi_backward,
+           ("input", "offset"), fixed=("rois",)),
+)
+
+
+# ---------------------------------------------------------------- the checks
 @dataclass
 class Row:
+    op: str
     backend: str
     dtype: str
     what: str
@@ -45,89 +187,45 @@ class Row:
         return math.isfinite(self.error) and self.error <= self.tolerance
 
 
-def _problem(seed: int = 0) -> dict[str, np.ndarray]:
-    p = PROBLEM
-    rng = np.random.default_rng(seed)
-    out_h = (p["h"] + 2 * p["padding"][0] - (p["dilation"][0] * (p["kh"] - 1) + 1)) // p["stride"][0] + 1
-    out_w = (p["w"] + 2 * p["padding"][1] - (p["dilation"][1] * (p["kw"] - 1) + 1)) // p["stride"][1] + 1
-    taps = p["kh"] * p["kw"]
-    return {
-        "input": rng.standard_normal((p["n"], p["c"], p["h"], p["w"])),
-        "offset": 1.7 * rng.standard_normal((p["n"], 2 * p["offset_groups"] * taps, out_h, out_w)),
-        "weight": rng.standard_normal((p["c_out"], p["c"] // p["groups"], p["kh"], p["kw"])),
-        "bias": rng.standard_normal((p["c_out"],)),
-        "mask": rng.uniform(size=(p["n"], p["offset_groups"] * taps, out_h, out_w)),
-    }
-
-
-def _options():
-    return {k: PROBLEM[k] for k in ("stride", "padding", "dilation")}
-
-
-def _direct_output_point(a: dict[str, np.ndarray], b: int, co: int, oy: int, ox: int) -> float:
-    """y[b, co, oy, ox] summed straight from the definition (float64)."""
-    p = PROBLEM
-    c_in, height, width = p["c"], p["h"], p["w"]
-    cg = c_in // p["groups"]
-    group = co // (p["c_out"] // p["groups"])
-    channels_per_offset_group = c_in // p["offset_groups"]
-    total = a["bias"][co]
-    for ci in range(cg):
-        c = group * cg + ci
-        g = c // channels_per_offset_group
-        for i in range(p["kh"]):
-            for j in range(p["kw"]):
-                k = i * p["kw"] + j
-                py = oy * p["stride"][0] - p["padding"][0] + i * p["dilation"][0] + a["offset"][b, g * 2 * p["kh"] * p["kw"] + 2 * k, oy, ox]
-                px = ox * p["stride"][1] - p["padding"][1] + j * p["dilation"][1] + a["offset"][b, g * 2 * p["kh"] * p["kw"] + 2 * k + 1, oy, ox]
-                value = 0.0
-                for qy in range(math.floor(py), math.floor(py) + 2):
-                    for qx in range(math.floor(px), math.floor(px) + 2):
-                        if 0 <= qy < height and 0 <= qx < width:
-                            value += max(0.0, 1 - abs(qy - py)) * max(0.0, 1 - abs(qx - px)) * a["input"][b, c, qy, qx]
-                total += a["weight"][co, ci, i, j] * a["mask"][b, g * p["kh"] * p["kw"] + k, oy, ox] * value
-    return float(total)
-
-
 def _relative(error: float, scale: float) -> float:
     return error / max(scale, 1e-30)
 
 
-def _reference_rows(a: dict[str, np.ndarray]) -> tuple[list[Row], np.ndarray]:
+def _timed(function, *args):
+    _synchronize()
+    start = time.perf_counter()
+    result = function(*args)
+    _synchronize()
+    return result, 1e3 * (time.perf_counter() - start)
+
+
+def _reference_rows(case: OpCase, a: dict[str, np.ndarray], rng) -> list[Row]:
+    """The float64 NumPy backend against the formula (conv) and finite differences."""
     rows = []
-    start = time.perf_counter()
-    out = deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **_options())
-    millis = 1e3 * (time.perf_counter() - start)
-    rng = np.random.default_rng(1)
-    points = [tuple(int(rng.integers(0, s)) for s in out.shape) for _ in range(24)]
-    error = max(abs(out[pt] - _direct_output_point(a, *pt)) for pt in points)
-    rows.append(Row("numpy float64 vs formula", "float64", "forward (24 points)",
-                    _relative(error, np.abs(out).max()), TOLERANCE["float64"], millis))
-
+    out, forward_ms = _timed(case.forward, a)
+    if case.name == "deform_conv2d":
+        points = [tuple(int(rng.integers(0, s)) for s in out.shape) for _ in range(24)]
+        error = max(abs(out[pt] - _conv_direct_point(a, *pt)) for pt in points)
+        rows.append(Row(case.name, "numpy float64 vs formula", "float64", "forward (24 points)",
+                        _relative(error, np.abs(out).max()), TOLERANCE["float64"], forward_ms))
     grad_output = rng.standard_normal(out.shape)
-    start = time.perf_counter()
-    grads = deform_conv2d_backward(grad_output, a["input"], a["offset"], a["weight"], a["mask"],
-                                   **_options())
-    millis = 1e3 * (time.perf_counter() - start)
+    grads, backward_ms = _timed(case.backward, grad_output, a)
     eps = 1e-6
-    for name in ("input", "offset", "weight", "mask", "bias"):
+    for name in case.differentiable:
         direction = rng.standard_normal(a[name].shape)
-        values = []
-        for sign in (1, -1):
-            moved = dict(a, **{name: a[name] + sign * eps * direction})
-            y = deform_conv2d(moved["input"], moved["offset"], moved["weight"], moved["bias"],
-                              mask=moved["mask"], **_options())
-            values.append(float(np.sum(y * grad_output)))
+        values = [float(np.sum(case.forward(dict(a, **{name: a[name] + sign * eps * direction}))
+                               * grad_output)) for sign in (1, -1)]
         numeric = (values[0] - values[1]) / (2 * eps)
-        analytic = float(np.sum(getattr(grads, "grad_" + name) * direction))
-        rows.append(Row("numpy float64 vs finite diff.", "float64", f"d/d{name}",
-                        _relative(abs(numeric - analytic), abs(numeric)), 1e-5, millis))
-    return rows, grad_output
+        analytic = float(np.sum(grads[name] * direction))
+        rows.append(Row(case.name, "numpy float64 vs finite diff.", "float64", f"d/d{name}",
+                        _relative(abs(numeric - analytic), abs(numeric)),
+                        FINITE_DIFFERENCE_TOLERANCE, backward_ms))
+    return rows
 
 
-def _backends() -> list[tuple[str, object]]:
+def _backends() -> list[tuple[str, Callable]]:
     """(label, converter from NumPy) for the NumPy backend and each CUDA device."""
-    found: list[tuple[str, object]] = [("numpy (CPU)", lambda x: x)]
+    found: list[tuple[str, Callable]] = [("numpy (CPU)", lambda x: x)]
     try:
         import cupy
 
@@ -155,58 +253,43 @@ def _synchronize() -> None:
     try:
         import cupy
 
-        cupy.cuda.get_current_stream().synchronize()
-    except Exception:  # nothing to synchronise without CuPy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            cupy.cuda.get_current_stream().synchronize()
+    except Exception:  # nothing to synchronise without CuPy or a device
         pass
 
 
-def _float64_result(a: dict[str, np.ndarray], grad_output: np.ndarray):
-    """Forward and all gradients by the NumPy backend in float64."""
-    out = deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **_options())
-    grads = deform_conv2d_backward(grad_output, a["input"], a["offset"], a["weight"], a["mask"],
-                                   **_options())
-    return out, grads
-
-
-def _backend_rows(label, convert, a, grad_output) -> list[Row]:
-    """Each dtype on one backend against float64 on the same (rounded) inputs: the offset
-    gradient jumps where a sample point crosses an integer, so rounding the inputs first
-    keeps input quantisation out of the arithmetic error being measured."""
+def _backend_rows(case: OpCase, label: str, convert, a: dict[str, np.ndarray], rng) -> list[Row]:
+    """Each dtype on one backend against float64 on the same rounded inputs: gradients
+    jump where a sample point crosses an integer, so rounding the inputs first keeps input
+    quantisation out of the arithmetic error being measured."""
     rows = []
+    grad_output = rng.standard_normal(np.shape(case.forward(a)))
     for dtype_name in DTYPES:
         try:
             dtype = numpy_dtype(dtype_name)
         except ImportError as exc:
-            rows.append(Row(label, dtype_name, f"skipped: {exc}", float("nan"), 0.0, 0.0))
+            rows.append(Row(case.name, label, dtype_name, f"skipped: {exc}", math.nan, 0.0, 0.0))
             continue
-        rounded = {k: v.astype(dtype) for k, v in a.items()}
-        rounded_grad_output = grad_output.astype(dtype)
-        ref_out, ref_grads = _float64_result(
-            {k: v.astype(np.float64) for k, v in rounded.items()},
-            rounded_grad_output.astype(np.float64))
+        rounded = {k: v if k in case.fixed else v.astype(dtype) for k, v in a.items()}
+        rounded_grad = grad_output.astype(dtype)
+        as_float64 = {k: v.astype(np.float64) for k, v in rounded.items()}
+        ref_out = case.forward(as_float64)
+        ref_grads = case.backward(rounded_grad.astype(np.float64), as_float64)
         args = {k: convert(v) for k, v in rounded.items()}
-        go = convert(rounded_grad_output)
+        go = convert(rounded_grad)
         for _ in range(2):  # the first run compiles kernels; time the second
-            _synchronize()
-            start = time.perf_counter()
-            out = deform_conv2d(args["input"], args["offset"], args["weight"], args["bias"],
-                                mask=args["mask"], **_options())
-            _synchronize()
-            forward_ms = 1e3 * (time.perf_counter() - start)
-            start = time.perf_counter()
-            grads = deform_conv2d_backward(go, args["input"], args["offset"], args["weight"],
-                                           args["mask"], **_options())
-            _synchronize()
-            backward_ms = 1e3 * (time.perf_counter() - start)
+            out, forward_ms = _timed(case.forward, args)
+            grads, backward_ms = _timed(case.backward, go, args)
         tol = TOLERANCE[dtype_name]
-        error = np.abs(_to_numpy(out) - ref_out).max()
-        rows.append(Row(label, dtype_name, "forward", _relative(error, np.abs(ref_out).max()),
+        rows.append(Row(case.name, label, dtype_name, "forward",
+                        _relative(np.abs(_to_numpy(out) - ref_out).max(), np.abs(ref_out).max()),
                         tol, forward_ms))
-        for name in GRAD_NAMES:
-            ref = getattr(ref_grads, name)
-            error = np.abs(_to_numpy(getattr(grads, name)) - ref).max()
-            rows.append(Row(label, dtype_name, name, _relative(error, np.abs(ref).max()), tol,
-                            backward_ms))
+        for name in case.differentiable:
+            ref = ref_grads[name]
+            error = np.abs(_to_numpy(grads[name]) - ref).max()
+            rows.append(Row(case.name, label, dtype_name, f"grad_{name}",
+                            _relative(error, np.abs(ref).max()), tol, backward_ms))
     return rows
 
 
@@ -217,10 +300,9 @@ def _environment_lines() -> list[str]:
 
         lines.append(f"CuPy {cupy.__version__}")
         try:
-            count = cupy.cuda.runtime.getDeviceCount()
-            lines.append(f"CUDA devices: {count}")
+            lines.append(f"CUDA devices: {cupy.cuda.runtime.getDeviceCount()}")
         except Exception as exc:  # a driver-less machine
-            lines.append(f"CUDA devices: none ({type(exc).__name__}: {exc})")
+            lines.append(f"CUDA devices: none ({type(exc).__name__})")
     except ImportError:
         lines.append("CuPy: not installed (CPU arrays only)")
     for module in ("torch", "jax", "ml_dtypes"):
@@ -236,22 +318,28 @@ def run_check() -> int:
     """Print the environment and the error table; return a process exit code."""
     for line in _environment_lines():
         print(line)
-    a = _problem()
-    rows, grad_output = _reference_rows(a)
-    for label, convert in _backends():
-        rows.extend(_backend_rows(label, convert, a, grad_output))
+    rows: list[Row] = []
+    backends = _backends()
+    print("backends: " + ", ".join(label for label, _ in backends))
+    for case in CASES:
+        rng = np.random.default_rng(0)
+        a = case.make_arrays(rng)
+        rows.extend(_reference_rows(case, a, rng))
+        for label, convert in backends:
+            rows.extend(_backend_rows(case, label, convert, a, rng))
 
     print()
-    header = f"{'backend':34} {'dtype':9} {'what':22} {'rel. error':>11} {'tolerance':>10} {'ms':>9}  ok"
+    header = (f"{'op':18} {'backend':30} {'dtype':9} {'what':20} {'rel. error':>10} "
+              f"{'tolerance':>9} {'ms':>8}  ok")
     print(header)
     print("-" * len(header))
     failures = 0
     for row in rows:
         skipped = row.what.startswith("skipped")
+        failures += not skipped and not row.ok
         ok = "skip" if skipped else ("yes" if row.ok else "NO")
-        failures += (not skipped and not row.ok)
-        print(f"{row.backend:34} {row.dtype:9} {row.what:22} {row.error:11.2e} "
-              f"{row.tolerance:10.0e} {row.millis:9.2f}  {ok}")
+        print(f"{row.op:18} {row.backend:30} {row.dtype:9} {row.what:20} {row.error:10.2e} "
+              f"{row.tolerance:9.0e} {row.millis:8.2f}  {ok}")
     print()
     print("all checks passed" if failures == 0 else f"{failures} check(s) FAILED")
     return 0 if failures == 0 else 1
