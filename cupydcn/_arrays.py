@@ -170,7 +170,10 @@ def to_native(placement: Placement, array):
 def natives(op: str, arrays: dict[str, object]) -> tuple[Placement, dict[str, object]]:
     """The placement of a call and zero-copy native views of all its arrays (None kept)."""
     placement = resolve_placement(op, arrays)
-    return placement, {name: to_native(placement, a) for name, a in arrays.items()}
+    # Inside the scope, DLPack imports are ordered on the stream the kernels will use
+    # (PyTorch's current stream), so no extra synchronisation is needed.
+    with compute_scope(placement):
+        return placement, {name: to_native(placement, a) for name, a in arrays.items()}
 
 
 def array_module(placement: Placement) -> ModuleType:
