@@ -1,14 +1,17 @@
 // Host C++17 stand-ins for the CUDA built-ins that cupydcn's kernels use, so the real
-// kernel sources (cupydcn._kernel_source.module_source(file), byte for byte) compile with
-// g++ and run on the CPU. Used by tests/emulator/host_launcher.py, which appends the kernel
-// source and generated extern "C" entry points to this header and builds a shared library.
+// kernel sources (the code of cupydcn._kernel_source.module_source(file), unchanged) compile
+// with g++ and run on the CPU. Used by tests/emulator/host_launcher.py, which appends the
+// kernel source (with #line directives naming the kernels/ files) and generated extern "C"
+// entry points to this header and builds a shared library.
 //
 // Execution model: cupydcn_emulation::launch runs every block and every thread of a 1-D
 // launch one after another on the calling host thread, setting the thread-local threadIdx
 // / blockIdx / blockDim / gridDim before each call of the kernel function. This is exact
 // for kernels in which no thread reads what another thread of the same launch writes,
 // except through atomics: the grid-stride kernels of kernels/ today. Atomics are
-// therefore plain read-modify-writes.
+// therefore plain read-modify-writes. Float arithmetic is IEEE without FMA contraction
+// (-ffp-contract=off), where nvcc contracts by default: results agree to rounding, not
+// bit for bit.
 //
 // NOT SUPPORTED, on purpose a compile error rather than a wrong answer: __syncthreads,
 // __syncwarp, __shared__ memory and warp shuffles. Sequential threads cannot meet at a
@@ -168,7 +171,8 @@ inline float bits_float(std::uint32_t u) {
 }
 }  // namespace cupydcn_emulation
 
-// binary16 -> binary32: exact (every half is a float). NaN keeps its sign and payload.
+// binary16 -> binary32: exact (every half is a float). NaN keeps its sign and payload and
+// is quieted (like x86's vcvtph2ps; CUDA leaves the NaN unspecified).
 inline float __half2float(__half h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h.__x & 0x8000u) << 16;
   std::uint32_t exponent = (h.__x >> 10) & 0x1Fu;

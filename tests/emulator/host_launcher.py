@@ -24,11 +24,20 @@ the end of what the kernel was given faults at once and is reported as a Python
 exception naming the kernel, the argument and the element; a write before the start is
 caught by the canary, a read before it yields NaN; const arguments are verified
 unchanged. Checked mode also makes ``xp.empty`` return NaN-filled float arrays, so an
-output element a kernel forgets to write shows up as NaN. ASan is impractical under
-ctypes (its runtime must be preloaded into the Python process), so it is optional:
-``CUPYDCN_EMULATOR_SANITIZE=undefined`` builds with UBSan (integer overflow, float->int
-conversion overflow, ...), and its reports are turned into exceptions; ``address`` is
-accepted only when libasan is already preloaded.
+output element a kernel forgets to write shows up as NaN.
+
+Sanitizers (``CUPYDCN_EMULATOR_SANITIZE`` or ``HostLauncher(sanitize=...)``): ``undefined``
+builds with UBSan (signed overflow, float->int conversion overflow, misaligned access...)
+and turns its reports, read from stderr around the launch, into exceptions. ``address``
+needs the ASan runtime preloaded into Python, so it is opt-in and off in CI::
+
+    LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+    CUPYDCN_EMULATOR_SANITIZE=address,undefined CUPYDCN_EMULATOR_CHECKED=0 \
+    python -m pytest -m emulated
+
+(ASan then aborts the process with its report; it bounds whole NumPy allocations, where
+checked mode bounds each view a kernel is given.) Compiler errors and sanitizer reports
+name the ``kernels/`` file and line: the kernel text carries ``#line`` directives.
 """
 
 from __future__ import annotations
@@ -51,7 +60,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from cupydcn._kernel_source import KERNEL_TEMPLATES, SOURCE_OF_KERNEL, module_source, name_expression
+from cupydcn._kernel_source import (KERNEL_TEMPLATES, SOURCE_OF_KERNEL, kernel_dir, module_source,
+                                    name_expression)
 from cupydcn._launch import launch_config
 
 SHIM_PATH = Path(__file__).resolve().with_name("cuda_shim.h")
@@ -93,26 +103,22 @@ def _compiler() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiler_identity(compiler: tuple[str, ...]) -> str:
+def _compiler_version(compiler: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """(first line of ``--version``, None) or (None, why the compiler cannot be run)."""
     try:
         done = subprocess.run([*compiler, "--version"], capture_output=True, text=True)
     except OSError as exc:
-        raise EmulatorBuildError(
-            f"the host compiler {' '.join(compiler)!r} could not be run (set "
-            "CUPYDCN_EMULATOR_CXX)", str(exc), Path()) from exc
-    return done.stdout.splitlines()[0] if done.stdout else " ".join(compiler)
+        return None, f"no host C++ compiler for the CUDA emulation ({' '.join(compiler)}: {exc})"
+    if done.returncode != 0:
+        return None, (f"the host C++ compiler {' '.join(compiler)!r} does not run: "
+                      f"{done.stderr.strip()}")
+    return (done.stdout.splitlines() or [" ".join(compiler)])[0], None
 
 
 def compiler_missing() -> str | None:
-    """Why the host compiler cannot build the harness, or None when it can."""
-    compiler = tuple(_compiler())
-    try:
-        done = subprocess.run([*compiler, "--version"], capture_output=True, text=True)
-    except OSError as exc:
-        return f"no host C++ compiler for the CUDA emulation ({' '.join(compiler)}: {exc})"
-    if done.returncode != 0:
-        return f"the host C++ compiler {' '.join(compiler)!r} does not run: {done.stderr.strip()}"
-    return None
+    """Why the host compiler (``CUPYDCN_EMULATOR_CXX``, ``CXX`` or g++) cannot build the
+    harness, or None when it can."""
+    return _compiler_version(tuple(_compiler()))[1]
 
 
 def cache_dir() -> Path:
@@ -120,12 +126,16 @@ def cache_dir() -> Path:
     configured = os.environ.get("CUPYDCN_EMULATOR_CACHE")
     path = Path(configured) if configured else (
         Path(tempfile.gettempdir()) / f"cupydcn-emulator-{os.getuid()}")
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid != os.getuid():  # never load libraries someone else could plant
+        raise PermissionError(f"the emulator cache {path} belongs to another user; set "
+                              "CUPYDCN_EMULATOR_CACHE")
     return path
 
 
 _LIBRARIES: dict[str, ctypes.CDLL] = {}
-_BUILD_LOCK = threading.Lock()
+_BUILD_LOCKS: dict[str, threading.Lock] = {}  # one per library: different ones build in parallel
+_BUILD_LOCKS_LOCK = threading.Lock()
 
 
 def build_library(source: str, flags: Sequence[str] = BASE_FLAGS, *,
@@ -133,10 +143,13 @@ def build_library(source: str, flags: Sequence[str] = BASE_FLAGS, *,
     """Compile ``source`` (C++) into a shared library and load it; memoised in-process
     and on disk by a hash of the text, the flags and the compiler."""
     compiler = tuple(_compiler())
-    key = hashlib.sha256(
-        "\0".join([_compiler_identity(compiler), *compiler, *flags, source]).encode()
-    ).hexdigest()[:32]
-    with _BUILD_LOCK:
+    version, missing = _compiler_version(compiler)
+    if missing is not None:
+        raise EmulatorBuildError(f"cannot build {what}", missing, Path())
+    key = hashlib.sha256("\0".join([version, *compiler, *flags, source]).encode()).hexdigest()[:32]
+    with _BUILD_LOCKS_LOCK:
+        lock = _BUILD_LOCKS.setdefault(key, threading.Lock())
+    with lock:
         if key in _LIBRARIES:
             return _LIBRARIES[key]
         directory = cache_dir()
@@ -169,10 +182,56 @@ def _entry_symbol(kernel: str) -> str:
     return f"cupydcn_launch_{kernel}"
 
 
+_MARKER = re.compile(r"^// ---- (begin|end) (.+)$")
+
+
+def with_line_directives(source_file: str) -> str:
+    """``module_source(source_file)`` with ``#line`` directives added, so compiler errors
+    and sanitizer reports name the ``kernels/`` file and line a statement came from. The
+    code lines are untouched: each is matched, in order, to its line in the file it came
+    from (module_source only drops ``#pragma once`` and replaces ``#include`` lines by
+    begin/end-marked file contents)."""
+    directory = kernel_dir()
+    stack: list[list] = []
+    current = [directory / source_file, (directory / source_file).read_text().splitlines(), 0]
+    in_sync = False  # the compiler's idea of the current file/line matches `current`
+    out: list[str] = []
+    for line in module_source(source_file).splitlines():
+        marker = _MARKER.match(line)
+        if marker:
+            if marker.group(1) == "begin":
+                stack.append(current)
+                path = current[0].parent / marker.group(2)
+                current = [path, path.read_text().splitlines(), 0]
+            elif stack:
+                current = stack.pop()
+            out.append(line)
+            in_sync = False
+            continue
+        path, lines, start = current
+        if not line.strip():  # blank: keep in step only if the file has a blank line here
+            in_sync = in_sync and start < len(lines) and not lines[start].strip()
+            current[2] += in_sync
+            out.append(line)
+            continue
+        found = next((j for j in range(start, len(lines)) if lines[j] == line), None)
+        if found is None:  # cannot place it: leave the compiler's count alone
+            out.append(line)
+            in_sync = False
+            continue
+        if not in_sync or found != start:
+            out.append(f'#line {found + 1} "{path}"')
+        out.append(line)
+        current[2] = found + 1
+        in_sync = True
+    return "\n".join(out) + "\n"
+
+
 def translation_unit(source_file: str, dtype_name: str, index_bits: int) -> str:
-    """shim + module_source(source_file) + an entry point per kernel of the file."""
-    parts = [shim_text(), f'#line 1 "{source_file} (cupydcn module_source)"\n',
-             module_source(source_file), '\n#line 1 "(generated entry points)"\n']
+    """shim + module_source(source_file) (with #line directives) + an entry point per
+    kernel of the file."""
+    parts = [shim_text(), with_line_directives(source_file),
+             '#line 1 "(cupydcn emulator: generated entry points)"\n']
     for kernel in KERNEL_TEMPLATES[source_file]:
         expression = name_expression(kernel, dtype_name, index_bits)
         symbol = _entry_symbol(kernel)
@@ -408,6 +467,15 @@ class HostLauncher:
                     function, _parse_signature(signature().decode()))
         return self._entries[key]
 
+    def prebuild(self, specialisations, workers: int | None = None) -> None:
+        """Build the libraries of (kernel, dtype_name, index_bits) triples in parallel
+        (the compiler runs in subprocesses), instead of one by one on first launch."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            for future in [pool.submit(self.entry, *s) for s in specialisations]:
+                future.result()
+
     # -- launching
 
     def launch(self, kernel: str, dtype_name: str, index_bits: int, total: int,
@@ -421,8 +489,13 @@ class HostLauncher:
         self.launches.append(LaunchRecord(kernel, dtype_name, index_bits, total, grid, block))
         if total == 0:
             return
-        entry = self.entry(kernel, dtype_name, index_bits)
         where = f"{kernel}<{dtype_name}, int{index_bits}>"
+        if index_bits == 32 and total - 1 + grid * block > 2**31 - 1:
+            raise OverflowError(
+                f"{where}: a 32-bit grid-stride loop over {total} items with {grid} x {block} "
+                "threads overflows its index (the last index + blockDim * gridDim exceeds "
+                "2^31 - 1); this launch needs 64-bit indices")
+        entry = self.entry(kernel, dtype_name, index_bits)
         values, arrays = self._convert(where, entry.parameters, args)
         if not (1 <= grid < 2**31 and 1 <= block <= 1024):
             raise ValueError(f"{where}: bad launch configuration grid={grid}, block={block}")
