@@ -1,9 +1,12 @@
-"""Command line: ``python -m cupydcn check``."""
+"""Command line: ``python -m cupydcn check | bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+# Commands that parse their own options (``python -m cupydcn bench --help``).
+_PASS_THROUGH = ("bench",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,11 +17,24 @@ def main(argv: list[str] | None = None) -> int:
         help="report backends and devices; run every op forward and backward on each "
         "against the reference and print a table of errors and times",
     )
-    args = parser.parse_args(argv)
+    commands.add_parser(
+        "bench",
+        add_help=False,
+        help="quick benchmark on the present device (CUDA kernels against torchvision and "
+        "cuDNN when importable; the NumPy backend on scaled-down shapes on the CPU); "
+        "options: python -m cupydcn bench --help",
+    )
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in _PASS_THROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check":
         from ._check import run_check
 
         return run_check()
+    if args.command == "bench":
+        from ._bench import run_bench
+
+        return run_bench(rest)
     return 2  # argparse rejects unknown commands before this
 
 
