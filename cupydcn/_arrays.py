@@ -157,6 +157,8 @@ def to_native(placement: Placement, array):
             return array
         if placement.library == "torch":
             return _torch_cpu_to_numpy(array)
+        if placement.library == "jax" and str(array.dtype) == "bfloat16":
+            return np.asarray(array)  # NumPy's DLPack has no bfloat16; this is a view
         return np.from_dlpack(array)
     import cupy
 
@@ -210,11 +212,30 @@ def compute_scope(placement: Placement) -> Iterator[None]:
             import torch
 
             torch_stream = torch.cuda.current_stream(placement.device_id)
-            stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, placement.device_id)
-            with stream:
+            with external_stream(torch_stream.cuda_stream, placement.device_id):
                 yield
         else:
             yield
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` behind the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, pointer: int) -> None:
+        self.pointer = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pointer)
+
+
+def external_stream(pointer: int, device_id: int):
+    """A CuPy stream over a stream another library owns (PyTorch's, XLA's), to be made
+    current with ``with``; CuPy >= 14 spells it ``Stream.from_external``."""
+    import cupy
+
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(int(pointer)))
+    return cupy.cuda.ExternalStream(int(pointer), device_id)  # CuPy 13
 
 
 # ------------------------------------------------------------------ back to the caller

@@ -179,3 +179,14 @@ def test_batch_zero():
     assert grads.grad_input.shape == (0, 4, 6, 5)
     np.testing.assert_array_equal(grads.grad_weight, 0)
     np.testing.assert_array_equal(grads.grad_bias, 0)
+
+
+def test_jax_cpu_bfloat16():
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("ml_dtypes")
+    p = _problem()
+    jp = {k: jax.numpy.asarray(v, dtype=jax.numpy.bfloat16) for k, v in p.items()}
+    out = _forward(jp)
+    assert isinstance(out, jax.Array) and out.dtype == jax.numpy.bfloat16
+    reference = _forward({k: np.asarray(v, dtype=np.float64) for k, v in jp.items()})
+    np.testing.assert_allclose(np.asarray(out, dtype=np.float64), reference, rtol=2e-2, atol=5e-2)
