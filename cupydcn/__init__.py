@@ -9,6 +9,8 @@ from ._conv_kernels import ConvGrads
 from ._deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
 from ._deform_psroi_pool import PSRoiPoolGrads, deform_psroi_pool, deform_psroi_pool_backward
 from ._deform_roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
+from ._offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
+from ._padding import PADDING_MODES
 from ._errors import (
     CupydcnError,
     CupydcnRuntimeError,
@@ -25,6 +27,7 @@ __all__ = [
     "CupydcnTypeError",
     "CupydcnValueError",
     "DEFAULT_WORKSPACE_BYTES",
+    "PADDING_MODES",
     "PSRoiPoolGrads",
     "RoiPoolGrads",
     "deform_conv2d",
@@ -33,4 +36,6 @@ __all__ = [
     "deform_psroi_pool_backward",
     "deform_roi_pool",
     "deform_roi_pool_backward",
+    "offset_l2_penalty",
+    "offset_l2_penalty_backward",
 ]

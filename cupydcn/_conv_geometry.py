@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ._errors import type_error, value_error
+from ._padding import PADDING_MODES, check_padding_mode  # noqa: F401 (PADDING_MODES re-exported)
 
 OP = "deform_conv2d"
-PADDING_MODES = ("zeros",)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ConvGeometry:
     out_w: int
     has_mask: bool
     has_bias: bool
-    padding_mode: str = "zeros"
+    padding_mode: str = "zeros"  # one of PADDING_MODES (cupydcn/_padding.py)
 
     @property
     def taps(self) -> int:
@@ -111,10 +111,7 @@ def conv_geometry(
     op: str = OP,
 ) -> ConvGeometry:
     """Check every shape, dtype and option of a deform_conv2d call; return its geometry."""
-    if padding_mode not in PADDING_MODES:
-        raise value_error(
-            op, f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}"
-        )
+    check_padding_mode(op, padding_mode)
     stride_h, stride_w = _pair(op, "stride", stride, minimum=1)
     pad_h, pad_w = _pair(op, "padding", padding, minimum=0)
     dil_h, dil_w = _pair(op, "dilation", dilation, minimum=1)

@@ -32,6 +32,7 @@ from ._launch import (
     round_to_dtype,
     widen_to_acc,
 )
+from ._padding import PADDING_MODE_CODES
 
 GRADIENT_NAMES = ("input", "offset", "weight", "mask", "bias")
 
@@ -87,11 +88,13 @@ def _plan(launcher: KernelLauncher, dtype_name: str, geom: ConvGeometry,
 
 
 def _shape_args(geom: ConvGeometry, images: int) -> list[int]:
-    """The size arguments every conv kernel takes after its pointers, in order."""
+    """The size arguments every conv kernel takes after its pointers, in order; the last
+    is the padding mode's code (a runtime argument of the index type, PADDING_* in
+    kernels/dcn_common.cuh)."""
     return [
         images, geom.in_channels, geom.height, geom.width, geom.kernel_h, geom.kernel_w,
         geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
-        geom.out_h, geom.out_w, geom.offset_groups,
+        geom.out_h, geom.out_w, geom.offset_groups, PADDING_MODE_CODES[geom.padding_mode],
     ]
 
 

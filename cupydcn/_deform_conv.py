@@ -61,6 +61,12 @@ def deform_conv2d(
 
     ``stride``, ``padding``, ``dilation``: an int or an (h, w) pair. ``workspace_bytes``
     bounds the intermediate column buffers (the batch is processed in chunks that fit).
+
+    ``padding_mode`` says how a sample point outside the map is read: "zeros" (default,
+    torchvision's: out-of-map pixels are 0), "border" (each coordinate clamped into
+    [0, H-1] / [0, W-1]) or "reflection" (mirrored as grid_sample(align_corners=True):
+    t = |p| mod 2(H-1), p' = t if t <= H-1 else 2(H-1) - t; p' = 0 when H = 1). Details,
+    including the gradients at the kinks, in cupydcn/_padding.py.
     """
     arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     placement, native, dtype_name = _to_native(OP, arrays)
@@ -109,6 +115,13 @@ def deform_conv2d_backward(
     compute, a subset of ("input", "offset", "weight", "mask", "bias"); the others are None
     and cost nothing. Default: all of them (grad_mask only when ``mask`` is given).
     grad_bias is returned whether or not the forward had a bias (it does not depend on it).
+
+    With ``padding_mode`` "border" / "reflection" the gradients follow the coordinate
+    mapping: zero through a clamp, sign-flipped through a reflection. At the kinks: a
+    sample exactly on the map's edge (p == 0 or p == H-1) gets the one-sided derivative
+    from inside the map (like torchvision's convention at p == -1 in "zeros" mode), and
+    at reflection points beyond the map the one-sided derivative of the formula's branch
+    that is taken (cupydcn/_padding.py).
     """
     arrays = {"input": input, "offset": offset, "weight": weight, "mask": mask,
               "grad_output": grad_output}

@@ -9,7 +9,13 @@ kernels' conventions:
   read 0; derivative with respect to (py, px) from the same 4 corners (so at ``py == -1``
   exactly it is the one-sided derivative from inside the map, torchvision's convention);
 * a NaN coordinate samples NaN and has a NaN offset gradient, and adds nothing to the
-  input gradient; coordinates beyond ``(-2, size + 1)`` (infinities included) sample 0.
+  input gradient; coordinates beyond ``(-2, size + 1)`` (infinities included) sample 0;
+* ``padding_mode`` "border" / "reflection": each coordinate is first mapped into the map by
+  :func:`cupydcn._padding.map_coordinates` (the kernels' ``map_coordinate``), which also
+  gives ``dp'/dp`` (1, 0 or -1), the factor of the coordinate derivatives; the bilinear
+  cell of ``p' == size - 1`` is ``[size - 2, size - 1]`` (:func:`cupydcn._padding.cell_floor`)
+  so the derivative at the last row is the one from inside the map. Infinite coordinates
+  clamp (border) or sample NaN (reflection).
 
 How it is vectorised. Every input plane is copied once per chunk of images into a buffer
 with a zero border of ``_MARGIN`` = 2 pixels, which holds every corner that a point inside
@@ -45,6 +51,7 @@ import numpy as np
 from ._conv_geometry import OP, ConvGeometry
 from ._dtypes import dtype_info, numpy_dtype
 from ._errors import type_error, value_error
+from ._padding import cell_floor, map_coordinates
 
 GRADIENT_NAMES = frozenset({"input", "offset", "weight", "mask", "bias"})
 
@@ -195,15 +202,18 @@ class _SamplePoints:
     """The M sampling points of a chunk, located in the channel-major bordered planes.
 
     Arrays have shape [M], M = n * G * K * P in (image, offset group, tap, pixel) order.
-    ``top_left`` is the column of the corner floor(p) in a row of the planes
-    ``[C/G, n * G * (H+4) * (W+4)]``; ``frac_y`` / ``frac_x`` are p - floor(p), NaN where
-    a coordinate of p is NaN.
+    ``top_left`` is the column of the cell's top-left corner (floor(p'), p' the point
+    after the padding mode's mapping) in a row of the planes ``[C/G, n * G * (H+4) * (W+4)]``;
+    ``frac_y`` / ``frac_x`` are p' minus that corner, NaN where a coordinate of p' is NaN.
+    ``slope_y`` / ``slope_x`` are dp'/dp (None for padding_mode "zeros", where it is 1).
     """
 
     top_left: np.ndarray
     frac_y: np.ndarray
     frac_x: np.ndarray
     bordered_width: int
+    slope_y: np.ndarray | None = None
+    slope_x: np.ndarray | None = None
 
     def corners(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """The four corners as ``(shift, weight, d weight / d py, d weight / d px)``; the
@@ -211,13 +221,16 @@ class _SamplePoints:
 
         The value at p is ``sum(weight * plane[corner])`` and its derivatives are the same
         sums with the weight derivatives: bilinear interpolation and the kernels'
-        gradient convention in one table.
+        gradient convention in one table. The derivatives are with respect to p (the
+        padding mode's dp'/dp included).
         """
         fy, fx = self.frac_y, self.frac_x
         gy, gx = 1 - fy, 1 - fx
         one = np.ones((), dtype=fy.dtype)
-        for row, wy, dwy in ((0, gy, -one), (1, fy, one)):
-            for column, wx, dwx in ((0, gx, -one), (1, fx, one)):
+        dy_sign = (-one, one) if self.slope_y is None else (-self.slope_y, self.slope_y)
+        dx_sign = (-one, one) if self.slope_x is None else (-self.slope_x, self.slope_x)
+        for row, wy, dwy in ((0, gy, dy_sign[0]), (1, fy, dy_sign[1])):
+            for column, wx, dwx in ((0, gx, dx_sign[0]), (1, fx, dx_sign[1])):
                 yield row * self.bordered_width + column, wy * wx, dwy * wx, wy * dwx
 
 
@@ -231,11 +244,16 @@ def _sample_points(offset: np.ndarray, geom: ConvGeometry, acc: np.dtype) -> _Sa
     base_y, base_x = _tap_grid(geom, acc)
     py = (base_y + offset[:, :, :, 0]).reshape(-1)
     px = (base_x + offset[:, :, :, 1]).reshape(-1)
+    mode = geom.padding_mode
+    slope_y = slope_x = None
+    if mode != "zeros":  # p -> p' in [0, size - 1] (or NaN), and dp'/dp
+        py, slope_y = map_coordinates(np, py, geom.height, mode)
+        px, slope_x = map_coordinates(np, px, geom.width, mode)
     # Beyond (-2, size + 1) no corner is inside; such points (and NaN points, for which
     # every comparison is false) go to the top-left of the border, which reads zeros.
     near = (py > -2) & (py < geom.height + 1) & (px > -2) & (px < geom.width + 1)
-    floor_y = np.where(near, np.floor(py), -_MARGIN)
-    floor_x = np.where(near, np.floor(px), -_MARGIN)
+    floor_y = np.where(near, cell_floor(np, py, geom.height, mode), -_MARGIN)
+    floor_x = np.where(near, cell_floor(np, px, geom.width, mode), -_MARGIN)
     frac_y = np.where(near, py - floor_y, 0).astype(acc, copy=False)
     frac_x = np.where(near, px - floor_x, 0).astype(acc, copy=False)
     is_nan = np.isnan(py) | np.isnan(px)
@@ -252,7 +270,7 @@ def _sample_points(offset: np.ndarray, geom: ConvGeometry, acc: np.dtype) -> _Sa
     top_left = plane_starts + (floor_y.astype(np.intp) + _MARGIN) * bordered_width + (
         floor_x.astype(np.intp) + _MARGIN
     )
-    return _SamplePoints(top_left, frac_y, frac_x, bordered_width)
+    return _SamplePoints(top_left, frac_y, frac_x, bordered_width, slope_y, slope_x)
 
 
 def _tap_grid(geom: ConvGeometry, acc: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -356,10 +374,6 @@ def _dtypes_of(input: np.ndarray, geom: ConvGeometry) -> tuple[np.dtype, np.dtyp
         raise type_error(
             OP, f"input has dtype {input.dtype}; expected float64, float32, float16 or bfloat16"
         )
-    if geom.padding_mode != "zeros":
-        raise value_error(
-            OP, f"the NumPy backend supports padding_mode 'zeros' only; got {geom.padding_mode!r}"
-        )
     return input.dtype, numpy_dtype(info.acc_name)
 
 
@@ -417,7 +431,7 @@ def _working_bytes_per_image(geom: ConvGeometry, acc: np.dtype, *, backward: boo
 
     Sampling (forward, and the weight gradient): the bordered planes; the samples, one
     gathered corner and the transposed columns ([C*K*P] each); the points' coordinates,
-    indices, fractions, corner weights and channel sums ([G*K*P] each); the GEMM result
+    indices, fractions, slopes, corner weights and channel sums ([G*K*P] each); the GEMM result
     or grad_output.
     Scattering the input gradient: the bordered planes and the gradient planes, the
     channel-major grad columns and one corner's values and flat indices ([C*K*P] each).
@@ -427,7 +441,7 @@ def _working_bytes_per_image(geom: ConvGeometry, acc: np.dtype, *, backward: boo
     columns = geom.column_rows * geom.out_h * geom.out_w
     points = geom.offset_groups * geom.taps * geom.out_h * geom.out_w
     output = geom.out_channels * geom.out_h * geom.out_w
-    per_point = points * (4 * _INDEX_BYTES + 12 * item)
+    per_point = points * (4 * _INDEX_BYTES + 14 * item)
     sampling = item * (bordered_plane + 3 * columns + output) + per_point
     if not backward:
         return sampling

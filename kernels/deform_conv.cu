@@ -11,6 +11,9 @@
 //   mask         [n, G * K, out_h, out_w] T or nullptr (DCNv1)
 //   columns      [n, C * K, P]            A, row c*K + k = mask * input sampled at tap k
 //   grad_columns [n, C * K, P]            A, d loss / d columns
+// padding_mode (the last argument, in the index type) is a PADDING_* code of
+// dcn_common.cuh: how sample points are read (zeros, border, reflection); one runtime
+// argument instead of a specialisation per mode, so the kernels are compiled once.
 #include "dcn_common.cuh"
 
 namespace cupydcn {
@@ -41,12 +44,13 @@ __global__ void deform_conv_im2col(
     const T* __restrict__ input, const T* __restrict__ offset, const T* __restrict__ mask,
     acc_t<T>* __restrict__ columns, I batch, I channels, I height, I width, I kernel_h,
     I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, I out_h,
-    I out_w, I offset_groups) {
+    I out_w, I offset_groups, I padding_mode) {
   using A = acc_t<T>;
   const I taps = kernel_h * kernel_w;
   const I out_size = out_h * out_w;
   const I channels_per_group = channels / offset_groups;
   const I total = batch * channels * out_size;
+  const int mode = static_cast<int>(padding_mode);
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
     const I pix = index % out_size;
     const I c = (index / out_size) % channels;
@@ -64,7 +68,7 @@ __global__ void deform_conv_im2col(
         const I tap = i * kernel_w + j;
         const TapPoint<A, I> t = tap_point<T, I>(offset_pixel, out_size, tap, i, j, oy, ox,
                                                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
-        A value = bilinear_sample<A, T, I>(plane, height, width, t.y, t.x);
+        A value = bilinear_sample<A, T, I>(plane, height, width, t.y, t.x, mode);
         if (mask_pixel != nullptr) value *= to_acc(mask_pixel[tap * out_size]);
         column[tap * out_size] = value;
       }
@@ -73,18 +77,19 @@ __global__ void deform_conv_im2col(
 }
 
 // grad_input[b, c] += mask * grad_columns[b, c*K + k, pix] spread bilinearly over the
-// corners of the tap's sampling point. One thread per column element; atomics in A.
+// corners of the tap's (mapped) sampling point. One thread per column element; atomics in A.
 template <typename T, typename I>
 __global__ void deform_conv_col2im_input(
     const acc_t<T>* __restrict__ grad_columns, const T* __restrict__ offset,
     const T* __restrict__ mask, acc_t<T>* __restrict__ grad_input, I batch, I channels,
     I height, I width, I kernel_h, I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w,
-    I dil_h, I dil_w, I out_h, I out_w, I offset_groups) {
+    I dil_h, I dil_w, I out_h, I out_w, I offset_groups, I padding_mode) {
   using A = acc_t<T>;
   const I taps = kernel_h * kernel_w;
   const I out_size = out_h * out_w;
   const I channels_per_group = channels / offset_groups;
   const I total = batch * channels * taps * out_size;
+  const int mode = static_cast<int>(padding_mode);
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
     const I pix = index % out_size;
     const I tap = (index / out_size) % taps;
@@ -103,11 +108,11 @@ __global__ void deform_conv_col2im_input(
       grad *= to_acc(mask[((b * offset_groups + g) * taps + tap) * out_size + pix]);
     }
     bilinear_scatter<A, I>(grad_input + (b * channels + c) * height * width, height, width,
-                           t.y, t.x, grad);
+                           t.y, t.x, grad, mode);
   }
 }
 
-// For each (b, g, k, pix): with s_c = input[b, c] sampled at the tap's point,
+// For each (b, g, k, pix): with s_c = input[b, c] sampled at the tap's (mapped) point,
 //   grad_offset[b, g*2K + 2k (+1), pix] = mask * sum_c grad_columns[b, c*K + k, pix] * d s_c / dy (dx)
 //   grad_mask[b, g*K + k, pix]          = sum_c grad_columns[b, c*K + k, pix] * s_c
 // over the channels c of offset group g. No atomics: each thread owns its outputs.
@@ -118,12 +123,13 @@ __global__ void deform_conv_col2im_coord(
     const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ grad_offset,
     T* __restrict__ grad_mask, I batch, I channels, I height, I width, I kernel_h,
     I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w,
-    I offset_groups) {
+    I offset_groups, I padding_mode) {
   using A = acc_t<T>;
   const I taps = kernel_h * kernel_w;
   const I out_size = out_h * out_w;
   const I channels_per_group = channels / offset_groups;
   const I total = batch * offset_groups * taps * out_size;
+  const int mode = static_cast<int>(padding_mode);
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
     const I pix = index % out_size;
     const I tap = (index / out_size) % taps;
@@ -137,21 +143,23 @@ __global__ void deform_conv_col2im_coord(
     const T* offset_pixel = offset + group_base * 2 * taps * out_size + pix;
     const TapPoint<A, I> t = tap_point<T, I>(offset_pixel, out_size, tap, i, j, oy, ox,
                                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
+    // One sample point for every channel of the group: mapped and located once.
+    const BilinearPoint<A, I> p = bilinear_point<A, I>(t.y, t.x, height, width, mode);
     A sum_dy = A(0), sum_dx = A(0), sum_value = A(0);
     const I c_begin = g * channels_per_group;
     for (I c = c_begin; c < c_begin + channels_per_group; ++c) {
       const A grad = grad_columns[((b * channels + c) * taps + tap) * out_size + pix];
-      const SampleWithGradient<A> s = bilinear_sample_with_gradient<A, T, I>(
-          input + (b * channels + c) * height * width, height, width, t.y, t.x);
+      const SampleWithGradient<A> s = bilinear_sample_with_gradient_at<A, T, I>(
+          input + (b * channels + c) * height * width, p, width);
       sum_dy += grad * s.d_dy;
       sum_dx += grad * s.d_dx;
       sum_value += grad * s.value;
     }
     const A m = mask == nullptr ? A(1) : to_acc(mask[(group_base * taps + tap) * out_size + pix]);
-    if (grad_offset != nullptr) {
+    if (grad_offset != nullptr) {  // d/dp = d/dp' * dp'/dp (the padding mode's slope)
       T* out = grad_offset + group_base * 2 * taps * out_size + pix;
-      out[(2 * tap) * out_size] = from_acc<T>(m * sum_dy);
-      out[(2 * tap + 1) * out_size] = from_acc<T>(m * sum_dx);
+      out[(2 * tap) * out_size] = from_acc<T>(m * (sum_dy * p.slope_y));
+      out[(2 * tap + 1) * out_size] = from_acc<T>(m * (sum_dx * p.slope_x));
     }
     if (grad_mask != nullptr) {
       grad_mask[(group_base * taps + tap) * out_size + pix] = from_acc<T>(sum_value);

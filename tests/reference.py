@@ -6,7 +6,10 @@ sum over integer points ``G(q, p) = g(q_y, p_y) * g(q_x, p_x)``,
 ``g(a, b) = max(0, 1 - |a - b|)``, over the in-map points q near p. For tiny sizes only.
 
 One convention the semantics leave to the kernels is written down here explicitly: a
-sample point with a NaN coordinate samples NaN.
+sample point with a NaN coordinate samples NaN. Padding modes (``padding_mode``): each
+coordinate of the sample point is mapped by :func:`map_coordinate`, straight from the
+formula of SEMANTICS.md §1, and the map is then read at the mapped point as above; an
+infinite coordinate under reflection maps to NaN (``inf % m`` is NaN: no limit).
 
 Also here, for the test files: :class:`ConvConfig`, a small problem size and its random
 float64 arrays.
@@ -24,6 +27,26 @@ def _pair(value) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     return int(value[0]), int(value[1])
+
+
+def map_coordinate(p: float, size: int, padding_mode: str) -> float:
+    """Where coordinate p along a dimension of ``size`` pixels is read (SEMANTICS.md §1).
+
+    zeros: p itself. border: p clamped into [0, size - 1]. reflection (grid_sample,
+    align_corners=True): t = |p| mod 2(size - 1), p' = t if t <= size - 1 else
+    2(size - 1) - t. Border and reflection give 0 when size == 1. NaN stays NaN.
+    """
+    p = float(p)  # Python float arithmetic: inf % m is nan without a NumPy warning
+    if padding_mode == "zeros" or math.isnan(p):
+        return p
+    if size == 1:
+        return 0.0
+    if padding_mode == "border":
+        return min(max(p, 0.0), size - 1.0)
+    if padding_mode == "reflection":
+        t = abs(p) % (2 * (size - 1))  # nan for an infinite p
+        return t if t <= size - 1 else 2 * (size - 1) - t
+    raise ValueError(f"unknown padding mode {padding_mode!r}")
 
 
 def bilinear_value(plane: np.ndarray, py: float, px: float) -> float:
@@ -54,8 +77,10 @@ def deform_conv2d_reference(
     stride=(1, 1),
     padding=(0, 0),
     dilation=(1, 1),
+    padding_mode="zeros",
 ) -> np.ndarray:
-    """y[n, co, oy, ox] = bias[co] + sum_{ci, i, j} w[co, ci, i, j] * m * x_c(p), float64.
+    """y[n, co, oy, ox] = bias[co] + sum_{ci, i, j} w[co, ci, i, j] * m * x_c(p'), float64,
+    p' = the sample point p with each coordinate mapped by ``padding_mode`` (zeros: p).
 
     input [N, C, H, W], offset [N, 2*G*kh*kw, out_h, out_w] ((dy, dx) per tap, tap
     k = i*kw + j, offset group g = c // (C // G)), weight [C_out, C/groups, kh, kw],
@@ -98,7 +123,9 @@ def deform_conv2d_reference(
                                 dx = off[n, g * 2 * taps + 2 * k + 1, oy, ox]
                                 py = oy * stride_h - pad_h + i * dil_h + dy
                                 px = ox * stride_w - pad_w + j * dil_w + dx
-                                value = bilinear_value(x[n, c], py, px)
+                                value = bilinear_value(
+                                    x[n, c], map_coordinate(py, height, padding_mode),
+                                    map_coordinate(px, width, padding_mode))
                                 modulation = 1.0 if m is None else m[n, g * taps + k, oy, ox]
                                 total += w[co, ci, i, j] * modulation * value
                     y[n, co, oy, ox] = total
@@ -170,3 +197,58 @@ class ConvConfig:
                 if self.with_mask else None
             ),
         }
+
+
+def base_points(config: ConvConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Undeformed sample coordinates of every tap and output pixel, float64 [kh*kw, out_h,
+    out_w] each: ``oy*stride_h - pad_h + i*dil_h`` (y) and likewise x."""
+    kernel_h, kernel_w = config.kernel
+    out_h, out_w = config.out_size
+    i, j = np.divmod(np.arange(kernel_h * kernel_w), kernel_w)
+    y = (i * config.dilation[0])[:, None, None] + (
+        np.arange(out_h) * config.stride[0] - config.padding[0])[None, :, None]
+    x = (j * config.dilation[1])[:, None, None] + (
+        np.arange(out_w) * config.stride[1] - config.padding[1])[None, None, :]
+    shape = (kernel_h * kernel_w, out_h, out_w)
+    return np.broadcast_to(y, shape).astype(np.float64), np.broadcast_to(x, shape).astype(np.float64)
+
+
+def offsets_for_points(config: ConvConfig, points_y: np.ndarray, points_x: np.ndarray) -> np.ndarray:
+    """The offset [N, 2*G*K, out_h, out_w] whose sample points are (points_y, points_x),
+    each [N, G, K, out_h, out_w] (float64; exact for dyadic points)."""
+    base_y, base_x = base_points(config)
+    offset = np.stack([points_y - base_y, points_x - base_x], axis=3)  # [N, G, K, 2, oh, ow]
+    return offset.reshape(points_y.shape[0], -1, *points_y.shape[-2:])
+
+
+def sample_points_of(config: ConvConfig, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`offsets_for_points`: (py, px), each [N, G, K, out_h, out_w]."""
+    kernel_h, kernel_w = config.kernel
+    out_h, out_w = config.out_size
+    pairs = np.asarray(offset, dtype=np.float64).reshape(
+        offset.shape[0], -1, kernel_h * kernel_w, 2, out_h, out_w)
+    base_y, base_x = base_points(config)
+    return base_y + pairs[:, :, :, 0], base_x + pairs[:, :, :, 1]
+
+
+def far_offsets(config: ConvConfig, rng: np.random.Generator, *,
+                away_from_kinks: bool = False) -> np.ndarray:
+    """Offsets putting sample points up to ~3 map sizes beyond every side of the map.
+
+    Dyadic (multiples of 1/64), so sample points are exact in every accumulation dtype
+    (and the offsets survive a cast to float16 for maps up to 9 pixels). By default a third of the
+    coordinates are integers and a sixth halves (kinks of the bilinear weights and of the
+    padding modes' mappings); with ``away_from_kinks`` every coordinate is an integer plus
+    a fraction in [0.2, 0.8]."""
+    kernel_h, kernel_w = config.kernel
+    out_h, out_w = config.out_size
+    shape = (config.batch, 2 * config.offset_groups * kernel_h * kernel_w, out_h, out_w)
+    reach = 3 * max(config.height, config.width) + 4
+    whole = rng.integers(-reach, reach + 1, size=shape).astype(np.float64)
+    if away_from_kinks:
+        return whole + np.round(rng.uniform(0.2, 0.8, shape) * 64) / 64
+    kind = rng.random(shape)
+    fraction = np.round(rng.random(shape) * 64) / 64
+    fraction[kind < 1 / 3] = 0.0
+    fraction[(kind >= 1 / 3) & (kind < 0.5)] = 0.5
+    return whole + fraction

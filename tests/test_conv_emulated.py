@@ -1,8 +1,10 @@
 """deform_conv2d's CUDA kernels and their orchestration, run on the CPU by the emulator.
 
 ``cupydcn._conv_kernels.conv_forward / conv_backward`` drive the real ``kernels/`` sources
-through :class:`HostLauncher` (tests/emulator) and are compared with a float64 loop
-reference written here from SEMANTICS §1, and with the NumPy backend when it is present.
+through :class:`HostLauncher` (tests/emulator, checked mode) and are compared with a
+vectorised float64 reference of the forward and all five gradients written here from
+SEMANTICS §1 (its forward checked against the loop reference of tests/reference.py, its
+gradients against finite differences), and the NumPy backend against the same reference.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 import pytest
 
 from cupydcn import _conv_kernels
+from cupydcn import _numpy_conv as numpy_conv
 from cupydcn._conv_geometry import conv_geometry
 from cupydcn._dtypes import numpy_dtype
+from cupydcn._launch import INT32_INDEX_LIMIT, index_bits_for_sizes, launch_config
 
 from emulator.host_launcher import (EmulatorBuildError, EmulatorFaultError, HostLauncher,
                                     build_library, compiler_missing, shim_text)
@@ -32,9 +36,10 @@ BIG_WORKSPACE = 1 << 30
 # Error bound per element: |got - ref| <= ROUNDING * |ref| + ACCUMULATION * magnitude +
 # FLOOR, where magnitude is the same sum over absolute values of every term (the reference
 # with magnitude=True). Half types are rounded once from float32 (unit roundoff 2^-11 resp.
-# 2^-8); sums carry at most ~100 terms in acc precision (float32: 2^-24, float64: 2^-53),
-# bounded by 32 unit roundoffs of the magnitude; FLOOR is half float16's smallest
-# subnormal. Sample points are exact in every acc dtype (offsets are multiples of 2^-10).
+# 2^-8). Sums of up to a few hundred terms in the acc dtype (unit roundoff u = 2^-24 for
+# float32, 2^-53 for float64) stay within 32 u of their magnitude on these random data
+# (the worst case is n u). FLOOR is half of float16's smallest subnormal. Sample points are
+# exact in every acc dtype (offsets are multiples of 2^-10), so only sums round.
 ROUNDING = {"float64": 0.0, "float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 ACCUMULATION = {"float64": 32 * 2.0**-53, "float32": 32 * 2.0**-24,
                 "float16": 32 * 2.0**-24, "bfloat16": 32 * 2.0**-24}
@@ -171,7 +176,8 @@ class Problem:
 
     def __init__(self, dtype_name, *, batch, channels, size, out_channels, kernel,
                  stride=1, padding=0, dilation=1, groups=1, offset_groups=1, with_mask=True,
-                 with_bias=True, seed=0, offset_scale=2.0, edge_targets=False):
+                 with_bias=True, seed=0, offset_scale=2.0, edge_targets=False,
+                 padding_mode="zeros"):
         rng = np.random.default_rng(seed)
         dtype = numpy_dtype(dtype_name)
         H, W = size
@@ -202,7 +208,7 @@ class Problem:
         self.mask = None if mask is None else cast(mask)
         self.geom = conv_geometry(self.input, offset, self.weight, self.bias, self.mask,
                                   stride=self.stride, padding=self.padding,
-                                  dilation=self.dilation, padding_mode="zeros")
+                                  dilation=self.dilation, padding_mode=padding_mode)
         if edge_targets:
             offset = self._edge_offsets(offset, rng)
         self.offset = offset
@@ -261,8 +267,9 @@ CASES = {
 }
 
 
-def assert_close(actual, expected, dtype_name, what):
-    """``expected`` = (reference, magnitude); see ROUNDING for the bound."""
+def assert_close(actual, expected, dtype_name, what, *, roundings=1):
+    """``expected`` = (reference, magnitude); see ROUNDING for the bound. ``roundings``:
+    how many final roundings separate the two (2 when neither is exact)."""
     ref, magnitude = expected
     assert actual is not None, f"{what}: missing"
     assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != {ref.shape}"
@@ -270,7 +277,7 @@ def assert_close(actual, expected, dtype_name, what):
     got = actual.astype(np.float64)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref), err_msg=f"{what}: NaN mismatch")
     ok = ~np.isnan(ref)
-    bound = (ROUNDING[dtype_name] * np.abs(ref) + ACCUMULATION[dtype_name] * magnitude
+    bound = (roundings * ROUNDING[dtype_name] * np.abs(ref) + ACCUMULATION[dtype_name] * magnitude
              + FLOOR[dtype_name])[ok]
     error = np.abs(got[ok] - ref[ok])
     worst = np.argmax(error - bound) if error.size else 0
@@ -378,7 +385,8 @@ def _float32_probes(sixteen_bit_as_float32):
                         dtype=np.float32)
     pieces = [exact, mids, random_bits.view(np.float32), specials, -specials]
     for piece in (exact, mids):
-        pieces += [np.nextafter(piece, np.float32(np.inf)), np.nextafter(piece, np.float32(-np.inf))]
+        pieces += [np.nextafter(piece, np.float32(np.inf)),
+                   np.nextafter(piece, np.float32(-np.inf))]
     return np.ascontiguousarray(np.concatenate(pieces).astype(np.float32))
 
 
@@ -419,8 +427,9 @@ def test_shim_half_and_bfloat16_conversions_are_exact():
 @pytest.mark.parametrize("construct", ["__syncthreads();", "__shared__ float tile[32];",
                                        "__syncwarp();"])
 def test_shim_rejects_barriers_and_shared_memory(construct):
-    source = shim_text() + f"template <typename T> __global__ void k(T* p) {{ {construct} p[0] = 0; }}\n" \
-        "template __global__ void k<float>(float*);\n"
+    source = (shim_text()
+              + f"template <typename T> __global__ void k(T* p) {{ {construct} p[0] = 0; }}\n"
+              + "template __global__ void k<float>(float*);\n")
     with pytest.raises(EmulatorBuildError) as info:
         build_library(source, what="a kernel using " + construct)
     assert "not supported" in info.value.output and "cuda_shim.h" in info.value.output
@@ -447,6 +456,19 @@ def test_launcher_checks_arguments(launcher):
         launcher.launch("round_to_output", "float16", 32, 4,
                         [out[:4], out[:2].view(np.float16), 4])
     launcher.launch("widen_to_acc", "float16", 32, 0, [None, None, 0])  # zero size: no-op
+
+
+def test_launcher_refuses_32bit_grid_stride_overflow(launcher):
+    """A 32-bit index near 2^31 would wrap in index += blockDim * gridDim (and loop on
+    negative indices); the orchestration's limit keeps clear of it, the harness refuses it."""
+    a = np.zeros(8, np.float16)
+    out = np.zeros(8, np.float32)
+    with pytest.raises(OverflowError, match="64-bit indices"):
+        launcher.launch("widen_to_acc", "float16", 32, 2**31 - 1000, [a, out, 2**31 - 1000])
+    grid, block = launch_config(INT32_INDEX_LIMIT)
+    assert INT32_INDEX_LIMIT - 1 + grid * block <= 2**31 - 1
+    assert index_bits_for_sizes(INT32_INDEX_LIMIT) == 32
+    assert index_bits_for_sizes(INT32_INDEX_LIMIT + 1) == 64
 
 
 def test_checked_mode_reports_out_of_bounds(launcher):
@@ -486,7 +508,15 @@ def test_forward_and_every_gradient_match_reference(launcher, case, dtype_name, 
     start = len(launcher.launches)
     output = run_forward(launcher, problem, index_bits=index_bits)
     grads = run_backward(launcher, problem, index_bits=index_bits)
-    check_all(problem, output, grads, problem.expected())
+    expected = problem.expected()
+    check_all(problem, output, grads, expected)
+    if index_bits is None:  # the NumPy backend, against the same reference and bound
+        check_all(problem, numpy_conv.conv_forward(*problem.arrays(), problem.geom,
+                                                   workspace_bytes=BIG_WORKSPACE),
+                  tuple(numpy_conv.conv_backward(
+                      problem.grad_output, problem.input, problem.offset, problem.weight,
+                      problem.mask, problem.geom, wrt=frozenset(GRADS),
+                      workspace_bytes=BIG_WORKSPACE)), expected)
     used_bits = {r.index_bits for r in launcher.launches[start:]}
     assert used_bits == {index_bits or 32}
     for a, b in zip((*problem.arrays(), problem.grad_output), before):  # inputs untouched
@@ -611,6 +641,7 @@ def test_nan_offsets_give_nan(launcher, dtype_name):
 def test_undefined_behaviour_sanitizer(launcher):
     """One problem per index width under UBSan (integer overflow, float->int overflow...)."""
     sanitized = HostLauncher(sanitize="undefined")
+    sanitized.prebuild([("deform_conv_im2col", "float32", bits) for bits in (32, 64)])
     for bits in (None, 64):
         problem = Problem("float32", **CASES["edges"])
         output = run_forward(sanitized, problem, index_bits=bits)
@@ -618,16 +649,26 @@ def test_undefined_behaviour_sanitizer(launcher):
         check_all(problem, output, grads, problem.expected())
 
 
-def test_numpy_backend_agrees(launcher):
-    numpy_conv = pytest.importorskip("cupydcn._numpy_conv")
-    for case, dtype_name in itertools.product(sorted(CASES), DTYPE_NAMES):
-        problem = Problem(dtype_name, **CASES[case])
-        expected = problem.expected()
-        output = numpy_conv.conv_forward(*problem.arrays(), problem.geom,
-                                         workspace_bytes=BIG_WORKSPACE)
-        grads = numpy_conv.conv_backward(
-            problem.grad_output, problem.input, problem.offset, problem.weight, problem.mask,
-            problem.geom, wrt=frozenset(GRADS), workspace_bytes=BIG_WORKSPACE)
-        check_all(problem, output, tuple(grads), expected)
-        emulated = (run_forward(launcher, problem), run_backward(launcher, problem))
-        check_all(problem, emulated[0], emulated[1], expected)
+@pytest.mark.parametrize("padding_mode", ["border", "reflection"])
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+def test_padding_modes_match_numpy_backend(launcher, dtype_name, padding_mode):
+    """border / reflection (the reference above is for zeros): the kernels against the
+    NumPy backend on every case, edge targets included; the error scale of each tensor is
+    its largest magnitude."""
+    for case in sorted(CASES):
+        problem = Problem(dtype_name, padding_mode=padding_mode, **CASES[case])
+        got = (run_forward(launcher, problem), *run_backward(launcher, problem))
+        want = (numpy_conv.conv_forward(*problem.arrays(), problem.geom,
+                                        workspace_bytes=BIG_WORKSPACE),
+                *numpy_conv.conv_backward(
+                    problem.grad_output, problem.input, problem.offset, problem.weight,
+                    problem.mask, problem.geom, wrt=frozenset(GRADS),
+                    workspace_bytes=BIG_WORKSPACE))
+        for name, a, b in zip(("output", *GRADS), got, want):
+            if b is None:
+                assert a is None, f"grad_{name} should be None"
+                continue
+            ref = b.astype(np.float64)
+            scale = np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0)
+            assert_close(a, (ref, np.full(ref.shape, scale)), dtype_name,
+                         f"{name} ({case}, {padding_mode})", roundings=2)
