@@ -24,3 +24,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def launcher():
+    """The CPU emulation harness's launcher (tests/emulator), shared by every emulated
+    test. Skips without a host C++ compiler, or fails where CI demands these tests
+    (CUPYDCN_REQUIRE_EMULATED=1)."""
+    import os
+
+    from emulator.host_launcher import HostLauncher, compiler_missing
+
+    reason = compiler_missing()
+    if reason is not None:
+        if os.environ.get("CUPYDCN_REQUIRE_EMULATED") == "1":
+            pytest.fail(f"{reason} (CUPYDCN_REQUIRE_EMULATED=1 forbids skipping)", pytrace=False)
+        pytest.skip(reason)
+    return HostLauncher()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import os
 
 import ml_dtypes
 import numpy as np
@@ -24,7 +23,7 @@ from cupydcn._dtypes import numpy_dtype
 from cupydcn._launch import INT32_INDEX_LIMIT, index_bits_for_sizes, launch_config
 
 from emulator.host_launcher import (EmulatorBuildError, EmulatorFaultError, HostLauncher,
-                                    build_library, compiler_missing, shim_text)
+                                    build_library, shim_text)
 from reference import deform_conv2d_reference
 
 pytestmark = pytest.mark.emulated
@@ -46,20 +45,6 @@ ACCUMULATION = {"float64": 32 * 2.0**-53, "float32": 32 * 2.0**-24,
 FLOOR = {"float64": 0.0, "float32": 0.0, "float16": 2.0**-25, "bfloat16": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _host_compiler():
-    """Skip without a host C++ compiler, or fail where CI demands these tests
-    (CUPYDCN_REQUIRE_EMULATED=1)."""
-    reason = compiler_missing()
-    if reason is not None:
-        if os.environ.get("CUPYDCN_REQUIRE_EMULATED") == "1":
-            pytest.fail(f"{reason} (CUPYDCN_REQUIRE_EMULATED=1 forbids skipping)", pytrace=False)
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    return HostLauncher()
 
 
 # ---------------------------------------------------------------------------- reference

@@ -11,7 +11,6 @@ a difference in the kink conventions would be an O(1) error, far above the toler
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import numpy as np
@@ -24,7 +23,7 @@ from cupydcn._dtypes import numpy_dtype
 from cupydcn._numpy_conv import conv_backward as numpy_backward
 from cupydcn._numpy_conv import conv_forward as numpy_forward
 
-from emulator.host_launcher import HostLauncher, compiler_missing
+from emulator.host_launcher import HostLauncher
 
 pytestmark = pytest.mark.emulated
 
@@ -37,20 +36,6 @@ WORKSPACE = 1 << 28
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _host_compiler():
-    """Skip without a host C++ compiler, or fail where CI demands these tests
-    (CUPYDCN_REQUIRE_EMULATED=1)."""
-    reason = compiler_missing()
-    if reason is not None:
-        if os.environ.get("CUPYDCN_REQUIRE_EMULATED") == "1":
-            pytest.fail(f"{reason} (CUPYDCN_REQUIRE_EMULATED=1 forbids skipping)", pytrace=False)
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    return HostLauncher()
 
 
 CONFIGS = {

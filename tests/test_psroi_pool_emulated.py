@@ -14,10 +14,7 @@ from cupydcn import _numpy_psroi_pool, _psroi_pool_kernels
 from cupydcn._deform_psroi_pool import psroi_pool_geometry
 from test_psroi_pool import CONFIGS, TOLERANCE, options, problem, relative_error
 
-try:
-    from tests.emulator.host_launcher import HostLauncher
-except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import)
-    from emulator.host_launcher import HostLauncher
+from emulator.host_launcher import HostLauncher
 
 pytestmark = pytest.mark.emulated
 
@@ -25,9 +22,6 @@ DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 BOTH = frozenset({"input", "offset"})
 
 
-@pytest.fixture(scope="module")
-def launcher():
-    return HostLauncher()
 
 
 def geometry(cfg, input, rois, offset):

@@ -19,7 +19,6 @@ nearly equal float32 values. The forward is compared bit for bit (see
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from reference_roi_pool import ROI_KINDS, RoiCase, seeded
 from cupydcn import _arrays, _numpy_roi_pool, _roi_pool_kernels
 from cupydcn._deform_roi_pool import OP, roi_pool_geometry
 from cupydcn._dtypes import numpy_dtype
-from emulator.host_launcher import HostLauncher, compiler_missing
+from emulator.host_launcher import HostLauncher
 
 pytestmark = pytest.mark.emulated
 
@@ -51,20 +50,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _host_compiler():
-    """Skip without a host C++ compiler, or fail where CI demands these tests
-    (CUPYDCN_REQUIRE_EMULATED=1)."""
-    reason = compiler_missing()
-    if reason is not None:
-        if os.environ.get("CUPYDCN_REQUIRE_EMULATED") == "1":
-            pytest.fail(f"{reason} (CUPYDCN_REQUIRE_EMULATED=1 forbids skipping)", pytrace=False)
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    return HostLauncher()
 
 
 def _problem(case: RoiCase, dtype_name: str, seed) -> dict:
