@@ -11,6 +11,12 @@ from ._deform_psroi_pool import PSRoiPoolGrads, deform_psroi_pool, deform_psroi_
 from ._deform_roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
 from ._offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
 from ._padding import PADDING_MODES
+from ._sampling import (
+    StackedSampling,
+    effective_dilation,
+    sampling_locations,
+    stacked_sampling_locations,
+)
 from ._errors import (
     CupydcnError,
     CupydcnRuntimeError,
@@ -30,12 +36,16 @@ __all__ = [
     "PADDING_MODES",
     "PSRoiPoolGrads",
     "RoiPoolGrads",
+    "StackedSampling",
     "deform_conv2d",
     "deform_conv2d_backward",
     "deform_psroi_pool",
     "deform_psroi_pool_backward",
     "deform_roi_pool",
     "deform_roi_pool_backward",
+    "effective_dilation",
     "offset_l2_penalty",
     "offset_l2_penalty_backward",
+    "sampling_locations",
+    "stacked_sampling_locations",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m cupydcn check | bench``."""
+"""Command line: ``python -m cupydcn check | bench | demo``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 # Commands that parse their own options (``python -m cupydcn bench --help``).
-_PASS_THROUGH = ("bench",)
+_PASS_THROUGH = ("bench", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         "cuDNN when importable; the NumPy backend on scaled-down shapes on the CPU); "
         "options: python -m cupydcn bench --help",
     )
+    commands.add_parser(
+        "demo",
+        add_help=False,
+        help="train a tiny deformable network with cupydcn's explicit forward and backward "
+        "(under a minute on a CPU) and write a PNG of its learned sampling locations; "
+        "options: python -m cupydcn demo --help",
+    )
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in _PASS_THROUGH:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -35,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._bench import run_bench
 
         return run_bench(rest)
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        return run_demo(rest)
     return 2  # argparse rejects unknown commands before this
 
 

@@ -20,6 +20,13 @@ def test_bench_quick(capsys):
     assert "|" in capsys.readouterr().out  # a Markdown table
 
 
+def test_demo_few_steps(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    output = tmp_path / "demo.png"
+    assert main(["demo", "--steps", "2", "--output", str(output)]) == 0
+    assert output.stat().st_size > 0
+
+
 def test_unknown_option_is_an_error():
     with pytest.raises(SystemExit):
         main(["check", "--nope"])
