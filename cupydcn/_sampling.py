@@ -153,17 +153,23 @@ def sampling_locations(offset, *, kernel_size, stride=1, padding=0, dilation=1):
     ``x = ox * stride_w - pad_w + j * dil_w + dx``, in input pixels — the point the op reads
     bilinearly. float64 offsets give float64, every other dtype float32.
     """
-    kernel, stride, padding, dilation = _geometry(SAMPLING_OP, kernel_size, stride, padding,
-                                                  dilation)
-    placement, native = _arrays.natives(SAMPLING_OP, {"offset": offset})
+    geometry = _geometry(SAMPLING_OP, kernel_size, stride, padding, dilation)
+    return _with_locations(SAMPLING_OP, offset, geometry, lambda xp, locations: locations)
+
+
+def _with_locations(op: str, offset, geometry, reduce):
+    """Validate ``offset``, compute its sampling locations where it lives and return
+    ``reduce(xp, locations)`` in the caller's array type."""
+    kernel, stride, padding, dilation = geometry
+    placement, native = _arrays.natives(op, {"offset": offset})
     offset = native["offset"]
-    dtype_name = check_float_dtypes(SAMPLING_OP, {"offset": offset})
-    _offset_groups(SAMPLING_OP, "offset", offset, kernel[0] * kernel[1], kernel)
+    dtype_name = check_float_dtypes(op, {"offset": offset})
+    _offset_groups(op, "offset", offset, kernel[0] * kernel[1], kernel)
     xp = _arrays.array_module(placement)
     with _arrays.compute_scope(placement):
-        result = _locations(xp, offset, _compute_dtype(xp, dtype_name), kernel, stride, padding,
-                            dilation)
-        return _arrays.to_caller(placement, result)
+        locations = _locations(xp, offset, _compute_dtype(xp, dtype_name), kernel, stride,
+                               padding, dilation)
+        return _arrays.to_caller(placement, reduce(xp, locations))
 
 
 def effective_dilation(offset, *, kernel_size, stride=1, padding=0, dilation=1):
@@ -185,15 +191,10 @@ def effective_dilation(offset, *, kernel_size, stride=1, padding=0, dilation=1):
         raise value_error(
             DILATION_OP, "kernel_size must have at least two taps (adjacent pairs); got (1, 1)"
         )
-    placement, native = _arrays.natives(DILATION_OP, {"offset": offset})
-    offset = native["offset"]
-    dtype_name = check_float_dtypes(DILATION_OP, {"offset": offset})
-    _offset_groups(DILATION_OP, "offset", offset, kernel[0] * kernel[1], kernel)
-    xp = _arrays.array_module(placement)
-    with _arrays.compute_scope(placement):
-        locations = _locations(xp, offset, _compute_dtype(xp, dtype_name), kernel, stride, padding,
-                               dilation)
-        return _arrays.to_caller(placement, _adjacent_mean_distance(xp, locations, kernel))
+    return _with_locations(
+        DILATION_OP, offset, (kernel, stride, padding, dilation),
+        lambda xp, locations: _adjacent_mean_distance(xp, locations, kernel),
+    )
 
 
 def _per_layer(op: str, name: str, value, layers: int) -> list:
