@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ._errors import type_error, value_error
-from ._padding import PADDING_MODES, check_padding_mode  # noqa: F401 (PADDING_MODES re-exported)
+from ._padding import check_padding_mode
+from ._validation import shape_of
 
 OP = "deform_conv2d"
 
@@ -93,9 +94,6 @@ def _pair(op: str, name: str, value, *, minimum: int) -> tuple[int, int]:
     return pair
 
 
-def _shape(array) -> tuple[int, ...]:
-    return tuple(int(s) for s in array.shape)
-
 
 def conv_geometry(
     input,
@@ -117,21 +115,21 @@ def conv_geometry(
     dil_h, dil_w = _pair(op, "dilation", dilation, minimum=1)
 
     for name, array, ndim in (("input", input, 4), ("offset", offset, 4), ("weight", weight, 4)):
-        if len(_shape(array)) != ndim:
+        if len(shape_of(array)) != ndim:
             raise value_error(
-                op, f"{name} must be {ndim}-D; got shape {_shape(array)}"
+                op, f"{name} must be {ndim}-D; got shape {shape_of(array)}"
             )
-    batch, in_channels, height, width = _shape(input)
-    out_channels, weight_in, kernel_h, kernel_w = _shape(weight)
+    batch, in_channels, height, width = shape_of(input)
+    out_channels, weight_in, kernel_h, kernel_w = shape_of(weight)
     if kernel_h < 1 or kernel_w < 1:
-        raise value_error(op, f"weight must have a kernel of at least 1 x 1; got {_shape(weight)}")
+        raise value_error(op, f"weight must have a kernel of at least 1 x 1; got {shape_of(weight)}")
     if in_channels < 1:
-        raise value_error(op, f"input must have at least one channel; got shape {_shape(input)}")
+        raise value_error(op, f"input must have at least one channel; got shape {shape_of(input)}")
     if weight_in < 1 or in_channels % weight_in != 0:
         raise value_error(
             op,
             f"weight.shape[1] = {weight_in} must divide the input channels {in_channels} "
-            f"(weight {_shape(weight)}, input {_shape(input)})",
+            f"(weight {shape_of(weight)}, input {shape_of(input)})",
         )
     groups = in_channels // weight_in
     if out_channels % groups != 0:
@@ -152,7 +150,7 @@ def conv_geometry(
         )
 
     taps = kernel_h * kernel_w
-    offset_shape = _shape(offset)
+    offset_shape = shape_of(offset)
     offset_channels = offset_shape[1]
     if offset_channels < 2 * taps or offset_channels % (2 * taps) != 0:
         raise value_error(
@@ -177,16 +175,16 @@ def conv_geometry(
 
     if mask is not None:
         expected_mask = (batch, offset_groups * taps, out_h, out_w)
-        if _shape(mask) != expected_mask:
+        if shape_of(mask) != expected_mask:
             raise value_error(
                 op,
-                f"mask has shape {_shape(mask)}; expected {expected_mask} "
+                f"mask has shape {shape_of(mask)}; expected {expected_mask} "
                 f"(offset_groups * kh * kw = {offset_groups} * {kernel_h} * {kernel_w} "
                 f"channels at the output size {out_h} x {out_w})",
             )
-    if bias is not None and _shape(bias) != (out_channels,):
+    if bias is not None and shape_of(bias) != (out_channels,):
         raise value_error(
-            op, f"bias has shape {_shape(bias)}; expected ({out_channels},)"
+            op, f"bias has shape {shape_of(bias)}; expected ({out_channels},)"
         )
 
     return ConvGeometry(

@@ -14,8 +14,14 @@ from typing import Iterable, NamedTuple
 from . import _arrays
 from ._dtypes import INT32_LIMIT
 from ._errors import value_error
-from ._roi_common import _shape, check_rois
-from ._validation import check_float_dtypes, check_positive, finite_scalar, wanted_gradients
+from ._roi_common import check_rois
+from ._validation import (
+    check_float_dtypes,
+    check_positive,
+    finite_scalar,
+    shape_of,
+    wanted_gradients,
+)
 
 OP = "deform_psroi_pool"
 BACKWARD_OP = "deform_psroi_pool_backward"
@@ -121,26 +127,26 @@ def psroi_pool_geometry(
     spatial_scale = finite_scalar(op, "spatial_scale", spatial_scale, positive=True)
     trans_std = finite_scalar(op, "trans_std", trans_std)
 
-    if len(_shape(input)) != 4:
-        raise value_error(op, f"input must be 4-D [N, C, H, W]; got shape {_shape(input)}")
-    batch, channels, height, width = _shape(input)
+    if len(shape_of(input)) != 4:
+        raise value_error(op, f"input must be 4-D [N, C, H, W]; got shape {shape_of(input)}")
+    batch, channels, height, width = shape_of(input)
     expected_channels = output_dim * group_size**2
     if channels != expected_channels:
         raise value_error(
-            op, f"input has {channels} channels (shape {_shape(input)}); expected "
+            op, f"input has {channels} channels (shape {shape_of(input)}); expected "
             f"output_dim * group_size**2 = {output_dim} * {group_size}**2 = {expected_channels}"
         )
     if not 1 <= height <= INT32_LIMIT or not 1 <= width <= INT32_LIMIT:
         raise value_error(
             op, f"input must have a height and width in [1, {INT32_LIMIT}]; got shape "
-            f"{_shape(input)}"
+            f"{shape_of(input)}"
         )
 
     num_rois = check_rois(op, xp, rois, batch)
 
     num_classes = 1
     if offset is not None:
-        offset_shape = _shape(offset)
+        offset_shape = shape_of(offset)
         if len(offset_shape) != 4:
             raise value_error(
                 op, f"offset must be 4-D [K, 2 * num_classes, part_size, part_size]; got "
@@ -277,7 +283,7 @@ def deform_psroi_pool_backward(
              part_size=part_size, sample_per_part=sample_per_part,
              spatial_scale=spatial_scale, trans_std=trans_std),
     )
-    grad_shape = _shape(native["grad_output"])
+    grad_shape = shape_of(native["grad_output"])
     if grad_shape != geom.output_shape:
         raise value_error(
             BACKWARD_OP,

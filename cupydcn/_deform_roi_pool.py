@@ -20,7 +20,13 @@ from typing import Iterable, NamedTuple, Sequence
 from . import _arrays
 from ._errors import type_error, value_error
 from ._roi_common import check_rois
-from ._validation import check_float_dtypes, check_positive, finite_scalar, wanted_gradients
+from ._validation import (
+    check_float_dtypes,
+    check_positive,
+    finite_scalar,
+    shape_of,
+    wanted_gradients,
+)
 
 OP = "deform_roi_pool"
 BACKWARD_OP = "deform_roi_pool_backward"
@@ -88,9 +94,6 @@ class RoiPoolGeometry:
 # ---------------------------------------------------------------------------- validation
 
 
-def _shape(array) -> tuple[int, ...]:
-    return tuple(int(s) for s in array.shape)
-
 
 def _is_int(value) -> bool:
     return not isinstance(value, bool) and hasattr(value, "__index__")
@@ -126,12 +129,12 @@ def roi_pool_geometry(
               if native.get(name) is not None}
     dtype_name = check_float_dtypes(op, floats)
     input = native["input"]
-    if len(_shape(input)) != 4:
-        raise value_error(op, f"input must be 4-D [N, C, H, W]; got shape {_shape(input)}")
-    batch, channels, height, width = _shape(input)
+    if len(shape_of(input)) != 4:
+        raise value_error(op, f"input must be 4-D [N, C, H, W]; got shape {shape_of(input)}")
+    batch, channels, height, width = shape_of(input)
     if height < 1 or width < 1:
         raise value_error(
-            op, f"input must have a spatial size of at least 1 x 1; got shape {_shape(input)}")
+            op, f"input must have a spatial size of at least 1 x 1; got shape {shape_of(input)}")
     pooled_h, pooled_w = _output_size(op, output_size)
     if not _is_int(sampling_ratio):
         raise type_error(op, f"sampling_ratio must be an int; got {sampling_ratio!r}")
@@ -144,9 +147,9 @@ def roi_pool_geometry(
     for name, channels_expected in (("offset", 2), ("mask", 1)):
         array = native[name]
         expected = (num_rois, channels_expected, pooled_h, pooled_w)
-        if array is not None and _shape(array) != expected:
+        if array is not None and shape_of(array) != expected:
             raise value_error(
-                op, f"{name} has shape {_shape(array)}; expected {expected} (K = {num_rois} "
+                op, f"{name} has shape {shape_of(array)}; expected {expected} (K = {num_rois} "
                 f"RoIs, {channels_expected} channel{'s' if channels_expected > 1 else ''}, "
                 f"output size {pooled_h} x {pooled_w})")
     geom = RoiPoolGeometry(
@@ -156,9 +159,9 @@ def roi_pool_geometry(
         has_mask=native["mask"] is not None, dtype_name=dtype_name,
     )
     grad_output = native.get("grad_output")
-    if grad_output is not None and _shape(grad_output) != geom.output_shape:
+    if grad_output is not None and shape_of(grad_output) != geom.output_shape:
         raise value_error(
-            op, f"grad_output has shape {_shape(grad_output)}; expected the output shape "
+            op, f"grad_output has shape {shape_of(grad_output)}; expected the output shape "
             f"{geom.output_shape}")
     return geom
 

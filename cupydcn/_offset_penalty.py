@@ -28,7 +28,7 @@ from . import _arrays
 from ._dtypes import DTYPES
 from ._errors import value_error
 from ._launch import contiguous, index_bits_for_sizes, round_to_dtype, widen_to_acc
-from ._validation import check_float_dtypes, finite_scalar
+from ._validation import check_float_dtypes, finite_scalar, shape_of
 
 OP = "offset_l2_penalty"
 BACKWARD_OP = "offset_l2_penalty_backward"
@@ -40,9 +40,6 @@ def _check_reduction(op: str, reduction) -> str:
         raise value_error(op, f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     return reduction
 
-
-def _shape(array) -> tuple[int, ...]:
-    return tuple(int(s) for s in array.shape)
 
 
 class _Converter:
@@ -142,12 +139,12 @@ def offset_l2_penalty_backward(grad, offset, *, weight=1.0, reduction: str = "me
         grad = np.asarray(grad)
     placement, native = _arrays.natives(BACKWARD_OP, {"offset": offset, "grad": grad})
     dtype_name = check_float_dtypes(BACKWARD_OP, native)
-    expected = _shape(native["offset"]) if reduction == "none" else ()
-    if _shape(native["grad"]) != expected:
+    expected = shape_of(native["offset"]) if reduction == "none" else ()
+    if shape_of(native["grad"]) != expected:
         what = "offset's shape" if reduction == "none" else "a 0-d array"
         raise value_error(
             BACKWARD_OP,
-            f"grad has shape {_shape(native['grad'])}; expected {expected} ({what} for "
+            f"grad has shape {shape_of(native['grad'])}; expected {expected} ({what} for "
             f"reduction={reduction!r})",
         )
     with _arrays.compute_scope(placement):

@@ -9,25 +9,23 @@ from __future__ import annotations
 
 from ._dtypes import dtype_info
 from ._errors import type_error, value_error
+from ._validation import shape_of
 
-
-def _shape(array) -> tuple[int, ...]:
-    return tuple(int(s) for s in array.shape)
 
 
 def check_rois(op: str, xp, rois, batch: int) -> int:
     """Check shape, dtype and values of ``rois`` against a batch of ``batch`` images;
     return K, the number of RoIs."""
-    if len(_shape(rois)) != 2 or _shape(rois)[1] != 5:
+    if len(shape_of(rois)) != 2 or shape_of(rois)[1] != 5:
         raise value_error(
-            op, f"rois must have shape [K, 5] (batch_index, x1, y1, x2, y2); got {_shape(rois)}"
+            op, f"rois must have shape [K, 5] (batch_index, x1, y1, x2, y2); got {shape_of(rois)}"
         )
     if dtype_info(rois.dtype) is None:
         raise type_error(
             op, f"rois has dtype {rois.dtype}; expected a floating dtype (float64, float32, "
             "float16, bfloat16)"
         )
-    count = _shape(rois)[0]
+    count = shape_of(rois)[0]
     if count == 0:
         return 0
     values = rois.astype(xp.float64)

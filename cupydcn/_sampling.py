@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 from . import _arrays
 from ._conv_geometry import _pair
 from ._errors import type_error, value_error
-from ._validation import check_float_dtypes
+from ._validation import check_float_dtypes, shape_of
 
 SAMPLING_OP = "sampling_locations"
 DILATION_OP = "effective_dilation"
@@ -59,16 +59,13 @@ class StackedSampling(NamedTuple):
 # ---------------------------------------------------------------------------- helpers
 
 
-def _shape(array) -> tuple[int, ...]:
-    return tuple(int(s) for s in array.shape)
-
 
 def _compute_dtype(xp, dtype_name: str):
     return xp.float64 if dtype_name == "float64" else xp.float32
 
 
 def _offset_groups(op: str, name: str, offset, taps: int, kernel: tuple[int, int]) -> int:
-    shape = _shape(offset)
+    shape = shape_of(offset)
     if len(shape) != 4:
         raise value_error(
             op, f"{name} must be 4-D [N, 2 * G * kh * kw, H_out, W_out]; got shape {shape}"
@@ -107,7 +104,7 @@ def _tap_grid(xp, kernel, dilation, dtype):
 
 def _locations(xp, offset, dtype, kernel, stride, padding, dilation):
     """[N, G, K, 2, H_out, W_out] sampling locations of a native offset array."""
-    n, channels, out_h, out_w = _shape(offset)
+    n, channels, out_h, out_w = shape_of(offset)
     taps = kernel[0] * kernel[1]
     groups = channels // (2 * taps)
     locations = offset.astype(dtype).reshape(n, groups, taps, 2, out_h, out_w)
@@ -323,7 +320,7 @@ def stacked_sampling_locations(
         offset = native[name]
         taps = kernel[0] * kernel[1]
         groups = _offset_groups(op, name, offset, taps, kernel)
-        n, _, out_h, out_w = _shape(offset)
+        n, _, out_h, out_w = shape_of(offset)
         if batch is None:
             batch = n
         elif n != batch:
@@ -350,10 +347,10 @@ def stacked_sampling_locations(
         mask_name = f"masks[{l}]"
         if mask_name in native:
             expected_mask = (n, groups * taps, out_h, out_w)
-            if _shape(native[mask_name]) != expected_mask:
+            if shape_of(native[mask_name]) != expected_mask:
                 raise value_error(
                     op,
-                    f"{mask_name} has shape {_shape(native[mask_name])}; expected {expected_mask}",
+                    f"{mask_name} has shape {shape_of(native[mask_name])}; expected {expected_mask}",
                 )
 
     with _arrays.compute_scope(placement):
@@ -361,7 +358,7 @@ def stacked_sampling_locations(
         points_native = native["points"] if points_is_array else xp.asarray(points)
         if points_native.ndim != 2 or int(points_native.shape[1]) != 2:
             raise value_error(
-                op, f"points must have shape [P, 2] ((oy, ox) rows); got {_shape(points_native)}"
+                op, f"points must have shape [P, 2] ((oy, ox) rows); got {shape_of(points_native)}"
             )
         points_native = points_native.astype(dtype)
         if not bool(xp.all(xp.isfinite(points_native))):

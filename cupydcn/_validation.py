@@ -14,6 +14,11 @@ from ._dtypes import dtype_info
 from ._errors import type_error, value_error
 
 
+def shape_of(array) -> tuple[int, ...]:
+    """The shape of any array as a tuple of Python ints (torch.Size, JAX, NumPy, CuPy)."""
+    return tuple(int(s) for s in array.shape)
+
+
 def check_float_dtypes(op: str, named_arrays: Mapping[str, object]) -> str:
     """All arrays share one supported floating dtype; returns its name. The first entry
     is the one the others are compared with."""

@@ -433,7 +433,7 @@ def test_import_cupydcn_does_not_import_jax():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_padding_modes_pass_through(mode, x64):
-    from cupydcn._conv_geometry import PADDING_MODES
+    from cupydcn import PADDING_MODES
 
     arrays, _, _, _, _ = PROBLEMS["conv-dcnv2"]()
     names = list(arrays)

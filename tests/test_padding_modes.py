@@ -33,7 +33,8 @@ from reference import (
 )
 
 import cupydcn
-from cupydcn._conv_geometry import PADDING_MODES, conv_geometry
+from cupydcn import PADDING_MODES
+from cupydcn._conv_geometry import conv_geometry
 from cupydcn._numpy_conv import conv_backward, conv_forward
 from cupydcn._padding import PADDING_MODE_CODES, cell_floor, map_coordinates
 

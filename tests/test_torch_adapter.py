@@ -513,7 +513,7 @@ def test_deform_conv2d_layer_is_torchvisions():
 
 
 def test_layers_pass_the_padding_mode_on():
-    from cupydcn._conv_geometry import PADDING_MODES
+    from cupydcn import PADDING_MODES
 
     g = _generator(12)
     x = torch.randn(1, 2, 5, 4, generator=g)
