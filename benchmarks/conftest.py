@@ -1,6 +1,6 @@
 """pytest-benchmark configuration of the cupydcn benchmark suite (see README.md here).
 
-The measuring core lives in ``cupydcn._bench`` (shared with ``python -m cupydcn bench``);
+The measuring core lives in ``cupydcn.cli.bench`` (shared with ``python -m cupydcn bench``);
 this file wires it into pytest:
 
 - device detection once per session: CUDA when CuPy finds a device (cupydcn and the peers
@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from cupydcn import _bench
+from cupydcn.cli import bench as _bench
 
 import shapes
 

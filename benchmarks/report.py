@@ -33,10 +33,10 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 try:
-    from cupydcn import _bench
+    from cupydcn.cli import bench as _bench
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
-    from cupydcn import _bench
+    from cupydcn.cli import bench as _bench
 
 
 def load(path: str | Path) -> dict:

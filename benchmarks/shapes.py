@@ -31,7 +31,7 @@ spatial sizes / 4, batch ≤ 2 and fewer RoIs, so a CPU run takes seconds.
 
 from __future__ import annotations
 
-from cupydcn._bench import ConvShape, PsRoiShape, RoiShape
+from cupydcn.cli.bench import ConvShape, PsRoiShape, RoiShape
 
 FULL = {
     s.id: s
@@ -87,7 +87,7 @@ assert FULL.keys() == CPU.keys()
 def cases(op: str, shape_ids) -> list[tuple[str, str, str, str, str]]:
     """Every (shape, variant, dtype, pass, provider) of ``op``, ordered so that the tests
     of one problem (shape, dtype) follow each other and share its arrays."""
-    from cupydcn._bench import DTYPES, PASSES, PROVIDERS, variants_of
+    from cupydcn.cli.bench import DTYPES, PASSES, PROVIDERS, variants_of
 
     return [
         (shape_id, variant, dtype, pass_, provider)
@@ -105,7 +105,7 @@ def lookup(shape_id: str, *, scaled: bool):
 
 
 if __name__ == "__main__":
-    from cupydcn._bench import shapes_legend
+    from cupydcn.cli.bench import shapes_legend
 
     print("Full shapes (GPU):\n")
     print(shapes_legend(list(FULL.values())))

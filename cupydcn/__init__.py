@@ -5,19 +5,19 @@ Ops take any DLPack array (NumPy, CuPy, PyTorch, JAX), compute where the arrays 
 return results in the caller's array type. Forward and backward are explicit functions.
 """
 
-from ._conv_kernels import ConvGrads
-from ._deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
-from ._deform_psroi_pool import PSRoiPoolGrads, deform_psroi_pool, deform_psroi_pool_backward
-from ._deform_roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
-from ._offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
-from ._padding import PADDING_MODES
-from ._sampling import (
+from cupydcn.deform_conv.spec import ConvGrads
+from cupydcn.deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
+from cupydcn.psroi_pool import PSRoiPoolGrads, deform_psroi_pool, deform_psroi_pool_backward
+from cupydcn.roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
+from cupydcn.deform_conv.offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
+from cupydcn.deform_conv.padding import PADDING_MODES
+from cupydcn.deform_conv.sampling import (
     StackedSampling,
     effective_dilation,
     sampling_locations,
     stacked_sampling_locations,
 )
-from ._errors import (
+from cupydcn.core.errors import (
     CupydcnError,
     CupydcnRuntimeError,
     CupydcnTypeError,

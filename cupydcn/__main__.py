@@ -35,15 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command not in _PASS_THROUGH:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check":
-        from ._check import run_check
+        from cupydcn.cli.check import run_check
 
         return run_check()
     if args.command == "bench":
-        from ._bench import run_bench
+        from cupydcn.cli.bench import run_bench
 
         return run_bench(rest)
     if args.command == "demo":
-        from ._demo import run_demo
+        from cupydcn.cli.demo import run_demo
 
         return run_demo(rest)
     return 2  # argparse rejects unknown commands before this

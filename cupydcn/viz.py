@@ -24,10 +24,10 @@ from typing import Mapping
 
 import numpy as np
 
-from . import _arrays
-from ._conv_geometry import _pair
-from ._errors import value_error
-from ._sampling import stacked_sampling_locations
+from cupydcn.core import arrays as _arrays
+from cupydcn.core.checks import int_pair
+from cupydcn.core.errors import value_error
+from cupydcn.deform_conv.sampling import stacked_sampling_locations
 
 __all__ = ["plot_effective_dilation", "plot_sampling_points"]
 
@@ -118,7 +118,7 @@ def _centre(points: np.ndarray, kernel_size, stride, padding, dilation, layers: 
     centre = points.astype(np.float64)
     for k, s, p, d in reversed(list(zip(per_layer(kernel_size), per_layer(stride),
                                         per_layer(padding), per_layer(dilation)))):
-        k, s, p, d = (np.asarray(_pair("plot_sampling_points", n, v, minimum=0), np.float64)
+        k, s, p, d = (np.asarray(int_pair("plot_sampling_points", n, v, minimum=0), np.float64)
                       for n, v in (("kernel_size", k), ("stride", s), ("padding", p),
                                    ("dilation", d)))
         centre = centre * s - p + (k - 1) / 2 * d
@@ -184,7 +184,7 @@ def plot_sampling_points(
     locations = np.asarray(sampled.locations)[0]  # [P, T, 2]
     weights = None if sampled.weights is None else np.asarray(sampled.weights)[0]
     centres = _centre(np.asarray(points), kernel_size, stride, padding, dilation, len(layers))
-    scale = np.asarray(_pair(op, "input_stride", input_stride, minimum=1), np.float64)
+    scale = np.asarray(int_pair(op, "input_stride", input_stride, minimum=1), np.float64)
     locations = locations * scale + (scale - 1) / 2
     centres = centres * scale + (scale - 1) / 2
 

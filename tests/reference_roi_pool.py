@@ -5,7 +5,7 @@ sampling grid (vectorised over channels only), scalar RoIAlign bilinear sampling
 tiny sizes only.
 
 The gradients are written out analytically. What the semantics leave open is fixed
-here explicitly, as the kernels do (kernels/roi_common.cuh):
+here explicitly, as the kernels do (cupydcn/cuda/kernels/roi_common.cuh):
 
 * d sample / dy is 0 where y is clamped (y in [-1, 0), or floor(max(y, 0)) >= H - 1) and
   for samples outside [-1, H] x [-1, W]; at other integer y it is the one-sided derivative

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cupydcn
-from cupydcn import _numpy_conv
+from cupydcn.deform_conv import numpy_backend as _numpy_conv
 
 
 def _problem(dtype=np.float32, n=3, seed=0):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cupydcn import _bench
+from cupydcn.cli import bench as _bench
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"

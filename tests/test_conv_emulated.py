@@ -1,6 +1,6 @@
 """deform_conv2d's CUDA kernels and their orchestration, run on the CPU by the emulator.
 
-``cupydcn._conv_kernels.conv_forward / conv_backward`` drive the real ``kernels/`` sources
+``cupydcn.deform_conv.cuda_backend.conv_forward / conv_backward`` drive the real ``cupydcn/cuda/kernels/`` sources
 through :class:`HostLauncher` (tests/emulator, checked mode) and are compared with a
 vectorised float64 reference of the forward and all five gradients written here from
 SEMANTICS §1 (its forward checked against the loop reference of tests/reference.py, its
@@ -16,11 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cupydcn import _conv_kernels
-from cupydcn import _numpy_conv as numpy_conv
-from cupydcn._conv_geometry import conv_geometry
-from cupydcn._dtypes import numpy_dtype
-from cupydcn._launch import INT32_INDEX_LIMIT, index_bits_for_sizes, launch_config
+from cupydcn.deform_conv import cuda_backend as _conv_kernels
+from cupydcn.deform_conv import numpy_backend as numpy_conv
+from cupydcn.deform_conv.spec import conv_geometry
+from cupydcn.core.dtypes import numpy_dtype
+from cupydcn.cuda.launch import INT32_INDEX_LIMIT, index_bits_for_sizes, launch_config
 
 from emulator.host_launcher import (EmulatorBuildError, EmulatorFaultError, HostLauncher,
                                     build_library, shim_text)

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from reference import ConvConfig, deform_conv2d_reference
 
-from cupydcn._conv_geometry import conv_geometry
-from cupydcn._numpy_conv import conv_backward, conv_forward
+from cupydcn.deform_conv.spec import conv_geometry
+from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
 
 GRADIENT_ORDER = ("input", "offset", "weight", "mask", "bias")
 ALL_GRADIENTS = frozenset(GRADIENT_ORDER)

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from reference import ConvConfig, deform_conv2d_reference
 
-from cupydcn._conv_geometry import conv_geometry
-from cupydcn._numpy_conv import (
+from cupydcn.deform_conv.spec import conv_geometry
+from cupydcn.deform_conv.numpy_backend import (
     _images_per_chunk,
     _working_bytes_per_image,
     conv_backward,

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from cupydcn import _demo
+from cupydcn.cli import demo as _demo
 
 
 def _check_png(path, width, height):

@@ -52,7 +52,7 @@ def _rel_error(actual, expected):
 def test_cupy_matches_numpy_float64(cfg_name, with_mask, dtype_name):
     import cupy
 
-    from cupydcn._dtypes import numpy_dtype
+    from cupydcn.core.dtypes import numpy_dtype
 
     cfg = CONFIGS[cfg_name]
     a = _problem(cfg)
@@ -83,9 +83,9 @@ def test_cupy_matches_numpy_float64(cfg_name, with_mask, dtype_name):
 def test_64bit_index_path_matches():
     import cupy
 
-    from cupydcn._conv_geometry import conv_geometry
-    from cupydcn._conv_kernels import conv_backward, conv_forward
-    from cupydcn._cupy_launcher import cupy_launcher
+    from cupydcn.deform_conv.spec import conv_geometry
+    from cupydcn.deform_conv.cuda_backend import conv_backward, conv_forward
+    from cupydcn.cuda.cupy_launcher import cupy_launcher
 
     cfg = CONFIGS["2x3-mixed"]
     a = {k: cupy.asarray(v.astype(np.float32)) for k, v in _problem(cfg).items()}

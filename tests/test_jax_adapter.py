@@ -20,7 +20,9 @@ jnp = jax.numpy
 
 import cupydcn  # noqa: E402
 import cupydcn.jax as cj  # noqa: E402
-from cupydcn import _numpy_conv, _numpy_psroi_pool, _numpy_roi_pool  # noqa: E402
+from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool  # noqa: E402
+from cupydcn.deform_conv import numpy_backend as _numpy_conv
+from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
 
 MODES = ["eager", "jit"]
 
@@ -314,7 +316,8 @@ def backend_results(monkeypatch):
         def wrapper(*args, **kwargs):
             result = function(*args, **kwargs)
             if isinstance(result, tuple):
-                result = tuple(None if r is None else _aligned_copy(r) for r in result)
+                moved = [None if r is None else _aligned_copy(r) for r in result]
+                result = type(result)(*moved) if hasattr(result, "_fields") else tuple(moved)
                 record.extend(r for r in result if r is not None)
             else:
                 result = _aligned_copy(result)

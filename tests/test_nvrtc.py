@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 import nvrtc_build
-from cupydcn._dtypes import DTYPES, INDEX_C_TYPES
-from cupydcn._kernel_source import (
+from cupydcn.core.dtypes import DTYPES, INDEX_C_TYPES
+from cupydcn.cuda.kernel_source import (
     KERNEL_TEMPLATES,
     NVRTC_OPTIONS,
     SOURCE_OF_KERNEL,

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from cupydcn import CupydcnTypeError, CupydcnValueError
-from cupydcn._dtypes import numpy_dtype
-from cupydcn._offset_penalty import (
+from cupydcn.core.dtypes import numpy_dtype
+from cupydcn.deform_conv.offset_penalty import (
     offset_l2_penalty,
     offset_l2_penalty_backward,
+    PenaltyPlan,
     penalty_backward,
     penalty_forward,
 )
@@ -282,17 +283,18 @@ def test_invalid_grad():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_cuda_path_conversions_emulated(launcher, dtype_name, reduction):
-    """The GPU code path (half types widened and rounded by kernels/convert.cu) with the
+    """The GPU code path (half types widened and rounded by cupydcn/cuda/kernels/convert.cu) with the
     CPU emulator's launcher, against the CPU path."""
     start = len(launcher.launches)  # the launcher is shared: look only at this test's launches
     offset = random_offset(SHAPES["conv"], dtype_name, "emulated")[:, ::2]  # strided
     upstream = np.ones(offset.shape if reduction == "none" else (), offset.dtype)
-    got = penalty_forward(launcher.xp, launcher, offset, dtype_name, 0.3, reduction)
-    want = penalty_forward(np, None, offset, dtype_name, 0.3, reduction)
+    plan = PenaltyPlan(dtype_name, 0.3, reduction)
+    got = penalty_forward(launcher.xp, launcher, offset, plan)
+    want = penalty_forward(np, None, offset, plan)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-    got = penalty_backward(launcher.xp, launcher, upstream, offset, dtype_name, 0.3, reduction)
-    want = penalty_backward(np, None, upstream, offset, dtype_name, 0.3, reduction)
+    got = penalty_backward(launcher.xp, launcher, upstream, offset, plan)
+    want = penalty_backward(np, None, upstream, offset, plan)
     np.testing.assert_array_equal(got, want)
     assert any(r.kernel == "widen_to_acc" for r in launcher.launches[start:]) == (
         dtype_name in ("float16", "bfloat16"))

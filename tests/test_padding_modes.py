@@ -2,7 +2,7 @@
 
 The layers of the core op, per mode:
 
-* the coordinate mapping (cupydcn._padding.map_coordinates) against the formula written
+* the coordinate mapping (cupydcn.deform_conv.padding.map_coordinates) against the formula written
   in tests/reference.py, with its slopes;
 * the NumPy backend's forward against the loop reference, every dtype, on problems with
   sample points far outside the map on every side, 1-pixel-high / -wide maps and
@@ -34,9 +34,9 @@ from reference import (
 
 import cupydcn
 from cupydcn import PADDING_MODES
-from cupydcn._conv_geometry import conv_geometry
-from cupydcn._numpy_conv import conv_backward, conv_forward
-from cupydcn._padding import PADDING_MODE_CODES, cell_floor, map_coordinates
+from cupydcn.deform_conv.spec import conv_geometry
+from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
+from cupydcn.deform_conv.padding import PADDING_MODE_CODES, cell_floor, map_coordinates
 
 GRADIENT_ORDER = ("input", "offset", "weight", "mask", "bias")
 ALL_GRADIENTS = frozenset(GRADIENT_ORDER)
@@ -181,7 +181,7 @@ def test_map_coordinates_slope_is_the_derivative_between_kinks(mode, size):
 
 
 def test_map_coordinates_slope_at_the_kinks():
-    """The slope of the branch taken (module docstring of cupydcn._padding), size 5."""
+    """The slope of the branch taken (module docstring of cupydcn.deform_conv.padding), size 5."""
     p = np.array([-8.0, -4.0, -0.0, 0.0, 4.0, 8.0, 12.0, 16.0, -12.0])
     mapped, slope = map_coordinates(np, p, 5, "reflection")
     np.testing.assert_array_equal(mapped, [0, 4, 0, 0, 4, 0, 4, 0, 4])
@@ -206,7 +206,7 @@ def test_cell_floor_keeps_the_last_cell_inside():
 def test_padding_mode_names_and_codes():
     assert PADDING_MODES == MODES
     assert PADDING_MODE_CODES == {"zeros": 0, "border": 1, "reflection": 2}
-    from cupydcn._kernel_source import module_source
+    from cupydcn.cuda.kernel_source import module_source
 
     source = module_source("deform_conv.cu")  # the kernels' codes are the same
     for mode, code in PADDING_MODE_CODES.items():
@@ -388,7 +388,7 @@ def test_gradient_matches_reference_directional_differences(name, mode):
 
 def documented_side(p: float, size: int, mode: str) -> int:
     """The side (+1: p + h, -1: p - h) whose one-sided derivative the offset gradient is,
-    or 0 where it is 0 (cupydcn/_padding.py): the slope of the branch taken times the
+    or 0 where it is 0 (cupydcn/deform_conv/padding.py): the slope of the branch taken times the
     blend's derivative from inside the map, which at p' == size - 1 is the left one."""
     if mode == "zeros":
         return 1

@@ -1,6 +1,6 @@
 """deform_conv2d's CUDA kernels with every ``padding_mode``, run on the CPU by the emulator.
 
-``cupydcn._conv_kernels`` drives the real ``kernels/deform_conv.cu`` through
+``cupydcn.deform_conv.cuda_backend`` drives the real ``cupydcn/cuda/kernels/deform_conv.cu`` through
 :class:`HostLauncher` (tests/emulator) for every mode, dtype and index width, and is
 compared with the NumPy backend in float64 on the same quantised inputs (the NumPy
 backend is itself checked against the loop reference and finite differences in
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from reference import ConvConfig, far_offsets, offsets_for_points
 
-from cupydcn import _conv_kernels
-from cupydcn._conv_geometry import conv_geometry
-from cupydcn._dtypes import numpy_dtype
-from cupydcn._numpy_conv import conv_backward as numpy_backward
-from cupydcn._numpy_conv import conv_forward as numpy_forward
+from cupydcn.deform_conv import cuda_backend as _conv_kernels
+from cupydcn.deform_conv.spec import conv_geometry
+from cupydcn.core.dtypes import numpy_dtype
+from cupydcn.deform_conv.numpy_backend import conv_backward as numpy_backward
+from cupydcn.deform_conv.numpy_backend import conv_forward as numpy_forward
 
 from emulator.host_launcher import HostLauncher
 

@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 
-from cupydcn._conv_geometry import ConvGeometry
-from cupydcn._conv_kernels import images_per_chunk, index_bits_for
-from cupydcn._kernel_source import KERNEL_TEMPLATES, module_source, name_expression
-from cupydcn._launch import BLOCK_SIZE, INT32_INDEX_LIMIT, MAX_BLOCKS, launch_config
+from cupydcn.deform_conv.spec import ConvGeometry
+from cupydcn.deform_conv.cuda_backend import images_per_chunk, index_bits_for
+from cupydcn.cuda.kernel_source import KERNEL_TEMPLATES, module_source, name_expression
+from cupydcn.cuda.launch import BLOCK_SIZE, INT32_INDEX_LIMIT, MAX_BLOCKS, launch_config
 
 
 def _geometry(**overrides) -> ConvGeometry:

@@ -1,6 +1,6 @@
 """deform_psroi_pool's CUDA kernels and their orchestration, run on the CPU by the emulator.
 
-``cupydcn._psroi_pool_kernels`` drives the real ``kernels/deform_psroi_pool.cu`` through
+``cupydcn.psroi_pool.cuda_backend`` drives the real ``cupydcn/cuda/kernels/deform_psroi_pool.cu`` through
 :class:`HostLauncher` (tests/emulator); results are compared with the NumPy backend,
 which test_psroi_pool.py checks against the float64 loop reference.
 """
@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupydcn import _numpy_psroi_pool, _psroi_pool_kernels
-from cupydcn._deform_psroi_pool import psroi_pool_geometry
+from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
+
+from cupydcn.psroi_pool import cuda_backend as _psroi_pool_kernels
+from cupydcn.psroi_pool.spec import psroi_pool_geometry
 from test_psroi_pool import CONFIGS, TOLERANCE, options, problem, relative_error
 
 from emulator.host_launcher import HostLauncher
@@ -25,7 +27,7 @@ BOTH = frozenset({"input", "offset"})
 
 
 def geometry(cfg, input, rois, offset):
-    return psroi_pool_geometry("test", np, input, rois, offset, **options(cfg))
+    return psroi_pool_geometry("test", input, rois, offset, **options(cfg))
 
 
 def run_kernels(launcher, cfg, input, rois, offset, grad_output, *, wrt=BOTH, index_bits=None):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupydcn._deform_psroi_pool import deform_psroi_pool, deform_psroi_pool_backward
-from cupydcn._dtypes import numpy_dtype
+from cupydcn.psroi_pool import deform_psroi_pool, deform_psroi_pool_backward
+from cupydcn.core.dtypes import numpy_dtype
 from test_psroi_pool import CONFIGS, options, problem, relative_error
 
 pytestmark = pytest.mark.gpu

@@ -30,9 +30,9 @@ from reference_roi_pool import (
     seeded,
 )
 
-from cupydcn import _numpy_roi_pool
-from cupydcn._deform_roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
-from cupydcn._dtypes import numpy_dtype
+from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
+from cupydcn.roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
+from cupydcn.core.dtypes import numpy_dtype
 
 DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 TOLERANCE = {  # (relative to |ref|, relative to the tensor's scale)
@@ -581,11 +581,14 @@ K = 6  # RoIs of the valid problem
     (dict(input=np.zeros((2, 3, 7, 9), np.int32)), TypeError, ["input", "int32", "float64"]),
     (dict(rois=np.zeros((K, 4), np.float32)), ValueError, ["rois", "[K, 5]", f"({K}, 4)"]),
     (dict(rois=np.zeros((K, 5), np.int64)), TypeError, ["rois", "int64", "floating"]),
-    (dict(rois=np.array([[2, 0, 0, 1, 1]], np.float32)), ValueError,
+    (dict(rois=np.array([[2, 0, 0, 1, 1]], np.float32), offset=None, mask=None),
+     ValueError,
      ["rois[0, 0]", "2", "[0, 2)"]),
-    (dict(rois=np.array([[0.5, 0, 0, 1, 1]], np.float32)), ValueError,
+    (dict(rois=np.array([[0.5, 0, 0, 1, 1]], np.float32), offset=None, mask=None),
+     ValueError,
      ["rois[0, 0]", "0.5", "integer"]),
-    (dict(rois=np.array([[0, 0, np.nan, 1, 1]], np.float32)), ValueError,
+    (dict(rois=np.array([[0, 0, np.nan, 1, 1]], np.float32), offset=None, mask=None),
+     ValueError,
      ["rois[0]", "non-finite"]),
     (dict(offset=np.zeros((K, 2, 2, 3), np.float32)), ValueError,
      ["offset", "(6, 2, 2, 3)", "expected (6, 2, 3, 2)"]),

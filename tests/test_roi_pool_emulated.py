@@ -1,7 +1,7 @@
 """deform_roi_pool's CUDA kernels and their orchestration, run on the CPU by the emulator.
 
-``cupydcn._roi_pool_kernels.roi_pool_forward / roi_pool_backward`` drive the real
-``kernels/deform_roi_pool.cu`` through :class:`HostLauncher` (tests/emulator, checked
+``cupydcn.roi_pool.cuda_backend.roi_pool_forward / roi_pool_backward`` drive the real
+``cupydcn/cuda/kernels/deform_roi_pool.cu`` through :class:`HostLauncher` (tests/emulator, checked
 mode: guard pages around every argument, NaN-filled ``empty``) for every dtype and both
 index widths, and are compared with the NumPy backend on the same (quantised) inputs.
 
@@ -24,9 +24,13 @@ import numpy as np
 import pytest
 from reference_roi_pool import ROI_KINDS, RoiCase, seeded
 
-from cupydcn import _arrays, _numpy_roi_pool, _roi_pool_kernels
-from cupydcn._deform_roi_pool import OP, roi_pool_geometry
-from cupydcn._dtypes import numpy_dtype
+from cupydcn.core import arrays as _arrays
+
+from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
+
+from cupydcn.roi_pool import cuda_backend as _roi_pool_kernels
+from cupydcn.roi_pool.spec import OP, roi_pool_geometry
+from cupydcn.core.dtypes import numpy_dtype
 from emulator.host_launcher import HostLauncher
 
 pytestmark = pytest.mark.emulated
@@ -66,8 +70,8 @@ def _problem(case: RoiCase, dtype_name: str, seed) -> dict:
 
 
 def _geometry(arrays: dict, case: RoiCase):
-    placement, native = _arrays.natives(OP, arrays)
-    return roi_pool_geometry(OP, placement, native, **case.options)
+    _, native = _arrays.natives(OP, arrays)
+    return roi_pool_geometry(OP, native, **case.options)
 
 
 def _assert_close(actual, expected, dtype_name: str, what: str) -> None:

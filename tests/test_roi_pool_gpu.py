@@ -13,8 +13,8 @@ import pytest
 from reference_roi_pool import ROI_KINDS, RoiCase, seeded
 from test_roi_pool import TOLERANCE, assert_close
 
-from cupydcn._deform_roi_pool import deform_roi_pool, deform_roi_pool_backward
-from cupydcn._dtypes import numpy_dtype
+from cupydcn.roi_pool import deform_roi_pool, deform_roi_pool_backward
+from cupydcn.core.dtypes import numpy_dtype
 
 pytestmark = pytest.mark.gpu
 
@@ -66,15 +66,17 @@ def test_cupy_matches_numpy_float64(name, dtype_name):
 def test_64bit_index_path_matches():
     import cupy
 
-    from cupydcn import _arrays, _roi_pool_kernels
-    from cupydcn._cupy_launcher import cupy_launcher
-    from cupydcn._deform_roi_pool import OP, roi_pool_geometry
+    from cupydcn.core import arrays as _arrays
+
+    from cupydcn.roi_pool import cuda_backend as _roi_pool_kernels
+    from cupydcn.cuda.cupy_launcher import cupy_launcher
+    from cupydcn.roi_pool.spec import OP, roi_pool_geometry
 
     case = CASES["every_kind_adaptive"]
     arrays, _ = _problem(case, "float32", "bits")
     device = {k: None if v is None else cupy.asarray(v) for k, v in arrays.items()}
     placement, native = _arrays.natives(OP, device)
-    geom = roi_pool_geometry(OP, placement, native, **case.options)
+    geom = roi_pool_geometry(OP, native, **case.options)
     inputs = (device["input"], device["rois"], device["offset"], device["mask"])
     results = []
     for bits in (32, 64):

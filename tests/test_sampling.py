@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cupydcn
-from cupydcn._sampling import effective_dilation, sampling_locations, stacked_sampling_locations
+from cupydcn.deform_conv.sampling import effective_dilation, sampling_locations, stacked_sampling_locations
 
 # ---------------------------------------------------------------------------- references
 

@@ -147,7 +147,7 @@ def test_autocast_float16_on_cuda():
 
 
 def test_results_are_the_buffers_the_kernels_wrote(monkeypatch):
-    from cupydcn import _conv_kernels
+    from cupydcn.deform_conv import cuda_backend as _conv_kernels
 
     written = []
     for name in ("conv_forward", "conv_backward"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cupydcn
-from cupydcn import _numpy_conv
+from cupydcn.deform_conv import numpy_backend as _numpy_conv
 
 
 def _args(n=2, c=4, h=7, w=6, c_out=6, kh=3, kw=2, groups=2, offset_groups=2, mask=True,

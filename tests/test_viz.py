@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
 from cupydcn import viz  # noqa: E402
-from cupydcn._sampling import effective_dilation  # noqa: E402
+from cupydcn.deform_conv.sampling import effective_dilation  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent

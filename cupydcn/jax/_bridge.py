@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._arrays import external_stream
+from cupydcn.core.arrays import external_stream
 
 try:  # JAX >= 0.7
     from jax.experimental.buffer_callback import buffer_callback

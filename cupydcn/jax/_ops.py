@@ -22,17 +22,13 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 import cupydcn
-from cupydcn import _arrays
-from cupydcn import _deform_conv as _conv
-from cupydcn import _deform_psroi_pool as _psroi
-from cupydcn import _deform_roi_pool as _roi
-from cupydcn._conv_geometry import conv_geometry
-from cupydcn._validation import check_float_dtypes
+from cupydcn.deform_conv import spec as _conv
+from cupydcn.psroi_pool import spec as _psroi
+from cupydcn.roi_pool import spec as _roi
 
-from . import _bridge
+from cupydcn.jax import _bridge
 
 # Trace-time checks of the RoI ops run cupydcn's validation as for NumPy arrays.
-_HOST = _arrays.Placement("numpy", False, 0, None)
 
 
 @jax.tree_util.register_static
@@ -132,13 +128,11 @@ def deform_conv2d(
     """
     arrays = _present({"input": input, "offset": offset, "weight": weight, "bias": bias,
                        "mask": mask})
-    check_float_dtypes(_conv.OP, arrays)
-    geom = conv_geometry(
-        arrays["input"], arrays["offset"], arrays["weight"], arrays.get("bias"),
-        arrays.get("mask"), stride=stride, padding=padding, dilation=dilation,
-        padding_mode=padding_mode,
-    )
-    _conv._workspace(_conv.OP, workspace_bytes)
+    geom = _conv.prepare_forward(
+        {name: arrays.get(name) for name in ("input", "offset", "weight", "bias", "mask")},
+        stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode,
+        workspace_bytes=workspace_bytes,
+    ).plan
     geometry = dict(stride=stride, padding=padding, dilation=dilation,
                     padding_mode=padding_mode, workspace_bytes=workspace_bytes)
 
@@ -157,12 +151,6 @@ def deform_conv2d(
 
 
 # ---------------------------------------------------------------------------- RoI pooling
-def _dummy_rois(rois) -> np.ndarray:
-    """Zeros of the shape and dtype of ``rois``: valid RoI values (batch index 0), so that
-    cupydcn's validation can run at trace time, where the values are unknown."""
-    return np.zeros(tuple(rois.shape), dtype=rois.dtype)
-
-
 def deform_roi_pool(
     input,
     rois,
@@ -185,10 +173,9 @@ def deform_roi_pool(
     arrays = _present({"input": input, "rois": rois, "offset": offset, "mask": mask})
     options = dict(output_size=output_size, spatial_scale=spatial_scale,
                    sampling_ratio=sampling_ratio, gamma=gamma)
-    geom = _roi.roi_pool_geometry(
-        _roi.OP, _HOST, {**arrays, "rois": _dummy_rois(arrays["rois"]),
-                         "offset": arrays.get("offset"), "mask": arrays.get("mask")},
-        **options)
+    geom = _roi.prepare_forward(
+        {name: arrays.get(name) for name in ("input", "rois", "offset", "mask")}, **options
+    ).plan
 
     def forward(input, rois, offset=None, mask=None):
         return (cupydcn.deform_roi_pool(input, rois, offset, mask, **options),)
@@ -229,10 +216,9 @@ def deform_psroi_pool(
     options = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
                    part_size=part_size, sample_per_part=sample_per_part,
                    spatial_scale=spatial_scale, trans_std=trans_std)
-    check_float_dtypes(_psroi.OP, {n: a for n, a in arrays.items() if n != "rois"})
-    geom = _psroi.psroi_pool_geometry(
-        _psroi.OP, np, arrays["input"], _dummy_rois(arrays["rois"]), arrays.get("offset"),
-        **options)
+    geom = _psroi.prepare_forward(
+        {name: arrays.get(name) for name in ("input", "rois", "offset")}, **options
+    ).plan
 
     def forward(input, rois, offset=None):
         return cupydcn.deform_psroi_pool(input, rois, offset, **options)

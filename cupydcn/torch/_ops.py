@@ -28,8 +28,8 @@ from torch import Tensor
 
 import cupydcn
 
-from .._errors import type_error, value_error
-from .._validation import check_positive, finite_scalar
+from cupydcn.core.errors import type_error, value_error
+from cupydcn.core.checks import check_positive, finite_scalar
 
 NAMESPACE = "cupydcn"
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")

@@ -1,2 +1,2 @@
-"""CUDA-on-CPU test harness: runs the real ``kernels/`` sources on the host (see
+"""CUDA-on-CPU test harness: runs the real ``cupydcn/cuda/kernels/`` sources on the host (see
 ``host_launcher.HostLauncher`` and ``cuda_shim.h``)."""

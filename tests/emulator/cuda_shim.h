@@ -1,5 +1,5 @@
 // Host C++17 stand-ins for the CUDA built-ins that cupydcn's kernels use, so the real
-// kernel sources (the code of cupydcn._kernel_source.module_source(file), unchanged) compile
+// kernel sources (the code of cupydcn.cuda.kernel_source.module_source(file), unchanged) compile
 // with g++ and run on the CPU. Used by tests/emulator/host_launcher.py, which appends the
 // kernel source (with #line directives naming the kernels/ files) and generated extern "C"
 // entry points to this header and builds a shared library.

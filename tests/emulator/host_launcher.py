@@ -1,4 +1,4 @@
-"""A :class:`~cupydcn._launch.KernelLauncher` that runs the real CUDA kernels on the CPU.
+"""A :class:`~cupydcn.cuda.launch.KernelLauncher` that runs the real CUDA kernels on the CPU.
 
 How it works: for each (kernel source file, dtype, index width) it builds one shared
 library from a C++17 translation unit = ``cuda_shim.h`` + ``module_source(file)`` (the very
@@ -7,7 +7,7 @@ that file. Each entry point hands the kernel's function pointer, the launch conf
 and a ``void** args`` array (the ``cudaLaunchKernel`` convention) to the variadic
 ``cupydcn_emulation::launch`` of the shim, which unpacks the arguments with an index
 sequence and runs every block and thread sequentially with the thread-local
-``blockIdx`` / ``threadIdx`` set. Grid and block come from ``cupydcn._launch.launch_config``,
+``blockIdx`` / ``threadIdx`` set. Grid and block come from ``cupydcn.cuda.launch.launch_config``,
 as on the GPU. Libraries are memoised in-process and cached on disk (keyed by a hash of
 the translation unit, the compiler flags and the compiler's version).
 
@@ -37,7 +37,7 @@ needs the ASan runtime preloaded into Python, so it is opt-in and off in CI::
 
 (ASan then aborts the process with its report; it bounds whole NumPy allocations, where
 checked mode bounds each view a kernel is given.) Compiler errors and sanitizer reports
-name the ``kernels/`` file and line: the kernel text carries ``#line`` directives.
+name the ``cupydcn/cuda/kernels/`` file and line: the kernel text carries ``#line`` directives.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from cupydcn._kernel_source import (KERNEL_TEMPLATES, SOURCE_OF_KERNEL, kernel_dir, module_source,
+from cupydcn.cuda.kernel_source import (KERNEL_TEMPLATES, SOURCE_OF_KERNEL, kernel_dir, module_source,
                                     name_expression)
-from cupydcn._launch import launch_config
+from cupydcn.cuda.launch import launch_config
 
 SHIM_PATH = Path(__file__).resolve().with_name("cuda_shim.h")
 
@@ -187,7 +187,7 @@ _MARKER = re.compile(r"^// ---- (begin|end) (.+)$")
 
 def with_line_directives(source_file: str) -> str:
     """``module_source(source_file)`` with ``#line`` directives added, so compiler errors
-    and sanitizer reports name the ``kernels/`` file and line a statement came from. The
+    and sanitizer reports name the ``cupydcn/cuda/kernels/`` file and line a statement came from. The
     code lines are untouched: each is matched, in order, to its line in the file it came
     from (module_source only drops ``#pragma once`` and replaces ``#include`` lines by
     begin/end-marked file contents)."""
@@ -416,7 +416,7 @@ class _CapturedStderr:
 
 @dataclass
 class HostLauncher:
-    """KernelLauncher running ``kernels/`` on the CPU with ``xp`` = NumPy.
+    """KernelLauncher running ``cupydcn/cuda/kernels/`` on the CPU with ``xp`` = NumPy.
 
     checked: guard-page isolation of array arguments and NaN-filled ``xp.empty`` (default:
         ``CUPYDCN_EMULATOR_CHECKED``, on unless set to 0).

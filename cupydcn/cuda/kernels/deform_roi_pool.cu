@@ -4,7 +4,7 @@
 //
 // Device code only; templates over the element type T (double, float, __half,
 // __nv_bfloat16) and the index type I (int, or long long for tensors past 2^31
-// elements). Buffers and launches live in cupydcn/_roi_pool_kernels.py.
+// elements). Buffers and launches live in cupydcn/roi_pool/cuda_backend.py.
 //
 // Layouts (all C-contiguous; K RoIs, B = pooled_h * pooled_w bins, A = acc_t<T>):
 //   input            [N, C, H, W]        T

@@ -332,7 +332,7 @@ def import_peer(name: str) -> tuple[Any, str | None, list[str]]:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that take part."""
-    from . import __version__
+    from cupydcn import __version__
 
     found = {"python": platform.python_version(), "cupydcn": __version__,
              "numpy": np.__version__}
@@ -735,7 +735,7 @@ def make_problem(shape: Shape, dtype: str, device: Device,
 
 def _to_device(value: np.ndarray, dtype: str, device: Device):
     if device.kind != "cuda":
-        from ._dtypes import numpy_dtype
+        from cupydcn.core.dtypes import numpy_dtype
 
         try:
             return np.ascontiguousarray(value.astype(numpy_dtype(dtype)))
@@ -748,7 +748,7 @@ def _to_device(value: np.ndarray, dtype: str, device: Device):
     import cupy
 
     if dtype == "bfloat16":
-        from ._dtypes import numpy_dtype
+        from cupydcn.core.dtypes import numpy_dtype
 
         try:
             return cupy.asarray(value.astype(numpy_dtype("bfloat16")))
@@ -842,7 +842,7 @@ def _cupydcn_passes(forward: Callable, backward: Callable, pass_: str) -> Callab
 def _conv_call(problem, shape: ConvShape, a, provider, with_mask, pass_):
     options = dict(stride=shape.stride, padding=shape.padding, dilation=shape.dilation)
     if provider == "cupydcn":
-        from . import deform_conv2d, deform_conv2d_backward
+        from cupydcn import deform_conv2d, deform_conv2d_backward
 
         mask = a["mask"] if with_mask else None
         return _cupydcn_passes(
@@ -899,7 +899,7 @@ def _roi_call(problem, shape: RoiShape, a, provider, with_mask, pass_):
     options = dict(output_size=shape.output_size, spatial_scale=shape.spatial_scale,
                    sampling_ratio=shape.sampling_ratio)
     if provider == "cupydcn":
-        from . import deform_roi_pool, deform_roi_pool_backward
+        from cupydcn import deform_roi_pool, deform_roi_pool_backward
 
         mask = a["mask"] if with_mask else None
         return _cupydcn_passes(
@@ -931,7 +931,7 @@ def _roi_call(problem, shape: RoiShape, a, provider, with_mask, pass_):
 
 def _psroi_call(problem, shape: PsRoiShape, a, provider, pass_):
     if provider == "cupydcn":
-        from . import deform_psroi_pool, deform_psroi_pool_backward
+        from cupydcn import deform_psroi_pool, deform_psroi_pool_backward
 
         options = dict(output_dim=shape.output_dim, group_size=shape.group_size,
                        pooled_size=shape.pooled_size, part_size=shape.part_size,

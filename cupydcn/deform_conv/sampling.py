@@ -29,12 +29,15 @@ come back in the caller's array type, on the offsets' device.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, Sequence
 
-from . import _arrays
-from ._conv_geometry import _pair
-from ._errors import type_error, value_error
-from ._validation import check_float_dtypes, shape_of
+import numpy as np
+
+from cupydcn.core.checks import check_float_dtypes, conv_output_size, int_pair, shape_of
+from cupydcn.core.dispatch import Backends, Prepared, dispatch
+from cupydcn.core.errors import type_error, value_error
 
 SAMPLING_OP = "sampling_locations"
 DILATION_OP = "effective_dilation"
@@ -85,12 +88,12 @@ def _offset_groups(op: str, name: str, offset, taps: int, kernel: tuple[int, int
 
 
 def _geometry(op: str, kernel_size, stride, padding, dilation):
-    kernel = _pair(op, "kernel_size", kernel_size, minimum=1)
+    kernel = int_pair(op, "kernel_size", kernel_size, minimum=1)
     return (
         kernel,
-        _pair(op, "stride", stride, minimum=1),
-        _pair(op, "padding", padding, minimum=0),
-        _pair(op, "dilation", dilation, minimum=1),
+        int_pair(op, "stride", stride, minimum=1),
+        int_pair(op, "padding", padding, minimum=0),
+        int_pair(op, "dilation", dilation, minimum=1),
     )
 
 
@@ -158,15 +161,19 @@ def _with_locations(op: str, offset, geometry, reduce):
     """Validate ``offset``, compute its sampling locations where it lives and return
     ``reduce(xp, locations)`` in the caller's array type."""
     kernel, stride, padding, dilation = geometry
-    placement, native = _arrays.natives(op, {"offset": offset})
-    offset = native["offset"]
-    dtype_name = check_float_dtypes(op, {"offset": offset})
-    _offset_groups(op, "offset", offset, kernel[0] * kernel[1], kernel)
-    xp = _arrays.array_module(placement)
-    with _arrays.compute_scope(placement):
+
+    def prepare(native) -> Prepared:
+        dtype_name = check_float_dtypes(op, native)
+        _offset_groups(op, "offset", native["offset"], kernel[0] * kernel[1], kernel)
+        return Prepared(dtype_name, {})
+
+    def compute(xp, launcher, offset, dtype_name):
         locations = _locations(xp, offset, _compute_dtype(xp, dtype_name), kernel, stride,
                                padding, dilation)
-        return _arrays.to_caller(placement, reduce(xp, locations))
+        return reduce(xp, locations)
+
+    return dispatch(op, {"offset": offset}, required=("offset",), prepare=prepare,
+                    backends=Backends.array_api(compute))
 
 
 def effective_dilation(offset, *, kernel_size, stride=1, padding=0, dilation=1):
@@ -309,9 +316,46 @@ def stacked_sampling_locations(
     points_is_array = not isinstance(points, (list, tuple))
     if points_is_array:
         arrays["points"] = points
-    placement, native = _arrays.natives(op, arrays)
+    else:
+        points = _points_from_sequence(op, points)
+    return dispatch(
+        op, arrays,
+        prepare=partial(_prepare_stacked, op, geometry, groups_followed, layers,
+                        interpolation=interpolation),
+        check_values=_check_points,
+        backends=Backends.array_api(
+            partial(_compose_stacked, None if points_is_array else points)),
+    )
+
+
+def _points_from_sequence(op: str, points) -> np.ndarray:
+    """``points`` given as a list or tuple of (oy, ox) rows, as a float64 NumPy array."""
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise type_error(op, f"points must be [P, 2] (oy, ox) numbers; got {points!r:.80}: "
+                             f"{exc}") from None
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise value_error(op, f"points must have shape [P, 2] ((oy, ox) rows); got "
+                              f"{array.shape}")
+    return array
+
+
+@dataclass(frozen=True)
+class _StackedPlan:
+    op: str
+    dtype_name: str
+    geometry: tuple
+    groups_followed: tuple
+    batch: int
+    interpolation: str
+    names: tuple  # the call's array names in dispatch order
+
+
+def _prepare_stacked(op, geometry, groups_followed, layers, native, *,
+                     interpolation="bilinear") -> Prepared:
+    """Every check of a stacked_sampling_locations call that reads no data."""
     dtype_name = check_float_dtypes(op, {k: v for k, v in native.items() if k != "points"})
-    xp = _arrays.array_module(placement)
 
     batch = None
     previous_size = None
@@ -327,7 +371,7 @@ def stacked_sampling_locations(
             raise value_error(op, f"{name} has batch {n}; expected {batch} like offsets[0]")
         if previous_size is not None:
             expected = tuple(
-                (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+                conv_output_size(size, k, stride=s, padding=p, dilation=d)
                 for size, p, d, k, s in zip(previous_size, l_padding, l_dilation, kernel, l_stride)
             )
             if (out_h, out_w) != expected:
@@ -352,49 +396,65 @@ def stacked_sampling_locations(
                     op,
                     f"{mask_name} has shape {shape_of(native[mask_name])}; expected {expected_mask}",
                 )
+    points = native.get("points")
+    if points is not None and (points.ndim != 2 or int(points.shape[1]) != 2):
+        raise value_error(
+            op, f"points must have shape [P, 2] ((oy, ox) rows); got {shape_of(points)}")
+    plan = _StackedPlan(op, dtype_name, tuple(geometry), tuple(groups_followed), batch,
+                        interpolation, tuple(native))
+    return Prepared(plan, {})
 
-    with _arrays.compute_scope(placement):
-        dtype = _compute_dtype(xp, dtype_name)
-        points_native = native["points"] if points_is_array else xp.asarray(points)
-        if points_native.ndim != 2 or int(points_native.shape[1]) != 2:
-            raise value_error(
-                op, f"points must have shape [P, 2] ((oy, ox) rows); got {shape_of(points_native)}"
-            )
-        points_native = points_native.astype(dtype)
-        if not bool(xp.all(xp.isfinite(points_native))):
-            raise value_error(op, "points must be finite")
 
-        # positions [N, M, 2] in the current layer's output grid, from the last layer down.
-        positions = xp.broadcast_to(points_native[None], (batch,) + points_native.shape).copy()
-        weights = None
-        for l in reversed(range(layers)):
-            kernel, l_stride, l_padding, l_dilation = geometry[l]
-            taps = kernel[0] * kernel[1]
-            offset = native[f"offsets[{l}]"]
-            group = groups_followed[l]
-            field = offset[:, group * 2 * taps:(group + 1) * 2 * taps].astype(dtype)
-            ys, xs = positions[..., 0], positions[..., 1]
-            read = _read_field(xp, field, ys, xs, interpolation)  # [N, M, 2K]
-            m = positions.shape[1]
-            read = read.reshape(batch, m, taps, 2)
-            taps_yx = _tap_grid(xp, kernel, l_dilation, dtype)
-            base = positions * xp.asarray([l_stride[0], l_stride[1]], dtype=dtype) - xp.asarray(
-                [l_padding[0], l_padding[1]], dtype=dtype)
-            new_positions = base[:, :, None, :] + taps_yx[None, None] + read  # [N, M, K, 2]
-            mask = native.get(f"masks[{l}]")
-            if mask is not None:
-                mfield = mask[:, group * taps:(group + 1) * taps].astype(dtype)
-                mread = _read_field(xp, mfield, ys, xs, interpolation)  # [N, M, K]
-                previous = xp.ones((batch, m), dtype=dtype) if weights is None else weights
-                weights = (previous[:, :, None] * mread).reshape(batch, m * taps)
-            elif weights is not None:
-                weights = xp.repeat(weights, taps, axis=1)
-            positions = new_positions.reshape(batch, m * taps, 2)
+def _check_points(xp, native, plan: _StackedPlan) -> None:
+    """Array ``points`` are finite (reads them: on the arrays' device and stream)."""
+    points = native.get("points")
+    if points is not None and not bool(xp.all(xp.isfinite(points))):
+        raise value_error(plan.op, "points must be finite")
 
-        p = int(points_native.shape[0])
-        total = math.prod(kernel[0] * kernel[1] for kernel, _, _, _ in geometry)
-        locations = positions.reshape(batch, p, total, 2)
-        if weights is not None:
-            weights = weights.reshape(batch, p, total)
-        return StackedSampling(_arrays.to_caller(placement, locations),
-                               _arrays.to_caller(placement, weights))
+
+def _compose_stacked(points_given, xp, launcher, *args) -> StackedSampling:
+    """The composition itself (see stacked_sampling_locations) on ``xp`` arrays:
+    ``args`` are the call's arrays in ``plan.names`` order, then the plan. Points given
+    as a list (``points_given``, a NumPy array) are moved to ``xp``."""
+    *arrays, plan = args
+    native = dict(zip(plan.names, arrays))
+    geometry, groups_followed, batch = plan.geometry, plan.groups_followed, plan.batch
+    interpolation, layers = plan.interpolation, len(plan.geometry)
+    dtype = _compute_dtype(xp, plan.dtype_name)
+    points_native = native["points"] if points_given is None else xp.asarray(points_given)
+    points_native = points_native.astype(dtype)
+    if points_given is not None and not bool(xp.all(xp.isfinite(points_native))):
+        raise value_error(plan.op, "points must be finite")
+    # positions [N, M, 2] in the current layer's output grid, from the last layer down.
+    positions = xp.broadcast_to(points_native[None], (batch,) + points_native.shape).copy()
+    weights = None
+    for l in reversed(range(layers)):
+        kernel, l_stride, l_padding, l_dilation = geometry[l]
+        taps = kernel[0] * kernel[1]
+        offset = native[f"offsets[{l}]"]
+        group = groups_followed[l]
+        field = offset[:, group * 2 * taps:(group + 1) * 2 * taps].astype(dtype)
+        ys, xs = positions[..., 0], positions[..., 1]
+        read = _read_field(xp, field, ys, xs, interpolation)  # [N, M, 2K]
+        m = positions.shape[1]
+        read = read.reshape(batch, m, taps, 2)
+        taps_yx = _tap_grid(xp, kernel, l_dilation, dtype)
+        base = positions * xp.asarray([l_stride[0], l_stride[1]], dtype=dtype) - xp.asarray(
+            [l_padding[0], l_padding[1]], dtype=dtype)
+        new_positions = base[:, :, None, :] + taps_yx[None, None] + read  # [N, M, K, 2]
+        mask = native.get(f"masks[{l}]")
+        if mask is not None:
+            mfield = mask[:, group * taps:(group + 1) * taps].astype(dtype)
+            mread = _read_field(xp, mfield, ys, xs, interpolation)  # [N, M, K]
+            previous = xp.ones((batch, m), dtype=dtype) if weights is None else weights
+            weights = (previous[:, :, None] * mread).reshape(batch, m * taps)
+        elif weights is not None:
+            weights = xp.repeat(weights, taps, axis=1)
+        positions = new_positions.reshape(batch, m * taps, 2)
+
+    p = int(points_native.shape[0])
+    total = math.prod(kernel[0] * kernel[1] for kernel, _, _, _ in geometry)
+    locations = positions.reshape(batch, p, total, 2)
+    if weights is not None:
+        weights = weights.reshape(batch, p, total)
+    return StackedSampling(locations, weights)

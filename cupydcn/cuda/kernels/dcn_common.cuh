@@ -53,7 +53,7 @@ __device__ __forceinline__ void atomic_accumulate(double* address, double value)
 
 // ---------------------------------------------------------------- padding modes
 // Where a sample coordinate p is read along a dimension of `size` pixels (SEMANTICS.md
-// section 1). The codes are cupydcn/_padding.py's PADDING_MODE_CODES; the NumPy backend's
+// section 1). The codes are cupydcn/deform_conv/padding.py's PADDING_MODE_CODES; the NumPy backend's
 // map_coordinates is the same function.
 //   zeros:      p' = p (points outside the map read 0 in the blend)
 //   border:     p' = clamp(p, 0, size - 1)

@@ -1,7 +1,7 @@
-"""The CuPy implementation of :class:`~cupydcn._launch.KernelLauncher`.
+"""The CuPy implementation of :class:`~cupydcn.cuda.launch.KernelLauncher`.
 
 One compiled module per (device, source file, dtype, index width), memoised; kernels
-launch on CuPy's current stream (set by :func:`cupydcn._arrays.compute_scope`).
+launch on CuPy's current stream (set by :func:`cupydcn.core.arrays.compute_scope`).
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ._errors import CupydcnRuntimeError
-from ._kernel_source import (
+from cupydcn.core.errors import CupydcnRuntimeError
+from cupydcn.cuda.kernel_source import (
     NVRTC_OPTIONS,
     SOURCE_OF_KERNEL,
     module_source,
     name_expression,
     name_expressions,
 )
-from ._launch import launch_config
+from cupydcn.cuda.launch import launch_config
 
 _INDEX_SCALARS = {32: np.int32, 64: np.int64}
 
@@ -37,7 +37,7 @@ def _module(device_id: int, source_file: str, dtype_name: str, index_bits: int):
 
 
 class CupyLauncher:
-    """Launches ``kernels/`` specialisations with CuPy on the current device and stream."""
+    """Launches ``cupydcn/cuda/kernels/`` specialisations with CuPy on the current device and stream."""
 
     def __init__(self) -> None:
         import cupy

@@ -18,11 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
-from ._deform_conv import deform_conv2d, deform_conv2d_backward
-from ._deform_psroi_pool import deform_psroi_pool, deform_psroi_pool_backward
-from ._deform_roi_pool import deform_roi_pool, deform_roi_pool_backward
-from ._dtypes import DTYPES, numpy_dtype
+from cupydcn import __version__
+from cupydcn.deform_conv import deform_conv2d, deform_conv2d_backward
+from cupydcn.psroi_pool import deform_psroi_pool, deform_psroi_pool_backward
+from cupydcn.roi_pool import deform_roi_pool, deform_roi_pool_backward
+from cupydcn.core.dtypes import DTYPES, numpy_dtype
 
 # Max |error| / max |reference| accepted per dtype (about 4 units of roundoff for halves).
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}

@@ -17,28 +17,59 @@ Any DLPack array (NumPy, CuPy, PyTorch, JAX), computed where it lives and return
 caller's array type: a 0-d array for "mean" / "sum", in the offset's dtype. Arithmetic is
 in the accumulation dtype (float32 for float16 / bfloat16, rounded once at the end), with
 NumPy on the CPU and CuPy elementwise operations and reductions on a GPU (half types are
-widened and rounded there by the conversion kernels of ``kernels/convert.cu``).
+widened and rounded there by the conversion kernels of
+``cupydcn/cuda/kernels/convert.cu``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import numpy as np
 
-from . import _arrays
-from ._dtypes import DTYPES
-from ._errors import value_error
-from ._launch import contiguous, index_bits_for_sizes, round_to_dtype, widen_to_acc
-from ._validation import check_float_dtypes, finite_scalar, shape_of
+from cupydcn.core.dispatch import Backends, Prepared, dispatch
+from cupydcn.core.dtypes import DTYPES
+from cupydcn.core.errors import value_error
+from cupydcn.cuda.launch import contiguous, index_bits_for_sizes, round_to_dtype, widen_to_acc
+from cupydcn.core.checks import check_float_dtypes, finite_scalar, shape_of
 
 OP = "offset_l2_penalty"
 BACKWARD_OP = "offset_l2_penalty_backward"
 REDUCTIONS = ("mean", "sum", "none")
 
 
+@dataclass(frozen=True)
+class PenaltyPlan:
+    """What a penalty call computes: the offset's dtype name, weight and reduction."""
+
+    dtype_name: str
+    weight: float
+    reduction: str
+
+
 def _check_reduction(op: str, reduction) -> str:
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise value_error(op, f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     return reduction
+
+
+def _prepare_forward(native, *, weight, reduction) -> Prepared:
+    return Prepared(PenaltyPlan(check_float_dtypes(OP, native), weight, reduction), {})
+
+
+def _prepare_backward(native, *, weight, reduction) -> Prepared:
+    dtype_name = check_float_dtypes(BACKWARD_OP, {"offset": native["offset"],
+                                                  "grad": native["grad"]})
+    expected = shape_of(native["offset"]) if reduction == "none" else ()
+    if shape_of(native["grad"]) != expected:
+        what = "offset's shape" if reduction == "none" else "a 0-d array"
+        raise value_error(
+            BACKWARD_OP,
+            f"grad has shape {shape_of(native['grad'])}; expected {expected} ({what} for "
+            f"reduction={reduction!r})",
+        )
+    return Prepared(PenaltyPlan(dtype_name, weight, reduction), {})
 
 
 
@@ -70,13 +101,14 @@ class _Converter:
                               index_bits_for_sizes(acc_array.size), acc_array, dtype)
 
 
-def penalty_forward(xp, launcher, offset, dtype_name: str, weight: float, reduction: str):
+def penalty_forward(xp, launcher, offset, plan: PenaltyPlan):
     """The penalty of a native array ``offset`` (NumPy or CuPy, as ``xp``): an array of
     offset's shape ("none") or a 0-d array, in offset's dtype. ``launcher`` converts half
     types (None: ``astype``)."""
-    convert = _Converter(xp, launcher, dtype_name)
+    convert = _Converter(xp, launcher, plan.dtype_name)
     x = convert.widen(offset)
-    scale = xp.asarray(weight, dtype=convert.acc)
+    scale = xp.asarray(plan.weight, dtype=convert.acc)
+    reduction = plan.reduction
     if reduction == "none":
         result = xp.asarray(scale * xp.square(x), dtype=convert.acc)
     else:
@@ -87,18 +119,21 @@ def penalty_forward(xp, launcher, offset, dtype_name: str, weight: float, reduct
     return convert.round(result, offset.dtype)
 
 
-def penalty_backward(xp, launcher, grad, offset, dtype_name: str, weight: float,
-                     reduction: str):
+def penalty_backward(xp, launcher, grad, offset, plan: PenaltyPlan):
     """d penalty / d offset given ``grad`` (0-d for "mean" / "sum", offset's shape for
     "none"), in offset's dtype and shape; arguments as :func:`penalty_forward`."""
-    convert = _Converter(xp, launcher, dtype_name)
+    convert = _Converter(xp, launcher, plan.dtype_name)
     x = convert.widen(offset)
     g = convert.widen(grad)
-    factor = g * xp.asarray(2.0 * weight, dtype=convert.acc)
-    if reduction == "mean" and x.size:
+    factor = g * xp.asarray(2.0 * plan.weight, dtype=convert.acc)
+    if plan.reduction == "mean" and x.size:
         factor = factor / x.size
     result = xp.asarray(factor * x, dtype=convert.acc)
     return convert.round(result, offset.dtype)
+
+
+FORWARD = Backends.array_api(penalty_forward)
+BACKWARD = Backends.array_api(penalty_backward)
 
 
 def offset_l2_penalty(offset, *, weight=1.0, reduction: str = "mean"):
@@ -115,13 +150,9 @@ def offset_l2_penalty(offset, *, weight=1.0, reduction: str = "mean"):
     """
     reduction = _check_reduction(OP, reduction)
     weight = finite_scalar(OP, "weight", weight)
-    placement, native = _arrays.natives(OP, {"offset": offset})
-    dtype_name = check_float_dtypes(OP, native)
-    with _arrays.compute_scope(placement):
-        xp = _arrays.array_module(placement)
-        launcher = _arrays.kernel_launcher(placement) if placement.on_cuda else None
-        result = penalty_forward(xp, launcher, native["offset"], dtype_name, weight, reduction)
-        return _arrays.to_caller(placement, result)
+    return dispatch(OP, {"offset": offset}, required=("offset",),
+                    prepare=partial(_prepare_forward, weight=weight, reduction=reduction),
+                    backends=FORWARD)
 
 
 def offset_l2_penalty_backward(grad, offset, *, weight=1.0, reduction: str = "mean"):
@@ -137,19 +168,6 @@ def offset_l2_penalty_backward(grad, offset, *, weight=1.0, reduction: str = "me
     weight = finite_scalar(BACKWARD_OP, "weight", weight)
     if isinstance(grad, np.generic):  # a NumPy scalar, e.g. np.float32(1.0): a 0-d array
         grad = np.asarray(grad)
-    placement, native = _arrays.natives(BACKWARD_OP, {"offset": offset, "grad": grad})
-    dtype_name = check_float_dtypes(BACKWARD_OP, native)
-    expected = shape_of(native["offset"]) if reduction == "none" else ()
-    if shape_of(native["grad"]) != expected:
-        what = "offset's shape" if reduction == "none" else "a 0-d array"
-        raise value_error(
-            BACKWARD_OP,
-            f"grad has shape {shape_of(native['grad'])}; expected {expected} ({what} for "
-            f"reduction={reduction!r})",
-        )
-    with _arrays.compute_scope(placement):
-        xp = _arrays.array_module(placement)
-        launcher = _arrays.kernel_launcher(placement) if placement.on_cuda else None
-        result = penalty_backward(xp, launcher, native["grad"], native["offset"], dtype_name,
-                                  weight, reduction)
-        return _arrays.to_caller(placement, result)
+    return dispatch(BACKWARD_OP, {"grad": grad, "offset": offset}, required=("grad", "offset"),
+                    prepare=partial(_prepare_backward, weight=weight, reduction=reduction),
+                    backends=BACKWARD)

@@ -1,4 +1,4 @@
-"""Kernel sources: where ``kernels/`` lives, how a module's source string is built, and
+"""Kernel sources: where ``cupydcn/cuda/kernels/`` lives, how a module's source string is built, and
 the name expressions of every specialisation.
 
 A module's source string is the ``.cu`` file with its ``#include "..."`` lines replaced by
@@ -13,7 +13,7 @@ import functools
 import re
 from pathlib import Path
 
-from ._dtypes import DTYPES, INDEX_C_TYPES
+from cupydcn.core.dtypes import DTYPES, INDEX_C_TYPES
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 _PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.MULTILINE)
@@ -39,6 +39,8 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+
 SOURCE_OF_KERNEL: dict[str, str] = {
     kernel: source for source, kernels in KERNEL_TEMPLATES.items() for kernel in kernels
 }
@@ -48,15 +50,8 @@ NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
 
 def kernel_dir() -> Path:
-    """The directory of the CUDA sources: inside the installed package (wheel) or the
-    repository's top-level ``kernels/`` (source checkout / editable install)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "kernels", here.parent / "kernels"):
-        if (candidate / "dcn_common.cuh").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"cupydcn's CUDA sources were not found in {here / 'kernels'} or {here.parent / 'kernels'}"
-    )
+    """The directory of the CUDA sources, ``cupydcn/cuda/kernels/`` (package data)."""
+    return KERNEL_DIR
 
 
 def _inline(path: Path, seen: set[Path]) -> str:
@@ -74,7 +69,7 @@ def _inline(path: Path, seen: set[Path]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def module_source(source_file: str) -> str:
-    """The full source string of one ``kernels/`` file, local includes inlined."""
+    """The full source string of one ``cupydcn/cuda/kernels/`` file, local includes inlined."""
     path = kernel_dir() / source_file
     return _inline(path, {path.resolve()})
 

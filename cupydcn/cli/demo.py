@@ -41,8 +41,8 @@ import time
 
 import numpy as np
 
-from ._deform_conv import deform_conv2d, deform_conv2d_backward
-from ._sampling import effective_dilation
+from cupydcn.deform_conv import deform_conv2d, deform_conv2d_backward
+from cupydcn.deform_conv.sampling import effective_dilation
 
 IMAGE = 32
 FEATURE = IMAGE // 2          # the deformable layer's grid (after the 2 x 2 pool)
@@ -247,7 +247,7 @@ def draw(path, test, result, *, title: str) -> None:
     effective dilation against the pair's separation."""
     from matplotlib.figure import Figure
 
-    from .viz import plot_sampling_points
+    from cupydcn.viz import plot_sampling_points
 
     images, labels, separation, centres = test
     figure = Figure(figsize=(11, 5.6), dpi=100, layout="constrained")

@@ -1,6 +1,6 @@
-"""deform_roi_pool on the CUDA kernels (kernels/deform_roi_pool.cu): buffers and launches.
+"""deform_roi_pool on the CUDA kernels (cupydcn/cuda/kernels/deform_roi_pool.cu): buffers and launches.
 
-Written once against a :class:`~cupydcn._launch.KernelLauncher`, like the conv op: on a
+Written once against a :class:`~cupydcn.cuda.launch.KernelLauncher`, like the conv op: on a
 GPU with CuPy, in the tests with the CPU harness that runs the same kernels on the host.
 
 Forward::
@@ -22,8 +22,8 @@ the kernels and every result is rounded once.
 
 from __future__ import annotations
 
-from ._deform_roi_pool import RoiPoolGeometry, RoiPoolGrads
-from ._launch import (
+from cupydcn.roi_pool.spec import RoiPoolGeometry, RoiPoolGrads
+from cupydcn.cuda.launch import (
     KernelLauncher,
     KernelTypes,
     contiguous,

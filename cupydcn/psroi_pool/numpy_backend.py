@@ -2,7 +2,7 @@
 
 Every step works on all RoIs, classes, output channels and bins at once; the only Python
 loop runs over the sample_per_part**2 samples of a bin. The arithmetic follows the CUDA
-kernels (kernels/deform_psroi_pool.cu) operation by operation in the accumulation dtype
+kernels (cupydcn/cuda/kernels/deform_psroi_pool.cu) operation by operation in the accumulation dtype
 (float32 for half types), so both backends place every sample identically and agree on
 which samples are skipped. Conventions at the kinks are the kernels' (MSRA's); see there.
 
@@ -14,14 +14,12 @@ on the channel are ``[K, L, 1, P, P]``.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from ._dtypes import DTYPES
-
-if TYPE_CHECKING:
-    from ._deform_psroi_pool import PSRoiPoolGeometry
+from cupydcn.core.dtypes import DTYPES
+from cupydcn.psroi_pool.spec import PSRoiPoolGeometry, PSRoiPoolGrads
 
 
 def _quiet_float_errors(function):
@@ -211,8 +209,8 @@ def psroi_pool_backward(grad_output, input, rois, offset, geom: PSRoiPoolGeometr
     want_offset = "offset" in wrt and offset is not None
     dtype = input.dtype
     if geom.num_rois == 0:
-        return (np.zeros(geom.input_shape, dtype=dtype) if want_input else None,
-                np.zeros(geom.offset_shape, dtype=dtype) if want_offset else None)
+        return PSRoiPoolGrads(np.zeros(geom.input_shape, dtype=dtype) if want_input else None,
+                              np.zeros(geom.offset_shape, dtype=dtype) if want_offset else None)
     acc, bins, plane_starts = _prepare(input, rois, offset, geom)
     counts = _counts(bins, geom)
     grad = np.asarray(grad_output).astype(acc, copy=False).reshape(plane_starts.shape)
@@ -258,8 +256,9 @@ def psroi_pool_backward(grad_output, input, rois, offset, geom: PSRoiPoolGeometr
         for axis, bin_sums, roi_size in ((0, bin_dw, bins.roi_w), (1, bin_dh, bins.roi_h)):
             cells[:, :, axis] = _sum_bins_into_parts(bin_sums[:, :, 0], geom) * trans_std * (
                 roi_size[:, None, None, None])
-    return (None if grad_input is None else grad_input.reshape(geom.input_shape).astype(dtype),
-            grad_offset)
+    return PSRoiPoolGrads(
+        None if grad_input is None else grad_input.reshape(geom.input_shape).astype(dtype),
+        grad_offset)
 
 
 def _sum_bins_into_parts(per_bin: np.ndarray, geom: PSRoiPoolGeometry) -> np.ndarray:

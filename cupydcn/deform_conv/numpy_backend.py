@@ -1,6 +1,6 @@
 """Vectorised NumPy backend of deform_conv2d (DCNv1 / modulated DCNv2) for CPU arrays.
 
-Computes the function of ``kernels/deform_conv.cu`` (SEMANTICS.md section 1), with the
+Computes the function of ``cupydcn/cuda/kernels/deform_conv.cu`` (SEMANTICS.md section 1), with the
 kernels' conventions:
 
 * sample point of output pixel (oy, ox), tap (i, j): ``py = oy*stride_h - pad_h + i*dil_h
@@ -11,9 +11,9 @@ kernels' conventions:
 * a NaN coordinate samples NaN and has a NaN offset gradient, and adds nothing to the
   input gradient; coordinates beyond ``(-2, size + 1)`` (infinities included) sample 0;
 * ``padding_mode`` "border" / "reflection": each coordinate is first mapped into the map by
-  :func:`cupydcn._padding.map_coordinates` (the kernels' ``map_coordinate``), which also
+  :func:`cupydcn.deform_conv.padding.map_coordinates` (the kernels' ``map_coordinate``), which also
   gives ``dp'/dp`` (1, 0 or -1), the factor of the coordinate derivatives; the bilinear
-  cell of ``p' == size - 1`` is ``[size - 2, size - 1]`` (:func:`cupydcn._padding.cell_floor`)
+  cell of ``p' == size - 1`` is ``[size - 2, size - 1]`` (:func:`cupydcn.deform_conv.padding.cell_floor`)
   so the derivative at the last row is the one from inside the map. Infinite coordinates
   clamp (border) or sample NaN (reflection).
 
@@ -48,10 +48,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ._conv_geometry import OP, ConvGeometry
-from ._dtypes import dtype_info, numpy_dtype
-from ._errors import type_error, value_error
-from ._padding import cell_floor, map_coordinates
+from cupydcn.deform_conv.spec import OP, ConvGeometry, ConvGrads
+from cupydcn.core.dtypes import dtype_info, numpy_dtype
+from cupydcn.core.errors import type_error, value_error
+from cupydcn.deform_conv.padding import cell_floor, map_coordinates
 
 GRADIENT_NAMES = frozenset({"input", "offset", "weight", "mask", "bias"})
 
@@ -113,7 +113,7 @@ def conv_backward(
     *,
     wrt: frozenset[str],
     workspace_bytes: int,
-) -> tuple[np.ndarray | None, ...]:
+) -> ConvGrads:
     """Gradients of deformable convolution on NumPy arrays.
 
     grad_output [N, C_out, out_h, out_w]; the other arguments as in :func:`conv_forward`.
@@ -191,7 +191,7 @@ def conv_backward(
         else grad_weight_sum.reshape(geom.weight_shape).astype(dtype)
     )
     grad_bias = None if grad_bias_sum is None else grad_bias_sum.astype(dtype)
-    return grad_input, grad_offset, grad_weight, grad_mask, grad_bias
+    return ConvGrads(grad_input, grad_offset, grad_weight, grad_mask, grad_bias)
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -1,6 +1,6 @@
-"""deform_psroi_pool on the CUDA kernels (kernels/deform_psroi_pool.cu): buffers and launches.
+"""deform_psroi_pool on the CUDA kernels (cupydcn/cuda/kernels/deform_psroi_pool.cu): buffers and launches.
 
-Written once against a :class:`~cupydcn._launch.KernelLauncher`: on a GPU with CuPy, in
+Written once against a :class:`~cupydcn.cuda.launch.KernelLauncher`: on a GPU with CuPy, in
 the tests with the CPU harness that runs the same kernels on the host (``xp`` = NumPy).
 
 Forward: one launch, one thread per output element, writing output (T) and count (int32).
@@ -18,9 +18,7 @@ the accumulation dtype: launch arguments other than arrays are index-typed ints.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ._launch import (
+from cupydcn.cuda.launch import (
     KernelLauncher,
     KernelTypes,
     contiguous,
@@ -28,9 +26,7 @@ from ._launch import (
     kernel_types,
     round_to_dtype,
 )
-
-if TYPE_CHECKING:
-    from ._deform_psroi_pool import PSRoiPoolGeometry
+from cupydcn.psroi_pool.spec import PSRoiPoolGeometry, PSRoiPoolGrads
 
 
 def index_bits_for(geom: PSRoiPoolGeometry) -> int:
@@ -74,7 +70,7 @@ def psroi_pool_forward(
     offset,
     geom: PSRoiPoolGeometry,
     *,
-    dtype_name: str,
+    dtype_name: str | None = None,
     index_bits: int | None = None,
 ):
     """(output [K, output_dim, P, P] of the input dtype, count [K, output_dim, P, P]
@@ -84,6 +80,7 @@ def psroi_pool_forward(
     count = xp.empty(geom.output_shape, dtype=xp.int32)
     if geom.num_rois == 0:
         return output, count
+    dtype_name = dtype_name or geom.dtype_name
     plan = _plan(launcher, dtype_name, geom, index_bits)
     rois_acc, scalars = _kernel_inputs(launcher, plan, rois, geom)
     launcher.launch(
@@ -102,13 +99,14 @@ def psroi_pool_backward(
     offset,
     geom: PSRoiPoolGeometry,
     *,
-    dtype_name: str,
     wrt: frozenset[str],
+    dtype_name: str | None = None,
     index_bits: int | None = None,
 ):
     """(grad_input [N, C, H, W] or None, grad_offset [K, 2 * num_classes, S, S] or None)
     for the names in ``wrt`` ("input", "offset"; the latter only with an offset)."""
     xp = launcher.xp
+    dtype_name = dtype_name or geom.dtype_name
     plan = _plan(launcher, dtype_name, geom, index_bits)
     grad_output, offset = contiguous(xp, grad_output), contiguous(xp, offset)
     want_offset = "offset" in wrt and offset is not None
@@ -136,4 +134,4 @@ def psroi_pool_backward(
         None if grad_input_acc is None else round_to_dtype(
             launcher, dtype_name, plan.index_bits, grad_input_acc, input.dtype)
     )
-    return grad_input, grad_offset
+    return PSRoiPoolGrads(grad_input, grad_offset)

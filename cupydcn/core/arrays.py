@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ._errors import type_error, value_error
+from cupydcn.core.errors import type_error, value_error
 
 # DLPack device types (dlpack.h, DLDeviceType).
 _DL_CPU = 1
@@ -142,7 +142,7 @@ def _torch_cpu_to_numpy(tensor) -> np.ndarray:
 
     tensor = _torch_exportable(tensor)
     if tensor.dtype == torch.bfloat16:  # NumPy's DLPack has no bfloat16: reinterpret bits
-        from ._dtypes import bfloat16_dtype
+        from cupydcn.core.dtypes import bfloat16_dtype
 
         return np.from_dlpack(tensor.view(torch.int16)).view(bfloat16_dtype())
     return np.from_dlpack(tensor)
@@ -189,7 +189,7 @@ def array_module(placement: Placement) -> ModuleType:
 
 def kernel_launcher(placement: Placement):
     """The launcher of the CUDA kernels for a placement on a CUDA device."""
-    from ._cupy_launcher import cupy_launcher
+    from cupydcn.cuda.cupy_launcher import cupy_launcher
 
     return cupy_launcher()
 

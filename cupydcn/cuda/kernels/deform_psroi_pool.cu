@@ -3,7 +3,7 @@
 //
 // Device code only; templates over the element type T (double, float, __half,
 // __nv_bfloat16) and the index type I (int, or long long past 2^31 elements). Buffers and
-// launches live in cupydcn/_psroi_pool_kernels.py; the contract is SEMANTICS.md section 3.
+// launches live in cupydcn/psroi_pool/cuda_backend.py; the contract is SEMANTICS.md section 3.
 //
 // Layouts (all C-contiguous; K RoIs, P = pooled_size, S = part_size, G = group_size,
 // D = output_dim, L = num_classes (1 without offsets), A = acc_t<T>):

@@ -1,6 +1,6 @@
 """deform_conv2d on the CUDA kernels: buffers, batch chunking, GEMMs and launches.
 
-Written once against a :class:`~cupydcn._launch.KernelLauncher`: on a GPU with CuPy, in
+Written once against a :class:`~cupydcn.cuda.launch.KernelLauncher`: on a GPU with CuPy, in
 the tests with the CPU harness that runs the same kernels on the host (``xp`` = NumPy).
 
 Forward, per chunk of ``n`` images::
@@ -23,35 +23,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ._conv_geometry import ConvGeometry
-from ._dtypes import DTYPES
-from ._launch import (
+from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
+from cupydcn.core.dtypes import DTYPES
+from cupydcn.cuda.launch import (
     KernelLauncher,
     contiguous,
     index_bits_for_sizes,
     round_to_dtype,
     widen_to_acc,
 )
-from ._padding import PADDING_MODE_CODES
-
-GRADIENT_NAMES = ("input", "offset", "weight", "mask", "bias")
-
-
-class ConvGrads(NamedTuple):
-    """Gradients of deform_conv2d; an entry is None when it was not requested (or, for
-    grad_mask, when the call had no mask).
-
-    grad_input [N, C, H, W], grad_offset [N, 2*G*kh*kw, H_out, W_out],
-    grad_weight [C_out, C/groups, kh, kw], grad_mask [N, G*kh*kw, H_out, W_out],
-    grad_bias [C_out].
-    """
-
-    grad_input: object
-    grad_offset: object
-    grad_weight: object
-    grad_mask: object
-    grad_bias: object
-
+from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 
 def images_per_chunk(geom: ConvGeometry, bytes_per_image: int, workspace_bytes: int) -> int:
     """How many images' buffers fit in ``workspace_bytes`` (at least one, at most N)."""
@@ -90,7 +71,7 @@ def _plan(launcher: KernelLauncher, dtype_name: str, geom: ConvGeometry,
 def _shape_args(geom: ConvGeometry, images: int) -> list[int]:
     """The size arguments every conv kernel takes after its pointers, in order; the last
     is the padding mode's code (a runtime argument of the index type, PADDING_* in
-    kernels/dcn_common.cuh)."""
+    cupydcn/cuda/kernels/dcn_common.cuh)."""
     return [
         images, geom.in_channels, geom.height, geom.width, geom.kernel_h, geom.kernel_w,
         geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
@@ -115,11 +96,13 @@ def conv_forward(
     mask,
     geom: ConvGeometry,
     *,
-    dtype_name: str,
     workspace_bytes: int,
+    dtype_name: str | None = None,
     index_bits: int | None = None,
 ):
-    """Output [N, C_out, H_out, W_out] of deform_conv2d (arrays of ``launcher.xp``)."""
+    """Output [N, C_out, H_out, W_out] of deform_conv2d (arrays of ``launcher.xp``).
+    ``dtype_name`` defaults to the geometry's; ``index_bits`` forces an index width."""
+    dtype_name = dtype_name or geom.dtype_name
     xp = launcher.xp
     input, offset, weight, bias, mask = (
         contiguous(xp, a) for a in (input, offset, weight, bias, mask)
@@ -175,12 +158,13 @@ def conv_backward(
     mask,
     geom: ConvGeometry,
     *,
-    dtype_name: str,
     wrt: frozenset[str],
     workspace_bytes: int,
+    dtype_name: str | None = None,
     index_bits: int | None = None,
 ) -> ConvGrads:
     """Gradients of deform_conv2d for the names in ``wrt`` (see :class:`ConvGrads`)."""
+    dtype_name = dtype_name or geom.dtype_name
     xp = launcher.xp
     grad_output, input, offset, weight, mask = (
         contiguous(xp, a) for a in (grad_output, input, offset, weight, mask)

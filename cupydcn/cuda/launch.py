@@ -3,7 +3,7 @@
 The orchestration in ``_conv_kernels`` (buffers, chunking, GEMMs, kernel launches) is
 written once against :class:`KernelLauncher`. On a GPU the launcher is CuPy's
 (``_cupy_launcher``) and ``xp`` is CuPy; the CPU test harness in ``tests/emulator``
-provides a launcher that runs the same ``kernels/`` sources compiled for the host, with
+provides a launcher that runs the same ``cupydcn/cuda/kernels/`` sources compiled for the host, with
 ``xp`` = NumPy. So the emulated tests exercise the real launch code, not a copy.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import NamedTuple, Protocol, Sequence
 
-from ._dtypes import DTYPES
+from cupydcn.core.dtypes import DTYPES
 
 BLOCK_SIZE = 256
 # Grid-stride kernels need no more blocks than this to fill any current GPU.

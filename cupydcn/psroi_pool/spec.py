@@ -1,27 +1,26 @@
-"""Public deform_psroi_pool forward and backward: validate, dispatch, convert back.
+"""What deform_psroi_pool computes from: geometry, options, gradient names and checks.
 
 Deformable position-sensitive RoI pooling (R-FCN; MSRA's DeformablePSROIPooling), with
-the semantics of SEMANTICS.md section 3. Every argument is checked before any kernel
-runs; errors name the argument, the expected and the actual value.
+the semantics of docs/semantics.md §3.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
-from . import _arrays
-from ._dtypes import INT32_LIMIT
-from ._errors import value_error
-from ._roi_common import check_rois
-from ._validation import (
+from cupydcn.core.checks import (
     check_float_dtypes,
     check_positive,
     finite_scalar,
     shape_of,
     wanted_gradients,
 )
+from cupydcn.core.dispatch import Prepared
+from cupydcn.core.dtypes import INT32_LIMIT
+from cupydcn.core.errors import value_error
+from cupydcn.core.rois import MAX_SAMPLES_PER_BIN, check_roi_values, check_rois_shape
 
 OP = "deform_psroi_pool"
 BACKWARD_OP = "deform_psroi_pool_backward"
@@ -65,6 +64,7 @@ class PSRoiPoolGeometry:
     has_offset: bool
     spatial_scale: float
     trans_std: float
+    dtype_name: str = "float32"  # the element dtype of input, offset and grad_output
 
     @property
     def channels_per_class(self) -> int:
@@ -87,6 +87,8 @@ class PSRoiPoolGeometry:
 # The kernels multiply two of pooled_size, part_size, group_size and sample_per_part
 # (and add one more) in 32-bit ints: each is at most isqrt(2^31 - 1).
 MAX_AXIS_SIZE = math.isqrt(INT32_LIMIT)
+# sample_per_part**2 samples per bin at most MAX_SAMPLES_PER_BIN (the work of one thread).
+MAX_SAMPLE_PER_PART = math.isqrt(MAX_SAMPLES_PER_BIN)
 
 
 def _check_sizes(op: str, *, output_dim, group_size, pooled_size, part_size,
@@ -96,16 +98,14 @@ def _check_sizes(op: str, *, output_dim, group_size, pooled_size, part_size,
              "part_size": pooled_size if part_size is None else part_size,
              "sample_per_part": sample_per_part}
     for name, value in sizes.items():
-        check_positive(op, name, value)
-        if value > MAX_AXIS_SIZE:
-            raise value_error(op, f"{name} must be at most {MAX_AXIS_SIZE}; got {value}")
+        limit = MAX_SAMPLE_PER_PART if name == "sample_per_part" else MAX_AXIS_SIZE
+        sizes[name] = check_positive(op, name, value, maximum=limit)
     return (output_dim, sizes["group_size"], sizes["pooled_size"], sizes["part_size"],
             sizes["sample_per_part"])
 
 
 def psroi_pool_geometry(
     op: str,
-    xp,
     input,
     rois,
     offset,
@@ -117,9 +117,13 @@ def psroi_pool_geometry(
     sample_per_part,
     spatial_scale,
     trans_std,
+    grad_output=None,
 ) -> PSRoiPoolGeometry:
-    """Check every shape, size, scalar and the values of ``rois`` (which reads them: on a
-    GPU one small reduction and copy); return the call's geometry."""
+    """Check every shape, dtype, size and scalar of a call (no data is read: the values
+    of ``rois`` are checked by :func:`check_values`); return the call's geometry.
+    ``grad_output`` (backward only) joins the dtype check."""
+    floats = {"input": input, "offset": offset, "grad_output": grad_output}
+    dtype_name = check_float_dtypes(op, {k: v for k, v in floats.items() if v is not None})
     output_dim, group_size, pooled_size, part_size, sample_per_part = _check_sizes(
         op, output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
         part_size=part_size, sample_per_part=sample_per_part,
@@ -142,7 +146,7 @@ def psroi_pool_geometry(
             f"{shape_of(input)}"
         )
 
-    num_rois = check_rois(op, xp, rois, batch)
+    num_rois = check_rois_shape(op, rois)
 
     num_classes = 1
     if offset is not None:
@@ -176,113 +180,24 @@ def psroi_pool_geometry(
         output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
         part_size=part_size, sample_per_part=sample_per_part, num_classes=num_classes,
         has_offset=offset is not None, spatial_scale=spatial_scale, trans_std=trans_std,
+        dtype_name=dtype_name,
     )
 
 
-def _prepare(op: str, arrays: dict[str, object], options: dict[str, object]):
-    """Placement, native arrays, dtype name and geometry of one call (no kernel runs)."""
-    placement, native = _arrays.natives(op, arrays)
-    dtype_name = check_float_dtypes(
-        op, {name: a for name, a in native.items() if a is not None and name != "rois"}
-    )
-    with _arrays.compute_scope(placement):
-        geom = psroi_pool_geometry(
-            op, _arrays.array_module(placement), native["input"], native["rois"], native["offset"],
-            **options,
-        )
-    return placement, native, dtype_name, geom
+def check_values(op: str, xp, native: Mapping[str, object], geom: PSRoiPoolGeometry) -> None:
+    """The checks that read ``rois`` (finite rows, batch indices in range), on the arrays'
+    device and stream."""
+    check_roi_values(op, xp, native["rois"], geom.batch)
 
 
-
-def deform_psroi_pool(
-    input,
-    rois,
-    offset=None,
-    *,
-    output_dim: int,
-    group_size: int,
-    pooled_size: int,
-    part_size: int | None = None,
-    sample_per_part: int = 4,
-    spatial_scale: float = 1.0,
-    trans_std: float = 0.1,
-):
-    """Deformable position-sensitive RoI pooling (R-FCN; MSRA DeformablePSROIPooling).
-
-    Any DLPack arrays; computed where they live and returned in the caller's array type.
-
-    Shapes:
-        input  [N, output_dim * group_size**2, H, W]
-        rois   [K, 5] rows (batch_index, x1, y1, x2, y2) in image coordinates, any
-               floating dtype; batch_index an integer in [0, N)
-        offset [K, 2 * num_classes, part_size, part_size] or None (no_trans). Output
-               channel d uses class d // (output_dim // num_classes): channel 2 * class
-               moves the bins in x, 2 * class + 1 in y, in units of trans_std * RoI size.
-        returns (output [K, output_dim, P, P], count [K, output_dim, P, P]) with
-        P = pooled_size; count (int32) = the samples of each bin inside the map, whose
-        mean the output is (0 where none).
-
-    ``part_size`` defaults to ``pooled_size``; bin (i, j) moves with offset cell
-    (floor(i * part_size / P), floor(j * part_size / P)). Each bin averages
-    ``sample_per_part``**2 bilinear samples of its position-sensitive input channel.
-    """
-    placement, native, dtype_name, geom = _prepare(
-        OP, {"input": input, "rois": rois, "offset": offset},
-        dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-             part_size=part_size, sample_per_part=sample_per_part,
-             spatial_scale=spatial_scale, trans_std=trans_std),
-    )
-    with _arrays.compute_scope(placement):
-        if placement.on_cuda:
-            from ._psroi_pool_kernels import psroi_pool_forward
-
-            output, count = psroi_pool_forward(
-                _arrays.kernel_launcher(placement), native["input"], native["rois"],
-                native["offset"], geom, dtype_name=dtype_name,
-            )
-        else:
-            from ._numpy_psroi_pool import psroi_pool_forward
-
-            output, count = psroi_pool_forward(
-                native["input"], native["rois"], native["offset"], geom
-            )
-        return _arrays.to_caller(placement, output), _arrays.to_caller(placement, count)
+def prepare_forward(native, **options) -> Prepared:
+    return Prepared(psroi_pool_geometry(OP, native["input"], native["rois"], native["offset"],
+                                        **options), {})
 
 
-def deform_psroi_pool_backward(
-    grad_output,
-    input,
-    rois,
-    offset=None,
-    *,
-    output_dim: int,
-    group_size: int,
-    pooled_size: int,
-    part_size: int | None = None,
-    sample_per_part: int = 4,
-    spatial_scale: float = 1.0,
-    trans_std: float = 0.1,
-    wrt: Iterable[str] | None = None,
-) -> PSRoiPoolGrads:
-    """Gradients of :func:`deform_psroi_pool` given ``grad_output`` [K, output_dim, P, P].
-
-    Takes the forward's arguments (not its ``count``: the sample counts are recomputed,
-    which costs only coordinate arithmetic). Returns ``PSRoiPoolGrads(grad_input,
-    grad_offset)`` with the shapes of input and offset. ``wrt`` names the gradients to
-    compute, a subset of ("input", "offset"); the others are None and cost nothing.
-    Default: both (grad_offset only when ``offset`` is given).
-
-    At the kinks it follows MSRA's backward: the count of a bin is a constant, and the
-    derivative of a sample along x (y) is 0 where its clamped coordinate is an integer
-    (MSRA's floor and ceil corners coincide), which includes every clamped sample.
-    """
-    placement, native, dtype_name, geom = _prepare(
-        BACKWARD_OP,
-        {"input": input, "rois": rois, "offset": offset, "grad_output": grad_output},
-        dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-             part_size=part_size, sample_per_part=sample_per_part,
-             spatial_scale=spatial_scale, trans_std=trans_std),
-    )
+def prepare_backward(native, *, wrt: Iterable[str] | str | None, **options) -> Prepared:
+    geom = psroi_pool_geometry(BACKWARD_OP, native["input"], native["rois"], native["offset"],
+                               grad_output=native["grad_output"], **options)
     grad_shape = shape_of(native["grad_output"])
     if grad_shape != geom.output_shape:
         raise value_error(
@@ -290,19 +205,4 @@ def deform_psroi_pool_backward(
             f"grad_output has shape {grad_shape}; expected the output shape {geom.output_shape}",
         )
     wanted = wanted_gradients(BACKWARD_OP, wrt, {"input": True, "offset": geom.has_offset})
-    with _arrays.compute_scope(placement):
-        if placement.on_cuda:
-            from ._psroi_pool_kernels import psroi_pool_backward
-
-            grads = psroi_pool_backward(
-                _arrays.kernel_launcher(placement), native["grad_output"], native["input"],
-                native["rois"], native["offset"], geom, dtype_name=dtype_name, wrt=wanted,
-            )
-        else:
-            from ._numpy_psroi_pool import psroi_pool_backward
-
-            grads = psroi_pool_backward(
-                native["grad_output"], native["input"], native["rois"], native["offset"],
-                geom, wrt=wanted,
-            )
-        return PSRoiPoolGrads(*(_arrays.to_caller(placement, g) for g in grads))
+    return Prepared(geom, {"wrt": wanted})

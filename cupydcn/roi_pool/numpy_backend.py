@@ -1,9 +1,9 @@
 """Vectorised NumPy backend of deform_roi_pool for CPU arrays.
 
-Computes the function of ``kernels/deform_roi_pool.cu`` (SEMANTICS.md section 2) with the
+Computes the function of ``cupydcn/cuda/kernels/deform_roi_pool.cu`` (SEMANTICS.md section 2) with the
 kernels' arithmetic, in the same order and dtype where it matters (RoI boxes, bin origins,
 sample coordinates, the RoIAlign blend), and the same conventions at the kinks
-(``kernels/roi_common.cuh``): derivative 0 along a clamped coordinate and outside
+(``cupydcn/cuda/kernels/roi_common.cuh``): derivative 0 along a clamped coordinate and outside
 [-1, H] x [-1, W], one-sided from the right at integer coordinates; a NaN sample is NaN
 and adds nothing to the input gradient.
 
@@ -39,10 +39,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ._deform_roi_pool import RoiPoolGeometry, RoiPoolGrads
-from ._dtypes import DTYPES, numpy_dtype
+from cupydcn.roi_pool.spec import RoiPoolGeometry, RoiPoolGrads
+from cupydcn.core.dtypes import DTYPES, numpy_dtype
 
-# Mirrors kMaxSamplesPerAxis of kernels/deform_roi_pool.cu.
+# Mirrors kMaxSamplesPerAxis of cupydcn/cuda/kernels/deform_roi_pool.cu.
 _MAX_SAMPLES_PER_AXIS = 1 << 30
 # Bound on the temporaries of one chunk of RoIs.
 _WORKSPACE_BYTES = 256 * 2**20
@@ -264,7 +264,7 @@ def _planes(input: np.ndarray, acc: np.dtype) -> np.ndarray:
 @dataclass(frozen=True)
 class _Samples:
     """One sample of every bin of the active RoIs, located for RoIAlign sampling
-    (kernels/roi_common.cuh), arrays [a, ph, pw].
+    (cupydcn/cuda/kernels/roi_common.cuh), arrays [a, ph, pw].
 
     rows: the planes rows of the corners (low, low), (low, high), (high, low), (high, high)
     in (y, x) (equal at the last row / column; the zero row when outside or NaN).

@@ -7,13 +7,40 @@ is launched. Errors name the argument, the expected and the actual value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple
 
-from ._errors import type_error, value_error
-from ._padding import check_padding_mode
-from ._validation import shape_of
+from cupydcn.core.errors import type_error, value_error
+from cupydcn.deform_conv.padding import check_padding_mode
+from cupydcn.core.checks import (
+    check_float_dtypes,
+    conv_output_size,
+    int_pair,
+    is_int,
+    shape_of,
+    wanted_gradients,
+)
+from cupydcn.core.dispatch import Prepared
 
 OP = "deform_conv2d"
+BACKWARD_OP = "deform_conv2d_backward"
+GRADIENT_NAMES = ("input", "offset", "weight", "mask", "bias")
+DEFAULT_WORKSPACE_BYTES = 512 * 2**20
+
+
+class ConvGrads(NamedTuple):
+    """Gradients of deform_conv2d; an entry is None when it was not requested (or, for
+    grad_mask, when the call had no mask).
+
+    grad_input [N, C, H, W], grad_offset [N, 2*G*kh*kw, H_out, W_out],
+    grad_weight [C_out, C/groups, kh, kw], grad_mask [N, G*kh*kw, H_out, W_out],
+    grad_bias [C_out].
+    """
+
+    grad_input: object
+    grad_offset: object
+    grad_weight: object
+    grad_mask: object
+    grad_bias: object
 
 
 @dataclass(frozen=True)
@@ -46,7 +73,8 @@ class ConvGeometry:
     out_w: int
     has_mask: bool
     has_bias: bool
-    padding_mode: str = "zeros"  # one of PADDING_MODES (cupydcn/_padding.py)
+    padding_mode: str = "zeros"  # one of PADDING_MODES (cupydcn/deform_conv/padding.py)
+    dtype_name: str = "float32"  # the element dtype of every floating array of the call
 
     @property
     def taps(self) -> int:
@@ -78,23 +106,6 @@ class ConvGeometry:
         return self.in_channels * self.taps
 
 
-def _pair(op: str, name: str, value, *, minimum: int) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise type_error(op, f"{name} must be an int or a pair of ints; got {value!r}")
-    if isinstance(value, int) or hasattr(value, "__index__") and not isinstance(value, Sequence):
-        pair = (int(value), int(value))
-    elif isinstance(value, Sequence) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise type_error(op, f"{name} must be an int or a pair (h, w) of ints; got {value!r}")
-    if min(pair) < minimum:
-        raise value_error(op, f"{name} must be >= {minimum} in both dimensions; got {pair}")
-    return pair
-
-
-
 def conv_geometry(
     input,
     offset,
@@ -107,12 +118,17 @@ def conv_geometry(
     dilation,
     padding_mode: str = "zeros",
     op: str = OP,
+    grad_output=None,
 ) -> ConvGeometry:
-    """Check every shape, dtype and option of a deform_conv2d call; return its geometry."""
+    """Check every shape, dtype and option of a deform_conv2d call (and, for the backward,
+    ``grad_output``'s dtype); return its geometry."""
     check_padding_mode(op, padding_mode)
-    stride_h, stride_w = _pair(op, "stride", stride, minimum=1)
-    pad_h, pad_w = _pair(op, "padding", padding, minimum=0)
-    dil_h, dil_w = _pair(op, "dilation", dilation, minimum=1)
+    stride_h, stride_w = int_pair(op, "stride", stride, minimum=1)
+    pad_h, pad_w = int_pair(op, "padding", padding, minimum=0)
+    dil_h, dil_w = int_pair(op, "dilation", dilation, minimum=1)
+    floats = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask,
+              **({} if grad_output is None else {"grad_output": grad_output})}
+    dtype_name = check_float_dtypes(op, {k: v for k, v in floats.items() if v is not None})
 
     for name, array, ndim in (("input", input, 4), ("offset", offset, 4), ("weight", weight, 4)):
         if len(shape_of(array)) != ndim:
@@ -139,8 +155,11 @@ def conv_geometry(
             f"(= input channels {in_channels} / weight.shape[1] {weight_in})",
         )
 
-    out_h = (height + 2 * pad_h - (dil_h * (kernel_h - 1) + 1)) // stride_h + 1
-    out_w = (width + 2 * pad_w - (dil_w * (kernel_w - 1) + 1)) // stride_w + 1
+    if out_channels < 1:
+        raise value_error(op, f"weight must have at least one output channel; got shape "
+                              f"{shape_of(weight)}")
+    out_h = conv_output_size(height, kernel_h, stride=stride_h, padding=pad_h, dilation=dil_h)
+    out_w = conv_output_size(width, kernel_w, stride=stride_w, padding=pad_w, dilation=dil_w)
     if out_h < 1 or out_w < 1:
         raise value_error(
             op,
@@ -208,4 +227,49 @@ def conv_geometry(
         has_mask=mask is not None,
         has_bias=bias is not None,
         padding_mode=padding_mode,
+        dtype_name=dtype_name,
     )
+
+
+def workspace_budget(op: str, workspace_bytes: int | None) -> int:
+    """The column-buffer budget of a call: ``workspace_bytes`` or the default."""
+    if workspace_bytes is None:
+        return DEFAULT_WORKSPACE_BYTES
+    if isinstance(workspace_bytes, bool) or not is_int(workspace_bytes):
+        raise type_error(op, f"workspace_bytes must be an int or None; got {workspace_bytes!r}")
+    workspace_bytes = int(workspace_bytes)
+    if workspace_bytes < 1:
+        raise value_error(op, f"workspace_bytes must be positive; got {workspace_bytes}")
+    return workspace_bytes
+
+
+def prepare_forward(native, *, stride, padding, dilation, padding_mode,
+                    workspace_bytes) -> Prepared:
+    """The plan of a forward call from its native arrays (shape and option checks)."""
+    geom = conv_geometry(
+        native["input"], native["offset"], native["weight"], native["bias"], native["mask"],
+        stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode,
+    )
+    return Prepared(geom, {"workspace_bytes": workspace_budget(OP, workspace_bytes)})
+
+
+def prepare_backward(native, *, stride, padding, dilation, padding_mode, wrt,
+                     workspace_bytes) -> Prepared:
+    """The plan of a backward call: the forward's checks, grad_output's shape and dtype,
+    the requested gradients."""
+    geom = conv_geometry(
+        native["input"], native["offset"], native["weight"], None, native["mask"],
+        stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode,
+        op=BACKWARD_OP, grad_output=native["grad_output"],
+    )
+    grad_shape = shape_of(native["grad_output"])
+    if grad_shape != geom.output_shape:
+        raise value_error(
+            BACKWARD_OP,
+            f"grad_output has shape {grad_shape}; expected the output shape {geom.output_shape}",
+        )
+    wanted = wanted_gradients(
+        BACKWARD_OP, wrt, {name: name != "mask" or geom.has_mask for name in GRADIENT_NAMES}
+    )
+    return Prepared(geom, {"wrt": wanted,
+                           "workspace_bytes": workspace_budget(BACKWARD_OP, workspace_bytes)})
