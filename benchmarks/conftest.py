@@ -1,7 +1,8 @@
 """pytest-benchmark configuration of the cupydcn benchmark suite (see README.md here).
 
-The measuring core lives in ``cupydcn.cli.bench`` (shared with ``python -m cupydcn bench``);
-this file wires it into pytest:
+The measuring core lives in the package ``cupydcn.cli.bench`` (shared with
+``python -m cupydcn bench``; its docstring lists the API used here); this file wires it
+into pytest:
 
 - device detection once per session: CUDA when CuPy finds a device (cupydcn and the peers
   then get the same PyTorch CUDA tensors), else the CPU, where cupydcn's NumPy backend is
@@ -28,10 +29,9 @@ import collections
 from typing import Any
 
 import pytest
+import shapes
 
 from cupydcn.cli import bench as _bench
-
-import shapes
 
 SMOKE_HELP = "smoke: a short subset of the benchmark suite (CI runs it on the CPU)"
 _SESSION = pytest.StashKey["BenchSession"]()
@@ -39,16 +39,30 @@ _SESSION = pytest.StashKey["BenchSession"]()
 
 def pytest_addoption(parser):
     group = parser.getgroup("cupydcn benchmarks")
-    group.addoption("--bench-rounds", type=int, default=None,
-                    help="timed calls per test (default: 50 on a GPU, 5 on the CPU)")
-    group.addoption("--bench-warmup", type=int, default=None,
-                    help="untimed calls before timing (default: 5 on a GPU, 1 on the CPU)")
-    group.addoption("--bench-scale", choices=("auto", "full", "cpu"), default="auto",
-                    help="shapes: full size on a GPU and scaled down on the CPU (auto), or "
-                    "force one")
-    group.addoption("--bench-cpu-peers", action="store_true",
-                    help="without a GPU, time PyTorch's CPU conv2d (and torchvision's CPU ops "
-                    "if importable) as peers instead of skipping them")
+    group.addoption(
+        "--bench-rounds",
+        type=_bench.positive_int,
+        default=None,
+        help="timed calls per test, >= 1 (default: 50 on a GPU, 5 on the CPU)",
+    )
+    group.addoption(
+        "--bench-warmup",
+        type=_bench.non_negative_int,
+        default=None,
+        help="untimed calls before timing, >= 0 (default: 5 on a GPU, 1 on the CPU)",
+    )
+    group.addoption(
+        "--bench-scale",
+        choices=("auto", "full", "cpu"),
+        default="auto",
+        help="shapes: full size on a GPU and scaled down on the CPU (auto), or force one",
+    )
+    group.addoption(
+        "--bench-cpu-peers",
+        action="store_true",
+        help="without a GPU, time PyTorch's CPU conv2d (and torchvision's CPU ops "
+        "if importable) as peers instead of skipping them",
+    )
 
 
 def pytest_configure(config):
@@ -56,7 +70,8 @@ def pytest_configure(config):
     if not config.pluginmanager.hasplugin("benchmark"):
         raise pytest.UsageError(
             "the cupydcn benchmarks need pytest-benchmark: pip install pytest-benchmark "
-            "(it is in the 'test' extra)")
+            "(it is in the 'test' extra)"
+        )
     # Before anything imports CuPy or builds a graph: the switches hold for the session.
     switches, restore = _bench.set_precision_switches()
     config.stash[_SESSION] = BenchSession(config, switches, restore)
@@ -121,10 +136,11 @@ class BenchSession:
     def peaks(self) -> dict[str, dict]:
         if self._peaks is None:
             self._peaks = {}
-            for dtype in (_bench.DTYPES if self.gpu else ("float32",)):
+            for dtype in _bench.DTYPES if self.gpu else ("float32",):
                 try:
-                    self._peaks[dtype] = _bench.peak_gemm(self.device, dtype, rounds=self.rounds,
-                                                          warmup=self.warmup + 2)
+                    self._peaks[dtype] = _bench.peak_gemm(
+                        self.device, dtype, rounds=self.rounds, warmup=self.warmup + 2
+                    )
                 except _bench.Unavailable as exc:
                     self._peaks[dtype] = {"not measured": str(exc)}
         return self._peaks
@@ -135,14 +151,20 @@ class BenchSession:
         for (provider, reason), count in sorted(self.skipped.items()):
             skipped[provider][reason] = count
         return {
-            "device": dict(device.details, name=device.name, kind=device.kind,
-                           array_library=device.library, no_gpu_reason=device.no_gpu_reason),
+            "device": dict(
+                device.details,
+                name=device.name,
+                kind=device.kind,
+                array_library=device.library,
+                no_gpu_reason=device.no_gpu_reason,
+            ),
             "versions": _bench.versions(),
             "precision": self.switches,
             "timer": device.timer,
             "rounds": self.rounds,
             "warmup": self.warmup,
-            "shapes": "scaled-down CPU versions (benchmarks/shapes.py CPU)" if self.scaled
+            "shapes": "scaled-down CPU versions (benchmarks/shapes.py CPU)"
+            if self.scaled
             else "full size (benchmarks/shapes.py FULL)",
             "cpu_peers": self.cpu_peers,
             "peak_gemm": self._peaks or {},
@@ -168,8 +190,9 @@ class BenchSession:
         pytest.skip(reason)
 
     # -- one test
-    def run(self, benchmark, op: str, shape_id: str, variant: str, dtype: str, pass_: str,
-            provider: str) -> None:
+    def run(
+        self, benchmark, op: str, shape_id: str, variant: str, dtype: str, pass_: str, provider: str
+    ) -> None:
         device = self.device
         reason = _bench.skip_reason(op, provider, variant, device, self.cpu_peers)
         if reason:
@@ -179,8 +202,7 @@ class BenchSession:
             problem = self.problem(op, shape_id, dtype)
             fn = _bench.build_call(problem, provider, variant, pass_)
             _bench.warm_up(fn, device, self.warmup)
-            memory = _bench.peak_extra_memory(fn, device,
-                                              tracked=provider == "cupydcn" or self.gpu)
+            memory = _bench.peak_extra_memory(fn, device, tracked=provider == "cupydcn" or self.gpu)
         except _bench.Unavailable as exc:
             self.skip(provider, str(exc))
         except Exception as exc:
@@ -191,11 +213,16 @@ class BenchSession:
         timer = _bench.Timer(device)
         benchmark.group = f"{op} {shape_id} {variant} {dtype} {pass_}"
         with _bench.gc_paused():
-            benchmark.pedantic(timer.wrap(fn), rounds=self.rounds, iterations=1,
-                               warmup_rounds=0)
-        record = _bench.measurement_record(problem=problem, provider=provider, variant=variant,
-                                           pass_=pass_, timer=timer, warmup=self.warmup,
-                                           memory=memory)
+            benchmark.pedantic(timer.wrap(fn), rounds=self.rounds, iterations=1, warmup_rounds=0)
+        record = _bench.measurement_record(
+            problem=problem,
+            provider=provider,
+            variant=variant,
+            pass_=pass_,
+            timer=timer,
+            warmup=self.warmup,
+            memory=memory,
+        )
         record["scaled"] = self.scaled
         benchmark.extra_info.update(record)
 
@@ -203,4 +230,3 @@ class BenchSession:
 @pytest.fixture(scope="session")
 def bench(pytestconfig) -> BenchSession:
     return pytestconfig.stash[_SESSION]
-

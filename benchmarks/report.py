@@ -53,11 +53,15 @@ def merge(runs: list[dict]) -> dict:
         return runs[0]
     first = runs[0]
     for other in runs[1:]:
-        for what, get in (("device", lambda r: info_of(r).get("device", {}).get("name")),
-                          ("commit", lambda r: r.get("commit_info", {}).get("id"))):
+        for what, get in (
+            ("device", lambda r: info_of(r).get("device", {}).get("name")),
+            ("commit", lambda r: r.get("commit_info", {}).get("id")),
+        ):
             if get(other) != get(first):
-                raise SystemExit(f"report.py: the parts come from different {what}s: "
-                                 f"{get(first)!r} and {get(other)!r}")
+                raise SystemExit(
+                    f"report.py: the parts come from different {what}s: "
+                    f"{get(first)!r} and {get(other)!r}"
+                )
     merged = copy.deepcopy(first)
     by_name = {}
     for run in runs:
@@ -110,46 +114,65 @@ def header(run: dict) -> str:
     commit = run.get("commit_info", {})
     kind = device.get("kind", "?")
     lines = [f"# cupydcn benchmark — {device.get('name', '?')} ({kind.upper()})", ""]
-    lines.append(f"- run: {run.get('datetime', '?')}, commit {str(commit.get('id', '?'))[:10]}"
-                 + (" (dirty)" if commit.get("dirty") else "")
-                 + (f", branch {commit['branch']}" if commit.get("branch") else ""))
+    lines.append(
+        f"- run: {run.get('datetime', '?')}, commit {str(commit.get('id', '?'))[:10]}"
+        + (" (dirty)" if commit.get("dirty") else "")
+        + (f", branch {commit['branch']}" if commit.get("branch") else "")
+    )
     if kind == "cuda":
-        extras = ", ".join(f"{k} {device[k]}" for k in ("compute_capability", "memory_gib",
-                                                        "sm_count", "cuda_runtime",
-                                                        "cuda_driver") if k in device)
-        lines.append(f"- device: {device.get('name')} ({extras}); arrays handed to cupydcn: "
-                     f"{device.get('array_library')}")
+        extras = ", ".join(
+            f"{k} {device[k]}"
+            for k in ("compute_capability", "memory_gib", "sm_count", "cuda_runtime", "cuda_driver")
+            if k in device
+        )
+        lines.append(
+            f"- device: {device.get('name')} ({extras}); arrays handed to cupydcn: "
+            f"{device.get('array_library')}"
+        )
     else:
-        lines.append(f"- device: CPU {device.get('name', '?')} ({device.get('cpu_count', '?')} "
-                     f"cores); no GPU: {device.get('no_gpu_reason', '?')}")
+        lines.append(
+            f"- device: CPU {device.get('name', '?')} ({device.get('cpu_count', '?')} "
+            f"cores); no GPU: {device.get('no_gpu_reason', '?')}"
+        )
         threads = device.get("threads", {})
         if threads:
             lines.append("- CPU threads: " + ", ".join(f"{k}={v}" for k, v in threads.items()))
-        lines.append("- cupydcn ran its NumPy backend"
-                     + (" on the scaled-down shapes" if "scaled" in info.get("shapes", "")
-                        else ""))
+        lines.append(
+            "- cupydcn ran its NumPy backend"
+            + (" on the scaled-down shapes" if "scaled" in info.get("shapes", "") else "")
+        )
     if info.get("versions"):
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    timer = {"cuda_event": "CUDA events (synchronised inside the timed callable)",
-             "perf_counter": "time.perf_counter"}.get(info.get("timer"), info.get("timer", "?"))
-    lines.append(f"- timing: {timer}; median of {info.get('rounds', '?')} calls after "
-                 f"{info.get('warmup', '?')} warm-up call(s) (compilation and autotuning "
-                 "included in the warm-up)")
+    timer = {
+        "cuda_event": "CUDA events (synchronised inside the timed callable)",
+        "perf_counter": "time.perf_counter",
+    }.get(info.get("timer"), info.get("timer", "?"))
+    lines.append(
+        f"- timing: {timer}; median of {info.get('rounds', '?')} calls after "
+        f"{info.get('warmup', '?')} warm-up call(s) (compilation and autotuning "
+        "included in the warm-up)"
+    )
     if kind == "cuda" and isinstance(info.get("rounds"), int) and info["rounds"] < 50:
         lines.append(f"- NOTE: {info['rounds']} rounds, below the protocol's 50")
     if info.get("precision"):
-        lines.append("- precision switches: " + ", ".join(
-            f"`{k}` = {v}" for k, v in info["precision"].items()))
+        lines.append(
+            "- precision switches: "
+            + ", ".join(f"`{k}` = {v}" for k, v in info["precision"].items())
+        )
     for dtype, peak in info.get("peak_gemm", {}).items():
         if "tflops" in peak:
-            lines.append(f"- peak ({dtype}): {peak['tflops']:.3g} TFLOP/s, {peak['m']}³ "
-                         f"{peak['library']}, median {peak['median_ms']:.3f} ms of "
-                         f"{peak['rounds']}")
+            lines.append(
+                f"- peak ({dtype}): {peak['tflops']:.3g} TFLOP/s, {peak['m']}³ "
+                f"{peak['library']}, median {peak['median_ms']:.3f} ms of "
+                f"{peak['rounds']}"
+            )
         else:
             lines.append(f"- peak ({dtype}): not measured ({peak})")
     if kind != "cuda":
-        lines.append("- % peak: the NumPy backend computes float16/bfloat16 in float32, so "
-                     "every dtype is compared with the float32 GEMM peak")
+        lines.append(
+            "- % peak: the NumPy backend computes float16/bfloat16 in float32, so "
+            "every dtype is compared with the float32 GEMM peak"
+        )
     lines.append(f"- shapes: {info.get('shapes', '?')}")
     return "\n".join(lines) + "\n"
 
@@ -159,8 +182,9 @@ def shapes_section(records: list[dict]) -> str:
     for r in records:
         seen.setdefault(r["shape"], (r["op"], r["dims"]))
     lines = ["| shape | op | dims |", "|---|---|---|"]
-    for shape_id in sorted(seen, key=lambda i: (_bench._order(seen[i][0], _bench.OPS),
-                                                _bench._shape_key(i))):
+    for shape_id in sorted(
+        seen, key=lambda i: (_bench.order_of(seen[i][0], _bench.OPS), _bench.shape_sort_key(i))
+    ):
         op, dims = seen[shape_id]
         lines.append(f"| {shape_id} | {op} | {dims} |")
     return "\n".join(lines) + "\n"
@@ -170,10 +194,16 @@ def skipped_section(info: dict) -> str:
     skipped = info.get("skipped", {})
     if not skipped:
         return "Every selected provider ran.\n"
-    flat = {(provider, reason): count for provider, reasons in skipped.items()
-            for reason, count in reasons.items()}
-    lines = ["Providers not run — provider (skipped tests): reason", "",
-             *_bench.skipped_lines(flat)]
+    flat = {
+        (provider, reason): count
+        for provider, reasons in skipped.items()
+        for reason, count in reasons.items()
+    }
+    lines = [
+        "Providers not run — provider (skipped tests): reason",
+        "",
+        *_bench.skipped_lines(flat),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -206,21 +236,27 @@ def chart(run: dict, path: str | Path) -> str | None:
     if not records:
         return "No chart: no measurements."
     tables = _bench.table_rows(records)
-    panels = [(op, pass_, [r for r in rows if r["pass"] == pass_])
-              for op, rows in tables.items() for pass_ in _bench.PASSES]
+    panels = [
+        (op, pass_, [r for r in rows if r["pass"] == pass_])
+        for op, rows in tables.items()
+        for pass_ in _bench.PASSES
+    ]
     panels = [p for p in panels if p[2]]
     device = info_of(run).get("device", {}).get("name", "?")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     tallest = max(len(p[2]) for p in panels)
-    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, max(3.0, 0.28 * tallest + 1.5) * nrows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(6 * cols, max(3.0, 0.28 * tallest + 1.5) * nrows), squeeze=False
+    )
     markers = "osD^v<>"
     for ax, (op, pass_, rows) in zip(axes.flat, panels):
         labels = [f"{r['shape']} {r['variant']} {r['dtype']}" for r in rows]
         y = list(range(len(rows)))
-        peers = sorted({p for r in rows for p in r["providers"] if p != "cupydcn"},
-                       key=lambda p: _bench._order(p, _bench.PROVIDER_ORDER))
+        peers = sorted(
+            {p for r in rows for p in r["providers"] if p != "cupydcn"},
+            key=lambda p: _bench.order_of(p, _bench.PROVIDER_ORDER),
+        )
         kind = next(iter(rows[0]["providers"].values()))["device_kind"]
         if peers:
             for i, peer in enumerate(peers):
@@ -230,15 +266,23 @@ def chart(run: dict, path: str | Path) -> str | None:
                     if mine and theirs and mine["median_ms"] > 0:
                         xs.append(theirs["median_ms"] / mine["median_ms"])
                         ys.append(yi)
-                ax.scatter(xs, ys, marker=markers[i % len(markers)],
-                           label=_bench.provider_label(peer, kind))
+                ax.scatter(
+                    xs,
+                    ys,
+                    marker=markers[i % len(markers)],
+                    label=_bench.provider_label(peer, kind),
+                )
             ax.axvline(1.0, color="grey", lw=1)
             ax.set_xscale("log")
             ax.set_xlabel("peer time / cupydcn time (>1: cupydcn faster)")
             ax.legend(fontsize=7, loc="best")
         else:
-            times = [r["providers"]["cupydcn"]["median_ms"] if "cupydcn" in r["providers"]
-                     else float("nan") for r in rows]
+            times = [
+                r["providers"]["cupydcn"]["median_ms"]
+                if "cupydcn" in r["providers"]
+                else float("nan")
+                for r in rows
+            ]
             ax.barh(y, times, height=0.6, color="tab:blue")
             ax.set_xscale("log")
             ax.set_xlabel(f"{_bench.provider_label('cupydcn', kind)} median ms")
@@ -247,7 +291,7 @@ def chart(run: dict, path: str | Path) -> str | None:
         ax.set_ylim(len(rows) - 0.5, -0.5)  # top to bottom, in table order
         ax.set_title(f"{op} {pass_}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"cupydcn benchmark — {device} — {run.get('datetime', '')[:10]}", fontsize=10)
     fig.tight_layout()
@@ -266,25 +310,33 @@ def write(run: dict, md_path: Path, png_path: Path | None) -> tuple[Path, Path |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", nargs="+",
-                        help="the run's --benchmark-json file (several: parts of one run)")
+    parser.add_argument(
+        "json", nargs="+", help="the run's --benchmark-json file (several: parts of one run)"
+    )
     parser.add_argument("-o", "--output", help="write the Markdown here (and the PNG beside it)")
     parser.add_argument("--png", help="the chart's path (default: beside the Markdown)")
     parser.add_argument("--no-png", action="store_true", help="no chart")
-    parser.add_argument("--save-results", action="store_true",
-                        help="copy the JSON and write the Markdown and PNG into "
-                        "benchmarks/results/ as <date>_<gpu-model>_<commit>.*")
+    parser.add_argument(
+        "--save-results",
+        action="store_true",
+        help="copy the JSON and write the Markdown and PNG into "
+        "benchmarks/results/ as <date>_<gpu-model>_<commit>.*",
+    )
     parser.add_argument("--results-dir", default=str(RESULTS), help=argparse.SUPPRESS)
-    parser.add_argument("--allow-cpu", action="store_true",
-                        help="let --save-results save a run without a GPU")
+    parser.add_argument(
+        "--allow-cpu", action="store_true", help="let --save-results save a run without a GPU"
+    )
     args = parser.parse_args(argv)
     run = merge([load(path) for path in args.json])
 
     if args.save_results:
         kind = info_of(run).get("device", {}).get("kind")
         if kind != "cuda" and not args.allow_cpu:
-            print("report.py: --save-results keeps GPU runs only (this run's device: "
-                  f"{kind}); add --allow-cpu to save it anyway", file=sys.stderr)
+            print(
+                "report.py: --save-results keeps GPU runs only (this run's device: "
+                f"{kind}); add --allow-cpu to save it anyway",
+                file=sys.stderr,
+            )
             return 2
         out = Path(args.results_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ forward/backward/forward+backward."""
 from __future__ import annotations
 
 import pytest
-
 import shapes
 
 SMOKE = {

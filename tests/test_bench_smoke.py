@@ -46,8 +46,9 @@ SMOKE_ROWS = {
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"cupydcn_benchmarks_{name}",
-                                                  BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"cupydcn_benchmarks_{name}", BENCHMARKS / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -76,13 +77,24 @@ def smoke_run(tmp_path_factory):
     # on descheduled threads (50× slower); the smoke run checks the suite, not the numbers.
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, "-m", "pytest", str(BENCHMARKS), "-m", "smoke", "-q",
-               "-p", "no:cacheprovider", f"--benchmark-json={run_json}",
-               "--bench-scale=cpu", "--bench-rounds=3", "--bench-warmup=1",
-               "--bench-cpu-peers"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(BENCHMARKS),
+        "-m",
+        "smoke",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--benchmark-json={run_json}",
+        "--bench-scale=cpu",
+        "--bench-rounds=3",
+        "--bench-warmup=1",
+        "--bench-cpu-peers",
+    ]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - started
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return {"json": run_json, "dir": out, "stdout": done.stdout, "elapsed": elapsed}
@@ -130,11 +142,17 @@ def test_report_table_and_chart(smoke_run):
     run = json.loads(smoke_run["json"].read_text())
     ran = {b["extra_info"]["provider"] for b in run["benchmarks"]}
     if "cudnn_nchw" in ran:  # PyTorch is installed: its CPU conv2d ran as a peer
-        header = next(line for line in text.splitlines() if line.startswith("| shape | mask")
-                      and "cupydcn ms" in line)
+        header = next(
+            line
+            for line in text.splitlines()
+            if line.startswith("| shape | mask") and "cupydcn ms" in line
+        )
         assert "conv2d NCHW" in header and "×" in header
-        s1 = next(line for line in text.splitlines()
-                  if line.startswith("| S1 | mask | float32 | forward |"))
+        s1 = next(
+            line
+            for line in text.splitlines()
+            if line.startswith("| S1 | mask | float32 | forward |")
+        )
         assert re.search(r"\| [0-9.e+-]+ \| [0-9.e+-]+ \|", s1)
         assert "† bfloat16 row: peer ran in float32" in text
     png = md_path.with_suffix(".png")
@@ -160,17 +178,30 @@ def test_report_without_matplotlib(smoke_run, monkeypatch, tmp_path):
 
 def test_results_are_named_and_kept_for_gpu_runs_only(smoke_run, tmp_path):
     report = _load("report")
-    run = {"datetime": "2025-01-02T03:04:05+00:00",
-           "commit_info": {"id": "0123456789abcdef", "dirty": False},
-           "machine_info": {"cupydcn": {"device": {"name": "NVIDIA H100 80GB HBM3",
-                                                   "kind": "cuda"}}}}
+    run = {
+        "datetime": "2025-01-02T03:04:05+00:00",
+        "commit_info": {"id": "0123456789abcdef", "dirty": False},
+        "machine_info": {"cupydcn": {"device": {"name": "NVIDIA H100 80GB HBM3", "kind": "cuda"}}},
+    }
     assert report.results_stem(run) == "2025-01-02_nvidia-h100-80gb-hbm3_0123456"
     cpu_run = json.loads(smoke_run["json"].read_text())
     if cpu_run["machine_info"]["cupydcn"]["device"]["kind"] != "cuda":
-        assert report.main([str(smoke_run["json"]), "--save-results",
-                            f"--results-dir={tmp_path}"]) == 2
-        assert report.main([str(smoke_run["json"]), "--save-results", "--allow-cpu",
-                            f"--results-dir={tmp_path}", "--no-png"]) == 0
+        assert (
+            report.main([str(smoke_run["json"]), "--save-results", f"--results-dir={tmp_path}"])
+            == 2
+        )
+        assert (
+            report.main(
+                [
+                    str(smoke_run["json"]),
+                    "--save-results",
+                    "--allow-cpu",
+                    f"--results-dir={tmp_path}",
+                    "--no-png",
+                ]
+            )
+            == 0
+        )
         stem = report.results_stem(cpu_run)
         assert (tmp_path / f"{stem}.json").exists() and (tmp_path / f"{stem}.md").exists()
 
@@ -225,10 +256,12 @@ def test_skip_reasons_name_the_missing_gpu():
 def test_report_merges_the_parts_of_a_run(smoke_run, tmp_path):
     report = _load("report")
     run = json.loads(smoke_run["json"].read_text())
-    conv = dict(run, benchmarks=[b for b in run["benchmarks"]
-                                 if b["extra_info"]["op"] == "deform_conv2d"])
-    rest = dict(run, benchmarks=[b for b in run["benchmarks"]
-                                 if b["extra_info"]["op"] != "deform_conv2d"])
+    conv = dict(
+        run, benchmarks=[b for b in run["benchmarks"] if b["extra_info"]["op"] == "deform_conv2d"]
+    )
+    rest = dict(
+        run, benchmarks=[b for b in run["benchmarks"] if b["extra_info"]["op"] != "deform_conv2d"]
+    )
     merged = report.merge([conv, rest])
     assert len(merged["benchmarks"]) == len(run["benchmarks"])
     text = report.markdown(merged)

@@ -54,8 +54,12 @@ def test_full_run_learns_larger_dilation_for_larger_objects(tmp_path, capsys):
     assert _demo.run_demo(["--output", str(tmp_path / "full.png")]) == 0
     out = capsys.readouterr().out
     accuracy = float(re.search(r"after training: +test loss \d+\.\d+, accuracy (\d+\.\d)%", out)[1])
-    small, large = (float(v) for v in re.search(
-        r"effective dilation small vs large objects: (\d+\.\d+) vs (\d+\.\d+)", out).groups())
+    small, large = (
+        float(v)
+        for v in re.search(
+            r"effective dilation small vs large objects: (\d+\.\d+) vs (\d+\.\d+)", out
+        ).groups()
+    )
     assert accuracy >= 95, out
     assert large > 1.5 * small and small > 1.1, out
 
@@ -80,7 +84,7 @@ def _loss(params, images, labels):
     logits, cache = _demo.forward(np, params, images)
     loss, grad = _demo.loss_and_grad(np, logits, labels)
     offsets = cache["offsets"]
-    return loss + _demo.OFFSET_PENALTY * np.mean(offsets ** 2), cache, grad
+    return loss + _demo.OFFSET_PENALTY * np.mean(offsets**2), cache, grad
 
 
 def test_backward_matches_finite_differences():
@@ -113,8 +117,12 @@ def test_backward_matches_finite_differences():
             flat[index] = saved
             numeric = (up - down) / (2 * eps)
             analytic = grads[name].reshape(-1)[index]
-            assert abs(numeric - analytic) <= 1e-5 + 1e-3 * abs(numeric), (name, index, numeric,
-                                                                         analytic)
+            assert abs(numeric - analytic) <= 1e-5 + 1e-3 * abs(numeric), (
+                name,
+                index,
+                numeric,
+                analytic,
+            )
 
 
 def test_bad_arguments():

@@ -5,24 +5,30 @@ The reference is established in two steps, both printed:
 1. the NumPy backend in float64: deform_conv2d's forward against a direct evaluation of
    y(p0) = sum_k w(k) m_k x(p0 + p_k + dp_k) + b at random output points, and every op's
    backward against central finite differences of its forward along random directions;
-2. every backend and dtype against that float64 backend on the same (rounded) inputs.
+2. every backend and dtype against that float64 backend on the same (rounded) inputs;
+3. the PyTorch and JAX adapters (``cupydcn.torch``, ``cupydcn.jax``), forward and backward
+   through autograd and ``jax.grad``, against the functional API on the same float32
+   inputs (skipped, with the reason, when not importable).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from types import SimpleNamespace
 
 import numpy as np
 
 from cupydcn import __version__
+from cupydcn.cli.probe import cuda_device_count
+from cupydcn.core.dtypes import DTYPES, numpy_dtype
 from cupydcn.deform_conv import deform_conv2d, deform_conv2d_backward
 from cupydcn.psroi_pool import deform_psroi_pool, deform_psroi_pool_backward
 from cupydcn.roi_pool import deform_roi_pool, deform_roi_pool_backward
-from cupydcn.core.dtypes import DTYPES, numpy_dtype
 
 # Max |error| / max |reference| accepted per dtype (about 4 units of roundoff for halves).
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -31,8 +37,10 @@ FINITE_DIFFERENCE_TOLERANCE = 1e-5
 
 @dataclass(frozen=True)
 class OpCase:
-    """One op on one small problem. ``forward(arrays)`` returns the differentiable output,
-    ``backward(grad_output, arrays)`` a dict of gradients by input name."""
+    """One op on one small problem. ``forward(arrays, api=FUNCTIONAL)`` returns the
+    differentiable output of ``api``'s op (the functional API, or an adapter module with
+    the same functions), ``backward(grad_output, arrays)`` a dict of gradients by input
+    name."""
 
     name: str
     make_arrays: Callable[[np.random.Generator], dict[str, np.ndarray]]
@@ -42,9 +50,29 @@ class OpCase:
     fixed: tuple[str, ...] = ()  # arrays not rounded to the dtype (RoI boxes)
 
 
+# The functional API; cupydcn.torch and cupydcn.jax have functions of the same names.
+FUNCTIONAL = SimpleNamespace(
+    deform_conv2d=deform_conv2d,
+    deform_roi_pool=deform_roi_pool,
+    deform_psroi_pool=deform_psroi_pool,
+)
+
+
 # ---------------------------------------------------------------- deform_conv2d
-CONV = dict(n=3, c=6, h=9, w=8, c_out=4, kh=3, kw=2, groups=2, offset_groups=3,
-            stride=(1, 2), padding=(1, 2), dilation=(2, 1))
+CONV = dict(
+    n=3,
+    c=6,
+    h=9,
+    w=8,
+    c_out=4,
+    kh=3,
+    kw=2,
+    groups=2,
+    offset_groups=3,
+    stride=(1, 2),
+    padding=(1, 2),
+    dilation=(2, 1),
+)
 
 
 def _conv_options():
@@ -54,7 +82,8 @@ def _conv_options():
 def _conv_out_size() -> tuple[int, int]:
     return tuple(
         (CONV[size] + 2 * CONV["padding"][a] - (CONV["dilation"][a] * (CONV[k] - 1) + 1))
-        // CONV["stride"][a] + 1
+        // CONV["stride"][a]
+        + 1
         for a, (size, k) in enumerate((("h", "kh"), ("w", "kw")))
     )
 
@@ -64,23 +93,33 @@ def _conv_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
     taps = CONV["kh"] * CONV["kw"]
     return {
         "input": rng.standard_normal((CONV["n"], CONV["c"], CONV["h"], CONV["w"])),
-        "offset": 1.7 * rng.standard_normal((CONV["n"], 2 * CONV["offset_groups"] * taps, out_h, out_w)),
-        "weight": rng.standard_normal((CONV["c_out"], CONV["c"] // CONV["groups"], CONV["kh"], CONV["kw"])),
+        "offset": 1.7
+        * rng.standard_normal((CONV["n"], 2 * CONV["offset_groups"] * taps, out_h, out_w)),
+        "weight": rng.standard_normal(
+            (CONV["c_out"], CONV["c"] // CONV["groups"], CONV["kh"], CONV["kw"])
+        ),
         "bias": rng.standard_normal((CONV["c_out"],)),
         "mask": rng.uniform(size=(CONV["n"], CONV["offset_groups"] * taps, out_h, out_w)),
     }
 
 
-def _conv_forward(a):
-    return deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                         **_conv_options())
+def _conv_forward(a, api=FUNCTIONAL):
+    return api.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **_conv_options()
+    )
 
 
 def _conv_backward(grad_output, a):
-    g = deform_conv2d_backward(grad_output, a["input"], a["offset"], a["weight"], a["mask"],
-                               **_conv_options())
-    return {"input": g.grad_input, "offset": g.grad_offset, "weight": g.grad_weight,
-            "mask": g.grad_mask, "bias": g.grad_bias}
+    g = deform_conv2d_backward(
+        grad_output, a["input"], a["offset"], a["weight"], a["mask"], **_conv_options()
+    )
+    return {
+        "input": g.grad_input,
+        "offset": g.grad_offset,
+        "weight": g.grad_weight,
+        "mask": g.grad_mask,
+        "bias": g.grad_bias,
+    }
 
 
 def _conv_direct_point(a: dict[str, np.ndarray], b: int, co: int, oy: int, ox: int) -> float:
@@ -96,16 +135,27 @@ def _conv_direct_point(a: dict[str, np.ndarray], b: int, co: int, oy: int, ox: i
         for i in range(CONV["kh"]):
             for j in range(CONV["kw"]):
                 k = i * CONV["kw"] + j
-                py = (oy * CONV["stride"][0] - CONV["padding"][0] + i * CONV["dilation"][0]
-                      + a["offset"][b, g * 2 * taps + 2 * k, oy, ox])
-                px = (ox * CONV["stride"][1] - CONV["padding"][1] + j * CONV["dilation"][1]
-                      + a["offset"][b, g * 2 * taps + 2 * k + 1, oy, ox])
+                py = (
+                    oy * CONV["stride"][0]
+                    - CONV["padding"][0]
+                    + i * CONV["dilation"][0]
+                    + a["offset"][b, g * 2 * taps + 2 * k, oy, ox]
+                )
+                px = (
+                    ox * CONV["stride"][1]
+                    - CONV["padding"][1]
+                    + j * CONV["dilation"][1]
+                    + a["offset"][b, g * 2 * taps + 2 * k + 1, oy, ox]
+                )
                 value = 0.0
                 for qy in range(math.floor(py), math.floor(py) + 2):
                     for qx in range(math.floor(px), math.floor(px) + 2):
                         if 0 <= qy < CONV["h"] and 0 <= qx < CONV["w"]:
-                            value += (max(0.0, 1 - abs(qy - py)) * max(0.0, 1 - abs(qx - px))
-                                      * a["input"][b, c, qy, qx])
+                            value += (
+                                max(0.0, 1 - abs(qy - py))
+                                * max(0.0, 1 - abs(qx - px))
+                                * a["input"][b, c, qy, qx]
+                            )
                 total += a["weight"][co, ci, i, j] * a["mask"][b, g * taps + k, oy, ox] * value
     return float(total)
 
@@ -130,8 +180,8 @@ def _roi_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _roi_forward(a):
-    return deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"], **ROI)
+def _roi_forward(a, api=FUNCTIONAL):
+    return api.deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"], **ROI)
 
 
 def _roi_backward(grad_output, a):
@@ -139,8 +189,15 @@ def _roi_backward(grad_output, a):
     return {"input": g.grad_input, "offset": g.grad_offset, "mask": g.grad_mask}
 
 
-PSROI = dict(output_dim=4, group_size=3, pooled_size=3, part_size=2, sample_per_part=3,
-             spatial_scale=0.5, trans_std=0.1)
+PSROI = dict(
+    output_dim=4,
+    group_size=3,
+    pooled_size=3,
+    part_size=2,
+    sample_per_part=3,
+    spatial_scale=0.5,
+    trans_std=0.1,
+)
 
 
 def _psroi_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -152,8 +209,8 @@ def _psroi_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _psroi_forward(a):
-    return deform_psroi_pool(a["input"], a["rois"], a["offset"], **PSROI)[0]
+def _psroi_forward(a, api=FUNCTIONAL):
+    return api.deform_psroi_pool(a["input"], a["rois"], a["offset"], **PSROI)[0]
 
 
 def _psroi_backward(grad_output, a):
@@ -162,12 +219,29 @@ def _psroi_backward(grad_output, a):
 
 
 CASES = (
-    OpCase("deform_conv2d", _conv_arrays, _conv_forward, _conv_backward,
-           ("input", "offset", "weight", "mask", "bias")),
-    OpCase("deform_roi_pool", _roi_arrays, _roi_forward, _roi_backward,
-           ("input", "offset", "mask"), fixed=("rois",)),
-    OpCase("deform_psroi_pool", _psroi_arrays, _psroi_forward, _psroi_backward,
-           ("input", "offset"), fixed=("rois",)),
+    OpCase(
+        "deform_conv2d",
+        _conv_arrays,
+        _conv_forward,
+        _conv_backward,
+        ("input", "offset", "weight", "mask", "bias"),
+    ),
+    OpCase(
+        "deform_roi_pool",
+        _roi_arrays,
+        _roi_forward,
+        _roi_backward,
+        ("input", "offset", "mask"),
+        fixed=("rois",),
+    ),
+    OpCase(
+        "deform_psroi_pool",
+        _psroi_arrays,
+        _psroi_forward,
+        _psroi_backward,
+        ("input", "offset"),
+        fixed=("rois",),
+    ),
 )
 
 
@@ -181,10 +255,15 @@ class Row:
     error: float
     tolerance: float
     millis: float
+    skipped: str = ""  # why the row did not run ("" when it ran)
 
     @property
     def ok(self) -> bool:
         return math.isfinite(self.error) and self.error <= self.tolerance
+
+
+def _skipped(op: str, backend: str, dtype: str, reason: str) -> Row:
+    return Row(op, backend, dtype, "-", math.nan, math.nan, math.nan, skipped=reason)
 
 
 def _relative(error: float, scale: float) -> float:
@@ -206,32 +285,55 @@ def _reference_rows(case: OpCase, a: dict[str, np.ndarray], rng) -> list[Row]:
     if case.name == "deform_conv2d":
         points = [tuple(int(rng.integers(0, s)) for s in out.shape) for _ in range(24)]
         error = max(abs(out[pt] - _conv_direct_point(a, *pt)) for pt in points)
-        rows.append(Row(case.name, "numpy float64 vs formula", "float64", "forward (24 points)",
-                        _relative(error, np.abs(out).max()), TOLERANCE["float64"], forward_ms))
+        rows.append(
+            Row(
+                case.name,
+                "numpy float64 vs formula",
+                "float64",
+                "forward (24 points)",
+                _relative(error, np.abs(out).max()),
+                TOLERANCE["float64"],
+                forward_ms,
+            )
+        )
     grad_output = rng.standard_normal(out.shape)
     grads, backward_ms = _timed(case.backward, grad_output, a)
     eps = 1e-6
     for name in case.differentiable:
         direction = rng.standard_normal(a[name].shape)
-        values = [float(np.sum(case.forward(dict(a, **{name: a[name] + sign * eps * direction}))
-                               * grad_output)) for sign in (1, -1)]
+        values = [
+            float(
+                np.sum(
+                    case.forward(dict(a, **{name: a[name] + sign * eps * direction})) * grad_output
+                )
+            )
+            for sign in (1, -1)
+        ]
         numeric = (values[0] - values[1]) / (2 * eps)
         analytic = float(np.sum(grads[name] * direction))
-        rows.append(Row(case.name, "numpy float64 vs finite diff.", "float64", f"d/d{name}",
-                        _relative(abs(numeric - analytic), abs(numeric)),
-                        FINITE_DIFFERENCE_TOLERANCE, backward_ms))
+        rows.append(
+            Row(
+                case.name,
+                "numpy float64 vs finite diff.",
+                "float64",
+                f"d/d{name}",
+                _relative(abs(numeric - analytic), abs(numeric)),
+                FINITE_DIFFERENCE_TOLERANCE,
+                backward_ms,
+            )
+        )
     return rows
 
 
-def _backends() -> list[tuple[str, Callable]]:
-    """(label, converter from NumPy) for the NumPy backend and each CUDA device."""
+def _backends() -> tuple[list[tuple[str, Callable]], str | None]:
+    """(label, converter from NumPy) for the NumPy backend and each CUDA device, and why
+    there is no CUDA device (None when there is one)."""
     found: list[tuple[str, Callable]] = [("numpy (CPU)", lambda x: x)]
-    try:
-        import cupy
+    count, reason = cuda_device_count()
+    if not count:
+        return found, reason
+    import cupy
 
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no CuPy / no driver / no device
-        return found
     for device in range(count):
         name = cupy.cuda.runtime.getDeviceProperties(device)["name"].decode()
 
@@ -240,7 +342,7 @@ def _backends() -> list[tuple[str, Callable]]:
                 return cupy.asarray(x)
 
         found.append((f"cupy cuda:{device} ({name})", to_device))
-    return found
+    return found, None
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -250,13 +352,10 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def _synchronize() -> None:
-    try:
+    if cuda_device_count()[0]:
         import cupy
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            cupy.cuda.get_current_stream().synchronize()
-    except Exception:  # nothing to synchronise without CuPy or a device
-        pass
+        cupy.cuda.get_current_stream().synchronize()
 
 
 def _backend_rows(case: OpCase, label: str, convert, a: dict[str, np.ndarray], rng) -> list[Row]:
@@ -269,7 +368,7 @@ def _backend_rows(case: OpCase, label: str, convert, a: dict[str, np.ndarray], r
         try:
             dtype = numpy_dtype(dtype_name)
         except ImportError as exc:
-            rows.append(Row(case.name, label, dtype_name, f"skipped: {exc}", math.nan, 0.0, 0.0))
+            rows.append(_skipped(case.name, label, dtype_name, str(exc)))
             continue
         rounded = {k: v if k in case.fixed else v.astype(dtype) for k, v in a.items()}
         rounded_grad = grad_output.astype(dtype)
@@ -282,64 +381,246 @@ def _backend_rows(case: OpCase, label: str, convert, a: dict[str, np.ndarray], r
             out, forward_ms = _timed(case.forward, args)
             grads, backward_ms = _timed(case.backward, go, args)
         tol = TOLERANCE[dtype_name]
-        rows.append(Row(case.name, label, dtype_name, "forward",
-                        _relative(np.abs(_to_numpy(out) - ref_out).max(), np.abs(ref_out).max()),
-                        tol, forward_ms))
+        rows.append(
+            Row(
+                case.name,
+                label,
+                dtype_name,
+                "forward",
+                _relative(np.abs(_to_numpy(out) - ref_out).max(), np.abs(ref_out).max()),
+                tol,
+                forward_ms,
+            )
+        )
         for name in case.differentiable:
             ref = ref_grads[name]
             error = np.abs(_to_numpy(grads[name]) - ref).max()
-            rows.append(Row(case.name, label, dtype_name, f"grad_{name}",
-                            _relative(error, np.abs(ref).max()), tol, backward_ms))
+            rows.append(
+                Row(
+                    case.name,
+                    label,
+                    dtype_name,
+                    f"grad_{name}",
+                    _relative(error, np.abs(ref).max()),
+                    tol,
+                    backward_ms,
+                )
+            )
     return rows
 
 
-def _environment_lines() -> list[str]:
+# ---------------------------------------------------------------- the adapters
+def _adapter_inputs(case: OpCase, a: dict[str, np.ndarray], rng):
+    """float32 inputs and grad_output, and the functional API's output and gradients on
+    them: what each adapter is compared with."""
+    inputs = {k: v.astype(np.float32) for k, v in a.items()}
+    grad_output = rng.standard_normal(np.shape(case.forward(a))).astype(np.float32)
+    return inputs, grad_output, case.forward(inputs), case.backward(grad_output, inputs)
+
+
+def _torch_adapter_runs(case: OpCase, inputs, grad_output):
+    """(label, output, gradients, forward ms, backward ms) of cupydcn.torch on each torch
+    device (the CPU, and CUDA when PyTorch and CuPy both have it): autograd.grad."""
+    import torch
+
+    import cupydcn.torch as adapter
+
+    devices = ["cpu"]
+    if torch.cuda.is_available() and cuda_device_count()[0]:
+        devices.append("cuda")
+    for device in devices:
+        synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        tensors = {
+            k: torch.from_numpy(v).to(device).requires_grad_(k in case.differentiable)
+            for k, v in inputs.items()
+        }
+        leaves = [tensors[name] for name in case.differentiable]
+        go = torch.from_numpy(grad_output).to(device)
+        for _ in range(2 if device == "cuda" else 1):  # the first compiles: time the second
+            synchronize()
+            start = time.perf_counter()
+            out = case.forward(tensors, adapter)
+            synchronize()
+            forward_ms = 1e3 * (time.perf_counter() - start)
+            start = time.perf_counter()
+            grads = torch.autograd.grad(out, leaves, go)
+            synchronize()
+            backward_ms = 1e3 * (time.perf_counter() - start)
+        yield (
+            f"torch adapter ({device})",
+            out.detach().cpu().numpy(),
+            {name: g.cpu().numpy() for name, g in zip(case.differentiable, grads)},
+            forward_ms,
+            backward_ms,
+        )
+
+
+def _jax_adapter_runs(case: OpCase, inputs, grad_output):
+    """The same for cupydcn.jax on JAX's default device: jax.grad of the output's inner
+    product with grad_output."""
+    import jax
+    import jax.numpy as jnp
+
+    import cupydcn.jax as adapter
+
+    arrays = {k: jnp.asarray(v) for k, v in inputs.items()}
+    go = jnp.asarray(grad_output)
+    names = case.differentiable
+
+    def loss(*values):
+        return jnp.sum(case.forward(dict(arrays, **dict(zip(names, values))), adapter) * go)
+
+    gradient = jax.grad(loss, argnums=tuple(range(len(names))))
+    start = time.perf_counter()
+    out = jax.block_until_ready(case.forward(arrays, adapter))
+    forward_ms = 1e3 * (time.perf_counter() - start)
+    start = time.perf_counter()  # jax.grad traces the op's custom_vjp: included
+    grads = jax.block_until_ready(gradient(*(arrays[name] for name in names)))
+    backward_ms = 1e3 * (time.perf_counter() - start)
+    yield (
+        f"jax adapter ({jax.default_backend()})",
+        np.asarray(out),
+        {name: np.asarray(g) for name, g in zip(names, grads)},
+        forward_ms,
+        backward_ms,
+    )
+
+
+ADAPTERS = (
+    ("torch adapter", "cupydcn.torch", _torch_adapter_runs),
+    ("jax adapter", "cupydcn.jax", _jax_adapter_runs),
+)
+
+
+def _adapter_rows(case: OpCase, a: dict[str, np.ndarray], rng) -> list[Row]:
+    """Each adapter against the functional API on the same float32 inputs (skipped, with
+    the reason, when the adapter or its framework is not importable)."""
+    rows = []
+    inputs, grad_output, ref_out, ref_grads = _adapter_inputs(case, a, rng)
+    tol = TOLERANCE["float32"]
+    for label, module, runs in ADAPTERS:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # not installed, or built for another version
+            rows.append(
+                _skipped(
+                    case.name,
+                    label,
+                    "float32",
+                    f"{module} is not importable ({type(exc).__name__}: {exc})",
+                )
+            )
+            continue
+        for backend, out, grads, forward_ms, backward_ms in runs(case, inputs, grad_output):
+            rows.append(
+                Row(
+                    case.name,
+                    backend,
+                    "float32",
+                    "forward",
+                    _relative(np.abs(out - ref_out).max(), np.abs(ref_out).max()),
+                    tol,
+                    forward_ms,
+                )
+            )
+            for name in case.differentiable:
+                ref = _to_numpy(ref_grads[name])
+                rows.append(
+                    Row(
+                        case.name,
+                        backend,
+                        "float32",
+                        f"grad_{name} (autograd)",
+                        _relative(np.abs(grads[name] - ref).max(), np.abs(ref).max()),
+                        tol,
+                        backward_ms,
+                    )
+                )
+    return rows
+
+
+# ---------------------------------------------------------------- the report
+def _environment_lines(no_cuda_reason: str | None) -> list[str]:
     lines = [f"cupydcn {__version__}, Python {platform.python_version()}, NumPy {np.__version__}"]
     try:
         import cupy
-
-        lines.append(f"CuPy {cupy.__version__}")
-        try:
-            lines.append(f"CUDA devices: {cupy.cuda.runtime.getDeviceCount()}")
-        except Exception as exc:  # a driver-less machine
-            lines.append(f"CUDA devices: none ({type(exc).__name__})")
     except ImportError:
         lines.append("CuPy: not installed (CPU arrays only)")
+    else:
+        lines.append(f"CuPy {cupy.__version__}")
+    count = cuda_device_count()[0]
+    lines.append(f"CUDA devices: {count}" if count else f"CUDA devices: none ({no_cuda_reason})")
     for module in ("torch", "jax", "ml_dtypes"):
         try:
-            imported = __import__(module)
+            imported = importlib.import_module(module)
             lines.append(f"{module} {getattr(imported, '__version__', '?')}")
         except ImportError:
             lines.append(f"{module}: not installed")
     return lines
 
 
+COLUMNS = (
+    ("op", "<"),
+    ("backend", "<"),
+    ("dtype", "<"),
+    ("what", "<"),
+    ("rel. error", ">"),
+    ("tolerance", ">"),
+    ("ms", ">"),
+)
+
+
+def table_lines(rows: list[Row]) -> list[str]:
+    """The table: columns as wide as their widest cell; a skipped row prints dashes in
+    its number columns, "skip" and the reason at its end."""
+    cells = []
+    for row in rows:
+        if row.skipped:
+            numbers = ("-", "-", "-")
+            ok = f"skip  {row.skipped}"
+        else:
+            numbers = (f"{row.error:.2e}", f"{row.tolerance:.0e}", f"{row.millis:.2f}")
+            ok = "yes" if row.ok else "NO"
+        cells.append(((row.op, row.backend, row.dtype, row.what, *numbers), ok))
+    widths = [
+        max([len(name)] + [len(c[0][i]) for c in cells]) for i, (name, _) in enumerate(COLUMNS)
+    ]
+
+    def line(values, ok):
+        return (
+            " ".join(f"{v:{align}{w}}" for v, (_, align), w in zip(values, COLUMNS, widths))
+            + "  "
+            + ok
+        )
+
+    header = line([name for name, _ in COLUMNS], "ok")
+    return [header, "-" * len(header), *(line(values, ok) for values, ok in cells)]
+
+
 def run_check() -> int:
     """Print the environment and the error table; return a process exit code."""
-    for line in _environment_lines():
+    backends, no_cuda_reason = _backends()
+    for line in _environment_lines(no_cuda_reason):
         print(line)
+    print(
+        "backends: "
+        + ", ".join(label for label, _ in backends)
+        + (f"; no CUDA backend: {no_cuda_reason}" if no_cuda_reason else "")
+    )
     rows: list[Row] = []
-    backends = _backends()
-    print("backends: " + ", ".join(label for label, _ in backends))
     for case in CASES:
         rng = np.random.default_rng(0)
         a = case.make_arrays(rng)
         rows.extend(_reference_rows(case, a, rng))
         for label, convert in backends:
             rows.extend(_backend_rows(case, label, convert, a, rng))
+        rows.extend(_adapter_rows(case, a, rng))
 
     print()
-    header = (f"{'op':18} {'backend':30} {'dtype':9} {'what':20} {'rel. error':>10} "
-              f"{'tolerance':>9} {'ms':>8}  ok")
-    print(header)
-    print("-" * len(header))
-    failures = 0
-    for row in rows:
-        skipped = row.what.startswith("skipped")
-        failures += not skipped and not row.ok
-        ok = "skip" if skipped else ("yes" if row.ok else "NO")
-        print(f"{row.op:18} {row.backend:30} {row.dtype:9} {row.what:20} {row.error:10.2e} "
-              f"{row.tolerance:9.0e} {row.millis:8.2f}  {ok}")
+    for line in table_lines(rows):
+        print(line)
+    failures = sum(not row.skipped and not row.ok for row in rows)
     print()
     print("all checks passed" if failures == 0 else f"{failures} check(s) FAILED")
     return 0 if failures == 0 else 1
