@@ -48,13 +48,22 @@ MAX_OPTION_VALUE = 2**31 - 1
 
 
 def is_int(value) -> bool:
-    """A Python or NumPy integer (any integral scalar with ``__index__``); not a bool, a
-    float or an array with dimensions."""
+    """A Python or NumPy integer, or a 0-d integer array (NumPy, PyTorch, JAX: anything
+    ``operator.index`` takes); not a bool (Python, NumPy or a bool array), a float, a
+    0-d float array or an array with dimensions."""
     if isinstance(value, (bool, np.bool_)) or getattr(value, "ndim", 0) != 0:
         return False
     if isinstance(value, numbers.Integral):
         return True
-    return not isinstance(value, numbers.Real) and hasattr(value, "__index__")
+    if isinstance(value, numbers.Real) or not hasattr(value, "__index__"):
+        return False
+    if "bool" in str(getattr(value, "dtype", "")):  # torch.tensor(True) has __index__
+        return False
+    try:
+        operator.index(value)  # a 0-d float array has __index__ but refuses it
+    except Exception:
+        return False
+    return True
 
 
 def require_arrays(op: str, arrays: Mapping[str, object], *names: str) -> None:

@@ -9,7 +9,10 @@ runs inside the dispatch, on the arrays' device and stream, before any kernel.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
+
+import numpy as np
 
 from cupydcn.core.checks import shape_of
 from cupydcn.core.dtypes import dtype_info
@@ -48,7 +51,11 @@ def check_roi_values(op: str, xp, rois, batch: int, *,
     in_range = (index >= 0) & (index < batch)
     counts = [(~finite).sum(), (~integral).sum(), (~in_range).sum()]
     if samples_per_bin is not None:
-        samples = samples_per_bin(xp.where(finite[:, None], values, 0.0))
+        # Huge coordinates times spatial_scale may overflow to inf (a count over the
+        # limit) or, as inf - inf, to NaN (no samples: the kernels' grid is 0 for NaN).
+        with np.errstate(over="ignore", invalid="ignore"):
+            samples = samples_per_bin(xp.where(finite[:, None], values, 0.0))
+            samples = xp.where(samples > 0, samples, 0.0)  # NaN -> 0, so max sees the rest
         counts.append(samples.max())
     # One device-to-host transfer for every count.
     bad_finite, bad_integral, bad_range, *most = (
@@ -69,10 +76,14 @@ def check_roi_values(op: str, xp, rois, batch: int, *,
     if most and most[0] > MAX_SAMPLES_PER_BIN:
         row = int(xp.argmax(samples))
         raise value_error(
-            op, f"rois[{row}] = {_row(values, row)} needs {int(most[0])} samples per output "
+            op, f"rois[{row}] = {_row(values, row)} needs {_count(most[0])} samples per output "
             f"bin with sampling_ratio=0 (ceil(RoI size * spatial_scale / output size) per "
             f"axis); the limit is {MAX_SAMPLES_PER_BIN}: pass a sampling_ratio, a larger "
             f"output_size or a smaller RoI")
+
+
+def _count(samples: float) -> str:
+    return f"{int(samples)}" if math.isfinite(samples) else "infinitely many"
 
 
 def _row(values, row: int) -> list[float]:

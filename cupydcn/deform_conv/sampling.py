@@ -29,14 +29,16 @@ come back in the caller's array type, on the offsets' device.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from cupydcn.core.checks import check_float_dtypes, conv_output_size, int_pair, shape_of
+from cupydcn.core.checks import check_float_dtypes, conv_output_size, int_pair, is_int, shape_of
 from cupydcn.core.dispatch import Backends, Prepared, dispatch
+from cupydcn.core.dtypes import dtype_info
 from cupydcn.core.errors import type_error, value_error
 
 SAMPLING_OP = "sampling_locations"
@@ -320,6 +322,7 @@ def stacked_sampling_locations(
         points = _points_from_sequence(op, points)
     return dispatch(
         op, arrays,
+        required=tuple(arrays),  # every offset, every given mask, array points
         prepare=partial(_prepare_stacked, op, geometry, groups_followed, layers,
                         interpolation=interpolation),
         check_values=_check_points,
@@ -338,6 +341,8 @@ def _points_from_sequence(op: str, points) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != 2:
         raise value_error(op, f"points must have shape [P, 2] ((oy, ox) rows); got "
                               f"{array.shape}")
+    if not np.isfinite(array).all():  # None converts to NaN
+        raise value_error(op, "points must be finite")
     return array
 
 
@@ -384,7 +389,11 @@ def _prepare_stacked(op, geometry, groups_followed, layers, native, *,
                 )
         previous_size = (out_h, out_w)
         group = groups_followed[l]
-        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < groups:
+        if not is_int(group):
+            raise type_error(
+                op, f"offset_group for layer {l} must be an int in [0, {groups}); got {group!r}"
+            )
+        if not 0 <= operator.index(group) < groups:
             raise value_error(
                 op, f"offset_group for layer {l} must be an int in [0, {groups}); got {group!r}"
             )
@@ -397,9 +406,14 @@ def _prepare_stacked(op, geometry, groups_followed, layers, native, *,
                     f"{mask_name} has shape {shape_of(native[mask_name])}; expected {expected_mask}",
                 )
     points = native.get("points")
-    if points is not None and (points.ndim != 2 or int(points.shape[1]) != 2):
-        raise value_error(
-            op, f"points must have shape [P, 2] ((oy, ox) rows); got {shape_of(points)}")
+    if points is not None:
+        if not (dtype_info(points.dtype) is not None or points.dtype.kind in "iu"):
+            raise type_error(op, f"points has dtype {points.dtype}; expected a floating or "
+                                 f"integer dtype ((oy, ox) numbers)")
+        if points.ndim != 2 or int(points.shape[1]) != 2:
+            raise value_error(
+                op, f"points must have shape [P, 2] ((oy, ox) rows); got {shape_of(points)}")
+    groups_followed = tuple(operator.index(g) for g in groups_followed)
     plan = _StackedPlan(op, dtype_name, tuple(geometry), tuple(groups_followed), batch,
                         interpolation, tuple(native))
     return Prepared(plan, {})

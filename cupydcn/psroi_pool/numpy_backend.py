@@ -1,18 +1,24 @@
 """deform_psroi_pool on the CPU: vectorised NumPy.
 
-Every step works on all RoIs, classes, output channels and bins at once; the only Python
-loop runs over the sample_per_part**2 samples of a bin. The arithmetic follows the CUDA
+Every step works on a block of samples of every bin of a chunk of RoIs, all classes and
+output channels at once; the only Python loops run over the chunks and over the blocks of
+the sample_per_part**2 samples of a bin. Chunks and blocks are sized so the temporaries of
+a call fit ``_WORKSPACE_BYTES`` (besides the arguments and results): a 1024 x 1024 sample
+grid takes a few large steps, not a million small ones. Samples are added in the kernels'
+order (a running sum over each block). The arithmetic follows the CUDA
 kernels (cupydcn/cuda/kernels/deform_psroi_pool.cu) operation by operation in the accumulation dtype
 (float32 for half types), so both backends place every sample identically and agree on
 which samples are skipped. Conventions at the kinks are the kernels' (MSRA's); see there.
 
 Shapes inside: ``[K, L, J, P, P]`` with L offset classes and J = output_dim / L output
 channels per class (output channel d = l * J + j); per-bin quantities that do not depend
-on the channel are ``[K, L, 1, P, P]``.
+on the channel are ``[K, L, 1, P, P]``; a block of S samples adds a leading axis
+``[S, K, L, J, P, P]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Iterator, NamedTuple
 
@@ -32,6 +38,28 @@ def _quiet_float_errors(function):
             return function(*args, **kwargs)
 
     return quiet
+
+
+# Bound on the temporaries of one step (a block of samples of a chunk of RoIs).
+_WORKSPACE_BYTES = 256 * 2**20
+# Working bytes per sample of one output element (corner indices, values, blend) and of
+# one bin of a class (coordinates, masks, fractions, weights): estimates, 8 bytes each.
+_BYTES_PER_ELEMENT = 16 * 8
+_BYTES_PER_BIN = 32 * 8
+
+
+def _bytes_per_roi_sample(geom: PSRoiPoolGeometry) -> int:
+    """Working bytes of one sample of every bin and channel of one RoI."""
+    bins = geom.pooled_size * geom.pooled_size
+    return bins * (geom.output_dim * _BYTES_PER_ELEMENT + geom.num_classes * _BYTES_PER_BIN)
+
+
+def _roi_chunks(geom: PSRoiPoolGeometry) -> Iterator[tuple[slice, PSRoiPoolGeometry]]:
+    """(RoIs, their geometry) per chunk of consecutive RoIs sized to the workspace."""
+    size = max(1, _WORKSPACE_BYTES // _bytes_per_roi_sample(geom))
+    for start in range(0, geom.num_rois, size):
+        rois = slice(start, min(start + size, geom.num_rois))
+        yield rois, dataclasses.replace(geom, num_rois=rois.stop - rois.start)
 
 
 def _acc_dtype(dtype) -> np.dtype:
@@ -96,7 +124,7 @@ def _bins(rois_acc: np.ndarray, offset_acc: np.ndarray | None, geom: PSRoiPoolGe
 
 
 class _Sample(NamedTuple):
-    """One sample (ih, iw) of every bin, [K, L, 1, P, P]."""
+    """A block of S samples (ih, iw) of every bin, [S, K, L, 1, P, P]."""
 
     kept: np.ndarray   # inside [-0.5, W-0.5] x [-0.5, H-0.5] (or NaN)
     is_nan: np.ndarray
@@ -107,18 +135,24 @@ class _Sample(NamedTuple):
 
 
 def _samples(bins: _Bins, geom: PSRoiPoolGeometry) -> Iterator[_Sample]:
+    """Blocks of consecutive samples t = ih * sample_per_part + iw (the kernels' order),
+    sized to the workspace."""
     acc = bins.hstart.dtype.type
     h_last, w_last = acc(geom.height - 1), acc(geom.width - 1)
-    for ih in range(geom.sample_per_part):
-        for iw in range(geom.sample_per_part):
-            w = bins.wstart + acc(iw) * bins.sub_w
-            h = bins.hstart + acc(ih) * bins.sub_h
-            kept = ~((w < -0.5) | (w > w_last + acc(0.5)) | (h < -0.5) | (h > h_last + acc(0.5)))
-            is_nan = np.isnan(h) | np.isnan(w)
-            h = np.where(is_nan, 0, np.clip(h, 0, h_last)).astype(h.dtype)
-            w = np.where(is_nan, 0, np.clip(w, 0, w_last)).astype(w.dtype)
-            y0, x0 = np.floor(h), np.floor(w)
-            yield _Sample(kept, is_nan, y0.astype(np.int64), x0.astype(np.int64), h - y0, w - x0)
+    total = geom.sample_per_part ** 2
+    size = max(1, min(total, _WORKSPACE_BYTES // (
+        max(geom.num_rois, 1) * _bytes_per_roi_sample(geom))))
+    for first in range(0, total, size):
+        ih, iw = np.divmod(np.arange(first, min(first + size, total)), geom.sample_per_part)
+        block = (slice(None),) + (None,) * bins.hstart.ndim  # [S, 1, 1, 1, 1, 1]
+        w = bins.wstart + iw.astype(acc)[block] * bins.sub_w
+        h = bins.hstart + ih.astype(acc)[block] * bins.sub_h
+        kept = ~((w < -0.5) | (w > w_last + acc(0.5)) | (h < -0.5) | (h > h_last + acc(0.5)))
+        is_nan = np.isnan(h) | np.isnan(w)
+        h = np.where(is_nan, 0, np.clip(h, 0, h_last)).astype(h.dtype)
+        w = np.where(is_nan, 0, np.clip(w, 0, w_last)).astype(w.dtype)
+        y0, x0 = np.floor(h), np.floor(w)
+        yield _Sample(kept, is_nan, y0.astype(np.int64), x0.astype(np.int64), h - y0, w - x0)
 
 
 class _Corner(NamedTuple):
@@ -164,7 +198,7 @@ def _corner_values(flat_input: np.ndarray, corners: list[_Corner]) -> list[np.nd
 
 def _counts(bins: _Bins, geom: PSRoiPoolGeometry) -> np.ndarray:
     """[K, L, 1, P, P] number of kept samples per bin (int64)."""
-    return sum(s.kept.astype(np.int64) for s in _samples(bins, geom))
+    return sum(s.kept.sum(axis=0, dtype=np.int64) for s in _samples(bins, geom))
 
 
 def _prepare(input, rois, offset, geom: PSRoiPoolGeometry):
@@ -181,10 +215,16 @@ def psroi_pool_forward(input, rois, offset, geom: PSRoiPoolGeometry):
     int32) for NumPy arrays."""
     output = np.zeros(geom.output_shape, dtype=input.dtype)
     count = np.zeros(geom.output_shape, dtype=np.int32)
-    if geom.num_rois == 0:
-        return output, count
-    acc, bins, plane_starts = _prepare(input, rois, offset, geom)
+    acc = _acc_dtype(input.dtype)
     flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1)
+    for chunk, chunk_geom in _roi_chunks(geom):
+        output[chunk], count[chunk] = _forward_chunk(
+            flat_input, rois[chunk], None if offset is None else offset[chunk], chunk_geom)
+    return output, count
+
+
+def _forward_chunk(flat_input, rois, offset, geom: PSRoiPoolGeometry):
+    acc, bins, plane_starts = _prepare(flat_input, rois, offset, geom)
     total = np.zeros(plane_starts.shape, dtype=acc)
     kept_count = np.zeros(bins.hstart.shape, dtype=np.int64)
     for sample in _samples(bins, geom):
@@ -192,11 +232,16 @@ def psroi_pool_forward(input, rois, offset, geom: PSRoiPoolGeometry):
         hy, hx = 1 - sample.ly, 1 - sample.lx
         value = hy * (hx * v00 + sample.lx * v01) + sample.ly * (hx * v10 + sample.lx * v11)
         value = np.where(sample.is_nan, np.nan, value).astype(acc)
-        total += np.where(sample.kept, value, 0).astype(acc)
-        kept_count += sample.kept
+        block = np.where(sample.kept, value, 0).astype(acc)
+        del v00, v01, v10, v11, value
+        block[0] += total  # total + s_0 + s_1 + ... in sample order
+        np.add.accumulate(block, axis=0, out=block)
+        total = block[-1].copy()
+        del block
+        kept_count += sample.kept.sum(axis=0, dtype=np.int64)
     mean = total / np.maximum(kept_count, 1).astype(acc)
-    output[...] = np.where(kept_count > 0, mean, 0).reshape(geom.output_shape)
-    count[...] = np.broadcast_to(kept_count, plane_starts.shape).reshape(geom.output_shape)
+    output = np.where(kept_count > 0, mean, 0).reshape(geom.output_shape)
+    count = np.broadcast_to(kept_count, plane_starts.shape).reshape(geom.output_shape)
     return output, count
 
 
@@ -208,57 +253,72 @@ def psroi_pool_backward(grad_output, input, rois, offset, geom: PSRoiPoolGeometr
     want_input = "input" in wrt
     want_offset = "offset" in wrt and offset is not None
     dtype = input.dtype
-    if geom.num_rois == 0:
-        return PSRoiPoolGrads(np.zeros(geom.input_shape, dtype=dtype) if want_input else None,
-                              np.zeros(geom.offset_shape, dtype=dtype) if want_offset else None)
-    acc, bins, plane_starts = _prepare(input, rois, offset, geom)
+    acc = _acc_dtype(dtype)
+    flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1)
+    grad_input = np.zeros(flat_input.size, dtype=np.float64) if want_input else None
+    grad_offset = np.zeros(geom.offset_shape, dtype=dtype) if want_offset else None
+    for chunk, chunk_geom in _roi_chunks(geom):
+        chunk_offset = None if offset is None else offset[chunk]
+        offset_part = _backward_chunk(grad_input, grad_output[chunk], flat_input, rois[chunk],
+                                      chunk_offset, chunk_geom, dtype=dtype,
+                                      want_offset=want_offset)
+        if want_offset:
+            grad_offset[chunk] = offset_part
+    return PSRoiPoolGrads(
+        None if grad_input is None else grad_input.reshape(geom.input_shape).astype(dtype),
+        grad_offset)
+
+
+def _backward_chunk(grad_input, grad_output, flat_input, rois, offset,
+                    geom: PSRoiPoolGeometry, *, dtype, want_offset: bool):
+    """Adds the chunk's share to grad_input (flat float64, or None) and returns its
+    grad_offset [K, 2 * num_classes, S, S] (or None)."""
+    acc, bins, plane_starts = _prepare(flat_input, rois, offset, geom)
     counts = _counts(bins, geom)
     grad = np.asarray(grad_output).astype(acc, copy=False).reshape(plane_starts.shape)
     grad = grad / np.maximum(counts, 1).astype(acc)  # bins without samples have no terms
-    flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1) if want_offset else None
 
-    grad_input = np.zeros(int(np.prod(geom.input_shape)), dtype=np.float64) if want_input else None
     bin_dh = np.zeros(bins.hstart.shape, dtype=acc) if want_offset else None
     bin_dw = np.zeros(bins.hstart.shape, dtype=acc) if want_offset else None
     for sample in _samples(bins, geom):
         corners = _corners(sample, plane_starts, geom)
         usable = sample.kept & ~sample.is_nan
-        if want_input:
+        if grad_input is not None:
             # grad_input[q] += weight(q) * grad over the in-map corners q of kept samples
             indices, values = [], []
             for corner in corners:
                 scattered = np.broadcast_to(usable & corner.inside, corner.index.shape)
                 indices.append(corner.index[scattered])
-                values.append((corner.weight * grad)[scattered])
+                values.append(np.broadcast_to(corner.weight * grad, scattered.shape)[scattered])
             grad_input += np.bincount(np.concatenate(indices), np.concatenate(values),
                                       minlength=grad_input.size)
+            del indices, values
         if want_offset:
             # The derivatives are linear in the corner values: weight them by grad, sum
             # over the class's channels, then differentiate (MSRA: 0 on an integer
             # coordinate, which covers every clamped sample).
             v00, v01, v10, v11 = (
-                (grad * v).sum(axis=2, keepdims=True)
+                (grad * v).sum(axis=-3, keepdims=True)
                 for v in _corner_values(flat_input, corners)
             )
             d_dw = (1 - sample.ly) * (v01 - v00) + sample.ly * (v11 - v10)
             d_dh = (1 - sample.lx) * (v10 - v00) + sample.lx * (v11 - v01)
-            bin_dw += np.where(usable & (sample.lx != 0), d_dw, 0).astype(acc)
-            bin_dh += np.where(usable & (sample.ly != 0), d_dh, 0).astype(acc)
-            bin_dw[sample.kept & sample.is_nan] = np.nan
-            bin_dh[sample.kept & sample.is_nan] = np.nan
+            bin_dw += np.where(usable & (sample.lx != 0), d_dw, 0).astype(acc).sum(axis=0)
+            bin_dh += np.where(usable & (sample.ly != 0), d_dh, 0).astype(acc).sum(axis=0)
+            poisoned = (sample.kept & sample.is_nan).any(axis=0)
+            bin_dw[poisoned] = np.nan
+            bin_dh[poisoned] = np.nan
 
-    grad_offset = None
-    if want_offset:
-        grad_offset = np.empty(geom.offset_shape, dtype=dtype)
-        cells = grad_offset.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size,
-                                    geom.part_size)
-        trans_std = acc.type(geom.trans_std)
-        for axis, bin_sums, roi_size in ((0, bin_dw, bins.roi_w), (1, bin_dh, bins.roi_h)):
-            cells[:, :, axis] = _sum_bins_into_parts(bin_sums[:, :, 0], geom) * trans_std * (
-                roi_size[:, None, None, None])
-    return PSRoiPoolGrads(
-        None if grad_input is None else grad_input.reshape(geom.input_shape).astype(dtype),
-        grad_offset)
+    if not want_offset:
+        return None
+    grad_offset = np.empty(geom.offset_shape, dtype=dtype)
+    cells = grad_offset.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size,
+                                geom.part_size)
+    trans_std = acc.type(geom.trans_std)
+    for axis, bin_sums, roi_size in ((0, bin_dw, bins.roi_w), (1, bin_dh, bins.roi_h)):
+        cells[:, :, axis] = _sum_bins_into_parts(bin_sums[:, :, 0], geom) * trans_std * (
+            roi_size[:, None, None, None])
+    return grad_offset
 
 
 def _sum_bins_into_parts(per_bin: np.ndarray, geom: PSRoiPoolGeometry) -> np.ndarray:

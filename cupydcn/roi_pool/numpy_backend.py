@@ -19,14 +19,20 @@ sample of every bin of every RoI at once:
   whose last row is zeros. A sample reads its four corner rows with one fancy index, all
   channels at once; samples outside the map or NaN point at the zero row, so no
   per-corner masks are needed, and their gradient lands in that row and is dropped.
-* RoIs are processed in chunks (in sorted order) whose temporaries fit ``_WORKSPACE_BYTES``.
+* RoIs are processed in chunks (in sorted order), and the steps of a chunk in blocks of
+  ``S`` consecutive steps, whose temporaries fit ``_WORKSPACE_BYTES``: a few RoIs with a
+  1024 x 1024 grid take a few large steps, not a million small ones, and the memory of a
+  call stays within the budget whatever the grid (besides its arguments, its results and
+  the planes). A RoI of the block's active prefix with fewer samples than a step of the
+  block samples nothing there (zero row, weight 0). The forward adds the block's samples
+  in step order (a running sum), so it sums exactly as the kernels do.
 
-Per chunk of ``n`` RoIs (``B`` = ph * pw bins, ``a`` = RoIs active at a step):
+Per chunk of ``n`` RoIs (``B`` = ph * pw bins, ``a`` = RoIs active at a block's first step):
 
-    top, left        [n, ph, pw]      bin origins after the offset shift
-    corner rows      [a, ph, pw]      4 per step
-    corner values    [a, ph, pw, C]   gathered from planes
-    output (sorted)  [n, ph, pw, C]   channels last, transposed and unsorted at the end
+    top, left        [n, ph, pw]         bin origins after the offset shift
+    corner rows      [S, a, ph, pw]      4 per block
+    corner values    [S, a, ph, pw, C]   gathered from planes
+    output (sorted)  [n, ph, pw, C]      channels last, transposed and unsorted at the end
 
 Half types (float16, bfloat16) compute in float32 and every returned array is rounded
 once to the input dtype.
@@ -48,6 +54,9 @@ _MAX_SAMPLES_PER_AXIS = 1 << 30
 _WORKSPACE_BYTES = 256 * 2**20
 # Arrays of one RoI's bins x channels alive at once (output / gradient, 4 corners, blend).
 _BUFFERS_PER_ROI = 8
+# Bytes of the per-sample arrays of one bin that do not depend on the channel (coordinates,
+# corner rows, fractions, masks; 8 bytes each).
+_COORDINATE_BYTES = 24 * 8
 # Huge or NaN coordinates are part of the semantics (they sample 0 or NaN), not errors.
 _IGNORE_FLOAT_ERRORS = {"invalid": "ignore", "over": "ignore", "divide": "ignore"}
 
@@ -79,7 +88,12 @@ def roi_pool_forward(
             bins = _bins(boxes, chunk, offset, geom, acc)
             pooled = np.zeros((len(chunk), geom.pooled_h, geom.pooled_w, geom.channels), acc)
             for active, samples in _steps(bins, boxes.batch_index[chunk], geom, acc):
-                pooled[:active] += samples.blend(*(planes[rows] for rows in samples.rows))
+                block = samples.blend(*(planes[rows] for rows in samples.rows))
+                # pooled + s_0 + s_1 + ... in step order, as the kernels sum
+                block[0] += pooled[:active]
+                np.add.accumulate(block, axis=0, out=block)
+                pooled[:active] = block[-1]
+                del block
             pooled /= bins.count[:, None, None, None]
             if mask is not None:
                 pooled *= _per_bin(mask, chunk, acc)[..., None]
@@ -201,10 +215,14 @@ def _samples_per_axis(sampling_ratio: int, roi_size: np.ndarray, pooled: int,
 
 def _chunks(boxes: _RoiBoxes, geom: RoiPoolGeometry, acc: np.dtype) -> Iterator[np.ndarray]:
     """Runs of RoI indices, consecutive in ``boxes.order``, sized to the workspace."""
-    per_roi = _BUFFERS_PER_ROI * geom.bins * max(geom.channels, 1) * acc.itemsize
-    size = max(1, _WORKSPACE_BYTES // per_roi)
+    size = max(1, _WORKSPACE_BYTES // (geom.bins * _bytes_per_sample(geom, acc)))
     for start in range(0, geom.num_rois, size):
         yield boxes.order[start:start + size]
+
+
+def _bytes_per_sample(geom: RoiPoolGeometry, acc: np.dtype) -> int:
+    """Working bytes of one sample of one bin (all channels)."""
+    return _BUFFERS_PER_ROI * max(geom.channels, 1) * acc.itemsize + _COORDINATE_BYTES
 
 
 @dataclass(frozen=True)
@@ -263,13 +281,15 @@ def _planes(input: np.ndarray, acc: np.dtype) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Samples:
-    """One sample of every bin of the active RoIs, located for RoIAlign sampling
-    (cupydcn/cuda/kernels/roi_common.cuh), arrays [a, ph, pw].
+    """A block of S steps: one sample of every bin of the active RoIs per step, located
+    for RoIAlign sampling (cupydcn/cuda/kernels/roi_common.cuh), arrays [S, a, ph, pw].
 
     rows: the planes rows of the corners (low, low), (low, high), (high, low), (high, high)
     in (y, x) (equal at the last row / column; the zero row when outside or NaN).
     frac_y / frac_x: weight of the high corner (0 outside, NaN for NaN samples).
     moves_y / moves_x: 1 where the weights change with the coordinate, 0 where clamped.
+    valid [S, a, 1, 1]: the RoI has a sample at that step (else it samples nothing: zero
+    row, weights 0).
     """
 
     rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -277,25 +297,29 @@ class _Samples:
     frac_x: np.ndarray
     moves_y: np.ndarray
     moves_x: np.ndarray
+    valid: np.ndarray
 
     def blend(self, v00, v01, v10, v11):
-        """The sample's value from its corner values [a, ph, pw, C] (the kernels' formula)."""
+        """The samples' values from their corner values [S, a, ph, pw, C] (the kernels'
+        formula)."""
         ly, lx = self.frac_y[..., None], self.frac_x[..., None]
         hy, hx = 1 - ly, 1 - lx
         return hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
 
     def blend_with_gradient(self, v00, v01, v10, v11):
-        """(value, d/dy, d/dx) from corner values [a, ph, pw] (or channel sums of them:
-        the blend is linear in the corner values)."""
+        """(value, d/dy, d/dx) from corner values [S, a, ph, pw] (or channel sums of them:
+        the blend is linear in the corner values); 0 where not ``valid``."""
         ly, lx = self.frac_y, self.frac_x
         hy, hx = 1 - ly, 1 - lx
         value = hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
         d_dy = self.moves_y * (hx * (v10 - v00) + lx * (v11 - v01))
         d_dx = self.moves_x * (hy * (v01 - v00) + ly * (v11 - v10))
-        return value, d_dy, d_dx
+        zero = value.dtype.type(0)
+        return (np.where(self.valid, value, zero), np.where(self.valid, d_dy, zero),
+                np.where(self.valid, d_dx, zero))
 
     def corner_weights(self):
-        """Weights of the four corners, [a, ph, pw] each, in the order of ``rows``."""
+        """Weights of the four corners, [S, a, ph, pw] each, in the order of ``rows``."""
         ly, lx = self.frac_y, self.frac_x
         hy, hx = 1 - ly, 1 - lx
         return hy * hx, hy * lx, ly * hx, ly * lx
@@ -303,21 +327,30 @@ class _Samples:
 
 def _steps(bins: _Bins, batch_index: np.ndarray, geom: RoiPoolGeometry,
            acc: np.dtype) -> Iterator[tuple[int, _Samples]]:
-    """(a, samples) per flat sample step s, in the kernels' order (iy-major): the first
-    ``a`` RoIs of the chunk (those with more than s samples) sample (s // grid_w,
-    s % grid_w) of each of their bins."""
+    """(a, samples) per block of consecutive flat sample steps s, in the kernels' order
+    (iy-major): the first ``a`` RoIs of the chunk (those with more than the block's first
+    s samples) sample (s // grid_w, s % grid_w) of each of their bins where they have
+    more than s samples. Blocks are sized to the workspace."""
     samples = bins.grid_h * bins.grid_w  # non-increasing along the chunk
     steps = int(samples[0]) if len(samples) else 0
-    actives = np.searchsorted(-samples, -np.arange(steps), side="left")
+    per_roi_step = geom.bins * _bytes_per_sample(geom, acc)
     half = acc.type(0.5)
-    for step, active in enumerate(actives.tolist()):
+    step = 0
+    while step < steps:
+        # RoIs with more than ``step`` samples: a prefix of the chunk.
+        active = int(np.searchsorted(-samples, -step, side="left"))
+        size = max(1, min(steps - step, _WORKSPACE_BYTES // (active * per_roi_step)))
+        block = np.arange(step, step + size)[:, None]  # [S, 1]
         grid_h, grid_w = bins.grid_h[:active], bins.grid_w[:active]
-        iy, ix = np.divmod(step, grid_w)
+        valid = block < samples[:active]  # [S, a]
+        iy, ix = np.divmod(block, grid_w)
         y = bins.top[:active] + ((iy.astype(acc) + half) * bins.bin_h[:active]
-                                 / grid_h.astype(acc))[:, None, None]
+                                 / grid_h.astype(acc))[:, :, None, None]
         x = bins.left[:active] + ((ix.astype(acc) + half) * bins.bin_w[:active]
-                                  / grid_w.astype(acc))[:, None, None]
-        yield active, _locate(y, x, batch_index[:active], geom, acc)
+                                  / grid_w.astype(acc))[:, :, None, None]
+        yield active, _locate(y, x, batch_index[:active], geom, acc,
+                              valid[:, :, None, None])
+        step += size
 
 
 def _axis(coord: np.ndarray, size: int, acc: np.dtype):
@@ -333,11 +366,12 @@ def _axis(coord: np.ndarray, size: int, acc: np.dtype):
 
 
 def _locate(y: np.ndarray, x: np.ndarray, batch_index: np.ndarray, geom: RoiPoolGeometry,
-            acc: np.dtype) -> _Samples:
-    """The samples at (y, x) [a, ph, pw] of the bins of RoIs on images ``batch_index``."""
+            acc: np.dtype, valid: np.ndarray) -> _Samples:
+    """The samples at (y, x) [S, a, ph, pw] of the bins of RoIs on images
+    ``batch_index`` [a]; those not ``valid`` [S, a, 1, 1] sample nothing."""
     height, width = geom.height, geom.width
-    is_nan = np.isnan(y) | np.isnan(x)
-    inside = ~is_nan & ~((y < -1) | (y > height) | (x < -1) | (x > width))
+    is_nan = (np.isnan(y) | np.isnan(x)) & valid
+    inside = valid & ~is_nan & ~((y < -1) | (y > height) | (x < -1) | (x > width))
     y_low, y_step, frac_y, moves_y = _axis(np.where(inside, y, acc.type(0)), height, acc)
     x_low, x_step, frac_x, moves_x = _axis(np.where(inside, x, acc.type(0)), width, acc)
     row00 = (batch_index[:, None, None] * height + y_low) * width + x_low
@@ -351,7 +385,7 @@ def _locate(y: np.ndarray, x: np.ndarray, batch_index: np.ndarray, geom: RoiPool
     frac_y[is_nan] = np.nan
     frac_x[is_nan] = np.nan
     moves_y, moves_x = np.where(inside, moves_y, zero), np.where(inside, moves_x, zero)
-    return _Samples((row00, row01, row10, row11), frac_y, frac_x, moves_y, moves_x)
+    return _Samples((row00, row01, row10, row11), frac_y, frac_x, moves_y, moves_x, valid)
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -381,9 +415,10 @@ def _coordinate_sums(planes: np.ndarray, grad_bins: np.ndarray,
     dx_sum = np.zeros(shape, grad_bins.dtype)
     for active, samples in steps:
         grad = grad_bins[:active]
-        corner_sums = [np.einsum("aijc,aijc->aij", planes[rows], grad) for rows in samples.rows]
+        corner_sums = [np.einsum("saijc,aijc->saij", planes[rows], grad)
+                       for rows in samples.rows]
         value, d_dy, d_dx = samples.blend_with_gradient(*corner_sums)
-        value_sum[:active] += value
-        dy_sum[:active] += d_dy
-        dx_sum[:active] += d_dx
+        value_sum[:active] += value.sum(axis=0)
+        dy_sum[:active] += d_dy.sum(axis=0)
+        dx_sum[:active] += d_dx.sum(axis=0)
     return value_sum, dy_sum, dx_sum
