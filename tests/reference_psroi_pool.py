@@ -155,3 +155,84 @@ def sample_coordinates(rois, offset, o: Options) -> np.ndarray:
             for iw in range(o.sample_per_part):
                 points.append((hstart + ih * sub_h, wstart + iw * sub_w))
     return np.array(points).reshape(-1, 2)
+
+
+# ---------------------------------------------------------------- random test problems
+# Problem sizes and random arrays shared by the test files (NumPy and ml_dtypes only).
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+# [batch_index, x1, y1, x2, y2] in image coordinates: inside, partly outside, wholly
+# outside, degenerate (one pixel), covering the map, reversed corners (size clamped to
+# 0.1), and halves that round away from zero.
+MIXED_ROIS = [
+    [0, 1, 2, 14, 16],
+    [1, -6, 4, 8, 80],
+    [0, -100, -100, -60, -60],
+    [1, 5, 7, 5, 7],
+    [0, 0, 0, 40, 34],
+    [1, 9, 3, 6, 1],
+    [0, 2.5, -2.5, 11.5, 8.5],
+]
+
+CONFIGS = {
+    # several classes, group_size = pooled_size = part_size
+    "basic": dict(batch=2, height=9, width=11, output_dim=4, group_size=3, pooled_size=3,
+                  part_size=3, sample_per_part=2, num_classes=2, spatial_scale=0.5,
+                  trans_std=0.3, offset_std=1.0),
+    # several bins per offset cell (P > S), group_size != pooled_size
+    "parts_coarser": dict(batch=2, height=8, width=10, output_dim=3, group_size=2,
+                          pooled_size=4, part_size=2, sample_per_part=3, num_classes=1,
+                          spatial_scale=0.5, trans_std=0.2, offset_std=1.0),
+    # offset cells without bins (P < S)
+    "parts_finer": dict(batch=2, height=7, width=9, output_dim=2, group_size=1,
+                        pooled_size=2, part_size=3, sample_per_part=2, num_classes=2,
+                        spatial_scale=0.5, trans_std=0.25, offset_std=1.0),
+    "group_ne_pooled": dict(batch=2, height=9, width=8, output_dim=2, group_size=2,
+                            pooled_size=5, part_size=5, sample_per_part=2, num_classes=1,
+                            spatial_scale=0.5, trans_std=0.1, offset_std=1.0),
+    # large offsets push bins partly and wholly off the map
+    "offsets_off_map": dict(batch=2, height=6, width=7, output_dim=2, group_size=2,
+                            pooled_size=2, part_size=2, sample_per_part=3, num_classes=1,
+                            spatial_scale=0.25, trans_std=0.5, offset_std=3.0),
+    # a map of one row: every sample is clamped in y
+    "one_row_map": dict(batch=2, height=1, width=5, output_dim=2, group_size=1,
+                        pooled_size=2, part_size=2, sample_per_part=2, num_classes=2,
+                        spatial_scale=0.125, trans_std=0.1, offset_std=1.0),
+    "three_classes": dict(batch=2, height=8, width=8, output_dim=6, group_size=2,
+                          pooled_size=3, part_size=3, sample_per_part=2, num_classes=3,
+                          spatial_scale=0.5, trans_std=0.1, offset_std=1.0),
+    "no_trans": dict(batch=2, height=9, width=11, output_dim=4, group_size=2, pooled_size=3,
+                     part_size=3, sample_per_part=2, num_classes=0, spatial_scale=0.5,
+                     trans_std=0.1, offset_std=0.0),
+}
+
+OPTION_NAMES = ("output_dim", "group_size", "pooled_size", "part_size", "sample_per_part",
+                "spatial_scale", "trans_std")
+
+
+def options(cfg) -> dict:
+    return {name: cfg[name] for name in OPTION_NAMES}
+
+
+def problem(cfg, dtype_name="float64", seed=0, rois=MIXED_ROIS):
+    """(input, rois, offset or None, grad_output) with input/offset/grad in ``dtype_name``."""
+    rng = np.random.default_rng(seed)
+    dtype = _dtype(dtype_name)
+    channels = cfg["output_dim"] * cfg["group_size"] ** 2
+    input = rng.standard_normal((cfg["batch"], channels, cfg["height"], cfg["width"]))
+    rois = np.array(rois, dtype=np.float64)
+    offset = None
+    if cfg["num_classes"]:
+        shape = (len(rois), 2 * cfg["num_classes"], cfg["part_size"], cfg["part_size"])
+        offset = (cfg["offset_std"] * rng.standard_normal(shape)).astype(dtype)
+    pooled = cfg["pooled_size"]
+    grad_output = rng.standard_normal((len(rois), cfg["output_dim"], pooled, pooled))
+    return input.astype(dtype), rois, offset, grad_output.astype(dtype)

@@ -19,7 +19,6 @@ here explicitly, as the kernels do (cupydcn/cuda/kernels/roi_common.cuh):
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -175,11 +174,6 @@ def sample_points(rois, offset, *, output_size, spatial_scale=1.0, sampling_rati
 
 # ---------------------------------------------------------------- random test problems
 # Problem sizes and random arrays shared by the test files (NumPy only, like the rest).
-
-
-def seeded(*key) -> np.random.Generator:
-    """A generator seeded from the test's parameters (stable across runs and processes)."""
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
 ROI_KINDS = ("inside", "partly_outside", "outside", "tiny", "reversed", "large")

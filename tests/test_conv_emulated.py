@@ -1,4 +1,5 @@
-"""deform_conv2d's CUDA kernels and their orchestration, run on the CPU by the emulator.
+"""deform_conv2d's CUDA kernels and their orchestration, run on the CPU by the emulator
+and, with the ``launcher`` fixture's ``cupy`` variant, on a GPU.
 
 ``cupydcn.deform_conv.cuda_backend.conv_forward / conv_backward`` drive the real ``cupydcn/cuda/kernels/`` sources
 through :class:`HostLauncher` (tests/emulator, checked mode) and are compared with a
@@ -19,31 +20,24 @@ import pytest
 from cupydcn.deform_conv import cuda_backend as _conv_kernels
 from cupydcn.deform_conv import numpy_backend as numpy_conv
 from cupydcn.deform_conv.spec import conv_geometry
-from cupydcn.core.dtypes import numpy_dtype
 from cupydcn.cuda.launch import INT32_INDEX_LIMIT, index_bits_for_sizes, launch_config
 
 from emulator.host_launcher import (EmulatorBuildError, EmulatorFaultError, HostLauncher,
                                     build_library, shim_text)
 from reference import deform_conv2d_reference
+from support import (DTYPE_NAMES, GRADS, assert_close_to_sum, dtype_of, on_device,
+                     strided_copy, to_numpy)
 
-pytestmark = pytest.mark.emulated
+# Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter; the
+# others, which use the emulator alone, carry the mark themselves.
+emulated = pytest.mark.emulated
 
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
-GRADS = ("input", "offset", "weight", "mask", "bias")
 BIG_WORKSPACE = 1 << 30
 
-# Error bound per element: |got - ref| <= ROUNDING * |ref| + ACCUMULATION * magnitude +
-# FLOOR, where magnitude is the same sum over absolute values of every term (the reference
-# with magnitude=True). Half types are rounded once from float32 (unit roundoff 2^-11 resp.
-# 2^-8). Sums of up to a few hundred terms in the acc dtype (unit roundoff u = 2^-24 for
-# float32, 2^-53 for float64) stay within 32 u of their magnitude on these random data
-# (the worst case is n u). FLOOR is half of float16's smallest subnormal. Sample points are
-# exact in every acc dtype (offsets are multiples of 2^-10), so only sums round.
-ROUNDING = {"float64": 0.0, "float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-ACCUMULATION = {"float64": 32 * 2.0**-53, "float32": 32 * 2.0**-24,
-                "float16": 32 * 2.0**-24, "bfloat16": 32 * 2.0**-24}
-FLOOR = {"float64": 0.0, "float32": 0.0, "float16": 2.0**-25, "bfloat16": 0.0}
-
+# Error bound per element (tests/support.py): |got - ref| <= roundings * rounding * |ref| +
+# of_sum * magnitude + floor, where magnitude is the same sum over absolute values of every
+# term (the reference with magnitude=True). Sample points are exact in every acc dtype
+# (offsets are multiples of 2^-10), so only sums round.
 
 
 
@@ -164,7 +158,7 @@ class Problem:
                  with_bias=True, seed=0, offset_scale=2.0, edge_targets=False,
                  padding_mode="zeros"):
         rng = np.random.default_rng(seed)
-        dtype = numpy_dtype(dtype_name)
+        dtype = dtype_of(dtype_name)
         H, W = size
         kh, kw = kernel
         self.dtype_name = dtype_name
@@ -253,36 +247,32 @@ CASES = {
 
 
 def assert_close(actual, expected, dtype_name, what, *, roundings=1):
-    """``expected`` = (reference, magnitude); see ROUNDING for the bound. ``roundings``:
-    how many final roundings separate the two (2 when neither is exact)."""
+    """``expected`` = (reference, magnitude); see the bound above. ``roundings``: how many
+    final roundings separate the two (2 when neither is exact)."""
     ref, magnitude = expected
-    assert actual is not None, f"{what}: missing"
-    assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != {ref.shape}"
-    assert actual.dtype == numpy_dtype(dtype_name), f"{what}: dtype {actual.dtype}"
-    got = actual.astype(np.float64)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref), err_msg=f"{what}: NaN mismatch")
-    ok = ~np.isnan(ref)
-    bound = (roundings * ROUNDING[dtype_name] * np.abs(ref) + ACCUMULATION[dtype_name] * magnitude
-             + FLOOR[dtype_name])[ok]
-    error = np.abs(got[ok] - ref[ok])
-    worst = np.argmax(error - bound) if error.size else 0
-    assert np.all(error <= bound), (
-        f"{what} ({dtype_name}): {np.sum(error > bound)} of {error.size} elements off; worst "
-        f"got {got[ok][worst]!r} expected {ref[ok][worst]!r} (bound {bound[worst]:.3g})")
+    assert_close_to_sum(actual, ref, magnitude, dtype_name, what, roundings=roundings,
+                        with_floor=True)
 
 
 def run_forward(launcher, problem, *, workspace_bytes=BIG_WORKSPACE, index_bits=None):
-    return _conv_kernels.conv_forward(
-        launcher, *problem.arrays(), problem.geom, dtype_name=problem.dtype_name,
-        workspace_bytes=workspace_bytes, index_bits=index_bits)
+    """The kernels' output for the problem's arrays (moved to ``launcher.xp``), in NumPy."""
+    return to_numpy(_conv_kernels.conv_forward(
+        launcher, *on_device(launcher, *problem.arrays()), problem.geom,
+        dtype_name=problem.dtype_name, workspace_bytes=workspace_bytes,
+        index_bits=index_bits))
 
 
 def run_backward(launcher, problem, *, wrt=frozenset(GRADS), workspace_bytes=BIG_WORKSPACE,
                  index_bits=None):
-    return _conv_kernels.conv_backward(
+    """The kernels' ConvGrads (in NumPy)."""
+    grad_output, input, offset, weight, mask = on_device(
         launcher, problem.grad_output, problem.input, problem.offset, problem.weight,
-        problem.mask, problem.geom, dtype_name=problem.dtype_name, wrt=frozenset(wrt),
-        workspace_bytes=workspace_bytes, index_bits=index_bits)
+        problem.mask)
+    grads = _conv_kernels.conv_backward(
+        launcher, grad_output, input, offset, weight, mask, problem.geom,
+        dtype_name=problem.dtype_name, wrt=frozenset(wrt), workspace_bytes=workspace_bytes,
+        index_bits=index_bits)
+    return type(grads)(*(to_numpy(g) for g in grads))
 
 
 def check_all(problem, output, grads, expected):
@@ -295,6 +285,7 @@ def check_all(problem, output, grads, expected):
             assert_close(got, expected[name], dtype_name, f"grad_{name}")
 
 
+@emulated
 @pytest.mark.parametrize("case", ["grouped", "edges"])
 def test_reference_forward_matches_loop_reference(case):
     """This file's vectorised reference against the loop-form one of tests/reference.py."""
@@ -304,6 +295,7 @@ def test_reference_forward_matches_loop_reference(case):
     np.testing.assert_allclose(problem.reference()["output"], loop, rtol=1e-13, atol=1e-13)
 
 
+@emulated
 def test_reference_gradients_match_finite_differences():
     """The reference's backward is the derivative of its forward (away from the kinks)."""
     problem = Problem("float64", **{**CASES["grouped"], "with_bias": True})
@@ -384,6 +376,7 @@ def _assert_same_bits(got_bits, expected_bits, dtype, inputs, what):
                            f"{got_bits[bad][:5]} expected {expected_bits[bad][:5]}")
 
 
+@emulated
 def test_shim_half_and_bfloat16_conversions_are_exact():
     library = build_library(shim_text() + _CONVERSIONS, what="the shim conversion test")
     every = np.arange(2**16, dtype=np.uint16)
@@ -409,6 +402,7 @@ def test_shim_half_and_bfloat16_conversions_are_exact():
                  np.uint16)[0] == 0x7FFF
 
 
+@emulated
 @pytest.mark.parametrize("construct", ["__syncthreads();", "__shared__ float tile[32];",
                                        "__syncwarp();"])
 def test_shim_rejects_barriers_and_shared_memory(construct):
@@ -423,7 +417,9 @@ def test_shim_rejects_barriers_and_shared_memory(construct):
 # ---------------------------------------------------------------------------- the launcher
 
 
-def test_launcher_checks_arguments(launcher):
+@emulated
+def test_launcher_checks_arguments(host_launcher):
+    launcher = host_launcher
     a = np.zeros(8, np.float16)
     out = np.zeros(8, np.float32)
     launcher.launch("widen_to_acc", "float16", 32, 8, [a, out, 8])
@@ -443,7 +439,9 @@ def test_launcher_checks_arguments(launcher):
     launcher.launch("widen_to_acc", "float16", 32, 0, [None, None, 0])  # zero size: no-op
 
 
-def test_launcher_refuses_32bit_grid_stride_overflow(launcher):
+@emulated
+def test_launcher_refuses_32bit_grid_stride_overflow(host_launcher):
+    launcher = host_launcher
     """A 32-bit index near 2^31 would wrap in index += blockDim * gridDim (and loop on
     negative indices); the orchestration's limit keeps clear of it, the harness refuses it."""
     a = np.zeros(8, np.float16)
@@ -456,7 +454,9 @@ def test_launcher_refuses_32bit_grid_stride_overflow(launcher):
     assert index_bits_for_sizes(INT32_INDEX_LIMIT + 1) == 64
 
 
-def test_checked_mode_reports_out_of_bounds(launcher):
+@emulated
+def test_checked_mode_reports_out_of_bounds(host_launcher):
+    launcher = host_launcher
     src = np.arange(64, dtype=np.float16)
     short = np.zeros(40, np.float32)
     with pytest.raises(EmulatorFaultError, match=r"past the end of argument 1 .*element 40 of 40"):
@@ -466,7 +466,9 @@ def test_checked_mode_reports_out_of_bounds(launcher):
         launcher.launch("widen_to_acc", "float16", 64, 64, [src[:10], big, 64])
 
 
-def test_grid_stride_loop_and_thread_order(launcher):
+@emulated
+def test_grid_stride_loop_and_thread_order(host_launcher):
+    launcher = host_launcher
     """Few blocks (each thread loops many times) and reversed thread order give the
     results of the GPU's configuration."""
     problem = Problem("float64", **CASES["grouped"])
@@ -586,20 +588,18 @@ def test_batch_zero(launcher, dtype_name):
 def test_odd_batch_and_noncontiguous_inputs(launcher):
     problem = Problem("float64", **{**CASES["grouped"], "batch": 3})
     expected = problem.expected()
-    views = {}
-    for name in ("input", "offset", "weight", "mask", "grad_output"):
-        a = getattr(problem, name)
-        strided = np.empty(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)[..., ::2]
-        strided[...] = a
-        views[name] = strided
-    output = _conv_kernels.conv_forward(
-        launcher, views["input"], views["offset"], views["weight"], problem.bias, views["mask"],
-        problem.geom, dtype_name="float64", workspace_bytes=BIG_WORKSPACE)
+    views = {name: strided_copy(launcher.xp, getattr(problem, name))
+             for name in ("input", "offset", "weight", "mask", "grad_output")}
+    assert not views["input"].flags.c_contiguous
+    output = to_numpy(_conv_kernels.conv_forward(
+        launcher, views["input"], views["offset"], views["weight"],
+        on_device(launcher, problem.bias), views["mask"], problem.geom, dtype_name="float64",
+        workspace_bytes=BIG_WORKSPACE))
     grads = _conv_kernels.conv_backward(
         launcher, views["grad_output"], views["input"], views["offset"], views["weight"],
         views["mask"], problem.geom, dtype_name="float64", wrt=frozenset(GRADS),
         workspace_bytes=BIG_WORKSPACE)
-    check_all(problem, output, grads, expected)
+    check_all(problem, output, [to_numpy(g) for g in grads], expected)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
@@ -623,7 +623,8 @@ def test_nan_offsets_give_nan(launcher, dtype_name):
     assert np.isnan(grads.grad_mask.astype(np.float64)[1, k, 2, 3])
 
 
-def test_undefined_behaviour_sanitizer(launcher):
+@emulated
+def test_undefined_behaviour_sanitizer(host_launcher):
     """One problem per index width under UBSan (integer overflow, float->int overflow...)."""
     sanitized = HostLauncher(sanitize="undefined")
     sanitized.prebuild([("deform_conv_im2col", "float32", bits) for bits in (32, 64)])

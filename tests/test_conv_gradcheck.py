@@ -17,24 +17,20 @@ element, so central differences are exact up to rounding (tolerance 1e-6 relativ
 from __future__ import annotations
 
 import itertools
-import zlib
 
 import numpy as np
 import pytest
 from reference import ConvConfig, deform_conv2d_reference
+from support import GRADS, seeded
 
 from cupydcn.deform_conv.spec import conv_geometry
 from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
 
-GRADIENT_ORDER = ("input", "offset", "weight", "mask", "bias")
+GRADIENT_ORDER = GRADS
 ALL_GRADIENTS = frozenset(GRADIENT_ORDER)
 WORKSPACE = 1 << 24
 STEP = 1e-6
 RTOL = 1e-6
-
-
-def seeded(*key) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
 def geometry(arrays: dict, config: ConvConfig):

@@ -1,14 +1,11 @@
 """The NumPy backend of deform_conv2d against the naive float64 reference (tests/reference.py).
 
-Tolerances (S = the reference evaluated on |input|, |weight|, |bias|, |mask|, i.e. the sum
-of the magnitudes of the terms of each output, so cancellation does not tighten them):
+Tolerances (tests/support.py's table; S = the reference evaluated on |input|, |weight|,
+|bias|, |mask|, i.e. the sum of the magnitudes of the terms of each output, so cancellation
+does not tighten them): |out - ref| <= 2 * rounding * |ref| + of_sum * S, i.e. 32 u_acc * S
+for float32 / float64 and 2u * |ref| + 32 * 2**-24 * S for the half types.
 
-    float64   |out - ref| <= 1e-12 * S
-    float32   |out - ref| <= 2e-6 * S                     (unit roundoff 2**-24)
-    float16   |out - ref| <= 2**-10 * |ref| + 1e-5 * S   (unit roundoff 2**-11)
-    bfloat16  |out - ref| <= 2**-7 * |ref| + 1e-5 * S    (unit roundoff 2**-8)
-
-The half types must compute in float32 and round once: the 1e-5 * S term is far below
+The half types must compute in float32 and round once: the of_sum term is far below
 what half-precision accumulation would give. Low-precision inputs are quantised first and
 the reference runs on the quantised values, so only the computation's rounding is measured.
 """
@@ -16,11 +13,12 @@ the reference runs on the quantised values, so only the computation's rounding i
 from __future__ import annotations
 
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 from reference import ConvConfig, deform_conv2d_reference
+from support import (GRADS, LOW_PRECISION, assert_close, assert_close_to_sum, cast_arrays,
+                     dtype_of, seeded)
 
 from cupydcn.deform_conv.spec import conv_geometry
 from cupydcn.deform_conv.numpy_backend import (
@@ -30,17 +28,9 @@ from cupydcn.deform_conv.numpy_backend import (
     conv_forward,
 )
 
-ALL_GRADIENTS = frozenset({"input", "offset", "weight", "mask", "bias"})
-GRADIENT_ORDER = ("input", "offset", "weight", "mask", "bias")
+GRADIENT_ORDER = GRADS
+ALL_GRADIENTS = frozenset(GRADS)
 LARGE_WORKSPACE = 1 << 30
-
-# (relative to |ref|, relative to S) per dtype name; see the module docstring.
-FORWARD_TOLERANCE = {
-    "float64": (0.0, 1e-12),
-    "float32": (0.0, 2e-6),
-    "float16": (2.0**-10, 1e-5),
-    "bfloat16": (2.0**-7, 1e-5),
-}
 
 
 def geometry(arrays: dict, config: ConvConfig):
@@ -87,23 +77,8 @@ def magnitude(arrays: dict, config: ConvConfig) -> np.ndarray:
 
 
 def assert_close_to_reference(output, arrays, config, dtype_name: str) -> None:
-    expected = reference(arrays, config)
-    relative, of_magnitude = FORWARD_TOLERANCE[dtype_name]
-    bound = relative * np.abs(expected) + of_magnitude * magnitude(arrays, config)
-    error = np.abs(np.asarray(output, dtype=np.float64) - expected)
-    assert output.shape == expected.shape
-    assert np.all(error <= bound), (
-        f"max error {error.max():.3g}, worst excess {(error - bound).max():.3g}"
-    )
-
-
-def seeded(*key) -> np.random.Generator:
-    """A generator seeded from the test's parameters (stable across runs and processes)."""
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def cast_arrays(arrays: dict, dtype) -> dict:
-    return {name: None if v is None else v.astype(dtype) for name, v in arrays.items()}
+    assert_close_to_sum(output, reference(arrays, config), magnitude(arrays, config),
+                        dtype_name, "output", roundings=2, dtype_checked=False)
 
 
 CONFIGS = {
@@ -296,7 +271,7 @@ def test_noncontiguous_readonly_inputs_are_read_only_used():
         np.testing.assert_allclose(grads[name], contiguous_grads[name], rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype_name", LOW_PRECISION)
 def test_inputs_of_every_dtype_are_unchanged(dtype_name):
     dtype = dtype_of(dtype_name)
     config = ConvConfig(batch=2, offset_groups=2, padding=(1, 1))
@@ -339,19 +314,12 @@ def test_chunking_gives_identical_results():
             np.testing.assert_allclose(grads[name], results[2][name], rtol=1e-13, atol=1e-13)
 
 
-def dtype_of(name: str) -> np.dtype:
-    if name == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
 LOW_PRECISION_CONFIGS = ("k3x3_mask_bias", "k2x3_stride2x1_pad1x0_dil1x2",
                          "groups4_offset_groups2", "batch3_no_mask_no_bias")
 
 
 @pytest.mark.parametrize("name", LOW_PRECISION_CONFIGS)
-@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype_name", LOW_PRECISION)
 def test_low_precision_forward_matches_reference(name, dtype_name):
     config = CONFIGS[name]
     dtype = dtype_of(dtype_name)
@@ -363,15 +331,12 @@ def test_low_precision_forward_matches_reference(name, dtype_name):
 
 
 # Backward in low precision against the float64 backward (itself checked against finite
-# differences in test_conv_gradcheck.py) on the same quantised inputs:
-#   |grad - grad64| <= relative * |grad64| + 1e-5 * max|grad64| (per gradient), with
-# relative = 0 (float32), 2**-10 (float16), 2**-7 (bfloat16): twice the unit roundoff.
-BACKWARD_RELATIVE = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-BACKWARD_OF_MAX = 1e-5
+# differences in test_conv_gradcheck.py) on the same quantised inputs, per gradient:
+#   |grad - grad64| <= 2 * rounding * |grad64| + of_max * max|grad64| (tests/support.py).
 
 
 @pytest.mark.parametrize("name", LOW_PRECISION_CONFIGS)
-@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype_name", LOW_PRECISION)
 def test_low_precision_backward_matches_float64(name, dtype_name):
     config = CONFIGS[name]
     dtype = dtype_of(dtype_name)
@@ -386,8 +351,4 @@ def test_low_precision_backward_matches_float64(name, dtype_name):
             assert grads[name] is None
             continue
         assert grads[name].dtype == dtype
-        actual = grads[name].astype(np.float64)
-        bound = (BACKWARD_RELATIVE[dtype_name] * np.abs(expected[name])
-                 + BACKWARD_OF_MAX * np.abs(expected[name]).max())
-        error = np.abs(actual - expected[name])
-        assert np.all(error <= bound), f"{name}: max error {error.max():.3g}"
+        assert_close(grads[name], expected[name], dtype_name, name, zero_scale=0.0)

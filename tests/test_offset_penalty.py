@@ -8,13 +8,12 @@ accumulation dtype (float32 for the half types) and rounded once.
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import pytest
+from support import DTYPE_NAMES, TOLERANCE, dtype_of, is_exact, on_device, seeded, to_numpy
 
 from cupydcn import CupydcnTypeError, CupydcnValueError
-from cupydcn.core.dtypes import numpy_dtype
 from cupydcn.deform_conv.offset_penalty import (
     offset_l2_penalty,
     offset_l2_penalty_backward,
@@ -24,7 +23,6 @@ from cupydcn.deform_conv.offset_penalty import (
 )
 
 REDUCTIONS = ("mean", "sum", "none")
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 SHAPES = {
     "conv": (2, 18, 5, 6),      # [N, 2*G*kh*kw, H_out, W_out]
     "roi": (7, 2, 3, 3),        # [K, 2, ph, pw]
@@ -33,15 +31,12 @@ SHAPES = {
     "scalar": (),
     "empty": (0, 2, 3, 3),
 }
-# |got - exact| <= TOLERANCE * |exact| (sums of positive terms: no cancellation); the half
-# types are rounded once from float32 (unit roundoff 2^-11 resp. 2^-8).
-TOLERANCE = {"float64": 1e-13, "float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-# plus half the spacing of float16's subnormals (results below 2^-14 lose relative precision)
-FLOOR = {"float64": 0.0, "float32": 0.0, "float16": 2.0**-25, "bfloat16": 0.0}
-
-
-def seeded(*key) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+# |got - exact| <= RTOL * |exact| (sums of positive terms: no cancellation) + FLOOR: the
+# ``relative`` and ``floor`` bounds of tests/support.py (the half types are rounded once
+# from float32: 2u; FLOOR is half the spacing of float16's subnormals, as results below
+# 2^-14 lose relative precision).
+RTOL = {name: TOLERANCE[name].relative for name in DTYPE_NAMES}
+FLOOR = {name: TOLERANCE[name].floor for name in DTYPE_NAMES}
 
 
 def exact_penalty(offset: np.ndarray, weight: float, reduction: str) -> np.ndarray:
@@ -57,7 +52,7 @@ def exact_penalty(offset: np.ndarray, weight: float, reduction: str) -> np.ndarr
 
 def random_offset(shape, dtype_name, *key):
     rng = seeded(shape, dtype_name, *key)
-    return (rng.normal(scale=2.0, size=shape)).astype(numpy_dtype(dtype_name))
+    return (rng.normal(scale=2.0, size=shape)).astype(dtype_of(dtype_name))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -72,7 +67,7 @@ def test_values(shape, dtype_name, reduction):
     assert result.shape == (shape if reduction == "none" else ())
     expected = exact_penalty(offset, weight, reduction)
     np.testing.assert_allclose(result.astype(np.float64), expected,
-                               rtol=TOLERANCE[dtype_name], atol=FLOOR[dtype_name])
+                               rtol=RTOL[dtype_name], atol=FLOOR[dtype_name])
     assert offset.tobytes() == saved.tobytes()
 
 
@@ -87,7 +82,7 @@ def test_default_is_mean_with_weight_one():
 def test_half_types_accumulate_in_float32(dtype_name):
     """Squares of 128 sum far past float16's range (and bfloat16's precision); the mean
     is exact in float32 and representable, so it comes back exactly."""
-    offset = np.full((3, 100), 128.0).astype(numpy_dtype(dtype_name))
+    offset = np.full((3, 100), 128.0).astype(dtype_of(dtype_name))
     assert float(offset_l2_penalty(offset)) == 16384.0
     assert float(offset_l2_penalty(offset, weight=0.5)) == 8192.0
     assert float(offset_l2_penalty(offset[:, :1], reduction="sum")) == 3 * 16384.0
@@ -159,7 +154,7 @@ def test_low_precision_gradient(dtype_name, reduction):
     assert grad.dtype == offset.dtype and grad.shape == shape
     expected = (2 * 0.8 * upstream.astype(np.float64) * offset.astype(np.float64)
                 / (offset.size if reduction == "mean" else 1))
-    np.testing.assert_allclose(grad.astype(np.float64), expected, rtol=TOLERANCE[dtype_name],
+    np.testing.assert_allclose(grad.astype(np.float64), expected, rtol=RTOL[dtype_name],
                                atol=FLOOR[dtype_name])
 
 
@@ -173,7 +168,8 @@ def test_torch_round_trip_and_autograd(dtype_name, reduction):
     offset = random_offset(SHAPES["roi"], "float64", "torch")
     torch_dtype = getattr(torch, dtype_name)
     tensor = torch.tensor(offset, dtype=torch_dtype, requires_grad=True)
-    result = offset_l2_penalty(tensor, weight=0.5, reduction=reduction)
+    with torch.no_grad():  # tensors requiring grad are refused under grad mode
+        result = offset_l2_penalty(tensor, weight=0.5, reduction=reduction)
     assert isinstance(result, torch.Tensor) and result.dtype == torch_dtype
     assert tuple(result.shape) == (tensor.shape if reduction == "none" else ())
 
@@ -183,11 +179,12 @@ def test_torch_round_trip_and_autograd(dtype_name, reduction):
     reference = {"mean": squares.mean(), "sum": squares.sum(), "none": squares}[reduction]
     upstream = torch.ones_like(reference)
     reference.backward(upstream)
-    rtol = TOLERANCE[dtype_name]
+    rtol = RTOL[dtype_name]
     np.testing.assert_allclose(result.to(torch.float64).numpy(), reference.detach().numpy(),
                                rtol=rtol)
-    grad = offset_l2_penalty_backward(upstream.to(torch_dtype), tensor, weight=0.5,
-                                      reduction=reduction)
+    with torch.no_grad():
+        grad = offset_l2_penalty_backward(upstream.to(torch_dtype), tensor, weight=0.5,
+                                          reduction=reduction)
     assert isinstance(grad, torch.Tensor) and grad.dtype == torch_dtype
     np.testing.assert_allclose(grad.to(torch.float64).numpy(), exact.grad.numpy(), rtol=rtol)
 
@@ -279,40 +276,28 @@ def test_invalid_grad():
 # ---------------------------------------------------------------------------- CUDA path
 
 
-@pytest.mark.emulated
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_cuda_path_conversions_emulated(launcher, dtype_name, reduction):
-    """The GPU code path (half types widened and rounded by cupydcn/cuda/kernels/convert.cu) with the
-    CPU emulator's launcher, against the CPU path."""
+def test_cuda_path_conversions(launcher, dtype_name, reduction):
+    """The GPU code path (half types widened and rounded by cupydcn/cuda/kernels/convert.cu)
+    with the ``launcher`` (the CPU emulator's: against the CPU path bit for bit; CuPy's on
+    a device: within the dtype's relative bound, its sums being CuPy's)."""
     start = len(launcher.launches)  # the launcher is shared: look only at this test's launches
     offset = random_offset(SHAPES["conv"], dtype_name, "emulated")[:, ::2]  # strided
     upstream = np.ones(offset.shape if reduction == "none" else (), offset.dtype)
     plan = PenaltyPlan(dtype_name, 0.3, reduction)
-    got = penalty_forward(launcher.xp, launcher, offset, plan)
+    compare = (np.testing.assert_array_equal if is_exact(launcher) else
+               lambda got, want: np.testing.assert_allclose(
+                   got.astype(np.float64), want.astype(np.float64), rtol=RTOL[dtype_name],
+                   atol=FLOOR[dtype_name]))
+    device_offset = on_device(launcher, offset)
+    got = to_numpy(penalty_forward(launcher.xp, launcher, device_offset, plan))
     want = penalty_forward(np, None, offset, plan)
     assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_array_equal(got, want)
-    got = penalty_backward(launcher.xp, launcher, upstream, offset, plan)
+    compare(got, want)
+    got = to_numpy(penalty_backward(launcher.xp, launcher, on_device(launcher, upstream),
+                                    device_offset, plan))
     want = penalty_backward(np, None, upstream, offset, plan)
-    np.testing.assert_array_equal(got, want)
+    compare(got, want)
     assert any(r.kernel == "widen_to_acc" for r in launcher.launches[start:]) == (
         dtype_name in ("float16", "bfloat16"))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_cupy(dtype_name, reduction):
-    cupy = pytest.importorskip("cupy")
-    offset = random_offset(SHAPES["conv"], dtype_name, "gpu")
-    result = offset_l2_penalty(cupy.asarray(offset), weight=0.3, reduction=reduction)
-    assert isinstance(result, cupy.ndarray) and result.dtype == offset.dtype
-    np.testing.assert_allclose(result.get().astype(np.float64),
-                               exact_penalty(offset, 0.3, reduction), rtol=TOLERANCE[dtype_name])
-    upstream = np.ones(offset.shape if reduction == "none" else (), offset.dtype)
-    grad = offset_l2_penalty_backward(cupy.asarray(upstream), cupy.asarray(offset), weight=0.3,
-                                      reduction=reduction)
-    expected = offset_l2_penalty_backward(upstream, offset, weight=0.3, reduction=reduction)
-    np.testing.assert_allclose(grad.get().astype(np.float64), expected.astype(np.float64),
-                               rtol=TOLERANCE[dtype_name])

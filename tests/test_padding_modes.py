@@ -12,14 +12,12 @@ The layers of the core op, per mode:
 * the kink convention: at sample points exactly on 0, H-1 and the reflection points, the
   offset gradient is the one-sided difference of the reference on the documented side;
 * torch.nn.functional.grid_sample (align_corners=True) computes the same function;
-* the public API with NumPy, PyTorch and JAX arrays, validation, and a ``gpu`` test.
+* the public API with NumPy, PyTorch and JAX arrays, and validation.
 
-The CUDA kernels run by the CPU emulator: tests/test_padding_modes_emulated.py.
+The CUDA kernels, run by the CPU emulator and on a GPU: tests/test_padding_modes_emulated.py.
 """
 
 from __future__ import annotations
-
-import zlib
 
 import numpy as np
 import pytest
@@ -31,6 +29,8 @@ from reference import (
     offsets_for_points,
     sample_points_of,
 )
+from support import (DTYPE_NAMES, GRADS, LOW_PRECISION, assert_close, assert_close_to_sum,
+                     cast_arrays, dtype_of, seeded)
 
 import cupydcn
 from cupydcn import PADDING_MODES
@@ -38,28 +38,11 @@ from cupydcn.deform_conv.spec import conv_geometry
 from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES, cell_floor, map_coordinates
 
-GRADIENT_ORDER = ("input", "offset", "weight", "mask", "bias")
+GRADIENT_ORDER = GRADS
 ALL_GRADIENTS = frozenset(GRADIENT_ORDER)
 WORKSPACE = 1 << 26
 MODES = ("zeros", "border", "reflection")
 PADDED_MODES = ("border", "reflection")
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
-
-
-def seeded(*key) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def dtype_of(name: str) -> np.dtype:
-    if name == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def cast_arrays(arrays: dict, dtype) -> dict:
-    return {name: None if v is None else v.astype(dtype) for name, v in arrays.items()}
-
 
 # ---------------------------------------------------------------------------- problems
 
@@ -123,24 +106,12 @@ def magnitude(arrays: dict, config: ConvConfig, mode: str) -> np.ndarray:
     return reference(absolute, config, mode)
 
 
-# (relative to |ref|, relative to S) per dtype, as in tests/test_conv_numpy.py.
-FORWARD_TOLERANCE = {
-    "float64": (0.0, 1e-12),
-    "float32": (0.0, 2e-6),
-    "float16": (2.0**-10, 1e-5),
-    "bfloat16": (2.0**-7, 1e-5),
-}
-
-
+# |out - ref| <= 2 * rounding * |ref| + of_sum * S (tests/support.py), as in
+# tests/test_conv_numpy.py.
 def assert_close_to_reference(output, arrays, config, mode, dtype_name) -> None:
     exact = cast_arrays(arrays, np.float64)
-    expected = reference(exact, config, mode)
-    relative, of_magnitude = FORWARD_TOLERANCE[dtype_name]
-    bound = relative * np.abs(expected) + of_magnitude * magnitude(exact, config, mode)
-    error = np.abs(np.asarray(output, dtype=np.float64) - expected)
-    assert output.shape == expected.shape
-    assert np.all(error <= bound), (
-        f"max error {error.max():.3g}, worst excess {(error - bound).max():.3g}")
+    assert_close_to_sum(output, reference(exact, config, mode), magnitude(exact, config, mode),
+                        dtype_name, "output", roundings=2, dtype_checked=False)
 
 
 # ---------------------------------------------------------------------------- the mapping
@@ -294,11 +265,11 @@ def test_nonfinite_offsets(mode):
 # ---------------------------------------------------------------------------- backward
 
 # Backward in low precision against the float64 backward on the same quantised inputs
-# (as tests/test_conv_numpy.py): |grad - grad64| <= relative * |grad64| + 1e-5 * max|grad64|.
-BACKWARD_RELATIVE = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+# (as tests/test_conv_numpy.py): |grad - grad64| <= 2 * rounding * |grad64| + of_max *
+# max|grad64| (tests/support.py).
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype_name", LOW_PRECISION)
 @pytest.mark.parametrize("mode", PADDED_MODES)
 @pytest.mark.parametrize("name", ["k3x3_p1", "k2x3_s2x1_p1x2_d1x2_groups2_offset_groups2",
                                   "h1_k1x3", "w1_k3x1_offset_groups3_no_bias"])
@@ -315,10 +286,7 @@ def test_low_precision_backward_matches_float64(name, mode, dtype_name):
             assert grads[argument] is None
             continue
         assert grads[argument].dtype == dtype
-        bound = (BACKWARD_RELATIVE[dtype_name] * np.abs(expected[argument])
-                 + 1e-5 * np.abs(expected[argument]).max())
-        error = np.abs(grads[argument].astype(np.float64) - expected[argument])
-        assert np.all(error <= bound), f"{argument}: max error {error.max():.3g}"
+        assert_close(grads[argument], expected[argument], dtype_name, argument, zero_scale=0.0)
 
 
 STEP = 1e-6
@@ -553,50 +521,3 @@ def test_invalid_padding_mode(op, bad):
     message = str(info.value)
     assert message.startswith(f"{op}: padding_mode must be one of ('zeros', 'border', "
                               f"'reflection'); got {bad!r}"), message
-
-
-# ---------------------------------------------------------------------------- GPU
-
-GPU_TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
-
-
-def _rel_error(actual, expected) -> float:
-    actual = np.asarray(actual, dtype=np.float64)
-    both_nan = np.isnan(actual) & np.isnan(expected)
-    assert np.array_equal(np.isnan(actual), np.isnan(expected))
-    diff = np.where(both_nan, 0.0, np.abs(actual - expected))
-    return float(diff.max() / max(np.abs(np.where(both_nan, 0, expected)).max(), 1e-30))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["k3x3_p1", "k2x3_s2x1_p1x2_d1x2_groups2_offset_groups2",
-                                  "h1_k1x3", "w1_k3x1_offset_groups3_no_bias"])
-def test_cupy_matches_numpy(name, mode, dtype_name):
-    """The CUDA kernels on a device against the NumPy backend in float64 on the same
-    quantised inputs, kinks included (sample points exact in every dtype)."""
-    cupy = pytest.importorskip("cupy")
-    config, arrays, projection, _ = problem(name, "gpu", dtype_name)
-    arrays["offset"][0, 0, 0, 0] = np.nan
-    dtype = dtype_of(dtype_name)
-    quantised = cast_arrays(cast_arrays(arrays, dtype), np.float64)
-    grad_output = projection.astype(dtype).astype(np.float64)
-    expected_output = forward(quantised, config, mode)
-    expected = backward(grad_output, quantised, config, mode)
-    device = {k: None if v is None else cupy.asarray(v.astype(dtype)) for k, v in quantised.items()}
-    output = cupydcn.deform_conv2d(device["input"], device["offset"], device["weight"],
-                                   device["bias"], mask=device["mask"], padding_mode=mode,
-                                   **config.options)
-    assert isinstance(output, cupy.ndarray) and output.dtype == dtype
-    grads = cupydcn.deform_conv2d_backward(
-        cupy.asarray(grad_output.astype(dtype)), device["input"], device["offset"],
-        device["weight"], device["mask"], padding_mode=mode, **config.options)
-    tolerance = GPU_TOLERANCE[dtype_name]
-    assert _rel_error(output.get(), expected_output) < tolerance
-    for argument in GRADIENT_ORDER:
-        got = getattr(grads, f"grad_{argument}")
-        if expected[argument] is None:
-            assert got is None
-            continue
-        assert _rel_error(got.get(), expected[argument]) < tolerance, argument

@@ -1,4 +1,5 @@
-"""deform_conv2d's CUDA kernels with every ``padding_mode``, run on the CPU by the emulator.
+"""deform_conv2d's CUDA kernels with every ``padding_mode``, run on the CPU by the emulator
+and, with the ``launcher`` fixture's ``cupy`` variant, on a GPU.
 
 ``cupydcn.deform_conv.cuda_backend`` drives the real ``cupydcn/cuda/kernels/deform_conv.cu`` through
 :class:`HostLauncher` (tests/emulator) for every mode, dtype and index width, and is
@@ -11,29 +12,26 @@ a difference in the kink conventions would be an O(1) error, far above the toler
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 from reference import ConvConfig, far_offsets, offsets_for_points
+from support import (DTYPE_NAMES, GRADS, assert_relative, dtype_of, on_device, seeded,
+                     to_numpy)
 
 from cupydcn.deform_conv import cuda_backend as _conv_kernels
 from cupydcn.deform_conv.spec import conv_geometry
-from cupydcn.core.dtypes import numpy_dtype
 from cupydcn.deform_conv.numpy_backend import conv_backward as numpy_backward
 from cupydcn.deform_conv.numpy_backend import conv_forward as numpy_forward
 
 from emulator.host_launcher import HostLauncher
 
-pytestmark = pytest.mark.emulated
-
+# Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter; the
+# others carry the mark themselves.
 MODES = ("zeros", "border", "reflection")
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
-GRADS = ("input", "offset", "weight", "mask", "bias")
 WORKSPACE = 1 << 28
-# max |got - expected| / max |expected| per gradient (float64: rounding only; the half
-# types round every result once from float32)
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+# max |got - expected| / max |expected| per tensor <= the dtype's ``relative`` bound of
+# tests/support.py (float64: rounding only; the half types round every result once from
+# float32: 2u = 2**-10 resp. 2**-7).
 
 
 
@@ -72,12 +70,12 @@ class Problem:
 
     def __init__(self, name: str, mode: str, dtype_name: str, *, offset=None):
         config = CONFIGS[name]
-        rng = np.random.default_rng(zlib.crc32(repr((name, mode, dtype_name)).encode()))
+        rng = seeded(name, mode, dtype_name)
         arrays = config.arrays(rng)
         if offset is None:
             offset = kink_offsets(config, rng) if name == "kinks" else far_offsets(config, rng)
         arrays["offset"] = offset
-        dtype = numpy_dtype(dtype_name)
+        dtype = dtype_of(dtype_name)
         self.dtype_name = dtype_name
         self.arrays = {k: None if v is None else np.ascontiguousarray(v.astype(dtype))
                        for k, v in arrays.items()}
@@ -88,15 +86,16 @@ class Problem:
                                   padding_mode=mode, **config.options)
 
     def run(self, launcher, index_bits=None):
-        a = self.arrays
+        """(output, grads) of the kernels, in NumPy."""
+        a = {k: on_device(launcher, v) for k, v in self.arrays.items()}
         output = _conv_kernels.conv_forward(
             launcher, a["input"], a["offset"], a["weight"], a["bias"], a["mask"], self.geom,
             dtype_name=self.dtype_name, workspace_bytes=WORKSPACE, index_bits=index_bits)
         grads = _conv_kernels.conv_backward(
-            launcher, self.grad_output, a["input"], a["offset"], a["weight"], a["mask"],
-            self.geom, dtype_name=self.dtype_name, wrt=frozenset(GRADS),
-            workspace_bytes=WORKSPACE, index_bits=index_bits)
-        return output, grads
+            launcher, on_device(launcher, self.grad_output), a["input"], a["offset"],
+            a["weight"], a["mask"], self.geom, dtype_name=self.dtype_name,
+            wrt=frozenset(GRADS), workspace_bytes=WORKSPACE, index_bits=index_bits)
+        return to_numpy(output), [to_numpy(g) for g in grads]
 
     def expected(self):
         exact = {k: None if v is None else v.astype(np.float64) for k, v in self.arrays.items()}
@@ -110,17 +109,8 @@ class Problem:
 
 def assert_close(got, expected, dtype_name: str, what: str) -> None:
     assert got is not None, f"{what}: missing"
-    assert got.shape == expected.shape, f"{what}: shape {got.shape} != {expected.shape}"
-    assert got.dtype == numpy_dtype(dtype_name), f"{what}: dtype {got.dtype}"
-    got = got.astype(np.float64)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=f"{what}: NaN")
-    ok = ~np.isnan(expected)
-    if not ok.any():
-        return
-    error = np.abs(got[ok] - expected[ok])
-    scale = max(float(np.abs(expected[ok]).max()), 1e-300)
-    assert error.max() <= TOLERANCE[dtype_name] * scale, (
-        f"{what} ({dtype_name}): max error {error.max():.3g} of max |expected| {scale:.3g}")
+    assert got.dtype == dtype_of(dtype_name), f"{what}: dtype {got.dtype}"
+    assert_relative(got, expected, dtype_name, what)
 
 
 def check(problem: Problem, output, grads) -> None:
@@ -184,6 +174,7 @@ def test_nonfinite_and_huge_offsets(launcher, mode, dtype_name, index_bits):
 
 
 @pytest.mark.parametrize("mode", ["border", "reflection"])
+@pytest.mark.emulated
 def test_undefined_behaviour_sanitizer(mode):
     """Non-finite, huge and kink points under UBSan, both index widths."""
     sanitized = HostLauncher(sanitize="undefined")

@@ -1,6 +1,7 @@
 """deform_psroi_pool on the NumPy backend: against the float64 loop reference written from
 SEMANTICS.md section 3 (tests/reference_psroi_pool.py), finite differences, MSRA's
-conventions at the kinks, validation, and PyTorch / JAX CPU round trips.
+conventions at the kinks and validation (array libraries, wrt, strided inputs and empty
+RoI sets: tests/test_op_properties.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 
 import reference_psroi_pool as ref
+from reference_psroi_pool import CONFIGS, MIXED_ROIS, options, problem
+from support import LOW_PRECISION, as_float64, assert_relative, dtype_of
 from cupydcn import CupydcnTypeError, CupydcnValueError
 from cupydcn.psroi_pool import (
     PSRoiPoolGrads,
@@ -18,97 +21,13 @@ from cupydcn.psroi_pool import (
     deform_psroi_pool_backward,
 )
 from cupydcn.psroi_pool.spec import psroi_pool_geometry
-from cupydcn.core.dtypes import numpy_dtype
 from cupydcn.psroi_pool.cuda_backend import index_bits_for
-
-# Max |actual - reference| / max |reference| per dtype. Half types compute in float32 and
-# round once (unit roundoff 2^-11, 2^-8), float32 sums at most sample_per_part**2 terms.
-TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-
-# [batch_index, x1, y1, x2, y2] in image coordinates: inside, partly outside, wholly
-# outside, degenerate (one pixel), covering the map, reversed corners (size clamped to
-# 0.1), and halves that round away from zero.
-MIXED_ROIS = [
-    [0, 1, 2, 14, 16],
-    [1, -6, 4, 8, 80],
-    [0, -100, -100, -60, -60],
-    [1, 5, 7, 5, 7],
-    [0, 0, 0, 40, 34],
-    [1, 9, 3, 6, 1],
-    [0, 2.5, -2.5, 11.5, 8.5],
-]
-
-CONFIGS = {
-    # several classes, group_size = pooled_size = part_size
-    "basic": dict(batch=2, height=9, width=11, output_dim=4, group_size=3, pooled_size=3,
-                  part_size=3, sample_per_part=2, num_classes=2, spatial_scale=0.5,
-                  trans_std=0.3, offset_std=1.0),
-    # several bins per offset cell (P > S), group_size != pooled_size
-    "parts_coarser": dict(batch=2, height=8, width=10, output_dim=3, group_size=2,
-                          pooled_size=4, part_size=2, sample_per_part=3, num_classes=1,
-                          spatial_scale=0.5, trans_std=0.2, offset_std=1.0),
-    # offset cells without bins (P < S)
-    "parts_finer": dict(batch=2, height=7, width=9, output_dim=2, group_size=1,
-                        pooled_size=2, part_size=3, sample_per_part=2, num_classes=2,
-                        spatial_scale=0.5, trans_std=0.25, offset_std=1.0),
-    "group_ne_pooled": dict(batch=2, height=9, width=8, output_dim=2, group_size=2,
-                            pooled_size=5, part_size=5, sample_per_part=2, num_classes=1,
-                            spatial_scale=0.5, trans_std=0.1, offset_std=1.0),
-    # large offsets push bins partly and wholly off the map
-    "offsets_off_map": dict(batch=2, height=6, width=7, output_dim=2, group_size=2,
-                            pooled_size=2, part_size=2, sample_per_part=3, num_classes=1,
-                            spatial_scale=0.25, trans_std=0.5, offset_std=3.0),
-    # a map of one row: every sample is clamped in y
-    "one_row_map": dict(batch=2, height=1, width=5, output_dim=2, group_size=1,
-                        pooled_size=2, part_size=2, sample_per_part=2, num_classes=2,
-                        spatial_scale=0.125, trans_std=0.1, offset_std=1.0),
-    "three_classes": dict(batch=2, height=8, width=8, output_dim=6, group_size=2,
-                          pooled_size=3, part_size=3, sample_per_part=2, num_classes=3,
-                          spatial_scale=0.5, trans_std=0.1, offset_std=1.0),
-    "no_trans": dict(batch=2, height=9, width=11, output_dim=4, group_size=2, pooled_size=3,
-                     part_size=3, sample_per_part=2, num_classes=0, spatial_scale=0.5,
-                     trans_std=0.1, offset_std=0.0),
-}
-
-OPTION_NAMES = ("output_dim", "group_size", "pooled_size", "part_size", "sample_per_part",
-                "spatial_scale", "trans_std")
-
-
-def options(cfg) -> dict:
-    return {name: cfg[name] for name in OPTION_NAMES}
-
-
-def problem(cfg, dtype_name="float64", seed=0, rois=MIXED_ROIS):
-    """(input, rois, offset or None, grad_output) with input/offset/grad in ``dtype_name``."""
-    rng = np.random.default_rng(seed)
-    dtype = numpy_dtype(dtype_name)
-    channels = cfg["output_dim"] * cfg["group_size"] ** 2
-    input = rng.standard_normal((cfg["batch"], channels, cfg["height"], cfg["width"]))
-    rois = np.array(rois, dtype=np.float64)
-    offset = None
-    if cfg["num_classes"]:
-        shape = (len(rois), 2 * cfg["num_classes"], cfg["part_size"], cfg["part_size"])
-        offset = (cfg["offset_std"] * rng.standard_normal(shape)).astype(dtype)
-    pooled = cfg["pooled_size"]
-    grad_output = rng.standard_normal((len(rois), cfg["output_dim"], pooled, pooled))
-    return input.astype(dtype), rois, offset, grad_output.astype(dtype)
-
 
 def reference(input, rois, offset, grad_output, cfg):
     o = ref.Options(**options(cfg))
     output, count = ref.forward(input, rois, offset, o)
     grad_input, grad_offset = ref.backward(grad_output, input, rois, offset, o)
     return output, count, grad_input, grad_offset
-
-
-def relative_error(actual, expected) -> float:
-    actual = np.asarray(actual, dtype=np.float64)
-    scale = max(float(np.abs(expected).max()), 1e-30) if expected.size else 1.0
-    return float(np.abs(actual - expected).max() / scale) if expected.size else 0.0
-
-
-def as_float64(a):
-    return np.asarray(a).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------- forward and backward
@@ -124,17 +43,17 @@ def test_numpy_matches_reference_float64(name):
     output, count = deform_psroi_pool(input, rois, offset, **options(cfg))
     assert output.dtype == np.float64 and count.dtype == np.int32
     np.testing.assert_array_equal(count, expected_count)
-    assert relative_error(output, expected_output) <= TOLERANCE["float64"]
+    assert_relative(output, expected_output, "float64")
 
     grads = deform_psroi_pool_backward(grad_output, input, rois, offset, **options(cfg))
     assert isinstance(grads, PSRoiPoolGrads)
     assert grads.grad_input.shape == input.shape
-    assert relative_error(grads.grad_input, expected_gi) <= TOLERANCE["float64"]
+    assert_relative(grads.grad_input, expected_gi, "float64")
     if offset is None:
         assert grads.grad_offset is None
     else:
         assert grads.grad_offset.shape == offset.shape
-        assert relative_error(grads.grad_offset, expected_go) <= TOLERANCE["float64"]
+        assert_relative(grads.grad_offset, expected_go, "float64")
 
 
 def test_configs_cover_the_edge_cases():
@@ -153,7 +72,7 @@ def test_configs_cover_the_edge_cases():
     assert ref.round_half_away(2.5) == 3 and ref.round_half_away(-2.5) == -3
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype_name", LOW_PRECISION)
 @pytest.mark.parametrize("name", ["basic", "parts_coarser", "offsets_off_map", "no_trans"])
 def test_dtypes_match_reference(name, dtype_name):
     """Every dtype against the float64 reference evaluated on the same (rounded) inputs."""
@@ -162,19 +81,18 @@ def test_dtypes_match_reference(name, dtype_name):
     expected_output, expected_count, expected_gi, expected_go = reference(
         as_float64(input), rois, None if offset is None else as_float64(offset),
         as_float64(grad_output), cfg)
-    tolerance = TOLERANCE[dtype_name]
 
     output, count = deform_psroi_pool(input, rois, offset, **options(cfg))
     assert output.dtype == input.dtype and count.dtype == np.int32
     np.testing.assert_array_equal(count, expected_count)
-    assert relative_error(output, expected_output) <= tolerance
+    assert_relative(output, expected_output, dtype_name)
 
     grads = deform_psroi_pool_backward(grad_output, input, rois, offset, **options(cfg))
     assert grads.grad_input.dtype == input.dtype
-    assert relative_error(grads.grad_input, expected_gi) <= tolerance
+    assert_relative(grads.grad_input, expected_gi, dtype_name)
     if offset is not None:
         assert grads.grad_offset.dtype == input.dtype
-        assert relative_error(grads.grad_offset, expected_go) <= tolerance
+        assert_relative(grads.grad_offset, expected_go, dtype_name)
 
 
 def test_rois_of_another_float_dtype():
@@ -183,7 +101,7 @@ def test_rois_of_another_float_dtype():
     input, rois, offset, _ = problem(cfg)
     expected = deform_psroi_pool(input, rois, offset, **options(cfg))
     for rois_dtype in ("float32", "float16", "bfloat16"):
-        got = deform_psroi_pool(input, rois.astype(numpy_dtype(rois_dtype)), offset,
+        got = deform_psroi_pool(input, rois.astype(dtype_of(rois_dtype)), offset,
                                 **options(cfg))
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
@@ -196,59 +114,6 @@ def test_part_cells_without_bins_get_zero_gradient():
                                              **options(cfg)).grad_offset
     assert (grad_offset[..., 2, :] == 0).all() and (grad_offset[..., :, 2] == 0).all()
     assert (grad_offset[..., :2, :2] != 0).any()
-
-
-def test_empty_rois():
-    cfg = CONFIGS["basic"]
-    input, _, _, _ = problem(cfg)
-    rois = np.zeros((0, 5))
-    offset = np.zeros((0, 4, 3, 3))
-    output, count = deform_psroi_pool(input, rois, offset, **options(cfg))
-    assert output.shape == (0, 4, 3, 3) and count.shape == (0, 4, 3, 3)
-    assert count.dtype == np.int32
-    grads = deform_psroi_pool_backward(np.zeros((0, 4, 3, 3)), input, rois, offset,
-                                       **options(cfg))
-    assert grads.grad_input.shape == input.shape and not grads.grad_input.any()
-    assert grads.grad_offset.shape == (0, 4, 3, 3)
-
-
-def test_wrt_selects_gradients():
-    cfg = CONFIGS["basic"]
-    input, rois, offset, grad_output = problem(cfg)
-    full = deform_psroi_pool_backward(grad_output, input, rois, offset, **options(cfg))
-    only_offset = deform_psroi_pool_backward(grad_output, input, rois, offset,
-                                             wrt="offset", **options(cfg))
-    assert only_offset.grad_input is None
-    np.testing.assert_array_equal(only_offset.grad_offset, full.grad_offset)
-    only_input = deform_psroi_pool_backward(grad_output, input, rois, offset,
-                                            wrt=["input"], **options(cfg))
-    assert only_input.grad_offset is None
-    np.testing.assert_array_equal(only_input.grad_input, full.grad_input)
-
-
-def test_non_contiguous_read_only_inputs_are_left_unchanged():
-    cfg = CONFIGS["parts_coarser"]
-    input, rois, offset, grad_output = problem(cfg)
-    expected = (deform_psroi_pool(input, rois, offset, **options(cfg)),
-                deform_psroi_pool_backward(grad_output, input, rois, offset, **options(cfg)))
-
-    def strided(a):  # the same values as a non-contiguous, read-only view
-        big = np.zeros(a.shape + (2,), dtype=a.dtype)
-        big[..., 1] = a
-        view = big[..., 1]
-        view.flags.writeable = False
-        return view
-
-    views = [strided(a) for a in (input, rois, offset, grad_output)]
-    copies = [v.copy() for v in views]
-    output, count = deform_psroi_pool(*views[:3], **options(cfg))
-    grads = deform_psroi_pool_backward(views[3], *views[:3], **options(cfg))
-    np.testing.assert_array_equal(output, expected[0][0])
-    np.testing.assert_array_equal(count, expected[0][1])
-    np.testing.assert_array_equal(grads.grad_input, expected[1].grad_input)
-    np.testing.assert_array_equal(grads.grad_offset, expected[1].grad_offset)
-    for view, copy in zip(views, copies):
-        np.testing.assert_array_equal(view, copy)
 
 
 def test_nan_offset_poisons_only_its_cell():
@@ -367,8 +232,8 @@ def test_zero_offsets_on_the_pixel_grid_follow_msra():
     assert (points == np.round(points)).mean() > 0.2
     expected = reference(input, rois, offset, grad_output, cfg)
     grads = deform_psroi_pool_backward(grad_output, input, rois, offset, **options(cfg))
-    assert relative_error(grads.grad_input, expected[2]) <= TOLERANCE["float64"]
-    assert relative_error(grads.grad_offset, expected[3]) <= TOLERANCE["float64"]
+    assert_relative(grads.grad_input, expected[2], "float64")
+    assert_relative(grads.grad_offset, expected[3], "float64")
 
 
 # ---------------------------------------------------------------------------- validation
@@ -485,60 +350,6 @@ def test_mixed_array_libraries():
     with pytest.raises(CupydcnTypeError, match="pass arrays of one library"):
         deform_psroi_pool(**_change(arrays, "rois", torch.from_numpy(arrays["rois"])),
                           **options(BASE))
-
-
-# ---------------------------------------------------------------------------- array libraries
-
-
-def test_torch_cpu_roundtrip():
-    torch = pytest.importorskip("torch")
-    cfg = CONFIGS["basic"]
-    input, rois, offset, grad_output = problem(cfg)
-    expected_output, expected_count = deform_psroi_pool(input, rois, offset, **options(cfg))
-    expected_grads = deform_psroi_pool_backward(grad_output, input, rois, offset, **options(cfg))
-    t = [torch.from_numpy(a.copy()) for a in (input, rois, offset, grad_output)]
-    output, count = deform_psroi_pool(*t[:3], **options(cfg))
-    assert isinstance(output, torch.Tensor) and output.dtype == torch.float64
-    assert isinstance(count, torch.Tensor) and count.dtype == torch.int32
-    np.testing.assert_array_equal(output.numpy(), expected_output)
-    np.testing.assert_array_equal(count.numpy(), expected_count)
-    grads = deform_psroi_pool_backward(t[3], *t[:3], **options(cfg))
-    assert all(isinstance(g, torch.Tensor) for g in grads)
-    np.testing.assert_array_equal(grads.grad_input.numpy(), expected_grads.grad_input)
-    np.testing.assert_array_equal(grads.grad_offset.numpy(), expected_grads.grad_offset)
-
-
-def test_torch_cpu_bfloat16():
-    torch = pytest.importorskip("torch")
-    cfg = CONFIGS["parts_coarser"]
-    input, rois, offset, grad_output = problem(cfg, "bfloat16")
-    expected_output, _ = deform_psroi_pool(input, rois, offset, **options(cfg))
-    t = [torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16) for a in (input, offset)]
-    output, count = deform_psroi_pool(t[0], torch.from_numpy(rois), t[1], **options(cfg))
-    assert output.dtype == torch.bfloat16
-    np.testing.assert_array_equal(output.to(torch.float32).numpy(),
-                                  expected_output.astype(np.float32))
-
-
-def test_jax_cpu_roundtrip():
-    jax = pytest.importorskip("jax")
-    jnp = jax.numpy
-    cfg = CONFIGS["three_classes"]
-    input, rois, offset, grad_output = problem(cfg, "float32")
-    expected_output, expected_count = deform_psroi_pool(input, rois.astype(np.float32), offset,
-                                                        **options(cfg))
-    expected_grads = deform_psroi_pool_backward(grad_output, input, rois.astype(np.float32),
-                                                offset, **options(cfg))
-    j = [jnp.asarray(a.astype(np.float32)) for a in (input, rois, offset, grad_output)]
-    output, count = deform_psroi_pool(*j[:3], **options(cfg))
-    assert isinstance(output, jax.Array) and output.dtype == jnp.float32
-    assert isinstance(count, jax.Array) and count.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(output), expected_output)
-    np.testing.assert_array_equal(np.asarray(count), expected_count)
-    grads = deform_psroi_pool_backward(j[3], *j[:3], **options(cfg))
-    assert all(isinstance(g, jax.Array) for g in grads)
-    np.testing.assert_array_equal(np.asarray(grads.grad_input), expected_grads.grad_input)
-    np.testing.assert_array_equal(np.asarray(grads.grad_offset), expected_grads.grad_offset)
 
 
 # ---------------------------------------------------------------------------- planning

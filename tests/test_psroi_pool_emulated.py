@@ -1,4 +1,5 @@
-"""deform_psroi_pool's CUDA kernels and their orchestration, run on the CPU by the emulator.
+"""deform_psroi_pool's CUDA kernels and their orchestration, run on the CPU by the emulator
+and, with the ``launcher`` fixture's ``cupy`` variant, on a GPU.
 
 ``cupydcn.psroi_pool.cuda_backend`` drives the real ``cupydcn/cuda/kernels/deform_psroi_pool.cu`` through
 :class:`HostLauncher` (tests/emulator); results are compared with the NumPy backend,
@@ -14,13 +15,13 @@ from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
 
 from cupydcn.psroi_pool import cuda_backend as _psroi_pool_kernels
 from cupydcn.psroi_pool.spec import psroi_pool_geometry
-from test_psroi_pool import CONFIGS, TOLERANCE, options, problem, relative_error
+from reference_psroi_pool import CONFIGS, options, problem
+from support import DTYPE_NAMES, assert_relative, on_device, strided_copy, to_numpy
 
 from emulator.host_launcher import HostLauncher
 
-pytestmark = pytest.mark.emulated
-
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
+# Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter; the
+# others carry the mark themselves.
 BOTH = frozenset({"input", "offset"})
 
 
@@ -32,14 +33,15 @@ def geometry(cfg, input, rois, offset):
 
 def run_kernels(launcher, cfg, input, rois, offset, grad_output, *, wrt=BOTH, index_bits=None):
     """(output, count, grad_input, grad_offset) through the kernels."""
-    geom = geometry(cfg, input, rois, offset)
+    geom = geometry(cfg, to_numpy(input), to_numpy(rois), to_numpy(offset))
     dtype_name = input.dtype.name
+    input, rois, offset, grad_output = on_device(launcher, input, rois, offset, grad_output)
     output, count = _psroi_pool_kernels.psroi_pool_forward(
         launcher, input, rois, offset, geom, dtype_name=dtype_name, index_bits=index_bits)
     grads = _psroi_pool_kernels.psroi_pool_backward(
         launcher, grad_output, input, rois, offset, geom, dtype_name=dtype_name, wrt=wrt,
         index_bits=index_bits)
-    return (output, count, *grads)
+    return tuple(to_numpy(a) for a in (output, count, *grads))
 
 
 def run_numpy(cfg, input, rois, offset, grad_output, *, wrt=BOTH):
@@ -61,10 +63,7 @@ def assert_agree(got, expected, dtype_name):
         if name == "count":
             np.testing.assert_array_equal(g, e)
             continue
-        g64, e64 = g.astype(np.float64), e.astype(np.float64)
-        np.testing.assert_array_equal(np.isnan(g64), np.isnan(e64), err_msg=name)
-        finite = ~np.isnan(e64)
-        assert relative_error(g64[finite], e64[finite]) <= TOLERANCE[dtype_name], name
+        assert_relative(g, e, dtype_name, name)
 
 
 @pytest.mark.parametrize("index_bits", [32, 64])
@@ -89,7 +88,9 @@ def test_small_problems_use_32_bit_indices(launcher):
     assert {r.index_bits for r in launcher.launches[start:]} == {32}
 
 
-def test_grid_stride_loop_and_thread_order(launcher):
+@pytest.mark.emulated
+def test_grid_stride_loop_and_thread_order(host_launcher):
+    launcher = host_launcher
     """Few blocks (each thread loops many times) and reversed thread order give the
     default configuration's results; grad_offset, written without atomics, bit for bit."""
     cfg = CONFIGS["parts_coarser"]
@@ -138,11 +139,8 @@ def test_non_contiguous_inputs(launcher):
     cfg = CONFIGS["three_classes"]
     arrays = problem(cfg)
     expected = run_numpy(cfg, *arrays)
-    views = []
-    for a in arrays:
-        strided = np.empty(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)[..., ::2]
-        strided[...] = a
-        views.append(strided)
+    views = [strided_copy(launcher.xp, a) for a in arrays]
+    assert not views[0].flags.c_contiguous
     assert_agree(run_kernels(launcher, cfg, *views), expected, "float64")
 
 
@@ -167,6 +165,7 @@ def test_samples_on_the_pixel_grid(launcher):
                  run_numpy(cfg, input, rois, offset, grad_output), "float64")
 
 
+@pytest.mark.emulated
 def test_undefined_behaviour_sanitizer():
     """Both index widths under UBSan (integer overflow, float->int overflow, ...), with
     RoIs and offsets far off the map."""

@@ -2,12 +2,10 @@
 (tests/reference_roi_pool.py), finite differences, RoIAlign, validation and the array
 boundary.
 
-Tolerances, elementwise, with scale = the largest |reference| of the tensor (1 if 0):
-
-    float64   |out - ref| <= 1e-12 * scale
-    float32   |out - ref| <= 2e-5 * scale                  (coordinates in float32)
-    float16   |out - ref| <= 2**-10 * |ref| + 2e-5 * scale  (unit roundoff 2**-11)
-    bfloat16  |out - ref| <= 2**-7 * |ref| + 2e-5 * scale   (unit roundoff 2**-8)
+Tolerances (tests/support.py), elementwise, with scale = the largest |reference| of the
+tensor (1 if 0): |out - ref| <= 2 * rounding * |ref| + of_max * scale, i.e. 1e-12 * scale
+(float64), 1e-5 * scale (float32, coordinates in float32), 2u * |ref| + 1e-5 * scale (the
+half types, u = 2**-11 and 2**-8).
 
 The half types compute in float32 and round once, so their error is one rounding plus
 float32 noise. Low-precision inputs are quantised first (rois to float32, the dtype the
@@ -27,38 +25,11 @@ from reference_roi_pool import (
     deform_roi_pool_backward_reference,
     deform_roi_pool_reference,
     sample_points,
-    seeded,
 )
+from support import DTYPE_NAMES, assert_close, dtype_of, seeded
 
 from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
 from cupydcn.roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
-from cupydcn.core.dtypes import numpy_dtype
-
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
-TOLERANCE = {  # (relative to |ref|, relative to the tensor's scale)
-    "float64": (0.0, 1e-12),
-    "float32": (0.0, 2e-5),
-    "float16": (2.0**-10, 2e-5),
-    "bfloat16": (2.0**-7, 2e-5),
-}
-
-
-def assert_close(actual, expected, dtype_name: str, what: str = "") -> None:
-    expected = np.asarray(expected, dtype=np.float64)
-    actual = np.asarray(actual, dtype=np.float64)
-    assert actual.shape == expected.shape, what
-    relative, of_scale = TOLERANCE[dtype_name]
-    finite = np.isfinite(expected)
-    scale = np.abs(expected[finite]).max() if finite.any() else 0.0
-    scale = scale if scale > 0 else 1.0
-    bound = relative * np.abs(expected) + of_scale * scale
-    error = np.abs(actual - expected)
-    same_nan = np.isnan(actual) == np.isnan(expected)
-    assert same_nan.all(), f"{what}: NaN pattern differs"
-    ok = ~finite | (error <= bound)
-    assert ok.all(), (f"{what}: max error {np.nanmax(error):.3g} (scale {scale:.3g}), worst "
-                      f"excess {np.nanmax(error - bound):.3g} at {np.argwhere(~ok)[:3].tolist()}")
-
 
 # ---------------------------------------------------------------------------- problems
 
@@ -104,7 +75,7 @@ def _backward(grad_output, arrays, case, **kwargs):
 def _cast(arrays, dtype_name):
     """Inputs quantised to the dtype (rois to float32 below float64) and their float64
     values for the reference."""
-    dtype = numpy_dtype(dtype_name)
+    dtype = dtype_of(dtype_name)
     rois_dtype = np.float64 if dtype_name == "float64" else np.float32
     cast = {name: None if v is None else v.astype(rois_dtype if name == "rois" else dtype)
             for name, v in arrays.items()}
@@ -143,13 +114,13 @@ def test_dtypes_match_reference(name, dtype_name):
     rng = seeded(name, dtype_name)
     cast, exact = _cast(case.arrays(rng), dtype_name)
     output = _forward(cast, case)
-    assert output.dtype == numpy_dtype(dtype_name)
+    assert output.dtype == dtype_of(dtype_name)
     assert_close(output, _reference(exact, case), dtype_name, "output")
     grad_output = rng.normal(size=output.shape).astype(output.dtype)
     grads = _backward(grad_output, cast, case)
     expected = _reference_grads(grad_output.astype(np.float64), exact, case)
     for label, actual, wanted in zip(("input", "offset", "mask"), grads, expected):
-        assert actual.dtype == numpy_dtype(dtype_name), label
+        assert actual.dtype == dtype_of(dtype_name), label
         assert_close(actual, wanted, dtype_name, f"grad_{label}")
 
 
@@ -351,20 +322,6 @@ def test_without_offset_and_mask_equals_torchvision_roi_align(name):
 # ---------------------------------------------------------------------------- special cases
 
 
-def test_no_rois():
-    case = RoiCase()
-    arrays = case.arrays(seeded("empty"))
-    arrays["rois"] = arrays["rois"][:0]
-    arrays["offset"] = arrays["offset"][:0]
-    arrays["mask"] = arrays["mask"][:0]
-    output = _forward(arrays, case)
-    assert output.shape == (0, case.channels, *case.output_size)
-    grads = _backward(output, arrays, case)
-    np.testing.assert_array_equal(grads.grad_input, np.zeros_like(arrays["input"]))
-    assert grads.grad_offset.shape == (0, 2, *case.output_size)
-    assert grads.grad_mask.shape == (0, 1, *case.output_size)
-
-
 def test_rois_outside_reversed_or_pushed_off_the_map_give_zeros():
     case = RoiCase(roi_kinds=("outside",), rois_per_kind=4)
     arrays = case.arrays(seeded("outside"))
@@ -402,21 +359,6 @@ def test_nan_offset_poisons_its_bin_only():
         assert_close(actual, wanted, "float64")
 
 
-@pytest.mark.parametrize("wrt", [("input",), ("offset",), ("mask",), ("offset", "mask"), "input"])
-def test_wrt_selects_gradients(wrt):
-    case = CASES["mixed"]
-    arrays = case.arrays(seeded("wrt"))
-    grad_output = np.ones_like(_forward(arrays, case))
-    full = _backward(grad_output, arrays, case)
-    partial = _backward(grad_output, arrays, case, wrt=wrt)
-    wanted = {wrt} if isinstance(wrt, str) else set(wrt)
-    for label, whole, part in zip(("input", "offset", "mask"), full, partial):
-        if label in wanted:
-            np.testing.assert_array_equal(part, whole)
-        else:
-            assert part is None
-
-
 def test_default_wrt_skips_absent_arguments():
     case = CASES["no_offset"]
     arrays = replace(case, with_mask=False).arrays(seeded("absent"))
@@ -437,38 +379,12 @@ def test_chunked_matches_unchunked(monkeypatch):
         np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-13)
 
 
-def test_non_contiguous_and_read_only_inputs_are_untouched():
-    case = CASES["mixed"]
-    arrays = case.arrays(seeded("layout"))
-    output = _forward(arrays, case)
-    grad_output = np.random.default_rng(1).normal(size=output.shape)
-    grads = _backward(grad_output, arrays, case)
-
-    def strided(a):
-        """The same values in a non-contiguous, read-only view."""
-        bigger = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
-        bigger[..., ::2] = a
-        view = bigger[..., ::2]
-        view.flags.writeable = False
-        return view
-
-    views = {name: None if v is None else strided(v) for name, v in arrays.items()}
-    before = {name: None if v is None else v.copy() for name, v in views.items()}
-    assert not views["input"].flags.c_contiguous
-    np.testing.assert_array_equal(_forward(views, case), output)
-    for whole, strided_grad in zip(grads, _backward(strided(grad_output), views, case)):
-        np.testing.assert_array_equal(strided_grad, whole)
-    for name, view in views.items():
-        if view is not None:
-            np.testing.assert_array_equal(view, before[name])
-
-
 def test_rois_of_another_float_dtype():
     case = CASES["mixed"]
     arrays = case.arrays(seeded("rois dtype"))
     arrays["rois"] = arrays["rois"].astype(np.float16).astype(np.float64)
     output = _forward(arrays, case)
-    for dtype in (np.float32, np.float16, numpy_dtype("bfloat16")):
+    for dtype in (np.float32, np.float16, dtype_of("bfloat16")):
         rois = arrays["rois"].astype(dtype)
         if np.array_equal(rois.astype(np.float64), arrays["rois"]):
             np.testing.assert_array_equal(_forward({**arrays, "rois": rois}, case), output)
@@ -506,28 +422,9 @@ def test_torch_cpu_round_trip():
     half = {name: None if v is None else v.to(torch.bfloat16) for name, v in tensors.items()}
     half["rois"] = tensors["rois"].float()
     half["input"].requires_grad_(True)
-    output = _forward(half, case)
+    with torch.no_grad():  # tensors requiring grad are refused under grad mode
+        output = _forward(half, case)
     assert isinstance(output, torch.Tensor) and output.dtype == torch.bfloat16
-
-
-def test_jax_cpu_round_trip():
-    jax = pytest.importorskip("jax")
-    import jax.numpy as jnp
-
-    case = CASES["mixed"]
-    arrays = {name: None if v is None else v.astype(np.float32)
-              for name, v in case.arrays(seeded("jax")).items()}  # JAX defaults to 32 bits
-    expected = _forward(arrays, case)
-    grad_output = np.ones_like(expected)
-    expected_grads = _backward(grad_output, arrays, case)
-    device_arrays = {name: None if v is None else jnp.asarray(v) for name, v in arrays.items()}
-    output = _forward(device_arrays, case)
-    assert isinstance(output, jax.Array) and output.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(output), expected)
-    grads = _backward(jnp.asarray(grad_output), device_arrays, case)
-    for grad, wanted in zip(grads, expected_grads):
-        assert isinstance(grad, jax.Array)
-        np.testing.assert_array_equal(np.asarray(grad), wanted)
 
 
 # ---------------------------------------------------------------------------- validation

@@ -1,15 +1,17 @@
-"""deform_roi_pool's CUDA kernels and their orchestration, run on the CPU by the emulator.
+"""deform_roi_pool's CUDA kernels and their orchestration, run on the CPU by the emulator
+and, with the ``launcher`` fixture's ``cupy`` variant, on a GPU.
 
 ``cupydcn.roi_pool.cuda_backend.roi_pool_forward / roi_pool_backward`` drive the real
 ``cupydcn/cuda/kernels/deform_roi_pool.cu`` through :class:`HostLauncher` (tests/emulator, checked
 mode: guard pages around every argument, NaN-filled ``empty``) for every dtype and both
 index widths, and are compared with the NumPy backend on the same (quantised) inputs.
 
-Tolerances, elementwise, with scale = the largest |NumPy result| of the tensor. The two
-implementations do the same arithmetic in the same dtype; they differ only in the order
-of the sums (atomics, channel sums), and for the half types in the one final rounding of
-nearly equal float32 values. The forward is compared bit for bit (see
-``_compare_with_numpy``); the gradients within:
+Tolerances (tests/support.py), elementwise, with scale = the largest |NumPy result| of the
+tensor. The two implementations do the same arithmetic in the same dtype; they differ only
+in the order of the sums (atomics, channel sums), and for the half types in the one final
+rounding of nearly equal float32 values. On the emulator the forward is compared bit for
+bit (see ``_compare_with_numpy``; a GPU contracts FMAs, so there it gets the gradients'
+bound); the gradients within 2 * rounding * |ref| + of_max * scale:
 
     float64   1e-12 * scale
     float32   1e-5 * scale
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference_roi_pool import ROI_KINDS, RoiCase, seeded
+from reference_roi_pool import ROI_KINDS, RoiCase
+from support import DTYPE_NAMES, assert_close, dtype_of, is_exact, on_device, seeded, to_numpy
 
 from cupydcn.core import arrays as _arrays
 
@@ -30,20 +33,11 @@ from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
 
 from cupydcn.roi_pool import cuda_backend as _roi_pool_kernels
 from cupydcn.roi_pool.spec import OP, roi_pool_geometry
-from cupydcn.core.dtypes import numpy_dtype
 from emulator.host_launcher import HostLauncher
 
-pytestmark = pytest.mark.emulated
-
-DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
+# Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter.
 INDEX_BITS = (32, 64)
 GRADIENTS = frozenset({"input", "offset", "mask"})
-TOLERANCE = {  # (relative to |ref|, relative to the tensor's scale)
-    "float64": (0.0, 1e-12),
-    "float32": (0.0, 1e-5),
-    "float16": (2.0**-10, 1e-5),
-    "bfloat16": (2.0**-7, 1e-5),
-}
 
 CASES = {
     "every_kind_adaptive": RoiCase(roi_kinds=ROI_KINDS, rois_per_kind=1, output_size=(3, 2)),
@@ -59,7 +53,7 @@ CASES = {
 def _problem(case: RoiCase, dtype_name: str, seed) -> dict:
     """Arrays of the case in the dtype (rois in float32 below float64), plus grad_output."""
     rng = seeded(seed)
-    dtype = numpy_dtype(dtype_name)
+    dtype = dtype_of(dtype_name)
     rois_dtype = np.float64 if dtype_name == "float64" else np.float32
     arrays = {name: None if v is None else v.astype(rois_dtype if name == "rois" else dtype)
               for name, v in case.arrays(rng).items()}
@@ -76,29 +70,27 @@ def _geometry(arrays: dict, case: RoiCase):
 
 def _assert_close(actual, expected, dtype_name: str, what: str) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    relative, of_scale = TOLERANCE[dtype_name]
-    scale = max(float(np.nanmax(np.abs(expected), initial=0.0)), 1e-300)
-    error = np.abs(actual - expected)
-    assert (np.isnan(actual) == np.isnan(expected)).all(), f"{what}: NaN pattern differs"
-    bound = relative * np.abs(expected) + of_scale * scale
-    ok = np.isnan(expected) | (error <= bound)
-    assert ok.all(), (f"{what}: max error {np.nanmax(error):.3g} (scale {scale:.3g}) at "
-                      f"{np.argwhere(~ok)[:3].tolist()}")
+    assert_close(actual, expected, dtype_name, what, zero_scale=1e-300)
 
 
 def _compare_with_numpy(launcher, arrays, case, dtype_name, index_bits, *, wrt=GRADIENTS):
     geom = _geometry(arrays, case)
     inputs = (arrays["input"], arrays["rois"], arrays["offset"], arrays["mask"])
-    output = _roi_pool_kernels.roi_pool_forward(launcher, *inputs, geom, index_bits=index_bits)
+    device = on_device(launcher, *inputs)
+    output = to_numpy(_roi_pool_kernels.roi_pool_forward(launcher, *device, geom,
+                                                         index_bits=index_bits))
     # The forward sums the samples in the same order with the same operations (the host
     # build does not contract into FMAs): equal to the last bit, NaNs included.
     expected_output = _numpy_roi_pool.roi_pool_forward(*inputs, geom)
     assert output.dtype == expected_output.dtype
-    np.testing.assert_array_equal(output, expected_output)
-    grads = _roi_pool_kernels.roi_pool_backward(launcher, arrays["grad_output"], *inputs, geom,
-                                                wrt=wrt, index_bits=index_bits)
+    if is_exact(launcher):
+        np.testing.assert_array_equal(output, expected_output)
+    else:
+        _assert_close(output, expected_output, dtype_name, "output")
+    grads = _roi_pool_kernels.roi_pool_backward(
+        launcher, on_device(launcher, arrays["grad_output"]), *device, geom, wrt=wrt,
+        index_bits=index_bits)
+    grads = type(grads)(*(to_numpy(g) for g in grads))
     expected = _numpy_roi_pool.roi_pool_backward(arrays["grad_output"], *inputs, geom, wrt=wrt)
     for label, actual, wanted in zip(("input", "offset", "mask"), grads, expected):
         if wanted is None:
@@ -131,8 +123,8 @@ def test_wrt_subsets_launch_only_what_they_need(launcher, wrt):
     geom = _geometry(arrays, case)
     first = len(launcher.launches)
     grads = _roi_pool_kernels.roi_pool_backward(
-        launcher, arrays["grad_output"], arrays["input"], arrays["rois"], arrays["offset"],
-        arrays["mask"], geom, wrt=frozenset(wrt))
+        launcher, *on_device(launcher, arrays["grad_output"], arrays["input"], arrays["rois"],
+                             arrays["offset"], arrays["mask"]), geom, wrt=frozenset(wrt))
     kernels = [r.kernel for r in launcher.launches[first:]]
     expected_kernel = ("deform_roi_pool_backward_input" if wrt == ("input",)
                        else "deform_roi_pool_backward_coord")
@@ -141,7 +133,8 @@ def test_wrt_subsets_launch_only_what_they_need(launcher, wrt):
         assert (grad is None) == (label not in wrt)
 
 
-def test_reverse_thread_order_and_tiny_grids_agree():
+@pytest.mark.emulated
+def test_reverse_thread_order_and_tiny_grids_agree(host_launcher):
     """Blocks and threads run last to first, with 3 threads per block and at most 2
     blocks (grid-stride loops of several rounds): the same results within the atomics'
     rounding."""
