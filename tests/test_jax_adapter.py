@@ -387,6 +387,45 @@ def test_bad_roi_values_raise():
         jax.jit(lambda x, r: cj.deform_roi_pool(x, r, output_size=2))(x, rois).block_until_ready()
 
 
+@pytest.mark.parametrize("options, name", [
+    ("cupydcn.deform_conv.spec.ConvOptions", "deform_conv2d"),
+    ("cupydcn.roi_pool.spec.RoiPoolOptions", "deform_roi_pool"),
+    ("cupydcn.psroi_pool.spec.PSRoiPoolOptions", "deform_psroi_pool"),
+])
+def test_signatures_take_every_option_with_its_declared_default(options, name):
+    """The options dataclass is the one declaration: cupydcn.jax's functions and the
+    functional API take each of its fields, with its default, and nothing else static."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    module, cls = options.rsplit(".", 1)
+    fields = dataclasses.fields(getattr(importlib.import_module(module), cls))
+    declared = {f.name: inspect.Parameter.empty if f.default is dataclasses.MISSING
+                else f.default for f in fields}
+    for function in (getattr(cj, name), getattr(cupydcn, name)):
+        parameters = inspect.signature(function).parameters
+        options_taken = {n: p.default for n, p in parameters.items() if n in declared}
+        assert options_taken == declared, function
+    arrays = set(inspect.signature(cj.__dict__[name]).parameters) - set(declared)
+    assert arrays <= {"input", "offset", "weight", "bias", "mask", "rois"}
+
+
+def test_options_reach_the_functional_api(monkeypatch):
+    seen = []
+    original = cupydcn.deform_conv2d
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cupydcn, "deform_conv2d", spy)
+    x, w = jnp.zeros((1, 2, 5, 5)), jnp.zeros((3, 2, 3, 3))
+    cj.deform_conv2d(x, jnp.zeros((1, 18, 3, 5)), w, padding=(0, 1), padding_mode="border",
+                     workspace_bytes=4096)
+    assert seen == [dict(mask=None, stride=1, padding=(0, 1), dilation=1,
+                         padding_mode="border", workspace_bytes=4096)]
+
 # ---------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)

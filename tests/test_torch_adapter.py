@@ -20,6 +20,9 @@ import cupydcn.torch as ct  # noqa: E402
 from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool  # noqa: E402
 from cupydcn.deform_conv import numpy_backend as _numpy_conv
 from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
+from cupydcn.deform_conv.spec import ConvOptions
+from cupydcn.psroi_pool.spec import PSRoiPoolOptions
+from cupydcn.roi_pool.spec import RoiPoolOptions
 
 F64 = torch.float64
 
@@ -141,6 +144,41 @@ def test_schemas():
     for name in ("deform_conv2d_backward", "deform_roi_pool_backward",
                  "deform_psroi_pool_backward"):
         assert "bool[] output_mask" in schemas[name] and schemas[name].endswith("-> Tensor[]")
+
+
+OPTIONS_OF = {  # op: its options dataclass
+    "deform_conv2d": ConvOptions,
+    "deform_roi_pool": RoiPoolOptions,
+    "deform_psroi_pool": PSRoiPoolOptions,
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS_OF))
+def test_op_schemas_and_signatures_follow_the_options(name):
+    """One declaration per op: the custom ops' option arguments are the options
+    dataclass's fields (tuning ones left out), in order, and every public function that
+    takes an option has its declared default."""
+    import dataclasses
+    import inspect
+
+    options = OPTIONS_OF[name]
+    fields = dataclasses.fields(options)
+    in_schema = [f.name for f in fields if not f.metadata.get("tuning")]
+    for op_name in (name, f"{name}_backward"):
+        arguments = getattr(torch.ops.cupydcn, op_name).default._schema.arguments
+        names = [a.name for a in arguments if "Tensor" not in str(a.type)]
+        assert names == in_schema + (["output_mask"] if op_name.endswith("_backward") else [])
+    assert "workspace_bytes" not in str(torch.ops.cupydcn.deform_conv2d.default._schema)
+    for function in (getattr(cupydcn, name), getattr(cupydcn, f"{name}_backward"),
+                     getattr(ct, name)):
+        parameters = inspect.signature(function).parameters
+        for f in fields:
+            if f.name in parameters:
+                assert parameters[f.name].default == (
+                    inspect.Parameter.empty if f.default is dataclasses.MISSING
+                    else f.default), (function, f.name)
+    functional = set(inspect.signature(getattr(cupydcn, name)).parameters)
+    assert {f.name for f in fields} <= functional
 
 
 # ---------------------------------------------------------------------------- gradcheck
@@ -392,6 +430,152 @@ def test_errors_pass_through_the_operator():
                              spatial_scale=0.0)
     with pytest.raises(cupydcn.CupydcnTypeError, match="sampling_ratio must be an int"):
         ct.deform_roi_pool(r["input"], r["rois"], output_size=2, sampling_ratio=1.5)
+
+
+# ---------------------------------------------------------------------------- first contact
+def _functional_calls():
+    """(name, call(arrays)) of every functional op, with arrays of test problems."""
+    cfg = CONV_CONFIGS["dcnv2-groups"]
+    conv = conv_problem(cfg, dtype=torch.float32)
+    roi = roi_problem(dtype=torch.float32)
+    ps = psroi_problem(dtype=torch.float32)
+    return {
+        "deform_conv2d": (conv, lambda a: cupydcn.deform_conv2d(
+            a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
+            **conv_options(cfg))),
+        "deform_conv2d_backward": (conv, lambda a: cupydcn.deform_conv2d_backward(
+            torch.ones(2, 2, 4, 5), a["input"], a["offset"], a["weight"], a["mask"],
+            **conv_options(cfg))),
+        "deform_roi_pool": (roi, lambda a: cupydcn.deform_roi_pool(
+            a["input"], a["rois"], a["offset"], a["mask"], **ROI_OPTIONS)),
+        "deform_psroi_pool": (ps, lambda a: cupydcn.deform_psroi_pool(
+            a["input"], a["rois"], a["offset"], **PSROI_OPTIONS)),
+        "offset_l2_penalty": (conv, lambda a: cupydcn.offset_l2_penalty(a["offset"])),
+    }
+
+
+@pytest.mark.parametrize("name", list(_functional_calls()))
+def test_functional_api_refuses_tensors_that_require_grad(name):
+    arrays, call = _functional_calls()[name]
+    arrays = dict(arrays, offset=arrays["offset"].clone().requires_grad_(True))
+    forward = name.removesuffix("_backward")
+    alternative = (f"use cupydcn.torch.{forward}" if hasattr(ct, forward)
+                   else "call it under torch.no_grad")
+    with pytest.raises(cupydcn.CupydcnTypeError,
+                       match=rf"offset requires grad, .*not differentiable.*{alternative}"):
+        call(arrays)
+    with torch.no_grad():  # no graph is being built: fine
+        call(arrays)
+    call(dict(arrays, offset=arrays["offset"].detach()))
+
+
+def test_torch_functions_refuse_other_arrays_briefly():
+    np = pytest.importorskip("numpy")
+    cfg = CONV_CONFIGS["dcnv2-groups"]
+    a = conv_problem(cfg, dtype=torch.float32)
+    big = np.zeros((2, 4, 40, 50), dtype=np.float32)
+    with pytest.raises(cupydcn.CupydcnTypeError) as info:
+        ct.deform_conv2d(big, a["offset"], a["weight"])
+    message = str(info.value)
+    assert message.startswith("cupydcn.torch.deform_conv2d: input must be a torch.Tensor; got "
+                              "numpy.ndarray") and len(message) < 200, message
+    with pytest.raises(cupydcn.CupydcnTypeError, match="mask must be a torch.Tensor"):
+        ct.deform_conv2d(a["input"], a["offset"], a["weight"], mask=a["mask"].numpy())
+    with pytest.raises(cupydcn.CupydcnTypeError, match="weight must be a torch.Tensor; got None"):
+        ct.deform_conv2d(a["input"], a["offset"], None)
+    r = roi_problem(dtype=torch.float32)
+    with pytest.raises(cupydcn.CupydcnTypeError, match="rois must be a torch.Tensor"):
+        ct.deform_roi_pool(r["input"], r["rois"].numpy(), output_size=2)
+    p = psroi_problem(dtype=torch.float32)
+    with pytest.raises(cupydcn.CupydcnTypeError, match="offset must be a torch.Tensor"):
+        ct.deform_psroi_pool(p["input"], p["rois"], p["offset"].numpy(), **PSROI_OPTIONS)
+
+
+BAD_LAYERS = [
+    # (layer, args, kwargs, error, message)
+    ("DeformConv2d", (4, 4, 0), {}, "Value", "kernel_size must be >= 1"),
+    ("DeformConv2d", (4, 4, 3), dict(padding=-1), "Value", "padding must be >= 0"),
+    ("DeformConv2d", (4, 4, 3), dict(stride=0), "Value", "stride must be >= 1"),
+    ("DeformConv2d", (4, 4, 3), dict(dilation=(1, 2, 3)), "Type", "dilation must be an int"),
+    ("DeformConv2d", (3, 4, 3), dict(groups=2), "Value",
+     r"in_channels \(3\) must be divisible by groups \(2\)"),
+    ("DeformConv2d", (4, 3, 3), dict(groups=2), "Value",
+     r"out_channels \(3\) must be divisible by groups"),
+    ("DeformConv2d", (4, 4, 3), dict(groups=0), "Value", "groups must be >= 1"),
+    ("DeformConv2d", (0, 4, 3), {}, "Value", "in_channels must be >= 1"),
+    ("DeformConv2d", (4, 4.0, 3), {}, "Type", "out_channels must be an int"),
+    ("DeformConv2d", (4, 4, 3), dict(padding_mode="circular"), "Value", "padding_mode"),
+    ("DeformConv2dPack", (4, 4, 3), dict(deform_groups=3), "Value",
+     r"in_channels \(4\) must be divisible by deform_groups \(3\)"),
+    ("ModulatedDeformConv2dPack", (4, 4, 3), dict(padding=(1, -1)), "Value",
+     "padding must be >= 0"),
+    ("ModulatedDeformConv2dPack", (4, 4, 3), dict(deform_groups=0), "Value",
+     "deform_groups must be >= 1"),
+    ("DeformRoIPool", (0,), {}, "Value", "output_size must be >= 1"),
+    ("DeformRoIPool", (2,), dict(sampling_ratio=-1), "Value", "sampling_ratio must be >= 0"),
+    ("DeformRoIPool", (2,), dict(sampling_ratio=1.5), "Type", "sampling_ratio must be an int"),
+    ("DeformRoIPool", (2,), dict(spatial_scale=float("inf")), "Value",
+     "spatial_scale must be finite"),
+    ("DeformRoIPoolPack", (2, 0), {}, "Value", "output_channels must be >= 1"),
+    ("ModulatedDeformRoIPoolPack", (2, 4), dict(deform_fc_channels=0), "Value",
+     "deform_fc_channels must be >= 1"),
+    ("DeformPSRoIPool", (4, 0, 2), {}, "Value", "group_size must be >= 1"),
+    ("DeformPSRoIPool", (4, 2, 2), dict(spatial_scale=0.0), "Value",
+     "spatial_scale must be > 0"),
+    ("DeformPSRoIPool", (4, 2, 2), dict(part_size=2.5), "Type", "part_size must be an int"),
+]
+
+
+@pytest.mark.parametrize("layer, args, kwargs, error, message", BAD_LAYERS,
+                         ids=[f"{b[0]}-{b[4][:24]}" for b in BAD_LAYERS])
+def test_layer_constructors_check_their_arguments(layer, args, kwargs, error, message):
+    with pytest.raises(getattr(cupydcn, f"Cupydcn{error}Error"), match=f"{layer}: {message}"):
+        getattr(ct, layer)(*args, **kwargs)
+
+
+def _boxes_per_image(rois: torch.Tensor, batch: int) -> list:
+    return [rois[rois[:, 0] == i, 1:] for i in range(batch)]
+
+
+def test_roi_pools_take_torchvisions_list_of_boxes():
+    r = roi_problem(dtype=torch.float32)
+    order = torch.argsort(r["rois"][:, 0], stable=True)  # the list form is image-major
+    rois = r["rois"][order]
+    offset, mask = r["offset"][order], r["mask"][order]
+    boxes = _boxes_per_image(rois, 2)
+    x = r["input"].clone().requires_grad_(True)
+    expected = ct.deform_roi_pool(x, rois, offset, mask, **ROI_OPTIONS)
+    for form in (boxes, tuple(boxes)):
+        got = ct.deform_roi_pool(x, form, offset, mask, **ROI_OPTIONS)
+        assert torch.equal(got, expected)
+    (grad,) = torch.autograd.grad(ct.deform_roi_pool(x, boxes, **ROI_OPTIONS).sum(), x)
+    (expected_grad,) = torch.autograd.grad(ct.deform_roi_pool(x, rois, **ROI_OPTIONS).sum(), x)
+    assert torch.equal(grad, expected_grad)
+
+    opts = {k: ROI_OPTIONS[k] for k in ("spatial_scale", "sampling_ratio", "gamma")}
+    for layer in (ct.DeformRoIPool(ROI_OPTIONS["output_size"], **opts),
+                  ct.DeformRoIPoolPack(ROI_OPTIONS["output_size"], 3, 8, **opts),
+                  ct.ModulatedDeformRoIPoolPack(ROI_OPTIONS["output_size"], 3, 8, **opts)):
+        assert torch.equal(layer(r["input"], boxes), layer(r["input"], rois)), layer
+
+    p = psroi_problem(dtype=torch.float32)
+    ps_rois = p["rois"][order]
+    ps_boxes = _boxes_per_image(ps_rois, 2)
+    out, count = ct.deform_psroi_pool(p["input"], ps_boxes, p["offset"][order], **PSROI_OPTIONS)
+    expected_out, expected_count = ct.deform_psroi_pool(p["input"], ps_rois, p["offset"][order],
+                                                        **PSROI_OPTIONS)
+    assert torch.equal(out, expected_out) and torch.equal(count, expected_count)
+    layer = ct.DeformPSRoIPool(**PSROI_OPTIONS)
+    assert torch.equal(layer(p["input"], ps_boxes), layer(p["input"], ps_rois))
+
+    with pytest.raises(cupydcn.CupydcnValueError, match=r"rois\[1\] has shape \(1, 5\)"):
+        ct.deform_roi_pool(r["input"], [boxes[0], rois[:1]], **ROI_OPTIONS)
+    with pytest.raises(cupydcn.CupydcnValueError, match="rois is an empty list"):
+        ct.deform_roi_pool(r["input"], [], **ROI_OPTIONS)
+    with pytest.raises(cupydcn.CupydcnTypeError, match=r"rois\[0\] must be a torch.Tensor"):
+        ct.deform_roi_pool(r["input"], [boxes[0].numpy()], **ROI_OPTIONS)
+    with pytest.raises(cupydcn.CupydcnTypeError, match=r"rois\[1\] is a torch.float64"):
+        ct.deform_roi_pool(r["input"], [boxes[0], boxes[1].double()], **ROI_OPTIONS)
 
 
 # ---------------------------------------------------------------------------- opcheck

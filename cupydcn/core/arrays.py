@@ -131,9 +131,36 @@ def _device_name(device: tuple[int, int]) -> str:
 
 
 # ------------------------------------------------------------------ into the backend
+# The ops with a differentiable counterpart in cupydcn.torch (a backward op's is its
+# forward's).
+_TORCH_DIFFERENTIABLE = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
+
+
+def refuse_torch_autograd(op: str, arrays: dict[str, object]) -> None:
+    """A CupydcnTypeError if grad mode is on and a PyTorch tensor among ``arrays``
+    requires grad: the functional API is not differentiable, so its result would have no
+    grad_fn and ``.backward()`` would fail far from here. Under ``torch.no_grad()``, or
+    with detached tensors, the call is fine."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        return
+    wanting = [name for name, a in arrays.items()
+               if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not wanting:
+        return
+    forward = op.removesuffix("_backward")
+    alternative = (f"use cupydcn.torch.{forward}, which is differentiable, or "
+                   if forward in _TORCH_DIFFERENTIABLE else "")
+    raise type_error(
+        op, f"{', '.join(wanting)} {'requires' if len(wanting) == 1 else 'require'} grad, "
+        f"but cupydcn.{op} is not differentiable (its result would have no grad_fn): "
+        f"{alternative}call it under torch.no_grad() or on detached tensors")
+
+
 def _torch_exportable(tensor):
-    """A tensor DLPack can export: autograd is the caller's business (detach), and
-    lazily conjugated / negated views are resolved."""
+    """A tensor DLPack can export: detached (natives refuses tensors that require grad
+    while grad mode is on), lazily conjugated / negated views resolved."""
     return tensor.detach().resolve_conj().resolve_neg()
 
 
@@ -170,8 +197,13 @@ def to_native(placement: Placement, array):
 
 
 def natives(op: str, arrays: dict[str, object]) -> tuple[Placement, dict[str, object]]:
-    """The placement of a call and zero-copy native views of all its arrays (None kept)."""
+    """The placement of a call and zero-copy native views of all its arrays (None kept).
+
+    PyTorch tensors that require grad are refused while grad mode is on
+    (:func:`refuse_torch_autograd`)."""
     placement = resolve_placement(op, arrays)
+    if placement.library == "torch":
+        refuse_torch_autograd(op, arrays)
     # Inside the scope, DLPack imports are ordered on the stream the kernels will use
     # (PyTorch's current stream), so no extra synchronisation is needed.
     with compute_scope(placement):

@@ -18,6 +18,7 @@ from cupydcn.deform_conv.spec import (
     DEFAULT_WORKSPACE_BYTES,
     OP,
     ConvGrads,
+    ConvOptions,
     prepare_backward,
     prepare_forward,
 )
@@ -25,7 +26,8 @@ from cupydcn.deform_conv.spec import (
 FORWARD = Backends.of_modules(numpy_backend, cuda_backend, "conv_forward")
 BACKWARD = Backends.of_modules(numpy_backend, cuda_backend, "conv_backward")
 
-__all__ = ["DEFAULT_WORKSPACE_BYTES", "ConvGrads", "deform_conv2d", "deform_conv2d_backward"]
+__all__ = ["DEFAULT_WORKSPACE_BYTES", "ConvGrads", "ConvOptions", "deform_conv2d",
+           "deform_conv2d_backward"]
 
 
 def deform_conv2d(
@@ -64,12 +66,12 @@ def deform_conv2d(
     t = |p| mod 2(H-1), p' = t if t <= H-1 else 2(H-1) - t; p' = 0 when H = 1). Details,
     including the gradients at the kinks, in docs/semantics.md.
     """
+    options = ConvOptions.of(locals())
     return dispatch(
         OP,
         {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask},
         required=("input", "offset", "weight"),
-        prepare=partial(prepare_forward, stride=stride, padding=padding, dilation=dilation,
-                        padding_mode=padding_mode, workspace_bytes=workspace_bytes),
+        prepare=partial(prepare_forward, options=options),
         backends=FORWARD,
     )
 
@@ -103,12 +105,12 @@ def deform_conv2d_backward(
     at reflection points beyond the map the one-sided derivative of the formula's branch
     that is taken (docs/semantics.md).
     """
+    options = ConvOptions.of(locals())
     return dispatch(
         BACKWARD_OP,
         {"grad_output": grad_output, "input": input, "offset": offset, "weight": weight,
          "mask": mask},
         required=("grad_output", "input", "offset", "weight"),
-        prepare=partial(prepare_backward, stride=stride, padding=padding, dilation=dilation,
-                        padding_mode=padding_mode, wrt=wrt, workspace_bytes=workspace_bytes),
+        prepare=partial(prepare_backward, options=options, wrt=wrt),
         backends=BACKWARD,
     )

@@ -6,7 +6,7 @@ is launched. Errors name the argument, the expected and the actual value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from cupydcn.core.errors import type_error, value_error
@@ -20,6 +20,7 @@ from cupydcn.core.checks import (
     wanted_gradients,
 )
 from cupydcn.core.dispatch import Prepared
+from cupydcn.core.options import TUNING, IntPair, Options
 
 OP = "deform_conv2d"
 BACKWARD_OP = "deform_conv2d_backward"
@@ -41,6 +42,27 @@ class ConvGrads(NamedTuple):
     grad_weight: object
     grad_mask: object
     grad_bias: object
+
+
+@dataclass(frozen=True)
+class ConvOptions(Options):
+    """The options of deform_conv2d and its backward (cupydcn/core/options.py: every API
+    derives from this declaration). Kept as given; ``prepare`` checks them.
+
+    stride: int or (h, w) pair, >= 1 — the step of the kernel window.
+    padding: int or (h, w) pair, >= 0 — implicit rows / columns added on each side.
+    dilation: int or (h, w) pair, >= 1 — the spacing of the kernel taps.
+    padding_mode: "zeros", "border" or "reflection" — how a sample point outside the map
+        is read (PADDING_MODES, cupydcn/deform_conv/padding.py).
+    workspace_bytes: int > 0 or None (DEFAULT_WORKSPACE_BYTES) — the budget of the
+        intermediate column buffers (the batch is processed in chunks that fit); tuning.
+    """
+
+    stride: IntPair = 1
+    padding: IntPair = 0
+    dilation: IntPair = 1
+    padding_mode: str = "zeros"
+    workspace_bytes: int | None = field(default=None, metadata=TUNING)
 
 
 @dataclass(frozen=True)
@@ -243,24 +265,21 @@ def workspace_budget(op: str, workspace_bytes: int | None) -> int:
     return workspace_bytes
 
 
-def prepare_forward(native, *, stride, padding, dilation, padding_mode,
-                    workspace_bytes) -> Prepared:
+def prepare_forward(native, options: ConvOptions) -> Prepared:
     """The plan of a forward call from its native arrays (shape and option checks)."""
     geom = conv_geometry(
         native["input"], native["offset"], native["weight"], native["bias"], native["mask"],
-        stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode,
+        **options.as_kwargs(tuning=False),
     )
-    return Prepared(geom, {"workspace_bytes": workspace_budget(OP, workspace_bytes)})
+    return Prepared(geom, {"workspace_bytes": workspace_budget(OP, options.workspace_bytes)})
 
 
-def prepare_backward(native, *, stride, padding, dilation, padding_mode, wrt,
-                     workspace_bytes) -> Prepared:
+def prepare_backward(native, options: ConvOptions, *, wrt) -> Prepared:
     """The plan of a backward call: the forward's checks, grad_output's shape and dtype,
     the requested gradients."""
     geom = conv_geometry(
         native["input"], native["offset"], native["weight"], None, native["mask"],
-        stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode,
-        op=BACKWARD_OP, grad_output=native["grad_output"],
+        **options.as_kwargs(tuning=False), op=BACKWARD_OP, grad_output=native["grad_output"],
     )
     grad_shape = shape_of(native["grad_output"])
     if grad_shape != geom.output_shape:
@@ -271,5 +290,5 @@ def prepare_backward(native, *, stride, padding, dilation, padding_mode, wrt,
     wanted = wanted_gradients(
         BACKWARD_OP, wrt, {name: name != "mask" or geom.has_mask for name in GRADIENT_NAMES}
     )
-    return Prepared(geom, {"wrt": wanted,
-                           "workspace_bytes": workspace_budget(BACKWARD_OP, workspace_bytes)})
+    return Prepared(geom, {"wrt": wanted, "workspace_bytes":
+                           workspace_budget(BACKWARD_OP, options.workspace_bytes)})

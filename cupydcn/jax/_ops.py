@@ -1,10 +1,11 @@
 """The cupydcn ops as ``jax.custom_vjp`` functions.
 
-Each public function validates its arguments on shapes and dtypes (at trace time under
-``jax.jit``, with cupydcn's own checks), then calls a ``custom_vjp`` function of its
-present arrays (None arguments are left out; every non-array option is closed over, so
-it is static). Forward and backward run cupydcn's explicit functions through
-:func:`cupydcn.jax._bridge.run`.
+Each public function collects its options into the op's options dataclass (``ConvOptions``
+and friends, declared once in the op's ``spec``), validates them and the arrays' shapes and
+dtypes with the op's own ``prepare`` (at trace time under ``jax.jit``), then calls a
+``custom_vjp`` function of its present arrays (None arguments are left out; the options are
+closed over, so they are static). Forward and backward run cupydcn's explicit functions
+through :func:`cupydcn.jax._bridge.run`.
 
 The custom_vjp rules use ``symbolic_zeros``: the forward rule learns which arguments are
 differentiated (``perturbed``) and the backward call asks cupydcn for those gradients
@@ -28,8 +29,6 @@ from cupydcn.roi_pool import spec as _roi
 
 from cupydcn.jax import _bridge
 
-# Trace-time checks of the RoI ops run cupydcn's validation as for NumPy arrays.
-
 
 @jax.tree_util.register_static
 @dataclass(frozen=True)
@@ -47,6 +46,12 @@ def _type_of(array) -> jax.ShapeDtypeStruct:
 def _present(arrays: Mapping[str, object]) -> dict[str, object]:
     """The non-None arrays as JAX arrays (JAX arrays and tracers pass through unchanged)."""
     return {name: jnp.asarray(a) for name, a in arrays.items() if a is not None}
+
+
+def _plan(prepare, names: Sequence[str], arrays: Mapping[str, object], options):
+    """The op's plan from ``prepare(native, options)`` (cupydcn's checks on shapes, dtypes
+    and options; at trace time under ``jax.jit``), the absent arrays as None."""
+    return prepare({name: arrays.get(name) for name in names}, options).plan
 
 
 def _apply(
@@ -126,22 +131,19 @@ def deform_conv2d(
     ``offset``, ``weight``, ``bias`` and ``mask`` are arrays (``bias`` and ``mask`` may be
     None), every other argument is static. Gradients flow to every array argument.
     """
+    options = _conv.ConvOptions.of(locals())
     arrays = _present({"input": input, "offset": offset, "weight": weight, "bias": bias,
                        "mask": mask})
-    geom = _conv.prepare_forward(
-        {name: arrays.get(name) for name in ("input", "offset", "weight", "bias", "mask")},
-        stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode,
-        workspace_bytes=workspace_bytes,
-    ).plan
-    geometry = dict(stride=stride, padding=padding, dilation=dilation,
-                    padding_mode=padding_mode, workspace_bytes=workspace_bytes)
+    geom = _plan(_conv.prepare_forward, ("input", "offset", "weight", "bias", "mask"),
+                 arrays, options)
+    kwargs = options.as_kwargs()
 
     def forward(input, offset, weight, bias=None, mask=None):
-        return (cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask, **geometry),)
+        return (cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask, **kwargs),)
 
     def backward(grad_output, wrt, input, offset, weight, mask=None):
         return cupydcn.deform_conv2d_backward(grad_output, input, offset, weight, mask,
-                                              wrt=wrt, **geometry)
+                                              wrt=wrt, **kwargs)
 
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype)
     (output,) = _apply(arrays, (out_type,), forward, backward,
@@ -170,19 +172,17 @@ def deform_roi_pool(
     zero. The values of ``rois`` are checked when the op runs (under ``jax.jit``: inside
     the callback, so a bad RoI raises a runtime error there).
     """
+    options = _roi.RoiPoolOptions.of(locals())
     arrays = _present({"input": input, "rois": rois, "offset": offset, "mask": mask})
-    options = dict(output_size=output_size, spatial_scale=spatial_scale,
-                   sampling_ratio=sampling_ratio, gamma=gamma)
-    geom = _roi.prepare_forward(
-        {name: arrays.get(name) for name in ("input", "rois", "offset", "mask")}, **options
-    ).plan
+    geom = _plan(_roi.prepare_forward, ("input", "rois", "offset", "mask"), arrays, options)
+    kwargs = options.as_kwargs()
 
     def forward(input, rois, offset=None, mask=None):
-        return (cupydcn.deform_roi_pool(input, rois, offset, mask, **options),)
+        return (cupydcn.deform_roi_pool(input, rois, offset, mask, **kwargs),)
 
     def backward(grad_output, wrt, input, rois, offset=None, mask=None):
         return cupydcn.deform_roi_pool_backward(grad_output, input, rois, offset, mask,
-                                                wrt=wrt, **options)
+                                                wrt=wrt, **kwargs)
 
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype)
     (output,) = _apply(arrays, (out_type,), forward, backward,
@@ -212,20 +212,17 @@ def deform_psroi_pool(
     ``count`` (int32) has no cotangent and the gradient with respect to ``rois`` is zero.
     The values of ``rois`` are checked when the op runs.
     """
+    options = _psroi.PSRoiPoolOptions.of(locals())
     arrays = _present({"input": input, "rois": rois, "offset": offset})
-    options = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-                   part_size=part_size, sample_per_part=sample_per_part,
-                   spatial_scale=spatial_scale, trans_std=trans_std)
-    geom = _psroi.prepare_forward(
-        {name: arrays.get(name) for name in ("input", "rois", "offset")}, **options
-    ).plan
+    geom = _plan(_psroi.prepare_forward, ("input", "rois", "offset"), arrays, options)
+    kwargs = options.as_kwargs()
 
     def forward(input, rois, offset=None):
-        return cupydcn.deform_psroi_pool(input, rois, offset, **options)
+        return cupydcn.deform_psroi_pool(input, rois, offset, **kwargs)
 
     def backward(grad_output, wrt, input, rois, offset=None):
         return cupydcn.deform_psroi_pool_backward(grad_output, input, rois, offset,
-                                                  wrt=wrt, **options)
+                                                  wrt=wrt, **kwargs)
 
     out_types = (jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype),
                  jax.ShapeDtypeStruct(geom.output_shape, np.int32))

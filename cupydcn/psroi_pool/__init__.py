@@ -16,6 +16,7 @@ from cupydcn.psroi_pool.spec import (
     BACKWARD_OP,
     OP,
     PSRoiPoolGrads,
+    PSRoiPoolOptions,
     check_values,
     prepare_backward,
     prepare_forward,
@@ -24,7 +25,8 @@ from cupydcn.psroi_pool.spec import (
 FORWARD = Backends.of_modules(numpy_backend, cuda_backend, "psroi_pool_forward")
 BACKWARD = Backends.of_modules(numpy_backend, cuda_backend, "psroi_pool_backward")
 
-__all__ = ["PSRoiPoolGrads", "deform_psroi_pool", "deform_psroi_pool_backward"]
+__all__ = ["PSRoiPoolGrads", "PSRoiPoolOptions", "deform_psroi_pool",
+           "deform_psroi_pool_backward"]
 
 
 def deform_psroi_pool(
@@ -58,15 +60,21 @@ def deform_psroi_pool(
     ``part_size`` defaults to ``pooled_size``; bin (i, j) moves with offset cell
     (floor(i * part_size / P), floor(j * part_size / P)). Each bin averages
     ``sample_per_part``**2 bilinear samples of its position-sensitive input channel.
+
+    Limits (checked before any kernel; CupydcnValueError naming the argument and the
+    limit): ``sample_per_part`` is at most 1024, so a bin averages at most
+    ``cupydcn.core.rois.MAX_SAMPLES_PER_BIN`` = 2**20 samples (a bound on the work of one
+    kernel thread); ``group_size``, ``pooled_size`` and ``part_size`` are at most 46340
+    (isqrt(2**31 - 1): the kernels multiply two of them in 32-bit ints) and
+    ``output_dim`` at most 2**31 - 1. The NumPy backend keeps its temporaries within a
+    fixed workspace (256 MiB), besides the arguments and the results.
     """
+    options = PSRoiPoolOptions.of(locals())
     return dispatch(
         OP,
         {"input": input, "rois": rois, "offset": offset},
         required=("input", "rois"),
-        prepare=partial(prepare_forward, output_dim=output_dim, group_size=group_size,
-                        pooled_size=pooled_size, part_size=part_size,
-                        sample_per_part=sample_per_part, spatial_scale=spatial_scale,
-                        trans_std=trans_std),
+        prepare=partial(prepare_forward, options=options),
         check_values=partial(check_values, OP),
         backends=FORWARD,
     )
@@ -99,14 +107,12 @@ def deform_psroi_pool_backward(
     derivative of a sample along x (y) is 0 where its clamped coordinate is an integer
     (MSRA's floor and ceil corners coincide), which includes every clamped sample.
     """
+    options = PSRoiPoolOptions.of(locals())
     return dispatch(
         BACKWARD_OP,
         {"grad_output": grad_output, "input": input, "rois": rois, "offset": offset},
         required=("grad_output", "input", "rois"),
-        prepare=partial(prepare_backward, output_dim=output_dim, group_size=group_size,
-                        pooled_size=pooled_size, part_size=part_size,
-                        sample_per_part=sample_per_part, spatial_scale=spatial_scale,
-                        trans_std=trans_std, wrt=wrt),
+        prepare=partial(prepare_backward, options=options, wrt=wrt),
         check_values=partial(check_values, BACKWARD_OP),
         backends=BACKWARD,
     )

@@ -18,6 +18,7 @@ from cupydcn.core.checks import (
     wanted_gradients,
 )
 from cupydcn.core.dispatch import Prepared
+from cupydcn.core.options import Options
 from cupydcn.core.dtypes import INT32_LIMIT
 from cupydcn.core.errors import value_error
 from cupydcn.core.rois import MAX_SAMPLES_PER_BIN, check_roi_values, check_rois_shape
@@ -37,6 +38,29 @@ class PSRoiPoolGrads(NamedTuple):
 
     grad_input: object
     grad_offset: object
+
+
+@dataclass(frozen=True)
+class PSRoiPoolOptions(Options):
+    """The options of deform_psroi_pool and its backward (cupydcn/core/options.py: every
+    API derives from this declaration). Kept as given; ``prepare`` checks them.
+
+    output_dim: int >= 1 — output channels (input channels = output_dim * group_size**2).
+    group_size: int >= 1 — the position-sensitive grid of channel groups per axis.
+    pooled_size: int >= 1 — the bins per RoI along each axis, P.
+    part_size: int >= 1 or None (pooled_size) — the offset cells per axis.
+    sample_per_part: int in [1, MAX_SAMPLE_PER_PART] — samples per bin along each axis.
+    spatial_scale: finite float > 0 — maps RoI coordinates onto the input map.
+    trans_std: finite float — the scale of the offsets, in units of the RoI size.
+    """
+
+    output_dim: int
+    group_size: int
+    pooled_size: int
+    part_size: int | None = None
+    sample_per_part: int = 4
+    spatial_scale: float = 1.0
+    trans_std: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -190,14 +214,15 @@ def check_values(op: str, xp, native: Mapping[str, object], geom: PSRoiPoolGeome
     check_roi_values(op, xp, native["rois"], geom.batch)
 
 
-def prepare_forward(native, **options) -> Prepared:
+def prepare_forward(native, options: PSRoiPoolOptions) -> Prepared:
     return Prepared(psroi_pool_geometry(OP, native["input"], native["rois"], native["offset"],
-                                        **options), {})
+                                        **options.as_kwargs()), {})
 
 
-def prepare_backward(native, *, wrt: Iterable[str] | str | None, **options) -> Prepared:
+def prepare_backward(native, options: PSRoiPoolOptions, *,
+                     wrt: Iterable[str] | str | None) -> Prepared:
     geom = psroi_pool_geometry(BACKWARD_OP, native["input"], native["rois"], native["offset"],
-                               grad_output=native["grad_output"], **options)
+                               grad_output=native["grad_output"], **options.as_kwargs())
     grad_shape = shape_of(native["grad_output"])
     if grad_shape != geom.output_shape:
         raise value_error(

@@ -22,6 +22,7 @@ from cupydcn.roi_pool.spec import (
     BACKWARD_OP,
     OP,
     RoiPoolGrads,
+    RoiPoolOptions,
     check_values,
     prepare_backward,
     prepare_forward,
@@ -30,7 +31,7 @@ from cupydcn.roi_pool.spec import (
 FORWARD = Backends.of_modules(numpy_backend, cuda_backend, "roi_pool_forward")
 BACKWARD = Backends.of_modules(numpy_backend, cuda_backend, "roi_pool_backward")
 
-__all__ = ["RoiPoolGrads", "deform_roi_pool", "deform_roi_pool_backward"]
+__all__ = ["RoiPoolGrads", "RoiPoolOptions", "deform_roi_pool", "deform_roi_pool_backward"]
 
 
 def deform_roi_pool(
@@ -61,13 +62,25 @@ def deform_roi_pool(
     ``output_size``: int or (ph, pw). ``spatial_scale`` maps RoI coordinates onto the
     input map. ``sampling_ratio``: samples per bin along each axis; 0 means
     ceil(RoI size / output size) per RoI. Half types compute in float32 and round once.
+
+    Limits (checked before any kernel; CupydcnValueError naming the argument and the
+    limit): a bin averages at most ``cupydcn.core.rois.MAX_SAMPLES_PER_BIN`` = 2**20
+    samples (a 1024 x 1024 grid), which bounds the work of one kernel thread. So
+    ``sampling_ratio`` is at most 1024; with ``sampling_ratio=0`` each RoI's grid,
+    ceil(h * spatial_scale / ph) x ceil(w * spatial_scale / pw) in the accumulation
+    dtype, must stay within the limit, and the error names the first RoI that does not
+    (pass a sampling_ratio, a larger output_size or a smaller RoI). ``output_size`` is at
+    most 2**31 - 1 per axis. The NumPy backend keeps its temporaries within a fixed
+    workspace (256 MiB) whatever the grid, besides the arguments, the results and a
+    channels-last copy of the input; a 2**20-sample bin still costs it a fraction of a
+    second per RoI, channel and bin.
     """
+    options = RoiPoolOptions.of(locals())
     return dispatch(
         OP,
         {"input": input, "rois": rois, "offset": offset, "mask": mask},
         required=("input", "rois"),
-        prepare=partial(prepare_forward, output_size=output_size, spatial_scale=spatial_scale,
-                        sampling_ratio=sampling_ratio, gamma=gamma),
+        prepare=partial(prepare_forward, options=options),
         check_values=partial(check_values, OP),
         backends=FORWARD,
     )
@@ -98,13 +111,13 @@ def deform_roi_pool_backward(
     for samples outside [-1, H] x [-1, W]; one-sided from the right at integer
     coordinates (docs/semantics.md §2).
     """
+    options = RoiPoolOptions.of(locals())
     return dispatch(
         BACKWARD_OP,
         {"grad_output": grad_output, "input": input, "rois": rois, "offset": offset,
          "mask": mask},
         required=("grad_output", "input", "rois"),
-        prepare=partial(prepare_backward, output_size=output_size, spatial_scale=spatial_scale,
-                        sampling_ratio=sampling_ratio, gamma=gamma, wrt=wrt),
+        prepare=partial(prepare_backward, options=options, wrt=wrt),
         check_values=partial(check_values, BACKWARD_OP),
         backends=BACKWARD,
     )

@@ -19,7 +19,9 @@ from cupydcn.core.checks import (
     wanted_gradients,
 )
 from cupydcn.core.dispatch import Prepared
+from cupydcn.core.dtypes import DTYPES
 from cupydcn.core.errors import value_error
+from cupydcn.core.options import IntPair, Options
 from cupydcn.core.rois import MAX_SAMPLES_PER_BIN, check_roi_values, check_rois_shape
 
 OP = "deform_roi_pool"
@@ -37,6 +39,24 @@ class RoiPoolGrads(NamedTuple):
     grad_input: object
     grad_offset: object
     grad_mask: object
+
+
+@dataclass(frozen=True)
+class RoiPoolOptions(Options):
+    """The options of deform_roi_pool and its backward (cupydcn/core/options.py: every API
+    derives from this declaration). Kept as given; ``prepare`` checks them.
+
+    output_size: int or (ph, pw) pair, >= 1 — the bins per RoI (required).
+    spatial_scale: finite float — maps RoI coordinates onto the input map.
+    sampling_ratio: int in [0, MAX_SAMPLING_RATIO] — samples per bin along each axis; 0:
+        ceil(RoI size / output size) per RoI.
+    gamma: finite float — the scale of the offsets, in units of the RoI size.
+    """
+
+    output_size: IntPair
+    spatial_scale: float = 1.0
+    sampling_ratio: int = 0
+    gamma: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -151,27 +171,27 @@ def check_values(op: str, xp, native: Mapping[str, object], geom: RoiPoolGeometr
     samples = None
     if geom.sampling_ratio == 0:
         def samples(values):
-            # The kernels' grid: ceil(roi_size / pooled) per axis, RoI size unclamped.
-            scale = geom.spatial_scale
-            roi_w = (values[:, 3] * scale - 0.5) - (values[:, 1] * scale - 0.5)
-            roi_h = (values[:, 4] * scale - 0.5) - (values[:, 2] * scale - 0.5)
-            grid_w = xp.maximum(xp.ceil(roi_w / geom.pooled_w), 0)
-            grid_h = xp.maximum(xp.ceil(roi_h / geom.pooled_h), 0)
-            return grid_h * grid_w
+            # The kernels' grid, with their arithmetic (in the accumulation dtype, so the
+            # check and the kernels agree on every RoI): ceil(roi_size / pooled) per axis,
+            # RoI size unclamped; NaN (inf - inf) means no samples.
+            acc = xp.dtype(DTYPES[geom.dtype_name].acc_name)
+            v = values.astype(acc)
+            scale, half = acc.type(geom.spatial_scale), acc.type(0.5)
+            roi_w = (v[:, 3] * scale - half) - (v[:, 1] * scale - half)
+            roi_h = (v[:, 4] * scale - half) - (v[:, 2] * scale - half)
+            grid_w = xp.maximum(xp.ceil(roi_w / acc.type(geom.pooled_w)), 0)
+            grid_h = xp.maximum(xp.ceil(roi_h / acc.type(geom.pooled_h)), 0)
+            return grid_h.astype(xp.float64) * grid_w.astype(xp.float64)
     check_roi_values(op, xp, native["rois"], geom.batch, samples_per_bin=samples)
 
 
-def prepare_forward(native, *, output_size, spatial_scale, sampling_ratio, gamma) -> Prepared:
-    return Prepared(roi_pool_geometry(OP, native, output_size=output_size,
-                                      spatial_scale=spatial_scale,
-                                      sampling_ratio=sampling_ratio, gamma=gamma), {})
+def prepare_forward(native, options: RoiPoolOptions) -> Prepared:
+    return Prepared(roi_pool_geometry(OP, native, **options.as_kwargs()), {})
 
 
-def prepare_backward(native, *, output_size, spatial_scale, sampling_ratio, gamma,
+def prepare_backward(native, options: RoiPoolOptions, *,
                      wrt: Iterable[str] | str | None) -> Prepared:
-    geom = roi_pool_geometry(BACKWARD_OP, native, output_size=output_size,
-                             spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-                             gamma=gamma)
+    geom = roi_pool_geometry(BACKWARD_OP, native, **options.as_kwargs())
     wanted = wanted_gradients(
         BACKWARD_OP, wrt, {"input": True, "offset": geom.has_offset, "mask": geom.has_mask})
     return Prepared(geom, {"wrt": wanted})

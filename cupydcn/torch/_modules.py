@@ -13,6 +13,10 @@ Names, arguments, parameter names and initialisation follow the layers users kno
   last layers start at zero, predict normalised offsets and a mask from plainly pooled
   features).
 - :class:`DeformPSRoIPool` wraps deformable position-sensitive RoI pooling (R-FCN).
+
+The constructors check their arguments (CupydcnValueError / CupydcnTypeError naming the
+layer and the argument), so that a bad layer fails when it is built, not at its first
+forward. The RoI layers take rois [K, 5] or torchvision's list of [L, 4] boxes per image.
 """
 
 from __future__ import annotations
@@ -22,9 +26,20 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
-from ._ops import deform_conv2d, deform_psroi_pool, deform_roi_pool
+from cupydcn.core.checks import check_positive, int_pair
+from cupydcn.core.errors import value_error
+from cupydcn.deform_conv.padding import check_padding_mode
+
+from ._ops import (
+    conv_pairs,
+    deform_conv2d,
+    deform_psroi_pool,
+    deform_roi_pool,
+    psroi_pool_options,
+    roi_pool_options,
+    rois_tensor,
+)
 
 __all__ = [
     "DeformConv2d",
@@ -37,11 +52,11 @@ __all__ = [
 ]
 
 
-def _check_groups(in_channels: int, out_channels: int, groups: int) -> None:
-    if in_channels % groups != 0:
-        raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-    if out_channels % groups != 0:
-        raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+def _divides(layer: str, groups_name: str, groups: int, **channels: int) -> None:
+    for name, count in channels.items():
+        if count % groups != 0:
+            raise value_error(layer, f"{name} ({count}) must be divisible by {groups_name} "
+                                     f"({groups})")
 
 
 class DeformConv2d(nn.Module):
@@ -74,14 +89,18 @@ class DeformConv2d(nn.Module):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        _check_groups(in_channels, out_channels, groups)
-        self.padding_mode = padding_mode
+        layer = type(self).__name__
+        in_channels = check_positive(layer, "in_channels", in_channels)
+        out_channels = check_positive(layer, "out_channels", out_channels)
+        groups = check_positive(layer, "groups", groups)
+        _divides(layer, "groups", groups, in_channels=in_channels, out_channels=out_channels)
+        self.padding_mode = check_padding_mode(layer, padding_mode)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = int_pair(layer, "kernel_size", kernel_size, minimum=1)
+        pairs = conv_pairs(layer, stride=stride, padding=padding, dilation=dilation)
+        self.stride, self.padding, self.dilation = (
+            pairs["stride"], pairs["padding"], pairs["dilation"])
         self.groups = groups
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size))
@@ -145,9 +164,10 @@ class DeformConv2dPack(DeformConv2d):
         *,
         padding_mode: str = "zeros",
     ) -> None:
-        if in_channels % deform_groups != 0:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by "
-                             f"deform_groups ({deform_groups})")
+        layer = type(self).__name__
+        deform_groups = check_positive(layer, "deform_groups", deform_groups)
+        _divides(layer, "deform_groups", deform_groups,
+                 in_channels=check_positive(layer, "in_channels", in_channels))
         self.deform_groups = deform_groups
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode=padding_mode)
@@ -231,16 +251,20 @@ class ModulatedDeformConv2dPack(DeformConv2dPack):
 class DeformRoIPool(nn.Module):
     """Deformable RoI pooling with offsets (and an optional mask) from the caller, as
     mmcv's ``DeformRoIPool``; ``forward(input, rois, offset=None, mask=None)`` with
-    rois [K, 5] (batch index, x1, y1, x2, y2), offset [K, 2, ph, pw] (x, y; in units of
-    ``gamma`` times the RoI size), mask [K, 1, ph, pw]. Returns [K, C, ph, pw]."""
+    rois [K, 5] (batch index, x1, y1, x2, y2) or a list of [L, 4] boxes per image, offset
+    [K, 2, ph, pw] (x, y; in units of ``gamma`` times the RoI size), mask [K, 1, ph, pw].
+    Returns [K, C, ph, pw]."""
 
     def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0,
                  gamma: float = 0.1) -> None:
         super().__init__()
-        self.output_size = _pair(output_size)
-        self.spatial_scale = float(spatial_scale)
-        self.sampling_ratio = int(sampling_ratio)
-        self.gamma = float(gamma)
+        options = roi_pool_options(type(self).__name__, output_size=output_size,
+                                   spatial_scale=spatial_scale,
+                                   sampling_ratio=sampling_ratio, gamma=gamma)
+        self.output_size = options["output_size"]
+        self.spatial_scale = options["spatial_scale"]
+        self.sampling_ratio = options["sampling_ratio"]
+        self.gamma = options["gamma"]
 
     def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None,
               mask: Optional[Tensor] = None) -> Tensor:
@@ -251,6 +275,10 @@ class DeformRoIPool(nn.Module):
     def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tensor:
         return self._pool(input, rois, offset, mask)
+
+    def _rois(self, rois) -> Tensor:
+        """rois [K, 5], converted once from a list of boxes per image."""
+        return rois_tensor(type(self).__name__, rois)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -279,8 +307,10 @@ class DeformRoIPoolPack(DeformRoIPool):
                  spatial_scale: float = 1.0, sampling_ratio: int = 0,
                  gamma: float = 0.1) -> None:
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
-        self.output_channels = output_channels
-        self.deform_fc_channels = deform_fc_channels
+        layer = type(self).__name__
+        self.output_channels = check_positive(layer, "output_channels", output_channels)
+        self.deform_fc_channels = check_positive(layer, "deform_fc_channels",
+                                                 deform_fc_channels)
         bins = self.output_size[0] * self.output_size[1]
         self.offset_fc = _fc_stack(bins * output_channels, deform_fc_channels, bins * 2, 3)
         nn.init.zeros_(self.offset_fc[-1].weight)
@@ -288,14 +318,16 @@ class DeformRoIPoolPack(DeformRoIPool):
 
     def _check_channels(self, input: Tensor) -> None:
         if input.shape[1] != self.output_channels:
-            raise ValueError(f"{type(self).__name__}: input has {input.shape[1]} channels; "
-                             f"expected output_channels = {self.output_channels}")
+            raise value_error(type(self).__name__, f"input has {input.shape[1]} channels; "
+                                                   f"expected output_channels = "
+                                                   f"{self.output_channels}")
 
     def _offset(self, features: Tensor) -> Tensor:
         return self.offset_fc(features).view(-1, 2, *self.output_size)
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
         self._check_channels(input)
+        rois = self._rois(rois)
         features = self._pool(input, rois).flatten(1)
         return self._pool(input, rois, self._offset(features))
 
@@ -326,6 +358,7 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
         self._check_channels(input)
+        rois = self._rois(rois)
         features = self._pool(input, rois).flatten(1)
         mask = self.mask_fc(features).view(-1, 1, *self.output_size)
         return self._pool(input, rois, self._offset(features), mask)
@@ -345,13 +378,18 @@ class DeformPSRoIPool(nn.Module):
                  part_size: Optional[int] = None, sample_per_part: int = 4,
                  spatial_scale: float = 1.0, trans_std: float = 0.1) -> None:
         super().__init__()
-        self.output_dim = output_dim
-        self.group_size = group_size
-        self.pooled_size = pooled_size
-        self.part_size = pooled_size if part_size is None else part_size
-        self.sample_per_part = sample_per_part
-        self.spatial_scale = float(spatial_scale)
-        self.trans_std = float(trans_std)
+        options = psroi_pool_options(
+            type(self).__name__, output_dim=output_dim, group_size=group_size,
+            pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
+            spatial_scale=spatial_scale, trans_std=trans_std)
+        self.output_dim = options["output_dim"]
+        self.group_size = options["group_size"]
+        self.pooled_size = options["pooled_size"]
+        self.part_size = (self.pooled_size if options["part_size"] is None
+                          else options["part_size"])
+        self.sample_per_part = options["sample_per_part"]
+        self.spatial_scale = options["spatial_scale"]
+        self.trans_std = options["trans_std"]
 
     def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
         output, _count = deform_psroi_pool(

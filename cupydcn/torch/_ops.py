@@ -14,22 +14,40 @@ NumPy backend, CUDA tensors by the CUDA kernels on PyTorch's current stream of t
 device, both through zero-copy DLPack views, and the results come back as tensors that
 own the buffers the backend wrote.
 
+An op's schema is its tensors followed by one argument per field of the op's options
+dataclass (``ConvOptions``, ``RoiPoolOptions``, ``PSRoiPoolOptions``, declared in the op's
+``spec``), typed from the field's annotation (:class:`_OptionArgs`); the implementations,
+fakes and autograd formulas take the options as ``*options`` in that order. Tuning
+options (``workspace_bytes``) are not part of the schemas: the ops run with the default.
+
 A backward op returns its gradients as a list holding only the requested ones, in the
 order of its ``output_mask`` (a ``Tensor[]``; custom ops cannot return ``Tensor?``).
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Optional, Sequence
+import dataclasses
+import typing
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 import cupydcn
-
+from cupydcn.core.checks import (
+    check_positive,
+    conv_output_size,
+    finite_scalar,
+    int_pair,
+)
 from cupydcn.core.errors import type_error, value_error
-from cupydcn.core.checks import check_positive, finite_scalar
+from cupydcn.core.options import IntPair, Options
+from cupydcn.deform_conv.spec import GRADIENT_NAMES as _CONV_GRADS
+from cupydcn.deform_conv.spec import ConvOptions
+from cupydcn.psroi_pool.spec import GRADIENT_NAMES as _PSROI_GRADS
+from cupydcn.psroi_pool.spec import MAX_AXIS_SIZE, MAX_SAMPLE_PER_PART, PSRoiPoolOptions
+from cupydcn.roi_pool.spec import GRADIENT_NAMES as _ROI_GRADS
+from cupydcn.roi_pool.spec import MAX_SAMPLING_RATIO, RoiPoolOptions
 
 NAMESPACE = "cupydcn"
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
@@ -39,6 +57,68 @@ _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 _TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
+# ============================================================================ options
+# The schema type of an option's annotation; ``X | None`` is ``X?``.
+_SCHEMA_TYPES: Mapping[Any, str] = {IntPair: "SymInt[]", int: "SymInt", float: "float",
+                                    str: "str", bool: "bool"}
+
+
+def _schema_type(hint) -> str:
+    members = typing.get_args(hint)
+    if type(None) in members:
+        present = tuple(m for m in members if m is not type(None))
+        return _schema_type(typing.Union[present]) + "?"
+    return _SCHEMA_TYPES[hint]
+
+
+class _OptionArgs:
+    """The custom-op arguments of an op's options dataclass: their schema, and the
+    conversions between the op's positional option values and the options.
+
+    Computed once at import: the public functions run under torch.compile's tracing,
+    which does not trace dataclass machinery on a class (``dataclasses.fields``)."""
+
+    def __init__(self, options: type[Options]) -> None:
+        self.options = options
+        types = options.field_types(tuning=False)
+        self.names = tuple(types)
+        self.schema = ", ".join(f"{_schema_type(t)} {name}" for name, t in types.items())
+        self.defaults = {f.name: f.default for f in dataclasses.fields(options)
+                         if f.default is not dataclasses.MISSING}
+
+    def values(self, arguments: Mapping[str, Any], **checked) -> tuple:
+        """The op's positional option values from a public function's ``arguments`` (its
+        ``locals()``), ``checked`` (normalised values) taking precedence; an option the
+        function does not take has its default."""
+        arguments = {**arguments, **checked}
+        return tuple(arguments[name] if name in arguments else self.defaults[name]
+                     for name in self.names)
+
+    def kwargs(self, values: Sequence) -> dict[str, Any]:
+        """The op's positional option values as keyword arguments of the functional API."""
+        return dict(zip(self.names, values))
+
+    def of(self, values: Sequence) -> Options:
+        """The op's positional option values as the options dataclass (for the fakes)."""
+        return self.options(**self.kwargs(values))
+
+
+_CONV = _OptionArgs(ConvOptions)
+_ROI = _OptionArgs(RoiPoolOptions)
+_PSROI = _OptionArgs(PSRoiPoolOptions)
+
+
+def _custom_op(name: str, tensors: str, options: _OptionArgs, returns: str, *,
+               backward: bool = False):
+    """``torch.library.custom_op("cupydcn::<name>")`` with the schema ``(<tensors>,
+    <options>[, bool[] output_mask]) -> <returns>``."""
+    mask = ", bool[] output_mask" if backward else ""
+    return torch.library.custom_op(
+        f"{NAMESPACE}::{name}", mutates_args=(), tags=_TAGS,
+        schema=f"({tensors}, {options.schema}{mask}) -> {returns}")
+
+
+# ============================================================================ helpers
 def _result(tensor: Tensor) -> Tensor:
     """A backend result as an op output. The backends write fresh, contiguous buffers,
     which are returned as they are; only an unexpectedly strided result is made
@@ -53,51 +133,24 @@ def _pick(grads: Sequence[Tensor], output_mask: Sequence[bool]) -> list:
     return [next(it) if wanted else None for wanted in output_mask]
 
 
-def _as_int(value):
-    """An int (a SymInt under torch.compile stays one), or None for anything else."""
-    if isinstance(value, bool) or isinstance(value, Tensor):
-        return None
-    if isinstance(value, (int, torch.SymInt)):
-        return value
-    if hasattr(value, "__index__"):
-        return operator.index(value)
-    return None
+def _backward_impl(function: Callable[..., tuple], names: Sequence[str], arrays: tuple,
+                   options: _OptionArgs, values: tuple) -> list[Tensor]:
+    """A backward op's implementation: ``function`` (cupydcn's explicit backward) on the
+    op's ``arrays``, for the gradients of ``names`` that the op's ``output_mask`` (the last
+    of ``values``, after the options) asks for."""
+    *option_values, output_mask = values
+    wrt = [name for name, wanted in zip(names, output_mask) if wanted]
+    if not wrt:
+        return []
+    grads = function(*arrays, wrt=wrt, **options.kwargs(option_values))
+    return [_result(g) for g in grads if g is not None]
 
 
-def _pair(op: str, name: str, value, *, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints as a pair, each >= ``minimum``. Checked here, before the
-    op, so that the fake implementations under torch.compile never see nonsense."""
-    if _as_int(value) is not None:
-        pair = (_as_int(value),) * 2
-    elif (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-          and all(_as_int(v) is not None for v in value)):
-        pair = (_as_int(value[0]), _as_int(value[1]))
-    else:
-        raise type_error(op, f"{name} must be an int or a pair (h, w) of ints; got {value!r}")
-    if any(isinstance(v, int) and v < minimum for v in pair):
-        raise value_error(op, f"{name} must be >= {minimum} in both dimensions; got {pair}")
-    return pair
-
-
-# ============================================================================ deform_conv2d
-_CONV_GRADS = ("input", "offset", "weight", "mask", "bias")
-
-
-@torch.library.custom_op(f"{NAMESPACE}::deform_conv2d", mutates_args=(), tags=_TAGS)
-def _deform_conv2d(
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    mask: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    padding_mode: str,
-) -> Tensor:
-    return _result(cupydcn.deform_conv2d(
-        input, offset, weight, bias, tuple(stride), tuple(padding), tuple(dilation), mask,
-        padding_mode=padding_mode))
+def _fake_grads(output_mask: Sequence[bool], like: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """A backward op's fake result: a contiguous tensor like each requested gradient's
+    argument."""
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for wanted, t in zip(output_mask, like) if wanted]
 
 
 def _check_dims(op: str, **tensors) -> None:
@@ -107,62 +160,158 @@ def _check_dims(op: str, **tensors) -> None:
                      lambda: f"{op}: {name} must be {ndim}-D; got {tensor.dim()}-D")
 
 
-def _conv_out_size(op, size, pad, dil, kernel, stride):
-    out = (size + 2 * pad - (dil * (kernel - 1) + 1)) // stride + 1
-    torch._check(out >= 1, lambda: f"{op}: the output size would be {out} (< 1)")
-    return out
+def _check_tensors(op: str, tensors: Mapping[str, object], *required: str) -> None:
+    """Every argument in ``tensors`` is a torch.Tensor (the optional ones may be None).
+    Checked before the op, whose dispatcher would otherwise print a NumPy array whole."""
+    for name, value in tensors.items():
+        if isinstance(value, Tensor) or (value is None and name not in required):
+            continue
+        kind = "None" if value is None else _type_name(value)
+        hint = ("" if value is None else
+                f" (for arrays of other libraries: cupydcn.{op}, not differentiable)")
+        raise type_error(f"cupydcn.torch.{op}", f"{name} must be a torch.Tensor; got {kind}{hint}")
+
+
+def rois_tensor(op: str, rois):
+    """``rois`` [K, 5] as it is, or torchvision's boxes form, a list (or tuple) of [L, 4]
+    tensors (x1, y1, x2, y2), one per image, as the [K, 5] rows (image index, x1, y1, x2,
+    y2) that torchvision's ``convert_boxes_to_roi_format`` makes."""
+    if not isinstance(rois, (list, tuple)):
+        return rois
+    name = f"cupydcn.torch.{op}"
+    if not rois:
+        raise value_error(name, "rois is an empty list; expected a [K, 5] tensor or one [L, 4] "
+                                "tensor of boxes per image")
+    for i, boxes in enumerate(rois):
+        if not isinstance(boxes, Tensor):
+            raise type_error(name, f"rois[{i}] must be a torch.Tensor of boxes [L, 4]; got "
+                                   f"{_type_name(boxes)}")
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise value_error(name, f"rois[{i}] has shape {tuple(boxes.shape)}; expected [L, 4] "
+                                    f"boxes (x1, y1, x2, y2) of image {i}")
+        if boxes.dtype != rois[0].dtype or boxes.device != rois[0].device:
+            raise type_error(name, f"rois[{i}] is a {boxes.dtype} tensor on {boxes.device} but "
+                                   f"rois[0] a {rois[0].dtype} tensor on {rois[0].device}")
+    ids = torch.cat([torch.full_like(boxes[:, :1], i) for i, boxes in enumerate(rois)])
+    return torch.cat([ids, torch.cat(list(rois))], dim=1)
+
+
+def _type_name(value) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _symbolic(value) -> bool:
+    """A SymInt (torch.compile with dynamic shapes), alone or in a pair."""
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.SymInt) for v in value)
+    return isinstance(value, torch.SymInt)
+
+
+# The option checks before the op, so that the fake implementations under torch.compile
+# never see nonsense; they are cupydcn/core/checks.py's, except for what torch.compile
+# traces symbolically, which core's checks would specialise (operator.index, float and
+# comparisons guard on the symbol) or cannot read: that is passed on, and the op checks it
+# when it runs.
+def _pair(op: str, name: str, value, *, minimum: int) -> tuple:
+    """An int or a pair of ints as the (h, w) pair a ``SymInt[]`` argument takes
+    (:func:`~cupydcn.core.checks.int_pair`; SymInts passed on)."""
+    if isinstance(value, torch.SymInt):
+        return (value, value)
+    if _symbolic(value):
+        return tuple(value)
+    return int_pair(op, name, value, minimum=minimum)
+
+
+def _int(op: str, name: str, value, **limits):
+    """An int option (:func:`~cupydcn.core.checks.check_positive`; a SymInt passed on)."""
+    return value if _symbolic(value) else check_positive(op, name, value, **limits)
+
+
+def _real(op: str, name: str, value, **limits):
+    """A real option (:func:`~cupydcn.core.checks.finite_scalar`), unchecked under
+    torch.compile: with dynamic=True a float is traced as a symbolic float, whose
+    finiteness only the op can check. No fake shape depends on it."""
+    if torch.compiler.is_compiling():
+        return value
+    return finite_scalar(op, name, value, **limits)
+
+
+def conv_pairs(op: str, *, stride, padding, dilation) -> dict[str, tuple]:
+    """The checked (h, w) pairs of deform_conv2d's stride, padding and dilation (also the
+    layers' constructor checks)."""
+    return {"stride": _pair(op, "stride", stride, minimum=1),
+            "padding": _pair(op, "padding", padding, minimum=0),
+            "dilation": _pair(op, "dilation", dilation, minimum=1)}
+
+
+def roi_pool_options(op: str, *, output_size, spatial_scale, sampling_ratio,
+                     gamma) -> dict[str, Any]:
+    """The checked options of deform_roi_pool (also the RoI layers' constructor checks)."""
+    return {"output_size": _pair(op, "output_size", output_size, minimum=1),
+            "spatial_scale": _real(op, "spatial_scale", spatial_scale),
+            "sampling_ratio": _int(op, "sampling_ratio", sampling_ratio, minimum=0,
+                                   maximum=MAX_SAMPLING_RATIO),
+            "gamma": _real(op, "gamma", gamma)}
+
+
+def psroi_pool_options(op: str, *, output_dim, group_size, pooled_size, part_size,
+                       sample_per_part, spatial_scale, trans_std) -> dict[str, Any]:
+    """The checked options of deform_psroi_pool (also the layer's constructor checks)."""
+    sizes = {"output_dim": output_dim, "group_size": group_size, "pooled_size": pooled_size,
+             "part_size": part_size, "sample_per_part": sample_per_part}
+    checked = {name: _int(op, name, value, maximum=MAX_SAMPLE_PER_PART
+                          if name == "sample_per_part" else MAX_AXIS_SIZE)
+               for name, value in sizes.items() if value is not None}
+    return {**sizes, **checked,
+            "spatial_scale": _real(op, "spatial_scale", spatial_scale, positive=True),
+            "trans_std": _real(op, "trans_std", trans_std)}
+
+
+# ============================================================================ deform_conv2d
+_CONV_TENSORS = "Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask"
+
+
+@_custom_op("deform_conv2d", _CONV_TENSORS, _CONV, "Tensor")
+def _deform_conv2d(input, offset, weight, bias, mask, *options) -> Tensor:
+    return _result(cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask,
+                                         **_CONV.kwargs(options)))
 
 
 @_deform_conv2d.register_fake
-def _(input, offset, weight, bias, mask, stride, padding, dilation, padding_mode):
-    _check_dims("deform_conv2d", input=(input, 4), weight=(weight, 4))
+def _(input, offset, weight, bias, mask, *options):
+    op, o = "deform_conv2d", _CONV.of(options)
+    _check_dims(op, input=(input, 4), weight=(weight, 4))
     n, _, h, w = input.shape
     out_channels, _, kh, kw = weight.shape
-    out_h = _conv_out_size("deform_conv2d", h, padding[0], dilation[0], kh, stride[0])
-    out_w = _conv_out_size("deform_conv2d", w, padding[1], dilation[1], kw, stride[1])
+    out_h = conv_output_size(h, kh, stride=o.stride[0], padding=o.padding[0],
+                             dilation=o.dilation[0])
+    out_w = conv_output_size(w, kw, stride=o.stride[1], padding=o.padding[1],
+                             dilation=o.dilation[1])
+    for out in (out_h, out_w):
+        torch._check(out >= 1, lambda: f"{op}: the output size would be {out} (< 1)")
     return input.new_empty((n, out_channels, out_h, out_w))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::deform_conv2d_backward", mutates_args=(), tags=_TAGS)
-def _deform_conv2d_backward(
-    grad_output: Tensor,
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    mask: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    padding_mode: str,
-    output_mask: Sequence[bool],
-) -> list[Tensor]:
+@_custom_op("deform_conv2d_backward",
+            "Tensor grad_output, Tensor input, Tensor offset, Tensor weight, Tensor? mask",
+            _CONV, "Tensor[]", backward=True)
+def _deform_conv2d_backward(grad_output, input, offset, weight, mask, *options_and_mask):
     """Requested gradients of deform_conv2d, in the order (input, offset, weight, mask,
     bias) filtered by ``output_mask``."""
-    wrt = [name for name, wanted in zip(_CONV_GRADS, output_mask) if wanted]
-    if not wrt:
-        return []
-    grads = cupydcn.deform_conv2d_backward(
-        grad_output, input, offset, weight, mask, stride=tuple(stride), padding=tuple(padding),
-        dilation=tuple(dilation), padding_mode=padding_mode, wrt=wrt)
-    return [_result(g) for g in grads if g is not None]
+    return _backward_impl(cupydcn.deform_conv2d_backward, _CONV_GRADS,
+                          (grad_output, input, offset, weight, mask), _CONV, options_and_mask)
 
 
 @_deform_conv2d_backward.register_fake
-def _(grad_output, input, offset, weight, mask, stride, padding, dilation, padding_mode,
-      output_mask):
-    like = (input, offset, weight, mask, None)
-    out = []
-    for wanted, tensor in zip(output_mask, like):
-        if wanted:
-            out.append(torch.empty_like(tensor, memory_format=torch.contiguous_format)
-                       if tensor is not None else weight.new_empty((weight.shape[0],)))
-    return out
+def _(grad_output, input, offset, weight, mask, *options_and_mask):
+    return _fake_grads(options_and_mask[-1],
+                       (input, offset, weight, mask, weight.new_empty((weight.shape[0],))))
 
 
 def _conv_setup_context(ctx, inputs, output):
-    input, offset, weight, bias, mask, stride, padding, dilation, padding_mode = inputs
+    input, offset, weight, bias, mask, *options = inputs
     ctx.save_for_backward(input, offset, weight, mask)
-    ctx.options = (stride, padding, dilation, padding_mode)
+    ctx.options = tuple(options)
     ctx.has_bias = bias is not None
     ctx.has_mask = mask is not None
 
@@ -175,7 +324,8 @@ def _conv_backward(ctx, grad_output):
     grads = _pick(torch.ops.cupydcn.deform_conv2d_backward(
         grad_output, input, offset, weight, mask, *ctx.options, output_mask), output_mask)
     grad_input, grad_offset, grad_weight, grad_mask, grad_bias = grads
-    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask, None, None, None, None
+    return (grad_input, grad_offset, grad_weight, grad_bias, grad_mask) + (None,) * len(
+        ctx.options)
 
 
 _deform_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -202,73 +352,46 @@ def deform_conv2d(
     (autograd, torch.compile, autocast).
     """
     op = "deform_conv2d"
+    _check_tensors(op, {"input": input, "offset": offset, "weight": weight, "bias": bias,
+                        "mask": mask}, "input", "offset", "weight")
     return torch.ops.cupydcn.deform_conv2d(
-        input, offset, weight, bias, mask,
-        _pair(op, "stride", stride, minimum=1), _pair(op, "padding", padding, minimum=0),
-        _pair(op, "dilation", dilation, minimum=1), padding_mode)
+        input, offset, weight, bias, mask, *_CONV.values(
+            locals(), **conv_pairs(op, stride=stride, padding=padding, dilation=dilation)))
 
 
 # ============================================================================ deform_roi_pool
-_ROI_GRADS = ("input", "offset", "mask")
-
-
-@torch.library.custom_op(f"{NAMESPACE}::deform_roi_pool", mutates_args=(), tags=_TAGS)
-def _deform_roi_pool(
-    input: Tensor,
-    rois: Tensor,
-    offset: Optional[Tensor],
-    mask: Optional[Tensor],
-    output_size: Sequence[int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    gamma: float,
-) -> Tensor:
-    return _result(cupydcn.deform_roi_pool(
-        input, rois, offset, mask, output_size=tuple(output_size), spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio, gamma=gamma))
+@_custom_op("deform_roi_pool", "Tensor input, Tensor rois, Tensor? offset, Tensor? mask", _ROI,
+            "Tensor")
+def _deform_roi_pool(input, rois, offset, mask, *options) -> Tensor:
+    return _result(cupydcn.deform_roi_pool(input, rois, offset, mask, **_ROI.kwargs(options)))
 
 
 @_deform_roi_pool.register_fake
-def _(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
+def _(input, rois, offset, mask, *options):
     _check_dims("deform_roi_pool", input=(input, 4), rois=(rois, 2))
+    output_size = _ROI.of(options).output_size
     return input.new_empty((rois.shape[0], input.shape[1], output_size[0], output_size[1]))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::deform_roi_pool_backward", mutates_args=(), tags=_TAGS)
-def _deform_roi_pool_backward(
-    grad_output: Tensor,
-    input: Tensor,
-    rois: Tensor,
-    offset: Optional[Tensor],
-    mask: Optional[Tensor],
-    output_size: Sequence[int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    gamma: float,
-    output_mask: Sequence[bool],
-) -> list[Tensor]:
+@_custom_op("deform_roi_pool_backward",
+            "Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, Tensor? mask",
+            _ROI, "Tensor[]", backward=True)
+def _deform_roi_pool_backward(grad_output, input, rois, offset, mask, *options_and_mask):
     """Requested gradients of deform_roi_pool, in the order (input, offset, mask)
     filtered by ``output_mask``."""
-    wrt = [name for name, wanted in zip(_ROI_GRADS, output_mask) if wanted]
-    if not wrt:
-        return []
-    grads = cupydcn.deform_roi_pool_backward(
-        grad_output, input, rois, offset, mask, output_size=tuple(output_size),
-        spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma, wrt=wrt)
-    return [_result(g) for g in grads if g is not None]
+    return _backward_impl(cupydcn.deform_roi_pool_backward, _ROI_GRADS,
+                          (grad_output, input, rois, offset, mask), _ROI, options_and_mask)
 
 
 @_deform_roi_pool_backward.register_fake
-def _(grad_output, input, rois, offset, mask, output_size, spatial_scale, sampling_ratio,
-      gamma, output_mask):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format)
-            for wanted, t in zip(output_mask, (input, offset, mask)) if wanted]
+def _(grad_output, input, rois, offset, mask, *options_and_mask):
+    return _fake_grads(options_and_mask[-1], (input, offset, mask))
 
 
 def _roi_setup_context(ctx, inputs, output):
-    input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma = inputs
+    input, rois, offset, mask, *options = inputs
     ctx.save_for_backward(input, rois, offset, mask)
-    ctx.options = (output_size, spatial_scale, sampling_ratio, gamma)
+    ctx.options = tuple(options)
     ctx.has = (True, offset is not None, mask is not None)
 
 
@@ -278,14 +401,10 @@ def _roi_backward(ctx, grad_output):
     output_mask = [need[0] and ctx.has[0], need[2] and ctx.has[1], need[3] and ctx.has[2]]
     grad_input, grad_offset, grad_mask = _pick(torch.ops.cupydcn.deform_roi_pool_backward(
         grad_output, input, rois, offset, mask, *ctx.options, output_mask), output_mask)
-    return grad_input, None, grad_offset, grad_mask, None, None, None, None
+    return (grad_input, None, grad_offset, grad_mask) + (None,) * len(ctx.options)
 
 
 _deform_roi_pool.register_autograd(_roi_backward, setup_context=_roi_setup_context)
-
-
-def _output_size(op: str, output_size) -> tuple[int, int]:
-    return _pair(op, "output_size", output_size, minimum=1)
 
 
 def deform_roi_pool(
@@ -300,83 +419,50 @@ def deform_roi_pool(
     gamma: float = 0.1,
 ) -> Tensor:
     """Differentiable deformable RoI pooling (mmcv DeformRoIPool; modulated with
-    ``mask``), as :func:`cupydcn.deform_roi_pool`: input [N, C, H, W], rois [K, 5],
-    offset [K, 2, ph, pw] (x, y; normalised by the RoI size), mask [K, 1, ph, pw];
-    returns [K, C, ph, pw]. Gradients flow to input, offset and mask, not to rois."""
+    ``mask``), as :func:`cupydcn.deform_roi_pool`: input [N, C, H, W], rois [K, 5]
+    (batch index, x1, y1, x2, y2) or, as torchvision's ``roi_align`` takes them, a list of
+    [L, 4] box tensors, one per image; offset [K, 2, ph, pw] (x, y; normalised by the RoI
+    size), mask [K, 1, ph, pw]; returns [K, C, ph, pw]. Gradients flow to input, offset and
+    mask, not to rois."""
     op = "deform_roi_pool"
-    if not torch.compiler.is_compiling():  # traced, they may be symbolic; the op checks them
-        spatial_scale = finite_scalar(op, "spatial_scale", spatial_scale)
-        sampling_ratio = check_positive(op, "sampling_ratio", sampling_ratio, minimum=0)
-        gamma = finite_scalar(op, "gamma", gamma)
+    rois = rois_tensor(op, rois)
+    _check_tensors(op, {"input": input, "rois": rois, "offset": offset, "mask": mask},
+                   "input", "rois")
     return torch.ops.cupydcn.deform_roi_pool(
-        input, rois, offset, mask, _output_size(op, output_size), spatial_scale,
-        sampling_ratio, gamma)
+        input, rois, offset, mask, *_ROI.values(locals(), **roi_pool_options(
+            op, output_size=output_size, spatial_scale=spatial_scale,
+            sampling_ratio=sampling_ratio, gamma=gamma)))
 
 
 # ============================================================================ deform_psroi_pool
-_PSROI_GRADS = ("input", "offset")
-
-
-@torch.library.custom_op(f"{NAMESPACE}::deform_psroi_pool", mutates_args=(), tags=_TAGS)
-def _deform_psroi_pool(
-    input: Tensor,
-    rois: Tensor,
-    offset: Optional[Tensor],
-    output_dim: int,
-    group_size: int,
-    pooled_size: int,
-    part_size: int,
-    sample_per_part: int,
-    spatial_scale: float,
-    trans_std: float,
-) -> tuple[Tensor, Tensor]:
-    output, count = cupydcn.deform_psroi_pool(
-        input, rois, offset, output_dim=output_dim, group_size=group_size,
-        pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
-        spatial_scale=spatial_scale, trans_std=trans_std)
+@_custom_op("deform_psroi_pool", "Tensor input, Tensor rois, Tensor? offset", _PSROI,
+            "(Tensor, Tensor)")
+def _deform_psroi_pool(input, rois, offset, *options) -> tuple[Tensor, Tensor]:
+    output, count = cupydcn.deform_psroi_pool(input, rois, offset, **_PSROI.kwargs(options))
     return _result(output), _result(count)
 
 
 @_deform_psroi_pool.register_fake
-def _(input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
-      spatial_scale, trans_std):
+def _(input, rois, offset, *options):
     _check_dims("deform_psroi_pool", input=(input, 4), rois=(rois, 2))
-    shape = (rois.shape[0], output_dim, pooled_size, pooled_size)
+    o = _PSROI.of(options)
+    shape = (rois.shape[0], o.output_dim, o.pooled_size, o.pooled_size)
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::deform_psroi_pool_backward", mutates_args=(), tags=_TAGS)
-def _deform_psroi_pool_backward(
-    grad_output: Tensor,
-    input: Tensor,
-    rois: Tensor,
-    offset: Optional[Tensor],
-    output_dim: int,
-    group_size: int,
-    pooled_size: int,
-    part_size: int,
-    sample_per_part: int,
-    spatial_scale: float,
-    trans_std: float,
-    output_mask: Sequence[bool],
-) -> list[Tensor]:
+@_custom_op("deform_psroi_pool_backward",
+            "Tensor grad_output, Tensor input, Tensor rois, Tensor? offset", _PSROI,
+            "Tensor[]", backward=True)
+def _deform_psroi_pool_backward(grad_output, input, rois, offset, *options_and_mask):
     """Requested gradients of deform_psroi_pool, in the order (input, offset) filtered by
     ``output_mask``."""
-    wrt = [name for name, wanted in zip(_PSROI_GRADS, output_mask) if wanted]
-    if not wrt:
-        return []
-    grads = cupydcn.deform_psroi_pool_backward(
-        grad_output, input, rois, offset, output_dim=output_dim, group_size=group_size,
-        pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
-        spatial_scale=spatial_scale, trans_std=trans_std, wrt=wrt)
-    return [_result(g) for g in grads if g is not None]
+    return _backward_impl(cupydcn.deform_psroi_pool_backward, _PSROI_GRADS,
+                          (grad_output, input, rois, offset), _PSROI, options_and_mask)
 
 
 @_deform_psroi_pool_backward.register_fake
-def _(grad_output, input, rois, offset, output_dim, group_size, pooled_size, part_size,
-      sample_per_part, spatial_scale, trans_std, output_mask):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format)
-            for wanted, t in zip(output_mask, (input, offset)) if wanted]
+def _(grad_output, input, rois, offset, *options_and_mask):
+    return _fake_grads(options_and_mask[-1], (input, offset))
 
 
 def _psroi_setup_context(ctx, inputs, output):
@@ -414,23 +500,17 @@ def deform_psroi_pool(
 ) -> tuple[Tensor, Tensor]:
     """Differentiable deformable position-sensitive RoI pooling, as
     :func:`cupydcn.deform_psroi_pool`: returns ``(output, count)``, both
-    [K, output_dim, P, P] (count int32, not differentiable). Gradients flow to input and
+    [K, output_dim, P, P] (count int32, not differentiable). ``rois``: [K, 5] or a list of
+    [L, 4] box tensors, one per image (torchvision's form). Gradients flow to input and
     offset, not to rois."""
     op = "deform_psroi_pool"
-    for name, value in (("output_dim", output_dim), ("group_size", group_size),
-                        ("pooled_size", pooled_size), ("sample_per_part", sample_per_part),
-                        ("part_size", pooled_size if part_size is None else part_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-            raise type_error(op, f"{name} must be an int; got {value!r}")
-        if isinstance(value, int) and value < 1:
-            raise value_error(op, f"{name} must be >= 1; got {value}")
-    if not torch.compiler.is_compiling():  # traced, they may be symbolic; the op checks them
-        spatial_scale = finite_scalar(op, "spatial_scale", spatial_scale, positive=True)
-        trans_std = finite_scalar(op, "trans_std", trans_std)
+    rois = rois_tensor(op, rois)
+    _check_tensors(op, {"input": input, "rois": rois, "offset": offset}, "input", "rois")
     return torch.ops.cupydcn.deform_psroi_pool(
-        input, rois, offset, output_dim, group_size, pooled_size,
-        pooled_size if part_size is None else part_size, sample_per_part,
-        spatial_scale, trans_std)
+        input, rois, offset, *_PSROI.values(locals(), **psroi_pool_options(
+            op, output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
+            part_size=part_size, sample_per_part=sample_per_part,
+            spatial_scale=spatial_scale, trans_std=trans_std)))
 
 
 # ============================================================================ autocast
