@@ -49,6 +49,8 @@ def _to_numpy(op: str, name: str, array) -> np.ndarray | None:
         return None
     if isinstance(array, (list, tuple, int, float)):
         return np.asarray(array, dtype=np.float64)
+    if hasattr(array, "requires_grad") and hasattr(array, "detach"):
+        array = array.detach()  # a picture is not part of any graph: a PyTorch tensor's values
     placement, native = _arrays.natives(op, {name: array})
     result = native[name]
     if placement.on_cuda:

@@ -154,3 +154,15 @@ def test_pyplot_is_never_imported():
         "print('pyplot' if 'matplotlib.pyplot' in sys.modules else 'clean')\n"
     )
     assert _python(code).strip() == "clean"
+
+
+def test_torch_tensors_that_require_grad(tmp_path):
+    """A picture of a training model's offsets: tensors that require grad are drawn from
+    their values (the plotting functions are not part of any graph)."""
+    torch = pytest.importorskip("torch")
+    offsets = torch.from_numpy(_offsets()[0]).requires_grad_(True)
+    path = tmp_path / "grad.png"
+    viz.plot_sampling_points(torch.from_numpy(_image()), offsets, torch.tensor([[12, 12]]),
+                             kernel_size=3, padding=1, path=path)
+    _check_png(path, 400, 400)
+    assert offsets.grad is None
