@@ -28,19 +28,25 @@ import os
 import re
 import site
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 NVRTC_SUCCESS = 0
 
 # (library, include directory) relative to a site-packages directory, per major version.
 _WHEEL_LAYOUTS: dict[int, tuple[str, str, str]] = {
     # major: (library, include directory, pip packages that provide them)
-    13: ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cu13/include",
-         "nvidia-cuda-nvrtc nvidia-cuda-runtime"),
-    12: ("nvidia/cuda_nvrtc/lib/libnvrtc.so.12", "nvidia/cuda_runtime/include",
-         "nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12"),
+    13: (
+        "nvidia/cu13/lib/libnvrtc.so.13",
+        "nvidia/cu13/include",
+        "nvidia-cuda-nvrtc nvidia-cuda-runtime",
+    ),
+    12: (
+        "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+        "nvidia/cuda_runtime/include",
+        "nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12",
+    ),
 }
 
 # The header every kernel source includes; an include directory without it is not one.
@@ -94,9 +100,7 @@ class CompileResult:
 
 _COMPILING = re.compile(r"Compiling entry function '([^']+)' for '(?:sm|compute)_\d+\w*'")
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
-_FRAME = re.compile(
-    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
-)
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
 
 
@@ -123,7 +127,8 @@ def parse_ptxas_report(log: str) -> dict[str, KernelResources]:
             found.setdefault(props, {})
         elif (m := _FRAME.search(line)) and props is not None:
             found[props].update(
-                stack_frame=int(m.group(1)), spill_stores=int(m.group(2)),
+                stack_frame=int(m.group(1)),
+                spill_stores=int(m.group(2)),
                 spill_loads=int(m.group(3)),
             )
         elif (m := _USED.search(line)) and entry is not None:
@@ -157,22 +162,39 @@ class Nvrtc:
             "nvrtcVersion": (ctypes.c_int, [c_int_p, c_int_p]),
             "nvrtcGetNumSupportedArchs": (ctypes.c_int, [c_int_p]),
             "nvrtcGetSupportedArchs": (ctypes.c_int, [c_int_p]),
-            "nvrtcCreateProgram": (ctypes.c_int, [
-                ctypes.POINTER(prog), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
-                ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_char_p),
-            ]),
+            "nvrtcCreateProgram": (
+                ctypes.c_int,
+                [
+                    ctypes.POINTER(prog),
+                    ctypes.c_char_p,
+                    ctypes.c_char_p,
+                    ctypes.c_int,
+                    ctypes.POINTER(ctypes.c_char_p),
+                    ctypes.POINTER(ctypes.c_char_p),
+                ],
+            ),
             "nvrtcDestroyProgram": (ctypes.c_int, [ctypes.POINTER(prog)]),
             "nvrtcAddNameExpression": (ctypes.c_int, [prog, ctypes.c_char_p]),
-            "nvrtcCompileProgram": (ctypes.c_int, [
-                prog, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p),
-            ]),
+            "nvrtcCompileProgram": (
+                ctypes.c_int,
+                [
+                    prog,
+                    ctypes.c_int,
+                    ctypes.POINTER(ctypes.c_char_p),
+                ],
+            ),
             "nvrtcGetProgramLogSize": (ctypes.c_int, [prog, c_size_p]),
             "nvrtcGetProgramLog": (ctypes.c_int, [prog, ctypes.c_char_p]),
             "nvrtcGetCUBINSize": (ctypes.c_int, [prog, c_size_p]),
             "nvrtcGetCUBIN": (ctypes.c_int, [prog, ctypes.c_char_p]),
-            "nvrtcGetLoweredName": (ctypes.c_int, [
-                prog, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
-            ]),
+            "nvrtcGetLoweredName": (
+                ctypes.c_int,
+                [
+                    prog,
+                    ctypes.c_char_p,
+                    ctypes.POINTER(ctypes.c_char_p),
+                ],
+            ),
         }
         for name, (restype, argtypes) in signatures.items():
             fn = getattr(lib, name)
@@ -200,7 +222,9 @@ class Nvrtc:
 
     def _log(self, prog: ctypes.c_void_p) -> str:
         size = ctypes.c_size_t()
-        self._check(self._lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
+        self._check(
+            self._lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize"
+        )
         buf = ctypes.create_string_buffer(max(size.value, 1))
         self._check(self._lib.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
         return buf.value.decode(errors="replace")
@@ -221,8 +245,10 @@ class Nvrtc:
         """
         number = _arch_number(arch)
         if not self.supports(number):
-            raise NvrtcError(f"NVRTC {self.version} does not support sm_{number} "
-                             f"(it supports {self.supported_archs})")
+            raise NvrtcError(
+                f"NVRTC {self.version} does not support sm_{number} "
+                f"(it supports {self.supported_archs})"
+            )
         opts = [*options, f"--gpu-architecture=sm_{number}"]
         if not any(o in ("-Xptxas=-v", "--ptxas-options=-v") for o in opts):
             opts.append("-Xptxas=-v")
@@ -231,16 +257,21 @@ class Nvrtc:
         lib = self._lib
         prog = ctypes.c_void_p()
         self._check(
-            lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), program_name.encode(),
-                                   0, None, None),
+            lib.nvrtcCreateProgram(
+                ctypes.byref(prog), source.encode(), program_name.encode(), 0, None, None
+            ),
             "nvrtcCreateProgram",
         )
         try:
             for expression in name_expressions:
-                self._check(lib.nvrtcAddNameExpression(prog, expression.encode()),
-                            f"nvrtcAddNameExpression({expression})")
+                self._check(
+                    lib.nvrtcAddNameExpression(prog, expression.encode()),
+                    f"nvrtcAddNameExpression({expression})",
+                )
             encoded = [o.encode() for o in opts]
-            status = lib.nvrtcCompileProgram(prog, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded))
+            status = lib.nvrtcCompileProgram(
+                prog, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded)
+            )
             log = self._log(prog)
             if status != NVRTC_SUCCESS:
                 message = lib.nvrtcGetErrorString(status).decode()
@@ -252,16 +283,22 @@ class Nvrtc:
             lowered: dict[str, str] = {}
             for expression in name_expressions:
                 name = ctypes.c_char_p()
-                self._check(lib.nvrtcGetLoweredName(prog, expression.encode(), ctypes.byref(name)),
-                            f"nvrtcGetLoweredName({expression})")
+                self._check(
+                    lib.nvrtcGetLoweredName(prog, expression.encode(), ctypes.byref(name)),
+                    f"nvrtcGetLoweredName({expression})",
+                )
                 lowered[expression] = name.value.decode()  # copied before the program goes
             size = ctypes.c_size_t()
             self._check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
             cubin = ctypes.create_string_buffer(size.value)
             self._check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
             return CompileResult(
-                arch=number, nvrtc_version=self.version, cubin=cubin.raw,
-                lowered_names=lowered, resources=parse_ptxas_report(log), log=log,
+                arch=number,
+                nvrtc_version=self.version,
+                cubin=cubin.raw,
+                lowered_names=lowered,
+                resources=parse_ptxas_report(log),
+                log=log,
                 options=tuple(opts),
             )
         finally:
@@ -301,7 +338,7 @@ def _candidates() -> Iterator[tuple[int, Path, Path]]:
         yield int(lib.name.rsplit(".", 1)[1]), lib, include
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def installed() -> dict[int, Nvrtc]:
     """Every usable NVRTC found, by major version (first found per major)."""
     found: dict[int, Nvrtc] = {}
@@ -319,9 +356,11 @@ def installed() -> dict[int, Nvrtc]:
 def missing_message(major: int) -> str:
     """Why NVRTC ``major`` is unavailable and how to install it."""
     lib, include, packages = _WHEEL_LAYOUTS.get(major, ("libnvrtc", "include", "a CUDA toolkit"))
-    return (f"no NVRTC {major} with headers found (looked for site-packages/{lib} and "
-            f"site-packages/{include}/{_PROBE_HEADER}, then $CUDA_HOME, $CUDA_PATH, "
-            f"/usr/local/cuda); install: pip install {packages}")
+    return (
+        f"no NVRTC {major} with headers found (looked for site-packages/{lib} and "
+        f"site-packages/{include}/{_PROBE_HEADER}, then $CUDA_HOME, $CUDA_PATH, "
+        f"/usr/local/cuda); install: pip install {packages}"
+    )
 
 
 def nvrtc_for_arch(arch: int | str) -> Nvrtc:
@@ -330,10 +369,16 @@ def nvrtc_for_arch(arch: int | str) -> Nvrtc:
     for major in sorted(installed(), reverse=True):
         if installed()[major].supports(number):
             return installed()[major]
-    have = ", ".join(f"{n.version[0]}.{n.version[1]}: {n.supported_archs}"
-                     for n in installed().values()) or "none"
-    raise NvrtcNotFound(f"no installed NVRTC supports sm_{number} (installed: {have}); "
-                        + "; ".join(missing_message(m) for m in _WHEEL_LAYOUTS if m not in installed()))
+    have = (
+        ", ".join(
+            f"{n.version[0]}.{n.version[1]}: {n.supported_archs}" for n in installed().values()
+        )
+        or "none"
+    )
+    raise NvrtcNotFound(
+        f"no installed NVRTC supports sm_{number} (installed: {have}); "
+        + "; ".join(missing_message(m) for m in _WHEEL_LAYOUTS if m not in installed())
+    )
 
 
 def compile(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from cupydcn.core.dtypes import DTYPES, INDEX_C_TYPES
 
@@ -39,6 +40,107 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The parameter list of every kernel, in order and comma-separated, spelled as the .cu file
+# declares it (less ``__restrict__``, with ``acc_t<T>`` written ``A``): pointers
+# ``[const] T* name`` (element type), ``A* name`` (accumulation type) or ``int* name``, and
+# ``I name`` for the sizes, of the index type. The CUDA backends build each launch's
+# argument list from these names (``cupydcn.cuda.launch.kernel_arguments``), the CuPy
+# launcher and the CPU emulator check arguments against them, and tests/test_nvrtc.py
+# parses the sources and checks they agree with this table.
+_CONV_SIZES = (
+    "I batch, I channels, I height, I width, I kernel_h, I kernel_w, I stride_h, I stride_w, "
+    "I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w, I offset_groups, I padding_mode"
+)
+_ROI_SIZES = "I num_rois, I channels, I height, I width, I pooled_h, I pooled_w, I sampling_ratio"
+_PSROI_SIZES = (
+    "I num_rois, I channels, I height, I width, I output_dim, I group_size, I pooled_size, "
+    "I part_size, I sample_per_part, I num_classes"
+)
+KERNEL_PARAMETERS: dict[str, str] = {
+    "deform_conv_im2col": f"const T* input, const T* offset, const T* mask, A* columns, {_CONV_SIZES}",
+    "deform_conv_col2im_input": (
+        f"const A* grad_columns, const T* offset, const T* mask, A* grad_input, {_CONV_SIZES}"
+    ),
+    "deform_conv_col2im_coord": (
+        "const A* grad_columns, const T* input, const T* offset, const T* mask, "
+        f"T* grad_offset, T* grad_mask, {_CONV_SIZES}"
+    ),
+    "widen_to_acc": "const T* input, A* output, I total",
+    "round_to_output": "const A* input, T* output, I total",
+    "deform_roi_pool_forward": (
+        "const T* input, const A* rois, const T* offset, const T* mask, "
+        f"const A* scale_and_gamma, T* output, {_ROI_SIZES}"
+    ),
+    "deform_roi_pool_backward_input": (
+        "const T* grad_output, const A* rois, const T* offset, const T* mask, "
+        f"const A* scale_and_gamma, A* grad_input, {_ROI_SIZES}"
+    ),
+    "deform_roi_pool_backward_coord": (
+        "const T* grad_output, const T* input, const A* rois, const T* offset, const T* mask, "
+        f"const A* scale_and_gamma, T* grad_offset, T* grad_mask, {_ROI_SIZES}"
+    ),
+    "deform_psroi_pool_forward": (
+        "const T* input, const A* rois, const T* offset, const A* scalars, T* output, "
+        f"int* count, {_PSROI_SIZES}"
+    ),
+    "deform_psroi_pool_backward_input": (
+        "const T* grad_output, const A* rois, const T* offset, const A* scalars, "
+        f"A* grad_input, {_PSROI_SIZES}"
+    ),
+    "deform_psroi_pool_backward_offset": (
+        "const T* grad_output, const T* input, const A* rois, const T* offset, "
+        f"const A* scalars, T* grad_offset, {_PSROI_SIZES}"
+    ),
+}
+
+_PARAMETER = re.compile(r"(const\s+)?(T|A|int|I)\s*(\*)?\s*([A-Za-z_]\w*)")
+
+
+class KernelParameter(NamedTuple):
+    """One parameter of a kernel: its name, its type (``T``, ``A``, ``int`` or ``I``),
+    whether it is a pointer and whether that pointer is to const."""
+
+    name: str
+    type: str
+    pointer: bool
+    const: bool
+
+    def __str__(self) -> str:
+        return (
+            f"{'const ' if self.const else ''}{self.type}{'*' if self.pointer else ''} {self.name}"
+        )
+
+    def dtype_name(self, dtype_name: str, index_bits: int) -> str:
+        """The dtype of this parameter's array (pointer) or value (size) in one
+        specialisation."""
+        return {
+            "T": dtype_name,
+            "A": DTYPES[dtype_name].acc_name,
+            "int": "int32",
+            "I": f"int{index_bits}",
+        }[self.type]
+
+
+def parse_parameter(text: str) -> KernelParameter:
+    """``KernelParameter`` of ``"const T* input"`` and the like (see KERNEL_PARAMETERS)."""
+    match = _PARAMETER.fullmatch(text.strip())
+    if (
+        match is None
+        or (match.group(2) == "I") == bool(match.group(3))
+        or (match.group(1) and not match.group(3))
+    ):
+        raise ValueError(f"not a kernel parameter declaration: {text!r}")
+    return KernelParameter(
+        match.group(4), match.group(2), bool(match.group(3)), bool(match.group(1))
+    )
+
+
+@functools.cache
+def kernel_parameters(kernel: str) -> tuple[KernelParameter, ...]:
+    """The parameters of ``kernel``, in order (KeyError for an unknown kernel)."""
+    return tuple(parse_parameter(p) for p in KERNEL_PARAMETERS[kernel].split(","))
+
+
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 
 SOURCE_OF_KERNEL: dict[str, str] = {
@@ -47,6 +149,13 @@ SOURCE_OF_KERNEL: dict[str, str] = {
 
 # Extra NVRTC options; the C++ standard is the one both NVRTC and the host harness use.
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+
+# What CuPy's RawModule adds to these for NVRTC (CuPy 14, cupy/cuda/compiler.py), besides
+# its include directories, -arch and --pch. -ftz=true flushes float subnormals to zero,
+# which is why the kernels' decision expressions use explicitly rounded operations
+# (kernels/rounding.cuh) and the CPU emulator flushes in those. tests/test_nvrtc.py builds
+# with these options and checks that CuPy still adds exactly them.
+CUPY_ADDED_NVRTC_OPTIONS: tuple[str, ...] = ("-ftz=true", "--device-as-default-execution-space")
 
 
 def kernel_dir() -> Path:
@@ -67,7 +176,7 @@ def _inline(path: Path, seen: set[Path]) -> str:
     return _INCLUDE.sub(replace, text)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_source(source_file: str) -> str:
     """The full source string of one ``cupydcn/cuda/kernels/`` file, local includes inlined."""
     path = kernel_dir() / source_file
@@ -82,6 +191,5 @@ def name_expression(kernel: str, dtype_name: str, index_bits: int) -> str:
 def name_expressions(source_file: str, dtype_name: str, index_bits: int) -> tuple[str, ...]:
     """Every specialisation of one source file for one dtype and index width."""
     return tuple(
-        name_expression(kernel, dtype_name, index_bits)
-        for kernel in KERNEL_TEMPLATES[source_file]
+        name_expression(kernel, dtype_name, index_bits) for kernel in KERNEL_TEMPLATES[source_file]
     )

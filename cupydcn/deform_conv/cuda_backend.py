@@ -23,16 +23,19 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
 from cupydcn.core.dtypes import DTYPES
 from cupydcn.cuda.launch import (
     KernelLauncher,
     contiguous,
     index_bits_for_sizes,
+    kernel_arguments,
+    launch_kernel,
     round_to_dtype,
     widen_to_acc,
 )
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES
+from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
+
 
 def images_per_chunk(geom: ConvGeometry, bytes_per_image: int, workspace_bytes: int) -> int:
     """How many images' buffers fit in ``workspace_bytes`` (at least one, at most N)."""
@@ -58,8 +61,14 @@ class _Plan(NamedTuple):
     index_bits: int
 
 
-def _plan(launcher: KernelLauncher, dtype_name: str, geom: ConvGeometry,
-          per_image_elements: int, workspace_bytes: int, index_bits: int | None) -> _Plan:
+def _plan(
+    launcher: KernelLauncher,
+    dtype_name: str,
+    geom: ConvGeometry,
+    per_image_elements: int,
+    workspace_bytes: int,
+    index_bits: int | None,
+) -> _Plan:
     xp = launcher.xp
     info = DTYPES[dtype_name]
     acc_dtype = xp.dtype(info.acc_name)
@@ -68,15 +77,60 @@ def _plan(launcher: KernelLauncher, dtype_name: str, geom: ConvGeometry,
     return _Plan(dtype_name, acc_dtype, info.acc_name != info.name, chunk, bits)
 
 
-def _shape_args(geom: ConvGeometry, images: int) -> list[int]:
-    """The size arguments every conv kernel takes after its pointers, in order; the last
-    is the padding mode's code (a runtime argument of the index type, PADDING_* in
-    cupydcn/cuda/kernels/dcn_common.cuh)."""
-    return [
-        images, geom.in_channels, geom.height, geom.width, geom.kernel_h, geom.kernel_w,
-        geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
-        geom.out_h, geom.out_w, geom.offset_groups, PADDING_MODE_CODES[geom.padding_mode],
-    ]
+def _launch(
+    launcher: KernelLauncher,
+    plan: _Plan,
+    geom: ConvGeometry,
+    kernel: str,
+    images: int,
+    total: int,
+    **arrays,
+) -> None:
+    """One conv kernel over ``total`` items of a chunk of ``images`` images: ``arrays`` by
+    parameter name; the sizes are the geometry's (padding_mode as its code, a runtime
+    argument of the index type, PADDING_* in cupydcn/cuda/kernels/padding_modes.cuh)."""
+    launch_kernel(
+        launcher,
+        kernel,
+        plan.dtype_name,
+        plan.index_bits,
+        total,
+        geom,
+        sizes=dict(
+            batch=images,
+            channels=geom.in_channels,
+            padding_mode=PADDING_MODE_CODES[geom.padding_mode],
+        ),
+        **arrays,
+    )
+
+
+def _im2col(
+    launcher: KernelLauncher,
+    plan: _Plan,
+    geom: ConvGeometry,
+    input,
+    offset,
+    mask,
+    columns,
+    start: int,
+    stop: int,
+):
+    """The columns of images [start, stop) in ``columns[:stop - start]``, returned."""
+    n = stop - start
+    _launch(
+        launcher,
+        plan,
+        geom,
+        "deform_conv_im2col",
+        n,
+        n * geom.in_channels * geom.out_h * geom.out_w,
+        input=input[start:stop],
+        offset=offset[start:stop],
+        mask=None if mask is None else mask[start:stop],
+        columns=columns[:n],
+    )
+    return columns[:n]
 
 
 def _widen(launcher: KernelLauncher, plan: _Plan, array, out=None):
@@ -113,39 +167,49 @@ def conv_forward(
 
     pixels = geom.out_h * geom.out_w
     per_image = geom.column_rows * pixels
-    plan = _plan(launcher, dtype_name, geom, per_image + (geom.out_channels * pixels
-                 if DTYPES[dtype_name].acc_name != dtype_name else 0),
-                 workspace_bytes, index_bits)
+    plan = _plan(
+        launcher,
+        dtype_name,
+        geom,
+        per_image
+        + (geom.out_channels * pixels if DTYPES[dtype_name].acc_name != dtype_name else 0),
+        workspace_bytes,
+        index_bits,
+    )
     groups = geom.groups
     out_per_group = geom.out_channels // groups
     rows_per_group = geom.column_rows // groups
 
     weight_acc = _widen(launcher, plan, weight).reshape(1, groups, out_per_group, rows_per_group)
-    bias_acc = None if bias is None else _widen(launcher, plan, bias).reshape(
-        1, groups, out_per_group, 1)
+    bias_acc = (
+        None if bias is None else _widen(launcher, plan, bias).reshape(1, groups, out_per_group, 1)
+    )
     columns = xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
     chunk_output_acc = (
         xp.empty((plan.chunk, geom.out_channels, pixels), dtype=plan.acc_dtype)
-        if plan.needs_widening else None
+        if plan.needs_widening
+        else None
     )
 
     for start in range(0, geom.batch, plan.chunk):
         stop = min(start + plan.chunk, geom.batch)
         n = stop - start
-        chunk_columns = columns[:n]
-        launcher.launch(
-            "deform_conv_im2col", dtype_name, plan.index_bits, n * geom.in_channels * pixels,
-            [input[start:stop], offset[start:stop], None if mask is None else mask[start:stop],
-             chunk_columns, *_shape_args(geom, n)],
-        )
+        chunk_columns = _im2col(launcher, plan, geom, input, offset, mask, columns, start, stop)
         target = output[start:stop] if chunk_output_acc is None else chunk_output_acc[:n]
         target = target.reshape(n, groups, out_per_group, pixels)
         xp.matmul(weight_acc, chunk_columns.reshape(n, groups, rows_per_group, pixels), out=target)
         if bias_acc is not None:
             target += bias_acc
         if chunk_output_acc is not None:
-            launcher.launch("round_to_output", dtype_name, plan.index_bits, target.size,
-                            [target, output[start:stop], target.size])
+            launcher.launch(
+                "round_to_output",
+                dtype_name,
+                plan.index_bits,
+                target.size,
+                kernel_arguments(
+                    "round_to_output", input=target, output=output[start:stop], total=target.size
+                ),
+            )
     return output
 
 
@@ -189,14 +253,13 @@ def conv_backward(
     )
     plan = _plan(launcher, dtype_name, geom, per_image, workspace_bytes, index_bits)
 
-    grad_input_acc = (
-        xp.zeros(geom.input_shape, dtype=plan.acc_dtype) if want_input else None
-    )
+    grad_input_acc = xp.zeros(geom.input_shape, dtype=plan.acc_dtype) if want_input else None
     grad_offset = xp.empty(geom.offset_shape, dtype=dtype) if want_offset else None
     grad_mask = xp.empty(geom.mask_shape, dtype=dtype) if want_mask else None
     grad_weight_acc = (
         xp.zeros((groups, out_per_group, rows_per_group), dtype=plan.acc_dtype)
-        if want_weight else None
+        if want_weight
+        else None
     )
     grad_bias_acc = xp.zeros((geom.out_channels,), dtype=plan.acc_dtype) if want_bias else None
 
@@ -205,15 +268,18 @@ def conv_backward(
         weight_t = xp.swapaxes(weight_acc, 1, 2)[None]  # [1, groups, Cg*K, Co/g]
         grad_columns = (
             xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
-            if want_columns_grad else None
+            if want_columns_grad
+            else None
         )
         columns = (
             xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
-            if want_weight else None
+            if want_weight
+            else None
         )
         grad_output_acc = (
             xp.empty((plan.chunk, geom.out_channels, pixels), dtype=plan.acc_dtype)
-            if widening else None
+            if widening
+            else None
         )
         for start in range(0, geom.batch, plan.chunk):
             stop = min(start + plan.chunk, geom.batch)
@@ -227,31 +293,42 @@ def conv_backward(
                 grad_bias_acc += go.sum(axis=(0, 2))
             if want_columns_grad:
                 chunk_grad_columns = grad_columns[:n]
-                xp.matmul(weight_t, go_grouped,
-                          out=chunk_grad_columns.reshape(n, groups, rows_per_group, pixels))
+                xp.matmul(
+                    weight_t,
+                    go_grouped,
+                    out=chunk_grad_columns.reshape(n, groups, rows_per_group, pixels),
+                )
                 if want_input:
-                    launcher.launch(
-                        "deform_conv_col2im_input", dtype_name, plan.index_bits,
+                    _launch(
+                        launcher,
+                        plan,
+                        geom,
+                        "deform_conv_col2im_input",
+                        n,
                         n * geom.column_rows * pixels,
-                        [chunk_grad_columns, offset[start:stop], chunk_mask,
-                         grad_input_acc[start:stop], *_shape_args(geom, n)],
+                        grad_columns=chunk_grad_columns,
+                        offset=offset[start:stop],
+                        mask=chunk_mask,
+                        grad_input=grad_input_acc[start:stop],
                     )
                 if want_offset or want_mask:
-                    launcher.launch(
-                        "deform_conv_col2im_coord", dtype_name, plan.index_bits,
+                    _launch(
+                        launcher,
+                        plan,
+                        geom,
+                        "deform_conv_col2im_coord",
+                        n,
                         n * geom.offset_groups * geom.taps * pixels,
-                        [chunk_grad_columns, input[start:stop], offset[start:stop], chunk_mask,
-                         None if grad_offset is None else grad_offset[start:stop],
-                         None if grad_mask is None else grad_mask[start:stop],
-                         *_shape_args(geom, n)],
+                        grad_columns=chunk_grad_columns,
+                        input=input[start:stop],
+                        offset=offset[start:stop],
+                        mask=chunk_mask,
+                        grad_offset=None if grad_offset is None else grad_offset[start:stop],
+                        grad_mask=None if grad_mask is None else grad_mask[start:stop],
                     )
             if want_weight:
-                chunk_columns = columns[:n]
-                launcher.launch(
-                    "deform_conv_im2col", dtype_name, plan.index_bits,
-                    n * geom.in_channels * pixels,
-                    [input[start:stop], offset[start:stop], chunk_mask, chunk_columns,
-                     *_shape_args(geom, n)],
+                chunk_columns = _im2col(
+                    launcher, plan, geom, input, offset, mask, columns, start, stop
                 )
                 per_image_grad = xp.matmul(
                     go_grouped,
@@ -260,10 +337,13 @@ def conv_backward(
                 grad_weight_acc += per_image_grad.sum(axis=0)
 
     return ConvGrads(
-        grad_input=None if grad_input_acc is None else _round(launcher, plan, grad_input_acc, dtype),
+        grad_input=None
+        if grad_input_acc is None
+        else _round(launcher, plan, grad_input_acc, dtype),
         grad_offset=grad_offset,
-        grad_weight=None if grad_weight_acc is None else _round(
-            launcher, plan, grad_weight_acc, dtype).reshape(geom.weight_shape),
+        grad_weight=None
+        if grad_weight_acc is None
+        else _round(launcher, plan, grad_weight_acc, dtype).reshape(geom.weight_shape),
         grad_mask=grad_mask,
         grad_bias=None if grad_bias_acc is None else _round(launcher, plan, grad_bias_acc, dtype),
     )

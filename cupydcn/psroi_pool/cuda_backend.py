@@ -24,6 +24,7 @@ from cupydcn.cuda.launch import (
     contiguous,
     index_bits_for_sizes,
     kernel_types,
+    launch_kernel,
     round_to_dtype,
 )
 from cupydcn.psroi_pool.spec import PSRoiPoolGeometry, PSRoiPoolGrads
@@ -39,8 +40,9 @@ def index_bits_for(geom: PSRoiPoolGeometry) -> int:
     )
 
 
-def _plan(launcher: KernelLauncher, dtype_name: str, geom: PSRoiPoolGeometry,
-          index_bits: int | None) -> KernelTypes:
+def _plan(
+    launcher: KernelLauncher, dtype_name: str, geom: PSRoiPoolGeometry, index_bits: int | None
+) -> KernelTypes:
     bits = index_bits if index_bits is not None else index_bits_for(geom)
     return kernel_types(launcher, dtype_name, bits)
 
@@ -52,15 +54,6 @@ def _kernel_inputs(launcher: KernelLauncher, plan: KernelTypes, rois, geom: PSRo
     rois_acc = xp.ascontiguousarray(rois.astype(plan.acc_dtype, copy=False))
     scalars = xp.asarray([geom.spatial_scale, geom.trans_std], dtype=plan.acc_dtype)
     return rois_acc, scalars
-
-
-def _size_args(geom: PSRoiPoolGeometry) -> list[int]:
-    """The size arguments every deform_psroi_pool kernel takes after its pointers."""
-    return [
-        geom.num_rois, geom.channels, geom.height, geom.width, geom.output_dim,
-        geom.group_size, geom.pooled_size, geom.part_size, geom.sample_per_part,
-        geom.num_classes,
-    ]
 
 
 def psroi_pool_forward(
@@ -83,10 +76,19 @@ def psroi_pool_forward(
     dtype_name = dtype_name or geom.dtype_name
     plan = _plan(launcher, dtype_name, geom, index_bits)
     rois_acc, scalars = _kernel_inputs(launcher, plan, rois, geom)
-    launcher.launch(
-        "deform_psroi_pool_forward", dtype_name, plan.index_bits, output.size,
-        [contiguous(xp, input), rois_acc, contiguous(xp, offset), scalars, output, count,
-         *_size_args(geom)],
+    launch_kernel(
+        launcher,
+        "deform_psroi_pool_forward",
+        dtype_name,
+        plan.index_bits,
+        output.size,
+        geom,
+        input=contiguous(xp, input),
+        rois=rois_acc,
+        offset=contiguous(xp, offset),
+        scalars=scalars,
+        output=output,
+        count=count,
     )
     return output, count
 
@@ -110,28 +112,43 @@ def psroi_pool_backward(
     plan = _plan(launcher, dtype_name, geom, index_bits)
     grad_output, offset = contiguous(xp, grad_output), contiguous(xp, offset)
     want_offset = "offset" in wrt and offset is not None
-    grad_input_acc = (
-        xp.zeros(geom.input_shape, dtype=plan.acc_dtype) if "input" in wrt else None
-    )
+    grad_input_acc = xp.zeros(geom.input_shape, dtype=plan.acc_dtype) if "input" in wrt else None
     grad_offset = xp.empty(geom.offset_shape, dtype=input.dtype) if want_offset else None
 
     if geom.num_rois > 0:
         rois_acc, scalars = _kernel_inputs(launcher, plan, rois, geom)
         if grad_input_acc is not None:
-            launcher.launch(
-                "deform_psroi_pool_backward_input", dtype_name, plan.index_bits,
+            launch_kernel(
+                launcher,
+                "deform_psroi_pool_backward_input",
+                dtype_name,
+                plan.index_bits,
                 grad_output.size,
-                [grad_output, rois_acc, offset, scalars, grad_input_acc, *_size_args(geom)],
+                geom,
+                grad_output=grad_output,
+                rois=rois_acc,
+                offset=offset,
+                scalars=scalars,
+                grad_input=grad_input_acc,
             )
         if grad_offset is not None:
-            launcher.launch(
-                "deform_psroi_pool_backward_offset", dtype_name, plan.index_bits,
+            launch_kernel(
+                launcher,
+                "deform_psroi_pool_backward_offset",
+                dtype_name,
+                plan.index_bits,
                 grad_offset.size // 2,
-                [grad_output, contiguous(xp, input), rois_acc, offset, scalars, grad_offset,
-                 *_size_args(geom)],
+                geom,
+                grad_output=grad_output,
+                input=contiguous(xp, input),
+                rois=rois_acc,
+                offset=offset,
+                scalars=scalars,
+                grad_offset=grad_offset,
             )
     grad_input = (
-        None if grad_input_acc is None else round_to_dtype(
-            launcher, dtype_name, plan.index_bits, grad_input_acc, input.dtype)
+        None
+        if grad_input_acc is None
+        else round_to_dtype(launcher, dtype_name, plan.index_bits, grad_input_acc, input.dtype)
     )
     return PSRoiPoolGrads(grad_input, grad_offset)

@@ -22,15 +22,16 @@ the kernels and every result is rounded once.
 
 from __future__ import annotations
 
-from cupydcn.roi_pool.spec import RoiPoolGeometry, RoiPoolGrads
 from cupydcn.cuda.launch import (
     KernelLauncher,
     KernelTypes,
     contiguous,
     index_bits_for_sizes,
     kernel_types,
+    launch_kernel,
     round_to_dtype,
 )
+from cupydcn.roi_pool.spec import RoiPoolGeometry, RoiPoolGrads
 
 
 def index_bits_for(geom: RoiPoolGeometry) -> int:
@@ -46,12 +47,6 @@ def index_bits_for(geom: RoiPoolGeometry) -> int:
 def _plan(launcher: KernelLauncher, geom: RoiPoolGeometry, index_bits: int | None) -> KernelTypes:
     bits = index_bits if index_bits is not None else index_bits_for(geom)
     return kernel_types(launcher, geom.dtype_name, bits)
-
-
-def _shape_args(geom: RoiPoolGeometry) -> list[int]:
-    """The size arguments every RoI pooling kernel takes after its pointers, in order."""
-    return [geom.num_rois, geom.channels, geom.height, geom.width, geom.pooled_h,
-            geom.pooled_w, geom.sampling_ratio]
 
 
 def _roi_arguments(launcher: KernelLauncher, plan: KernelTypes, geom: RoiPoolGeometry, rois):
@@ -80,10 +75,19 @@ def roi_pool_forward(
     if output.size == 0:
         return output
     rois_acc, scale_and_gamma = _roi_arguments(launcher, plan, geom, rois)
-    launcher.launch(
-        "deform_roi_pool_forward", plan.dtype_name, plan.index_bits, output.size,
-        [contiguous(xp, input), rois_acc, contiguous(xp, offset), contiguous(xp, mask),
-         scale_and_gamma, output, *_shape_args(geom)],
+    launch_kernel(
+        launcher,
+        "deform_roi_pool_forward",
+        plan.dtype_name,
+        plan.index_bits,
+        output.size,
+        geom,
+        input=contiguous(xp, input),
+        rois=rois_acc,
+        offset=contiguous(xp, offset),
+        mask=contiguous(xp, mask),
+        scale_and_gamma=scale_and_gamma,
+        output=output,
     )
     return output
 
@@ -118,22 +122,42 @@ def roi_pool_backward(
         rois_acc, scale_and_gamma = _roi_arguments(launcher, plan, geom, rois)
         grad_output, offset, mask = (contiguous(xp, a) for a in (grad_output, offset, mask))
         if want_input:
-            launcher.launch(
-                "deform_roi_pool_backward_input", plan.dtype_name, plan.index_bits,
+            launch_kernel(
+                launcher,
+                "deform_roi_pool_backward_input",
+                plan.dtype_name,
+                plan.index_bits,
                 bins_total * geom.channels,
-                [grad_output, rois_acc, offset, mask, scale_and_gamma, grad_input_acc,
-                 *_shape_args(geom)],
+                geom,
+                grad_output=grad_output,
+                rois=rois_acc,
+                offset=offset,
+                mask=mask,
+                scale_and_gamma=scale_and_gamma,
+                grad_input=grad_input_acc,
             )
         if want_offset or want_mask:
-            launcher.launch(
-                "deform_roi_pool_backward_coord", plan.dtype_name, plan.index_bits, bins_total,
-                [grad_output, contiguous(xp, input), rois_acc, offset, mask, scale_and_gamma,
-                 grad_offset, grad_mask, *_shape_args(geom)],
+            launch_kernel(
+                launcher,
+                "deform_roi_pool_backward_coord",
+                plan.dtype_name,
+                plan.index_bits,
+                bins_total,
+                geom,
+                grad_output=grad_output,
+                input=contiguous(xp, input),
+                rois=rois_acc,
+                offset=offset,
+                mask=mask,
+                scale_and_gamma=scale_and_gamma,
+                grad_offset=grad_offset,
+                grad_mask=grad_mask,
             )
 
     return RoiPoolGrads(
-        grad_input=None if grad_input_acc is None else round_to_dtype(
-            launcher, plan.dtype_name, plan.index_bits, grad_input_acc, dtype),
+        grad_input=None
+        if grad_input_acc is None
+        else round_to_dtype(launcher, plan.dtype_name, plan.index_bits, grad_input_acc, dtype),
         grad_offset=grad_offset,
         grad_mask=grad_mask,
     )

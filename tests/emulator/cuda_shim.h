@@ -10,8 +10,10 @@
 // for kernels in which no thread reads what another thread of the same launch writes,
 // except through atomics: the grid-stride kernels of kernels/ today. Atomics are
 // therefore plain read-modify-writes. Float arithmetic is IEEE without FMA contraction
-// (-ffp-contract=off), where nvcc contracts by default: results agree to rounding, not
-// bit for bit.
+// (-ffp-contract=off) and without flushing subnormals, where NVRTC contracts by default and
+// CuPy passes -ftz=true: results agree to rounding, not bit for bit, except in the
+// explicitly rounded operations (__fadd_rn & co. below), which agree exactly; the kernels
+// use those wherever a result decides a branch, a cell or a sample count.
 //
 // NOT SUPPORTED, on purpose a compile error rather than a wrong answer: __syncthreads,
 // __syncwarp, __shared__ memory and warp shuffles. Sequential threads cannot meet at a
@@ -64,6 +66,31 @@ using std::min;
 using std::round;
 using std::sqrt;
 using std::trunc;
+
+// Explicitly rounded arithmetic (CUDA's __fadd_rn & co., used by kernels/rounding.cuh for
+// the expressions that take discontinuous decisions). The device intrinsics are never
+// contracted into FMAs, and this harness builds with -ffp-contract=off, so one IEEE
+// operation each is what they compute. CuPy builds every RawModule with -ftz=true, under
+// which the float intrinsics flush subnormal inputs and results to zero of the same sign:
+// the float versions here do the same, so that both give the same bits. Double precision
+// is never flushed.
+namespace cupydcn_emulation {
+inline float flush_subnormal(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+}
+}  // namespace cupydcn_emulation
+
+#define CUPYDCN_EMULATION_ROUNDED(name, op)                           \
+  inline float __f##name##_rn(float a, float b) {                     \
+    using cupydcn_emulation::flush_subnormal;                         \
+    return flush_subnormal(flush_subnormal(a) op flush_subnormal(b)); \
+  }                                                                   \
+  inline double __d##name##_rn(double a, double b) { return a op b; }
+CUPYDCN_EMULATION_ROUNDED(add, +)
+CUPYDCN_EMULATION_ROUNDED(sub, -)
+CUPYDCN_EMULATION_ROUNDED(mul, *)
+CUPYDCN_EMULATION_ROUNDED(div, /)
+#undef CUPYDCN_EMULATION_ROUNDED
 
 // ---------------------------------------------------------------- thread indices
 struct uint3 {
@@ -130,23 +157,23 @@ inline void __syncwarp(T...) {
                 "cupydcn host emulation (tests/emulator/cuda_shim.h): __syncwarp() is not "
                 "supported, threads run sequentially");
 }
-#define CUPYDCN_EMULATION_NO_SHUFFLE(name)                                                 \
-  template <typename... T>                                                                \
-  inline int name(T...) {                                                                 \
-    static_assert(cupydcn_emulation::always_false<T...>::value,                            \
+#define CUPYDCN_EMULATION_NO_SHUFFLE(name)                                                  \
+  template <typename... T>                                                                  \
+  inline int name(T...) {                                                                   \
+    static_assert(cupydcn_emulation::always_false<T...>::value,                             \
                   "cupydcn host emulation (tests/emulator/cuda_shim.h): warp shuffles are " \
-                  "not supported, threads run sequentially");                              \
-    return 0;                                                                             \
+                  "not supported, threads run sequentially");                               \
+    return 0;                                                                               \
   }
 CUPYDCN_EMULATION_NO_SHUFFLE(__shfl_sync)
 CUPYDCN_EMULATION_NO_SHUFFLE(__shfl_up_sync)
 CUPYDCN_EMULATION_NO_SHUFFLE(__shfl_down_sync)
 CUPYDCN_EMULATION_NO_SHUFFLE(__shfl_xor_sync)
 #undef CUPYDCN_EMULATION_NO_SHUFFLE
-#define __shared__                                                                        \
-  static_assert(false,                                                                    \
+#define __shared__                                                                           \
+  static_assert(false,                                                                       \
                 "cupydcn host emulation (tests/emulator/cuda_shim.h): __shared__ memory is " \
-                "not supported, the threads of a block run sequentially; extend the "       \
+                "not supported, the threads of a block run sequentially; extend the "        \
                 "harness to run each block's threads as fibers");
 
 // ---------------------------------------------------------------- half types
@@ -251,25 +278,27 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 // ---------------------------------------------------------------- launching
 namespace cupydcn_emulation {
 
-// Dtype names of kernel parameter types, as the Python side spells them.
-template <typename T> struct TypeName;
-template <> struct TypeName<double> { static constexpr const char* value = "float64"; };
-template <> struct TypeName<float> { static constexpr const char* value = "float32"; };
-template <> struct TypeName<__half> { static constexpr const char* value = "float16"; };
-template <> struct TypeName<__nv_bfloat16> { static constexpr const char* value = "bfloat16"; };
-template <> struct TypeName<int> { static constexpr const char* value = "int32"; };
-template <> struct TypeName<long long> { static constexpr const char* value = "int64"; };
-template <> struct TypeName<unsigned int> { static constexpr const char* value = "uint32"; };
+// Dtype name of a kernel parameter type, as the Python side spells it.
+template <typename T>
+constexpr const char* type_name() {
+  if constexpr (std::is_same_v<T, double>) return "float64";
+  if constexpr (std::is_same_v<T, float>) return "float32";
+  if constexpr (std::is_same_v<T, __half>) return "float16";
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bfloat16";
+  if constexpr (std::is_same_v<T, int>) return "int32";
+  if constexpr (std::is_same_v<T, long long>) return "int64";
+  if constexpr (std::is_same_v<T, unsigned int>) return "uint32";
+  return "unsupported";  // the launcher's signature check then names the kernel
+}
 
 // "const float32*" / "float32*" / "int64" for one parameter type.
 template <typename P>
 std::string parameter_name() {
   if constexpr (std::is_pointer_v<P>) {
     using E = std::remove_pointer_t<P>;
-    return std::string(std::is_const_v<E> ? "const " : "") +
-           TypeName<std::remove_cv_t<E>>::value + "*";
+    return std::string(std::is_const_v<E> ? "const " : "") + type_name<std::remove_cv_t<E>>() + "*";
   } else {
-    return TypeName<std::remove_cv_t<P>>::value;
+    return type_name<std::remove_cv_t<P>>();
   }
 }
 
@@ -289,8 +318,8 @@ constexpr int kReverseOrder = 2;  // run blocks and threads from the last to the
 // Run grid x block threads sequentially; args[i] points at the value of parameter i
 // (the cudaLaunchKernel convention).
 template <typename... Args, std::size_t... Is>
-void run_grid(void (*kernel)(Args...), unsigned grid, unsigned block, void** args,
-              bool reverse, std::index_sequence<Is...>) {
+void run_grid(void (*kernel)(Args...), unsigned grid, unsigned block, void** args, bool reverse,
+              std::index_sequence<Is...>) {
   gridDim = dim3(grid, 1, 1);
   blockDim = dim3(block, 1, 1);
   for (unsigned b = 0; b < grid; ++b) {

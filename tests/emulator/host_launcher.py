@@ -11,8 +11,9 @@ sequence and runs every block and thread sequentially with the thread-local
 as on the GPU. Libraries are memoised in-process and cached on disk (keyed by a hash of
 the translation unit, the compiler flags and the compiler's version).
 
-Each entry point also reports the kernel's parameter types, so every launch checks its
-arguments: the count, each array's dtype, C-contiguity and writability, no aliasing of a
+Each entry point also reports the kernel's parameter types, which must be those of
+``KERNEL_PARAMETERS`` (``cupydcn.cuda.kernel_source``), and every launch checks its
+arguments against them: the count, each array's dtype, C-contiguity and writability, no aliasing of a
 written array with another argument (the kernels' pointers are ``__restrict__``), and
 every int against the index type's range.
 
@@ -54,22 +55,33 @@ import subprocess
 import tempfile
 import threading
 import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from cupydcn.cuda.kernel_source import (KERNEL_TEMPLATES, SOURCE_OF_KERNEL, kernel_dir, module_source,
-                                    name_expression)
+from cupydcn.cuda.kernel_source import (
+    KERNEL_TEMPLATES,
+    SOURCE_OF_KERNEL,
+    kernel_dir,
+    kernel_parameters,
+    module_source,
+    name_expression,
+)
 from cupydcn.cuda.launch import launch_config
 
 SHIM_PATH = Path(__file__).resolve().with_name("cuda_shim.h")
 
 BASE_FLAGS: tuple[str, ...] = ("-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off")
 SANITIZER_FLAGS: dict[str, tuple[str, ...]] = {
-    "undefined": ("-fsanitize=undefined", "-fsanitize=float-cast-overflow",
-                  "-fno-omit-frame-pointer", "-g"),
+    "undefined": (
+        "-fsanitize=undefined",
+        "-fsanitize=float-cast-overflow",
+        "-fno-omit-frame-pointer",
+        "-g",
+    ),
     "address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g"),
 }
 
@@ -77,8 +89,11 @@ SANITIZER_FLAGS: dict[str, tuple[str, ...]] = {
 _GUARD_FAULTS = 1
 _REVERSE_ORDER = 2
 
-_INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1),
-               "uint32": (0, 2**32 - 1)}
+_INT_RANGES = {
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint32": (0, 2**32 - 1),
+}
 _INT_CTYPES = {"int32": ctypes.c_int32, "int64": ctypes.c_int64, "uint32": ctypes.c_uint32}
 
 
@@ -102,7 +117,7 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CUPYDCN_EMULATOR_CXX") or os.environ.get("CXX") or "g++")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler_version(compiler: tuple[str, ...]) -> tuple[str | None, str | None]:
     """(first line of ``--version``, None) or (None, why the compiler cannot be run)."""
     try:
@@ -110,8 +125,9 @@ def _compiler_version(compiler: tuple[str, ...]) -> tuple[str | None, str | None
     except OSError as exc:
         return None, f"no host C++ compiler for the CUDA emulation ({' '.join(compiler)}: {exc})"
     if done.returncode != 0:
-        return None, (f"the host C++ compiler {' '.join(compiler)!r} does not run: "
-                      f"{done.stderr.strip()}")
+        return None, (
+            f"the host C++ compiler {' '.join(compiler)!r} does not run: {done.stderr.strip()}"
+        )
     return (done.stdout.splitlines() or [" ".join(compiler)])[0], None
 
 
@@ -124,12 +140,16 @@ def compiler_missing() -> str | None:
 def cache_dir() -> Path:
     """Where built libraries are kept across runs (``CUPYDCN_EMULATOR_CACHE`` overrides)."""
     configured = os.environ.get("CUPYDCN_EMULATOR_CACHE")
-    path = Path(configured) if configured else (
-        Path(tempfile.gettempdir()) / f"cupydcn-emulator-{os.getuid()}")
+    path = (
+        Path(configured)
+        if configured
+        else (Path(tempfile.gettempdir()) / f"cupydcn-emulator-{os.getuid()}")
+    )
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.stat().st_uid != os.getuid():  # never load libraries someone else could plant
-        raise PermissionError(f"the emulator cache {path} belongs to another user; set "
-                              "CUPYDCN_EMULATOR_CACHE")
+        raise PermissionError(
+            f"the emulator cache {path} belongs to another user; set CUPYDCN_EMULATOR_CACHE"
+        )
     return path
 
 
@@ -138,8 +158,9 @@ _BUILD_LOCKS: dict[str, threading.Lock] = {}  # one per library: different ones 
 _BUILD_LOCKS_LOCK = threading.Lock()
 
 
-def build_library(source: str, flags: Sequence[str] = BASE_FLAGS, *,
-                  what: str = "a translation unit") -> ctypes.CDLL:
+def build_library(
+    source: str, flags: Sequence[str] = BASE_FLAGS, *, what: str = "a translation unit"
+) -> ctypes.CDLL:
     """Compile ``source`` (C++) into a shared library and load it; memoised in-process
     and on disk by a hash of the text, the flags and the compiler."""
     compiler = tuple(_compiler())
@@ -165,7 +186,9 @@ def build_library(source: str, flags: Sequence[str] = BASE_FLAGS, *,
                 raise EmulatorBuildError(
                     f"host compilation of {what} failed (exit {done.returncode}); source "
                     f"kept at {source_path}\n$ {shlex.join(command)}",
-                    done.stderr + done.stdout, source_path)
+                    done.stderr + done.stdout,
+                    source_path,
+                )
             os.replace(partial, library)
         loaded = ctypes.CDLL(str(library))
         _LIBRARIES[key] = loaded
@@ -230,21 +253,24 @@ def with_line_directives(source_file: str) -> str:
 def translation_unit(source_file: str, dtype_name: str, index_bits: int) -> str:
     """shim + module_source(source_file) (with #line directives) + an entry point per
     kernel of the file."""
-    parts = [shim_text(), with_line_directives(source_file),
-             '#line 1 "(cupydcn emulator: generated entry points)"\n']
+    parts = [
+        shim_text(),
+        with_line_directives(source_file),
+        '#line 1 "(cupydcn emulator: generated entry points)"\n',
+    ]
     for kernel in KERNEL_TEMPLATES[source_file]:
         expression = name_expression(kernel, dtype_name, index_bits)
         symbol = _entry_symbol(kernel)
         parts.append(
             f'extern "C" int {symbol}(unsigned grid, unsigned block, void** args, int flags,\n'
-            f'                        void** fault_address) {{\n'
-            f'  return cupydcn_emulation::launch(&{expression}, grid, block, args, flags,\n'
-            f'                                   fault_address);\n'
-            f'}}\n'
+            f"                        void** fault_address) {{\n"
+            f"  return cupydcn_emulation::launch(&{expression}, grid, block, args, flags,\n"
+            f"                                   fault_address);\n"
+            f"}}\n"
             f'extern "C" const char* {symbol}_signature() {{\n'
-            f'  static const std::string s = cupydcn_emulation::signature(&{expression});\n'
-            f'  return s.c_str();\n'
-            f'}}\n'
+            f"  static const std::string s = cupydcn_emulation::signature(&{expression});\n"
+            f"  return s.c_str();\n"
+            f"}}\n"
         )
     return "".join(parts)
 
@@ -289,8 +315,14 @@ class LaunchRecord(NamedTuple):
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mmap.restype = ctypes.c_void_p
-_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
+_LIBC.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -312,8 +344,14 @@ class _GuardedCopy:
         self.nbytes = array.nbytes
         self.slack = (-self.nbytes) % _PAGE
         self.length = 2 * _PAGE + self.slack + self.nbytes
-        base = _LIBC.mmap(None, self.length, mmap.PROT_READ | mmap.PROT_WRITE,
-                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        base = _LIBC.mmap(
+            None,
+            self.length,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            -1,
+            0,
+        )
         if base in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), "mmap of a guarded argument buffer failed")
         self.base = base
@@ -338,8 +376,9 @@ class _GuardedCopy:
     def unchanged(self) -> bool:
         if not self.nbytes:
             return True
-        return bool(np.array_equal(_bytes_at(self.data, self.nbytes),
-                                   self.array.reshape(-1).view(np.uint8)))
+        return bool(
+            np.array_equal(_bytes_at(self.data, self.nbytes), self.array.reshape(-1).view(np.uint8))
+        )
 
     def copy_back(self) -> None:
         if self.nbytes:
@@ -354,7 +393,8 @@ class _GuardedCopy:
 def _poisoned_numpy() -> types.ModuleType:
     """NumPy whose ``empty`` fills float arrays with NaN (everything else is NumPy's)."""
     module = types.ModuleType(
-        "numpy_with_nan_empty", "NumPy, but empty() returns NaN-filled float arrays.")
+        "numpy_with_nan_empty", "NumPy, but empty() returns NaN-filled float arrays."
+    )
 
     def empty(shape, dtype=float, order="C", **kwargs):
         out = np.empty(shape, dtype, order, **kwargs)
@@ -371,13 +411,15 @@ def _sanitizers(value: str | None) -> tuple[str, ...]:
     names = tuple(sorted(filter(None, re.split(r"[,\s]+", value or ""))))
     unknown = set(names) - set(SANITIZER_FLAGS)
     if unknown:
-        raise ValueError(f"unknown sanitizer(s) {sorted(unknown)}; use "
-                         f"{' / '.join(SANITIZER_FLAGS)}")
+        raise ValueError(
+            f"unknown sanitizer(s) {sorted(unknown)}; use {' / '.join(SANITIZER_FLAGS)}"
+        )
     if "address" in names and not _asan_loaded():
         raise RuntimeError(
             "the address sanitizer needs its runtime preloaded into Python: run with "
             "LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 "
-            "(or rely on checked mode's guard pages)")
+            "(or rely on checked mode's guard pages)"
+        )
     return names
 
 
@@ -438,7 +480,8 @@ class HostLauncher:
             self.sanitize = os.environ.get("CUPYDCN_EMULATOR_SANITIZE", "")
         self._sanitizers = _sanitizers(self.sanitize)
         self.flags = BASE_FLAGS + tuple(
-            flag for name in self._sanitizers for flag in SANITIZER_FLAGS[name])
+            flag for name in self._sanitizers for flag in SANITIZER_FLAGS[name]
+        )
         self.xp = _poisoned_numpy() if self.checked else np
         self.launches: list[LaunchRecord] = []
         self._entries: dict[tuple[str, str, int], _Entry] = {}
@@ -453,18 +496,34 @@ class HostLauncher:
                 raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(SOURCE_OF_KERNEL)}")
             source_file = SOURCE_OF_KERNEL[kernel]
             library = build_library(
-                translation_unit(source_file, dtype_name, index_bits), self.flags,
-                what=f"{source_file} for {dtype_name} with {index_bits}-bit indices")
+                translation_unit(source_file, dtype_name, index_bits),
+                self.flags,
+                what=f"{source_file} for {dtype_name} with {index_bits}-bit indices",
+            )
             for name in KERNEL_TEMPLATES[source_file]:
                 function = getattr(library, _entry_symbol(name))
                 function.restype = ctypes.c_int
-                function.argtypes = [ctypes.c_uint, ctypes.c_uint,
-                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
-                                     ctypes.POINTER(ctypes.c_void_p)]
+                function.argtypes = [
+                    ctypes.c_uint,
+                    ctypes.c_uint,
+                    ctypes.POINTER(ctypes.c_void_p),
+                    ctypes.c_int,
+                    ctypes.POINTER(ctypes.c_void_p),
+                ]
                 signature = getattr(library, _entry_symbol(name) + "_signature")
                 signature.restype = ctypes.c_char_p
-                self._entries[(name, dtype_name, index_bits)] = _Entry(
-                    function, _parse_signature(signature().decode()))
+                parameters = _parse_signature(signature().decode())
+                declared = tuple(
+                    Parameter(p.dtype_name(dtype_name, index_bits), p.pointer, p.const)
+                    for p in kernel_parameters(name)
+                )
+                if parameters != declared:
+                    raise TypeError(
+                        f"{name_expression(name, dtype_name, index_bits)}: the compiled "
+                        f"parameters ({', '.join(map(str, parameters))}) differ from "
+                        f"KERNEL_PARAMETERS ({', '.join(map(str, declared))})"
+                    )
+                self._entries[(name, dtype_name, index_bits)] = _Entry(function, parameters)
         return self._entries[key]
 
     def prebuild(self, specialisations, workers: int | None = None) -> None:
@@ -478,8 +537,9 @@ class HostLauncher:
 
     # -- launching
 
-    def launch(self, kernel: str, dtype_name: str, index_bits: int, total: int,
-               args: Sequence[object]) -> None:
+    def launch(
+        self, kernel: str, dtype_name: str, index_bits: int, total: int, args: Sequence[object]
+    ) -> None:
         if index_bits not in (32, 64):
             raise ValueError(f"index_bits must be 32 or 64; got {index_bits!r}")
         total = operator.index(total)
@@ -494,7 +554,8 @@ class HostLauncher:
             raise OverflowError(
                 f"{where}: a 32-bit grid-stride loop over {total} items with {grid} x {block} "
                 "threads overflows its index (the last index + blockDim * gridDim exceeds "
-                "2^31 - 1); this launch needs 64-bit indices")
+                "2^31 - 1); this launch needs 64-bit indices"
+            )
         entry = self.entry(kernel, dtype_name, index_bits)
         values, arrays = self._convert(where, entry.parameters, args)
         if not (1 <= grid < 2**31 and 1 <= block <= 1024):
@@ -507,11 +568,9 @@ class HostLauncher:
                     if array is not None:
                         guarded[i] = _GuardedCopy(array)
                         values[i] = ctypes.c_void_p(guarded[i].data)
-            argv = (ctypes.c_void_p * max(len(values), 1))(
-                *[ctypes.addressof(v) for v in values])
+            argv = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
             fault = ctypes.c_void_p()
-            flags = (_GUARD_FAULTS if self.checked else 0) | (
-                _REVERSE_ORDER if self.reverse else 0)
+            flags = (_GUARD_FAULTS if self.checked else 0) | (_REVERSE_ORDER if self.reverse else 0)
             if "undefined" in self._sanitizers:
                 with _CapturedStderr() as captured:
                     signal = entry.function(grid, block, argv, flags, ctypes.byref(fault))
@@ -521,8 +580,8 @@ class HostLauncher:
                 signal = entry.function(grid, block, argv, flags, ctypes.byref(fault))
             if signal:
                 raise EmulatorFaultError(
-                    self._describe_fault(where, entry.parameters, guarded, signal,
-                                         fault.value or 0))
+                    self._describe_fault(where, entry.parameters, guarded, signal, fault.value or 0)
+                )
             for i, copy in enumerate(guarded):
                 if copy is None:
                     continue
@@ -530,11 +589,13 @@ class HostLauncher:
                 if not copy.slack_intact():
                     raise EmulatorFaultError(
                         f"{where}: wrote before the start of argument {i} ({parameter}, "
-                        f"shape {copy.array.shape})")
+                        f"shape {copy.array.shape})"
+                    )
                 if parameter.const:
                     if not copy.unchanged():
                         raise EmulatorFaultError(
-                            f"{where}: modified const argument {i} ({parameter})")
+                            f"{where}: modified const argument {i} ({parameter})"
+                        )
                 else:
                     copy.copy_back()
         finally:
@@ -542,11 +603,14 @@ class HostLauncher:
                 if copy is not None:
                     copy.release()
 
-    def _convert(self, where: str, parameters: tuple[Parameter, ...],
-                 args: Sequence[object]) -> tuple[list, list]:
+    def _convert(
+        self, where: str, parameters: tuple[Parameter, ...], args: Sequence[object]
+    ) -> tuple[list, list]:
         if len(args) != len(parameters):
-            raise TypeError(f"{where}: takes {len(parameters)} arguments "
-                            f"({', '.join(map(str, parameters))}); got {len(args)}")
+            raise TypeError(
+                f"{where}: takes {len(parameters)} arguments "
+                f"({', '.join(map(str, parameters))}); got {len(args)}"
+            )
         values: list = []
         arrays: list[np.ndarray | None] = []
         for i, (parameter, arg) in enumerate(zip(parameters, args)):
@@ -555,32 +619,41 @@ class HostLauncher:
                 values.append(ctypes.c_void_p(None if arg is None else arg.ctypes.data))
             else:
                 if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, (int, np.integer)):
-                    raise TypeError(f"{where}: argument {i} ({parameter}) must be an int; "
-                                    f"got {type(arg).__name__} {arg!r}")
+                    raise TypeError(
+                        f"{where}: argument {i} ({parameter}) must be an int; "
+                        f"got {type(arg).__name__} {arg!r}"
+                    )
                 low, high = _INT_RANGES[parameter.dtype]
                 if not low <= int(arg) <= high:
-                    raise OverflowError(f"{where}: argument {i} = {int(arg)} does not fit "
-                                        f"{parameter.dtype}")
+                    raise OverflowError(
+                        f"{where}: argument {i} = {int(arg)} does not fit {parameter.dtype}"
+                    )
                 values.append(_INT_CTYPES[parameter.dtype](int(arg)))
                 arrays.append(None)
         written = [a for a, p in zip(arrays, parameters) if a is not None and not p.const]
         for out in written:
             for i, other in enumerate(arrays):
                 if other is not None and other is not out and np.may_share_memory(out, other):
-                    raise ValueError(f"{where}: argument {i} overlaps a written argument "
-                                     "(the kernel's pointers are __restrict__)")
+                    raise ValueError(
+                        f"{where}: argument {i} overlaps a written argument "
+                        "(the kernel's pointers are __restrict__)"
+                    )
         return values, arrays
 
     @staticmethod
     def _check_array(where: str, i: int, parameter: Parameter, arg: object) -> np.ndarray:
         if not isinstance(arg, np.ndarray):
-            raise TypeError(f"{where}: argument {i} ({parameter}) must be a NumPy array or "
-                            f"None; got {type(arg).__name__}")
+            raise TypeError(
+                f"{where}: argument {i} ({parameter}) must be a NumPy array or "
+                f"None; got {type(arg).__name__}"
+            )
         if arg.dtype.name != parameter.dtype:
             raise TypeError(f"{where}: argument {i} ({parameter}) has dtype {arg.dtype.name}")
         if not arg.flags.c_contiguous:
-            raise ValueError(f"{where}: argument {i} ({parameter}) of shape {arg.shape} is "
-                             f"not C-contiguous (strides {arg.strides})")
+            raise ValueError(
+                f"{where}: argument {i} ({parameter}) of shape {arg.shape} is "
+                f"not C-contiguous (strides {arg.strides})"
+            )
         if not parameter.const and not arg.flags.writeable:
             raise ValueError(f"{where}: argument {i} ({parameter}) is read-only")
         return arg
@@ -593,7 +666,9 @@ class HostLauncher:
                 continue
             itemsize = copy.array.itemsize
             side = "before the start" if offset < 0 else "past the end"
-            return (f"{where}: out-of-bounds access {side} of argument {i} ({parameters[i]}, "
-                    f"shape {copy.array.shape}): element {offset // itemsize} of "
-                    f"{copy.array.size} (byte offset {offset})")
+            return (
+                f"{where}: out-of-bounds access {side} of argument {i} ({parameters[i]}, "
+                f"shape {copy.array.shape}): element {offset // itemsize} of "
+                f"{copy.array.size} (byte offset {offset})"
+            )
         return f"{where}: memory fault (signal {signal}) at address {address:#x}"

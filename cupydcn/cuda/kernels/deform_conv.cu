@@ -2,7 +2,9 @@
 //
 // Device code only; templates over the element type T (double, float, __half,
 // __nv_bfloat16) and the index type I (int, or long long for tensors past 2^31
-// elements). Launch configuration, buffers and GEMMs live in cupydcn/_cuda_conv.py.
+// elements). Launch configuration, buffers and GEMMs live in
+// cupydcn/deform_conv/cuda_backend.py; the parameter lists are mirrored in
+// KERNEL_PARAMETERS of cupydcn/cuda/kernel_source.py (tests/test_nvrtc.py checks them).
 //
 // Layouts (all C-contiguous; n = images in this chunk, K = kernel_h * kernel_w taps,
 // G = offset groups, P = out_h * out_w output pixels, A = acc_t<T>):
@@ -12,65 +14,165 @@
 //   columns      [n, C * K, P]            A, row c*K + k = mask * input sampled at tap k
 //   grad_columns [n, C * K, P]            A, d loss / d columns
 // padding_mode (the last argument, in the index type) is a PADDING_* code of
-// dcn_common.cuh: how sample points are read (zeros, border, reflection); one runtime
+// padding_modes.cuh: how sample points are read (zeros, border, reflection); one runtime
 // argument instead of a specialisation per mode, so the kernels are compiled once.
-#include "dcn_common.cuh"
+#include "accumulate.cuh"
+#include "bilinear.cuh"
+#include "grid_stride.cuh"
+#include "rounding.cuh"
 
 namespace cupydcn {
 
-// Sampling point of tap (i, j) at output pixel (oy, ox), and its offset.
-template <typename A, typename I>
+// The sizes of one launch, with the products every kernel derives from them.
+template <typename I>
+struct ConvSizes {
+  I batch, channels, height, width;
+  I kernel_h, kernel_w;
+  I stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  I out_w;
+  I offset_groups;
+  int mode;              // PADDING_* code
+  I taps;                // K = kernel_h * kernel_w
+  I out_size;            // P = out_h * out_w
+  I channels_per_group;  // C / G
+};
+
+template <typename I>
+__device__ __forceinline__ ConvSizes<I> conv_sizes(I batch, I channels, I height, I width,
+                                                   I kernel_h, I kernel_w, I stride_h, I stride_w,
+                                                   I pad_h, I pad_w, I dil_h, I dil_w, I out_h,
+                                                   I out_w, I offset_groups, I padding_mode) {
+  ConvSizes<I> s;
+  s.batch = batch;
+  s.channels = channels;
+  s.height = height;
+  s.width = width;
+  s.kernel_h = kernel_h;
+  s.kernel_w = kernel_w;
+  s.stride_h = stride_h;
+  s.stride_w = stride_w;
+  s.pad_h = pad_h;
+  s.pad_w = pad_w;
+  s.dil_h = dil_h;
+  s.dil_w = dil_w;
+  s.out_w = out_w;
+  s.offset_groups = offset_groups;
+  s.mode = static_cast<int>(padding_mode);
+  s.taps = kernel_h * kernel_w;
+  s.out_size = out_h * out_w;
+  s.channels_per_group = channels / offset_groups;
+  return s;
+}
+
+// The kernels' shared parameter tail, in KERNEL_PARAMETERS order.
+#define CUPYDCN_CONV_SIZE_PARAMETERS                                                               \
+  I batch, I channels, I height, I width, I kernel_h, I kernel_w, I stride_h, I stride_w, I pad_h, \
+      I pad_w, I dil_h, I dil_w, I out_h, I out_w, I offset_groups, I padding_mode
+#define CUPYDCN_CONV_SIZES                                                                     \
+  conv_sizes<I>(batch, channels, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, \
+                pad_w, dil_h, dil_w, out_h, out_w, offset_groups, padding_mode)
+
+// A flat work index split as [batch, units, taps, out_size] (units: channels or offset
+// groups; taps = 1 for one thread per pixel).
+template <typename I>
+struct ConvItem {
+  I b, unit, tap, pix;
+};
+
+template <typename I>
+__device__ __forceinline__ ConvItem<I> conv_item(I index, I units, I taps, const ConvSizes<I>& s) {
+  ConvItem<I> item;
+  item.pix = index % s.out_size;
+  item.tap = (index / s.out_size) % taps;
+  item.unit = (index / (s.out_size * taps)) % units;
+  item.b = index / (s.out_size * taps * units);
+  return item;
+}
+
+// Element offsets of the per-image blocks the kernels address.
+template <typename I>
+__device__ __forceinline__ I plane_base(I b, I c, const ConvSizes<I>& s) {
+  return (b * s.channels + c) * s.height * s.width;  // input[b, c]
+}
+template <typename I>
+__device__ __forceinline__ I offset_base(I b, I g, const ConvSizes<I>& s) {
+  return (b * s.offset_groups + g) * 2 * s.taps * s.out_size;  // offset[b, g*2K]
+}
+template <typename I>
+__device__ __forceinline__ I mask_base(I b, I g, const ConvSizes<I>& s) {
+  return (b * s.offset_groups + g) * s.taps * s.out_size;  // mask[b, g*K]
+}
+template <typename I>
+__device__ __forceinline__ I column_index(I b, I c, I tap, I pix, const ConvSizes<I>& s) {
+  return ((b * s.channels + c) * s.taps + tap) * s.out_size + pix;  // columns[b, c*K + tap, pix]
+}
+
+// mask[b, g*K, pix], or nullptr without a mask (DCNv1).
+template <typename T, typename I>
+__device__ __forceinline__ const T* mask_pixel(const T* mask, I b, I g, I pix,
+                                               const ConvSizes<I>& s) {
+  return mask == nullptr ? nullptr : mask + mask_base(b, g, s) + pix;
+}
+
+// The mask of a tap at the pixel of mask_pixel: mask_pixel[tap * P], 1 without a mask.
+template <typename T, typename I>
+__device__ __forceinline__ acc_t<T> tap_mask(const T* mask_pixel, I tap, const ConvSizes<I>& s) {
+  using A = acc_t<T>;
+  return mask_pixel == nullptr ? A(1) : to_acc(mask_pixel[tap * s.out_size]);
+}
+
+// Sampling point of tap = i * kernel_w + j at output pixel pix: the undeformed point plus
+// the tap's offset, offset_pixel = offset[b, g*2K, pix]. The sum decides which cell is
+// read, so it is rounded explicitly (rounding.cuh).
+template <typename A>
 struct TapPoint {
   A y, x;
 };
 
 template <typename T, typename I>
-__device__ __forceinline__ TapPoint<acc_t<T>, I> tap_point(
-    const T* offset_pixel, I out_size, I tap, I i, I j, I oy, I ox, I stride_h, I stride_w,
-    I pad_h, I pad_w, I dil_h, I dil_w) {
+__device__ __forceinline__ TapPoint<acc_t<T>> tap_point(const T* offset_pixel, I tap, I i, I j,
+                                                        I pix, const ConvSizes<I>& s) {
   using A = acc_t<T>;
-  TapPoint<A, I> t;
-  const A dy = to_acc(offset_pixel[(2 * tap) * out_size]);
-  const A dx = to_acc(offset_pixel[(2 * tap + 1) * out_size]);
-  t.y = static_cast<A>(oy * stride_h - pad_h + i * dil_h) + dy;
-  t.x = static_cast<A>(ox * stride_w - pad_w + j * dil_w) + dx;
+  const I oy = pix / s.out_w, ox = pix % s.out_w;
+  const A dy = to_acc(offset_pixel[(2 * tap) * s.out_size]);
+  const A dx = to_acc(offset_pixel[(2 * tap + 1) * s.out_size]);
+  TapPoint<A> t;
+  t.y = add_rn(static_cast<A>(oy * s.stride_h - s.pad_h + i * s.dil_h), dy);
+  t.x = add_rn(static_cast<A>(ox * s.stride_w - s.pad_w + j * s.dil_w), dx);
   return t;
+}
+
+// The sampling point of a work item's tap (offset group g).
+template <typename T, typename I>
+__device__ __forceinline__ TapPoint<acc_t<T>> tap_point(const T* offset, const ConvItem<I>& item,
+                                                        I g, const ConvSizes<I>& s) {
+  return tap_point<T, I>(offset + offset_base(item.b, g, s) + item.pix, item.tap,
+                         item.tap / s.kernel_w, item.tap % s.kernel_w, item.pix, s);
 }
 
 // columns[b, c*K + k, pix] = mask[b, g*K + k, pix] * input[b, c] sampled at tap k.
 // One thread per (b, c, pix); loops over the K taps.
 template <typename T, typename I>
-__global__ void deform_conv_im2col(
-    const T* __restrict__ input, const T* __restrict__ offset, const T* __restrict__ mask,
-    acc_t<T>* __restrict__ columns, I batch, I channels, I height, I width, I kernel_h,
-    I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, I out_h,
-    I out_w, I offset_groups, I padding_mode) {
+__global__ void deform_conv_im2col(const T* __restrict__ input, const T* __restrict__ offset,
+                                   const T* __restrict__ mask, acc_t<T>* __restrict__ columns,
+                                   CUPYDCN_CONV_SIZE_PARAMETERS) {
   using A = acc_t<T>;
-  const I taps = kernel_h * kernel_w;
-  const I out_size = out_h * out_w;
-  const I channels_per_group = channels / offset_groups;
-  const I total = batch * channels * out_size;
-  const int mode = static_cast<int>(padding_mode);
+  const ConvSizes<I> s = CUPYDCN_CONV_SIZES;
+  const I total = s.batch * s.channels * s.out_size;
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
-    const I pix = index % out_size;
-    const I c = (index / out_size) % channels;
-    const I b = index / (out_size * channels);
-    const I oy = pix / out_w;
-    const I ox = pix % out_w;
-    const I g = c / channels_per_group;
-    const T* plane = input + (b * channels + c) * height * width;
-    const T* offset_pixel = offset + (b * offset_groups + g) * 2 * taps * out_size + pix;
-    const T* mask_pixel =
-        mask == nullptr ? nullptr : mask + (b * offset_groups + g) * taps * out_size + pix;
-    A* column = columns + (b * channels + c) * taps * out_size + pix;
-    for (I i = 0; i < kernel_h; ++i) {
-      for (I j = 0; j < kernel_w; ++j) {
-        const I tap = i * kernel_w + j;
-        const TapPoint<A, I> t = tap_point<T, I>(offset_pixel, out_size, tap, i, j, oy, ox,
-                                                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
-        A value = bilinear_sample<A, T, I>(plane, height, width, t.y, t.x, mode);
-        if (mask_pixel != nullptr) value *= to_acc(mask_pixel[tap * out_size]);
-        column[tap * out_size] = value;
+    const ConvItem<I> item = conv_item(index, s.channels, I(1), s);
+    const I c = item.unit;
+    const I g = c / s.channels_per_group;
+    const T* plane = input + plane_base(item.b, c, s);
+    const T* offset_pixel = offset + offset_base(item.b, g, s) + item.pix;
+    const T* mask_at = mask_pixel(mask, item.b, g, item.pix, s);
+    A* column = columns + column_index(item.b, c, I(0), item.pix, s);
+    for (I i = 0; i < s.kernel_h; ++i) {
+      for (I j = 0; j < s.kernel_w; ++j) {
+        const I tap = i * s.kernel_w + j;
+        const TapPoint<A> t = tap_point<T, I>(offset_pixel, tap, i, j, item.pix, s);
+        const A value = bilinear_sample<A, T, I>(plane, s.height, s.width, t.y, t.x, s.mode);
+        column[tap * s.out_size] = value * tap_mask(mask_at, tap, s);
       }
     }
   }
@@ -79,92 +181,69 @@ __global__ void deform_conv_im2col(
 // grad_input[b, c] += mask * grad_columns[b, c*K + k, pix] spread bilinearly over the
 // corners of the tap's (mapped) sampling point. One thread per column element; atomics in A.
 template <typename T, typename I>
-__global__ void deform_conv_col2im_input(
-    const acc_t<T>* __restrict__ grad_columns, const T* __restrict__ offset,
-    const T* __restrict__ mask, acc_t<T>* __restrict__ grad_input, I batch, I channels,
-    I height, I width, I kernel_h, I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w,
-    I dil_h, I dil_w, I out_h, I out_w, I offset_groups, I padding_mode) {
+__global__ void deform_conv_col2im_input(const acc_t<T>* __restrict__ grad_columns,
+                                         const T* __restrict__ offset, const T* __restrict__ mask,
+                                         acc_t<T>* __restrict__ grad_input,
+                                         CUPYDCN_CONV_SIZE_PARAMETERS) {
   using A = acc_t<T>;
-  const I taps = kernel_h * kernel_w;
-  const I out_size = out_h * out_w;
-  const I channels_per_group = channels / offset_groups;
-  const I total = batch * channels * taps * out_size;
-  const int mode = static_cast<int>(padding_mode);
+  const ConvSizes<I> s = CUPYDCN_CONV_SIZES;
+  const I total = s.batch * s.channels * s.taps * s.out_size;
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
-    const I pix = index % out_size;
-    const I tap = (index / out_size) % taps;
-    const I c = (index / (out_size * taps)) % channels;
-    const I b = index / (out_size * taps * channels);
-    const I oy = pix / out_w;
-    const I ox = pix % out_w;
-    const I i = tap / kernel_w;
-    const I j = tap % kernel_w;
-    const I g = c / channels_per_group;
-    const T* offset_pixel = offset + (b * offset_groups + g) * 2 * taps * out_size + pix;
-    const TapPoint<A, I> t = tap_point<T, I>(offset_pixel, out_size, tap, i, j, oy, ox,
-                                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
-    A grad = grad_columns[index];
-    if (mask != nullptr) {
-      grad *= to_acc(mask[((b * offset_groups + g) * taps + tap) * out_size + pix]);
-    }
-    bilinear_scatter<A, I>(grad_input + (b * channels + c) * height * width, height, width,
-                           t.y, t.x, grad, mode);
+    const ConvItem<I> item = conv_item(index, s.channels, s.taps, s);
+    const I c = item.unit;
+    const I g = c / s.channels_per_group;
+    const TapPoint<A> t = tap_point<T, I>(offset, item, g, s);
+    const A grad =
+        grad_columns[index] * tap_mask(mask_pixel(mask, item.b, g, item.pix, s), item.tap, s);
+    bilinear_scatter<A, I>(grad_input + plane_base(item.b, c, s), s.height, s.width, t.y, t.x, grad,
+                           s.mode);
   }
 }
 
-// For each (b, g, k, pix): with s_c = input[b, c] sampled at the tap's (mapped) point,
-//   grad_offset[b, g*2K + 2k (+1), pix] = mask * sum_c grad_columns[b, c*K + k, pix] * d s_c / dy (dx)
-//   grad_mask[b, g*K + k, pix]          = sum_c grad_columns[b, c*K + k, pix] * s_c
-// over the channels c of offset group g. No atomics: each thread owns its outputs.
+// For each (b, g, k, pix): with s_c = input[b, c] sampled at the tap's (mapped) point and
+// g_c = grad_columns[b, c*K + k, pix], summed over the channels c of offset group g,
+//   grad_offset[b, g*2K + 2k (+1), pix] = mask * sum_c g_c * d s_c / dy (dx)
+//   grad_mask[b, g*K + k, pix]          = sum_c g_c * s_c
+// No atomics: each thread owns its outputs.
 // Either output pointer may be nullptr when that gradient is not wanted.
 template <typename T, typename I>
-__global__ void deform_conv_col2im_coord(
-    const acc_t<T>* __restrict__ grad_columns, const T* __restrict__ input,
-    const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ grad_offset,
-    T* __restrict__ grad_mask, I batch, I channels, I height, I width, I kernel_h,
-    I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w,
-    I offset_groups, I padding_mode) {
+__global__ void deform_conv_col2im_coord(const acc_t<T>* __restrict__ grad_columns,
+                                         const T* __restrict__ input, const T* __restrict__ offset,
+                                         const T* __restrict__ mask, T* __restrict__ grad_offset,
+                                         T* __restrict__ grad_mask, CUPYDCN_CONV_SIZE_PARAMETERS) {
   using A = acc_t<T>;
-  const I taps = kernel_h * kernel_w;
-  const I out_size = out_h * out_w;
-  const I channels_per_group = channels / offset_groups;
-  const I total = batch * offset_groups * taps * out_size;
-  const int mode = static_cast<int>(padding_mode);
+  const ConvSizes<I> s = CUPYDCN_CONV_SIZES;
+  const I total = s.batch * s.offset_groups * s.taps * s.out_size;
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
-    const I pix = index % out_size;
-    const I tap = (index / out_size) % taps;
-    const I g = (index / (out_size * taps)) % offset_groups;
-    const I b = index / (out_size * taps * offset_groups);
-    const I oy = pix / out_w;
-    const I ox = pix % out_w;
-    const I i = tap / kernel_w;
-    const I j = tap % kernel_w;
-    const I group_base = b * offset_groups + g;
-    const T* offset_pixel = offset + group_base * 2 * taps * out_size + pix;
-    const TapPoint<A, I> t = tap_point<T, I>(offset_pixel, out_size, tap, i, j, oy, ox,
-                                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
+    const ConvItem<I> item = conv_item(index, s.offset_groups, s.taps, s);
+    const I g = item.unit;
+    const TapPoint<A> t = tap_point<T, I>(offset, item, g, s);
     // One sample point for every channel of the group: mapped and located once.
-    const BilinearPoint<A, I> p = bilinear_point<A, I>(t.y, t.x, height, width, mode);
+    const BilinearPoint<A, I> p = bilinear_point<A, I>(t.y, t.x, s.height, s.width, s.mode);
     A sum_dy = A(0), sum_dx = A(0), sum_value = A(0);
-    const I c_begin = g * channels_per_group;
-    for (I c = c_begin; c < c_begin + channels_per_group; ++c) {
-      const A grad = grad_columns[((b * channels + c) * taps + tap) * out_size + pix];
-      const SampleWithGradient<A> s = bilinear_sample_with_gradient_at<A, T, I>(
-          input + (b * channels + c) * height * width, p, width);
-      sum_dy += grad * s.d_dy;
-      sum_dx += grad * s.d_dx;
-      sum_value += grad * s.value;
+    const I c_begin = g * s.channels_per_group;
+    for (I c = c_begin; c < c_begin + s.channels_per_group; ++c) {
+      const A grad = grad_columns[column_index(item.b, c, item.tap, item.pix, s)];
+      const SampleWithGradient<A> v =
+          bilinear_sample_with_gradient_at<A, T, I>(input + plane_base(item.b, c, s), p, s.width);
+      sum_dy += grad * v.d_dy;
+      sum_dx += grad * v.d_dx;
+      sum_value += grad * v.value;
     }
-    const A m = mask == nullptr ? A(1) : to_acc(mask[(group_base * taps + tap) * out_size + pix]);
+    const A m = tap_mask(mask_pixel(mask, item.b, g, item.pix, s), item.tap, s);
     if (grad_offset != nullptr) {  // d/dp = d/dp' * dp'/dp (the padding mode's slope)
-      T* out = grad_offset + group_base * 2 * taps * out_size + pix;
-      out[(2 * tap) * out_size] = from_acc<T>(m * (sum_dy * p.slope_y));
-      out[(2 * tap + 1) * out_size] = from_acc<T>(m * (sum_dx * p.slope_x));
+      T* out = grad_offset + offset_base(item.b, g, s) + item.pix;
+      out[(2 * item.tap) * s.out_size] = from_acc<T>(m * (sum_dy * p.slope_y));
+      out[(2 * item.tap + 1) * s.out_size] = from_acc<T>(m * (sum_dx * p.slope_x));
     }
     if (grad_mask != nullptr) {
-      grad_mask[(group_base * taps + tap) * out_size + pix] = from_acc<T>(sum_value);
+      grad_mask[mask_base(item.b, g, s) + item.tap * s.out_size + item.pix] =
+          from_acc<T>(sum_value);
     }
   }
 }
+
+#undef CUPYDCN_CONV_SIZES
+#undef CUPYDCN_CONV_SIZE_PARAMETERS
 
 }  // namespace cupydcn

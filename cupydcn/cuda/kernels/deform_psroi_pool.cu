@@ -4,6 +4,7 @@
 // Device code only; templates over the element type T (double, float, __half,
 // __nv_bfloat16) and the index type I (int, or long long past 2^31 elements). Buffers and
 // launches live in cupydcn/psroi_pool/cuda_backend.py; the contract is SEMANTICS.md section 3.
+// The parameter lists are mirrored in KERNEL_PARAMETERS of cupydcn/cuda/kernel_source.py.
 //
 // Layouts (all C-contiguous; K RoIs, P = pooled_size, S = part_size, G = group_size,
 // D = output_dim, L = num_classes (1 without offsets), A = acc_t<T>):
@@ -21,9 +22,12 @@
 // Arithmetic follows MSRA's kernel step by step in A (half types in float): the RoI box
 // from round() (half away from zero) of the scaled corners, bins of roi / P, sample
 // spacing bin / sample_per_part, bin start = bin index * bin size + roi start, then
-// + offset * trans_std * roi size. One deliberate difference: the part of a bin,
-// floor(ph / P * S), is computed exactly in integers; MSRA's floating-point version
-// puts some bins into the previous part (e.g. float32, P = S = 22, ph = 13 -> 12).
+// + offset * trans_std * roi size, each operation rounded separately (rounding.cuh: they
+// decide which samples are skipped and which cells are read, so the GPU must not fuse
+// them into FMAs where the emulator and the NumPy backend cannot). One deliberate
+// difference: the part of a bin, floor(ph / P * S), is computed exactly in integers; MSRA's
+// floating-point version puts some bins into the previous part (e.g. float32, P = S = 22,
+// ph = 13 -> 12).
 //
 // Sampling: a sample with w < -0.5, w > W - 0.5, h < -0.5 or h > H - 0.5 is skipped
 // (not counted); the others are clamped into [0, W-1] x [0, H-1] and blended bilinearly.
@@ -39,27 +43,34 @@
 //    derivatives of deform_conv2d do not apply here.)
 //  * grad_input receives the bilinear weights of the kept samples, each times
 //    grad_output / count of its bin.
-#include "dcn_common.cuh"
+#include "accumulate.cuh"
+#include "bilinear.cuh"
+#include "grid_stride.cuh"
+#include "rounding.cuh"
 
 namespace cupydcn {
 
 // The per-axis sizes of one call, as int (the host validates that they fit).
 struct PsRoiSizes {
-  int height, width;      // feature map
-  int group_size;         // G, position-sensitive grid
-  int pooled_size;        // P, output bins per axis
-  int part_size;          // S, offset cells per axis
-  int sample_per_part;    // samples per bin and axis
+  int height, width;    // feature map
+  int group_size;       // G, position-sensitive grid
+  int pooled_size;      // P, output bins per axis
+  int part_size;        // S, offset cells per axis
+  int sample_per_part;  // samples per bin and axis
 };
 
 template <typename I>
-__device__ __forceinline__ PsRoiSizes psroi_sizes(I height, I width, I group_size,
-                                                  I pooled_size, I part_size,
-                                                  I sample_per_part) {
-  return PsRoiSizes{static_cast<int>(height), static_cast<int>(width),
+__device__ __forceinline__ PsRoiSizes psroi_sizes(I height, I width, I group_size, I pooled_size,
+                                                  I part_size, I sample_per_part) {
+  return PsRoiSizes{static_cast<int>(height),     static_cast<int>(width),
                     static_cast<int>(group_size), static_cast<int>(pooled_size),
-                    static_cast<int>(part_size), static_cast<int>(sample_per_part)};
+                    static_cast<int>(part_size),  static_cast<int>(sample_per_part)};
 }
+
+// The kernels' shared parameter tail, in KERNEL_PARAMETERS order.
+#define CUPYDCN_PSROI_SIZE_PARAMETERS                                                   \
+  I num_rois, I channels, I height, I width, I output_dim, I group_size, I pooled_size, \
+      I part_size, I sample_per_part, I num_classes
 
 // The box of one RoI and its bin and sample spacing, shared by all its bins.
 template <typename A, typename I>
@@ -76,16 +87,16 @@ __device__ __forceinline__ PsRoiBox<A, I> psroi_box(const A* roi, A spatial_scal
                                                     const PsRoiSizes& n) {
   PsRoiBox<A, I> box;
   box.batch = static_cast<I>(roi[0]);
-  box.start_w = round(roi[1]) * spatial_scale - A(0.5);
-  box.start_h = round(roi[2]) * spatial_scale - A(0.5);
-  const A end_w = (round(roi[3]) + A(1)) * spatial_scale - A(0.5);
-  const A end_h = (round(roi[4]) + A(1)) * spatial_scale - A(0.5);
-  box.roi_w = fmax(end_w - box.start_w, A(0.1));
-  box.roi_h = fmax(end_h - box.start_h, A(0.1));
-  box.bin_w = box.roi_w / static_cast<A>(n.pooled_size);
-  box.bin_h = box.roi_h / static_cast<A>(n.pooled_size);
-  box.sub_w = box.bin_w / static_cast<A>(n.sample_per_part);
-  box.sub_h = box.bin_h / static_cast<A>(n.sample_per_part);
+  box.start_w = sub_rn(mul_rn(round(roi[1]), spatial_scale), A(0.5));
+  box.start_h = sub_rn(mul_rn(round(roi[2]), spatial_scale), A(0.5));
+  const A end_w = sub_rn(mul_rn(add_rn(round(roi[3]), A(1)), spatial_scale), A(0.5));
+  const A end_h = sub_rn(mul_rn(add_rn(round(roi[4]), A(1)), spatial_scale), A(0.5));
+  box.roi_w = fmax(sub_rn(end_w, box.start_w), A(0.1));
+  box.roi_h = fmax(sub_rn(end_h, box.start_h), A(0.1));
+  box.bin_w = div_rn(box.roi_w, static_cast<A>(n.pooled_size));
+  box.bin_h = div_rn(box.roi_h, static_cast<A>(n.pooled_size));
+  box.sub_w = div_rn(box.bin_w, static_cast<A>(n.sample_per_part));
+  box.sub_h = div_rn(box.bin_h, static_cast<A>(n.sample_per_part));
   return box;
 }
 
@@ -109,18 +120,17 @@ struct BinStart {
 
 template <typename T, typename I>
 __device__ __forceinline__ BinStart<acc_t<T>> bin_start(const PsRoiBox<acc_t<T>, I>& box,
-                                                        const T* class_offset,
-                                                        acc_t<T> trans_std, int ph, int pw,
-                                                        const PsRoiSizes& n) {
+                                                        const T* class_offset, acc_t<T> trans_std,
+                                                        int ph, int pw, const PsRoiSizes& n) {
   using A = acc_t<T>;
   BinStart<A> start;
-  start.w = static_cast<A>(pw) * box.bin_w + box.start_w;
-  start.h = static_cast<A>(ph) * box.bin_h + box.start_h;
+  start.w = add_rn(mul_rn(static_cast<A>(pw), box.bin_w), box.start_w);
+  start.h = add_rn(mul_rn(static_cast<A>(ph), box.bin_h), box.start_h);
   if (class_offset != nullptr) {
     const int part_area = n.part_size * n.part_size;
     const T* cell = class_offset + part_of_bin(ph, n) * n.part_size + part_of_bin(pw, n);
-    start.w += to_acc(cell[0]) * trans_std * box.roi_w;
-    start.h += to_acc(cell[part_area]) * trans_std * box.roi_h;
+    start.w = add_rn(start.w, mul_rn(mul_rn(to_acc(cell[0]), trans_std), box.roi_w));
+    start.h = add_rn(start.h, mul_rn(mul_rn(to_acc(cell[part_area]), trans_std), box.roi_h));
   }
   return start;
 }
@@ -137,7 +147,7 @@ struct AxisSample {
 
 template <typename A>
 __device__ __forceinline__ AxisSample<A> axis_sample(A start, A spacing, int i, int size) {
-  const A p = start + static_cast<A>(i) * spacing;
+  const A p = add_rn(start, mul_rn(static_cast<A>(i), spacing));
   const A last = static_cast<A>(size - 1);
   AxisSample<A> s;
   s.kept = !(p < A(-0.5) || p > last + A(0.5));
@@ -160,11 +170,25 @@ __device__ __forceinline__ int kept_samples(const PsRoiBox<A, I>& box, const Bin
          kept_along(start.w, box.sub_w, n.sample_per_part, n.width);
 }
 
+// Calls visit(h, w) with the clamped coordinates of every kept sample of a bin, row by row.
+template <typename A, typename I, typename Visit>
+__device__ __forceinline__ void for_each_kept_sample(const PsRoiBox<A, I>& box,
+                                                     const BinStart<A>& start, const PsRoiSizes& n,
+                                                     Visit&& visit) {
+  for (int ih = 0; ih < n.sample_per_part; ++ih) {
+    const AxisSample<A> h = axis_sample(start.h, box.sub_h, ih, n.height);
+    if (!h.kept) continue;
+    for (int iw = 0; iw < n.sample_per_part; ++iw) {
+      const AxisSample<A> w = axis_sample(start.w, box.sub_w, iw, n.width);
+      if (w.kept) visit(h.at, w.at);
+    }
+  }
+}
+
 // The position-sensitive input channel of output channel d at bin (ph, pw). The group
 // cell floor(ph * G / P) lies in [0, G) because ph < P.
 template <typename I>
-__device__ __forceinline__ I position_sensitive_channel(I d, int ph, int pw,
-                                                        const PsRoiSizes& n) {
+__device__ __forceinline__ I position_sensitive_channel(I d, int ph, int pw, const PsRoiSizes& n) {
   const int gh = ph * n.group_size / n.pooled_size;
   const int gw = pw * n.group_size / n.pooled_size;
   return (d * n.group_size + gh) * n.group_size + gw;
@@ -192,20 +216,20 @@ __device__ __forceinline__ OutputBin<I> output_bin(I index, I output_dim, const 
 template <typename T, typename I>
 __device__ __forceinline__ const T* class_offsets(const T* offset, I k, I cls, I num_classes,
                                                   const PsRoiSizes& n) {
-  return offset == nullptr
-             ? nullptr
-             : offset + (k * num_classes + cls) * 2 * n.part_size * n.part_size;
+  return offset == nullptr ? nullptr
+                           : offset + (k * num_classes + cls) * 2 * n.part_size * n.part_size;
 }
 
 // output[k, d, ph, pw] = mean of the kept samples of the bin in its position-sensitive
 // input channel (0 when none), count[k, d, ph, pw] = how many were kept.
 // One thread per output element.
 template <typename T, typename I>
-__global__ void deform_psroi_pool_forward(
-    const T* __restrict__ input, const acc_t<T>* __restrict__ rois, const T* __restrict__ offset,
-    const acc_t<T>* __restrict__ scalars, T* __restrict__ output, int* __restrict__ count,
-    I num_rois, I channels, I height, I width, I output_dim, I group_size, I pooled_size,
-    I part_size, I sample_per_part, I num_classes) {
+__global__ void deform_psroi_pool_forward(const T* __restrict__ input,
+                                          const acc_t<T>* __restrict__ rois,
+                                          const T* __restrict__ offset,
+                                          const acc_t<T>* __restrict__ scalars,
+                                          T* __restrict__ output, int* __restrict__ count,
+                                          CUPYDCN_PSROI_SIZE_PARAMETERS) {
   using A = acc_t<T>;
   const PsRoiSizes n =
       psroi_sizes(height, width, group_size, pooled_size, part_size, sample_per_part);
@@ -214,23 +238,18 @@ __global__ void deform_psroi_pool_forward(
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
     const OutputBin<I> b = output_bin(index, output_dim, n);
     const PsRoiBox<A, I> box = psroi_box<A, I>(rois + b.k * 5, scalars[0], n);
-    const BinStart<A> start = bin_start<T, I>(
-        box, class_offsets(offset, b.k, b.d / channels_per_class, num_classes, n), scalars[1],
-        b.ph, b.pw, n);
-    const T* plane = input + (box.batch * channels + position_sensitive_channel(
-                                  b.d, b.ph, b.pw, n)) * height * width;
+    const BinStart<A> start =
+        bin_start<T, I>(box, class_offsets(offset, b.k, b.d / channels_per_class, num_classes, n),
+                        scalars[1], b.ph, b.pw, n);
+    const T* plane =
+        input +
+        (box.batch * channels + position_sensitive_channel(b.d, b.ph, b.pw, n)) * height * width;
     A sum = A(0);
     int kept = 0;
-    for (int ih = 0; ih < n.sample_per_part; ++ih) {
-      const AxisSample<A> h = axis_sample(start.h, box.sub_h, ih, n.height);
-      if (!h.kept) continue;
-      for (int iw = 0; iw < n.sample_per_part; ++iw) {
-        const AxisSample<A> w = axis_sample(start.w, box.sub_w, iw, n.width);
-        if (!w.kept) continue;
-        sum += bilinear_sample<A, T, I>(plane, height, width, h.at, w.at);
-        ++kept;
-      }
-    }
+    for_each_kept_sample(box, start, n, [&](A h, A w) {
+      sum += bilinear_sample<A, T, I>(plane, height, width, h, w);
+      ++kept;
+    });
     output[index] = from_acc<T>(kept == 0 ? A(0) : sum / static_cast<A>(kept));
     count[index] = kept;
   }
@@ -239,11 +258,12 @@ __global__ void deform_psroi_pool_forward(
 // grad_input[b, c] += grad_output[k, d, ph, pw] / count * (bilinear weights of each kept
 // sample of the bin). One thread per output element; atomics in A.
 template <typename T, typename I>
-__global__ void deform_psroi_pool_backward_input(
-    const T* __restrict__ grad_output, const acc_t<T>* __restrict__ rois,
-    const T* __restrict__ offset, const acc_t<T>* __restrict__ scalars,
-    acc_t<T>* __restrict__ grad_input, I num_rois, I channels, I height, I width, I output_dim,
-    I group_size, I pooled_size, I part_size, I sample_per_part, I num_classes) {
+__global__ void deform_psroi_pool_backward_input(const T* __restrict__ grad_output,
+                                                 const acc_t<T>* __restrict__ rois,
+                                                 const T* __restrict__ offset,
+                                                 const acc_t<T>* __restrict__ scalars,
+                                                 acc_t<T>* __restrict__ grad_input,
+                                                 CUPYDCN_PSROI_SIZE_PARAMETERS) {
   using A = acc_t<T>;
   const PsRoiSizes n =
       psroi_sizes(height, width, group_size, pooled_size, part_size, sample_per_part);
@@ -252,22 +272,18 @@ __global__ void deform_psroi_pool_backward_input(
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
     const OutputBin<I> b = output_bin(index, output_dim, n);
     const PsRoiBox<A, I> box = psroi_box<A, I>(rois + b.k * 5, scalars[0], n);
-    const BinStart<A> start = bin_start<T, I>(
-        box, class_offsets(offset, b.k, b.d / channels_per_class, num_classes, n), scalars[1],
-        b.ph, b.pw, n);
+    const BinStart<A> start =
+        bin_start<T, I>(box, class_offsets(offset, b.k, b.d / channels_per_class, num_classes, n),
+                        scalars[1], b.ph, b.pw, n);
     const int kept = kept_samples<A, I>(box, start, n);
     if (kept == 0) continue;
     const A grad = to_acc(grad_output[index]) / static_cast<A>(kept);
-    A* grad_plane = grad_input + (box.batch * channels + position_sensitive_channel(
-                                      b.d, b.ph, b.pw, n)) * height * width;
-    for (int ih = 0; ih < n.sample_per_part; ++ih) {
-      const AxisSample<A> h = axis_sample(start.h, box.sub_h, ih, n.height);
-      if (!h.kept) continue;
-      for (int iw = 0; iw < n.sample_per_part; ++iw) {
-        const AxisSample<A> w = axis_sample(start.w, box.sub_w, iw, n.width);
-        if (w.kept) bilinear_scatter<A, I>(grad_plane, height, width, h.at, w.at, grad);
-      }
-    }
+    A* grad_plane =
+        grad_input +
+        (box.batch * channels + position_sensitive_channel(b.d, b.ph, b.pw, n)) * height * width;
+    for_each_kept_sample(box, start, n, [&](A h, A w) {
+      bilinear_scatter<A, I>(grad_plane, height, width, h, w, grad);
+    });
   }
 }
 
@@ -280,12 +296,13 @@ __global__ void deform_psroi_pool_backward_input(
 // when P < S (the cell is then written 0). The count of a bin does not depend on d, so it
 // is found once per bin.
 template <typename T, typename I>
-__global__ void deform_psroi_pool_backward_offset(
-    const T* __restrict__ grad_output, const T* __restrict__ input,
-    const acc_t<T>* __restrict__ rois, const T* __restrict__ offset,
-    const acc_t<T>* __restrict__ scalars, T* __restrict__ grad_offset, I num_rois, I channels,
-    I height, I width, I output_dim, I group_size, I pooled_size, I part_size,
-    I sample_per_part, I num_classes) {
+__global__ void deform_psroi_pool_backward_offset(const T* __restrict__ grad_output,
+                                                  const T* __restrict__ input,
+                                                  const acc_t<T>* __restrict__ rois,
+                                                  const T* __restrict__ offset,
+                                                  const acc_t<T>* __restrict__ scalars,
+                                                  T* __restrict__ grad_offset,
+                                                  CUPYDCN_PSROI_SIZE_PARAMETERS) {
   using A = acc_t<T>;
   const PsRoiSizes n =
       psroi_sizes(height, width, group_size, pooled_size, part_size, sample_per_part);
@@ -311,43 +328,38 @@ __global__ void deform_psroi_pool_backward_offset(
         const BinStart<A> start = bin_start<T, I>(box, class_offset, trans_std, ph, pw, n);
         const int kept = kept_samples<A, I>(box, start, n);
         if (kept == 0) continue;
-        const T* grad_bin = grad_output + ((k * output_dim + d_begin) * pooled_size + ph) *
-                                              pooled_size + pw;
-        const T* first_plane = input + (box.batch * channels + position_sensitive_channel(
-                                            d_begin, ph, pw, n)) * height * width;
+        const T* grad_bin =
+            grad_output + ((k * output_dim + d_begin) * pooled_size + ph) * pooled_size + pw;
+        const T* first_plane =
+            input + (box.batch * channels + position_sensitive_channel(d_begin, ph, pw, n)) *
+                        height * width;
         A bin_dh = A(0), bin_dw = A(0);  // sums over the bin's samples, before / count
-        for (int ih = 0; ih < n.sample_per_part; ++ih) {
-          const AxisSample<A> h = axis_sample(start.h, box.sub_h, ih, n.height);
-          if (!h.kept) continue;
-          for (int iw = 0; iw < n.sample_per_part; ++iw) {
-            const AxisSample<A> w = axis_sample(start.w, box.sub_w, iw, n.width);
-            if (!w.kept) continue;
-            const BilinearPoint<A, I> p = bilinear_point<A, I>(h.at, w.at, height, width);
-            if (p.is_nan) {
-              bin_dh = bin_dw = h.at + w.at;
-              continue;
-            }
-            // The derivatives are linear in the corner values: blend the corners of all
-            // the class's channels, weighted by their gradients, and differentiate once.
-            A v00 = A(0), v01 = A(0), v10 = A(0), v11 = A(0);
-            // Not unrolled: unrolling costs 20-30 registers (float64 reaches 128) in a loop
-            // that is bound by its scattered loads anyway.
-#pragma unroll 1
-            for (I j = 0; j < channels_per_class; ++j) {
-              const A grad = to_acc(grad_bin[j * bins]);
-              const CornerValues<A, T, I> v =
-                  corner_values<A, T, I>(first_plane + j * plane_step, p, width);
-              v00 += grad * v.v00;
-              v01 += grad * v.v01;
-              v10 += grad * v.v10;
-              v11 += grad * v.v11;
-            }
-            // MSRA's corners are floor and ceil: on an integer coordinate (which includes
-            // every clamped one) they coincide and the derivative along it is 0.
-            if (p.lx != A(0)) bin_dw += (A(1) - p.ly) * (v01 - v00) + p.ly * (v11 - v10);
-            if (p.ly != A(0)) bin_dh += (A(1) - p.lx) * (v10 - v00) + p.lx * (v11 - v01);
+        for_each_kept_sample(box, start, n, [&](A h, A w) {
+          const BilinearPoint<A, I> p = bilinear_point<A, I>(h, w, height, width);
+          if (p.is_nan) {
+            bin_dh = bin_dw = h + w;
+            return;
           }
-        }
+          // The derivatives are linear in the corner values: blend the corners of all
+          // the class's channels, weighted by their gradients, and differentiate once.
+          A v00 = A(0), v01 = A(0), v10 = A(0), v11 = A(0);
+          // Not unrolled: unrolling costs 20-30 registers (float64 reaches 128) in a loop
+          // that is bound by its scattered loads anyway.
+#pragma unroll 1
+          for (I j = 0; j < channels_per_class; ++j) {
+            const A grad = to_acc(grad_bin[j * bins]);
+            const CornerValues<A> v =
+                corner_values<A, T, I>(first_plane + j * plane_step, p, width);
+            v00 += grad * v.v00;
+            v01 += grad * v.v01;
+            v10 += grad * v.v10;
+            v11 += grad * v.v11;
+          }
+          // MSRA's corners are floor and ceil: on an integer coordinate (which includes
+          // every clamped one) they coincide and the derivative along it is 0.
+          if (p.lx != A(0)) bin_dw += (A(1) - p.ly) * (v01 - v00) + p.ly * (v11 - v10);
+          if (p.ly != A(0)) bin_dh += (A(1) - p.lx) * (v10 - v00) + p.lx * (v11 - v01);
+        });
         sum_dh += bin_dh / static_cast<A>(kept);
         sum_dw += bin_dw / static_cast<A>(kept);
       }
@@ -357,5 +369,7 @@ __global__ void deform_psroi_pool_backward_offset(
     cell[part_area] = from_acc<T>(sum_dh * trans_std * box.roi_h);
   }
 }
+
+#undef CUPYDCN_PSROI_SIZE_PARAMETERS
 
 }  // namespace cupydcn

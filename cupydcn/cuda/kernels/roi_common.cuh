@@ -2,9 +2,9 @@
 // (torchvision roi_align / mmcv RoIAlign, SEMANTICS.md section 2) with its gradients with
 // respect to the sample point and its scatter into an input gradient.
 //
-// Device code only, inlined by the Python loader like dcn_common.cuh.
+// Device code only, inlined by the Python loader like every header of kernels/.
 //
-// RoIAlign sampling differs from the deformable convolution's (dcn_common.cuh): a point
+// RoIAlign sampling differs from the deformable convolution's (bilinear.cuh): a point
 // outside [-1, H] x [-1, W] reads 0; inside, each coordinate is clamped to >= 0, and a
 // coordinate whose floor is >= size - 1 reads the last row (column) only. Out-of-map
 // corners are never read.
@@ -25,7 +25,9 @@
 // y in [-1, 0) and its x derivative vanishes where y is clamped to the last row.)
 #pragma once
 
-#include "dcn_common.cuh"
+#include "accumulate.cuh"
+#include "atomics.cuh"
+#include "sample_gradient.cuh"
 
 namespace cupydcn {
 
@@ -33,10 +35,10 @@ namespace cupydcn {
 // different row (column), the weight of the high corner and d(weight) / d(coordinate).
 template <typename A, typename I>
 struct RoiAlignAxis {
-  I low;      // floor of the clamped coordinate, at most size - 1
-  I step;     // 1, or 0 when clamped to the last row / column (high corner = low corner)
-  A frac;     // weight of the high corner, in [0, 1)
-  A moves;    // 1 where the weights change with the coordinate, 0 where it is clamped
+  I low;    // floor of the clamped coordinate, at most size - 1
+  I step;   // 1, or 0 when clamped to the last row / column (high corner = low corner)
+  A frac;   // weight of the high corner, in [0, 1)
+  A moves;  // 1 where the weights change with the coordinate, 0 where it is clamped
 };
 
 // ``coord`` must lie in [-1, size] (the caller has excluded points outside).
@@ -125,8 +127,8 @@ __device__ __forceinline__ A roi_align_sample(const T* plane, I height, I width,
   if (p.is_nan) return p.nan;
   if (!p.inside) return A(0);
   const RoiAlignCorners<I> q = roi_align_corners<A, I>(p, width);
-  return roi_align_blend<A, I>(p, to_acc(plane[q.i00]), to_acc(plane[q.i01]),
-                               to_acc(plane[q.i10]), to_acc(plane[q.i11]))
+  return roi_align_blend<A, I>(p, to_acc(plane[q.i00]), to_acc(plane[q.i01]), to_acc(plane[q.i10]),
+                               to_acc(plane[q.i11]))
       .value;  // the derivatives are dead code here
 }
 
