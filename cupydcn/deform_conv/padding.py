@@ -3,7 +3,7 @@
 One function, :func:`map_coordinates`, maps a coordinate ``p`` along a dimension of
 ``size`` pixels to the point ``p'`` the bilinear blend reads, with its derivative
 ``dp'/dp``; it works on NumPy and CuPy arrays alike (``xp`` is the array module). The
-CUDA kernels do the same in ``map_coordinate`` of ``cupydcn/cuda/kernels/dcn_common.cuh``, operation
+CUDA kernels do the same in ``map_coordinate`` of ``cupydcn/cuda/kernels/padding_modes.cuh``, operation
 for operation, so both give bit-identical ``p'`` (``fmod`` is exact).
 
     zeros       p' = p; points outside the map read 0 in the blend
@@ -35,7 +35,7 @@ from cupydcn.core.errors import value_error
 
 PADDING_MODES = ("zeros", "border", "reflection")
 
-# The runtime argument of the CUDA kernels (PADDING_* in cupydcn/cuda/kernels/dcn_common.cuh).
+# The runtime argument of the CUDA kernels (PADDING_* in cupydcn/cuda/kernels/padding_modes.cuh).
 PADDING_MODE_CODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 
