@@ -1,4 +1,4 @@
-"""Naive float64 reference of deform_conv2d, written from SEMANTICS.md section 1 alone.
+"""Naive float64 reference of deform_conv2d, written from docs/semantics.md §1 alone.
 
 Deliberately loop-form and independent of cupydcn: Python loops over the batch, output
 channels, output pixels, input channels and kernel taps, and the bilinear value is the
@@ -8,7 +8,7 @@ sum over integer points ``G(q, p) = g(q_y, p_y) * g(q_x, p_x)``,
 One convention the semantics leave to the kernels is written down here explicitly: a
 sample point with a NaN coordinate samples NaN. Padding modes (``padding_mode``): each
 coordinate of the sample point is mapped by :func:`map_coordinate`, straight from the
-formula of SEMANTICS.md §1, and the map is then read at the mapped point as above; an
+formula of docs/semantics.md §4, and the map is then read at the mapped point as above; an
 infinite coordinate under reflection maps to NaN (``inf % m`` is NaN: no limit).
 
 Also here, for the test files: :class:`ConvConfig`, a small problem size and its random
@@ -30,7 +30,7 @@ def _pair(value) -> tuple[int, int]:
 
 
 def map_coordinate(p: float, size: int, padding_mode: str) -> float:
-    """Where coordinate p along a dimension of ``size`` pixels is read (SEMANTICS.md §1).
+    """Where coordinate p along a dimension of ``size`` pixels is read (docs/semantics.md §4).
 
     zeros: p itself. border: p clamped into [0, size - 1]. reflection (grid_sample,
     align_corners=True): t = |p| mod 2(size - 1), p' = t if t <= size - 1 else

@@ -1,4 +1,4 @@
-"""deform_psroi_pool in float64 loops, written straight from SEMANTICS.md section 3.
+"""deform_psroi_pool in float64 loops, written straight from docs/semantics.md §3.
 
 Used only by the tests; independent of cupydcn (no import of it). One Python iteration
 per (RoI, output channel, bin, sample), so keep problems small. The backward is MSRA's

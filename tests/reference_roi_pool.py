@@ -1,4 +1,4 @@
-"""Naive float64 reference of deform_roi_pool, written from SEMANTICS.md section 2 alone.
+"""Naive float64 reference of deform_roi_pool, written from docs/semantics.md §2 alone.
 
 Deliberately loop-form and independent of cupydcn: Python loops over RoIs, bins and the
 sampling grid (vectorised over channels only), scalar RoIAlign bilinear sampling. For
@@ -85,7 +85,7 @@ class Bin:
 
 
 def bins(rois, offset, output_size, spatial_scale, sampling_ratio, gamma) -> Iterator[tuple]:
-    """Yields ((k, i, j), Bin) for every bin of every RoI, per SEMANTICS.md section 2."""
+    """Yields ((k, i, j), Bin) for every bin of every RoI, per docs/semantics.md §2."""
     ph, pw = _pair(output_size)
     rois = np.asarray(rois, dtype=np.float64)
     off = None if offset is None else np.asarray(offset, dtype=np.float64)

@@ -4,7 +4,7 @@ and, with the ``launcher`` fixture's ``cupy`` variant, on a GPU.
 ``cupydcn.deform_conv.cuda_backend.conv_forward / conv_backward`` drive the real ``cupydcn/cuda/kernels/`` sources
 through :class:`HostLauncher` (tests/emulator, checked mode) and are compared with a
 vectorised float64 reference of the forward and all five gradients written here from
-SEMANTICS §1 (its forward checked against the loop reference of tests/reference.py, its
+docs/semantics.md §1 (its forward checked against the loop reference of tests/reference.py, its
 gradients against finite differences), and the NumPy backend against the same reference.
 """
 
@@ -46,7 +46,7 @@ BIG_WORKSPACE = 1 << 30
 
 def _corner_data(x, py, px):
     """Bilinear corners of points (py, px) [N, G, K, Ho, Wo] in x [N, G, Cg, H, W], per
-    SEMANTICS §1: weights g(q_y, p_y) g(q_x, p_x), g(a, b) = max(0, 1 - |a - b|), over the
+    docs/semantics.md §1: weights g(q_y, p_y) g(q_x, p_x), g(a, b) = max(0, 1 - |a - b|), over the
     integer points q = floor(p) + {0, 1}^2 inside the map. Yields, per corner,
     (in_map, weight, values [..., Cg], qy, qx, corner offsets (a, b))."""
     height, width = x.shape[-2:]
@@ -81,7 +81,7 @@ def _sample_points(offset, geom):
 
 
 def reference(input, offset, weight, bias, mask, grad_output, geom, *, magnitude=False):
-    """Forward output and the five gradients in float64, straight from SEMANTICS §1
+    """Forward output and the five gradients in float64, straight from docs/semantics.md §1
     (torchvision's conventions at the kinks). With ``magnitude``, every term of every sum
     is replaced by its absolute value (the scale of the rounding errors)."""
     if magnitude:

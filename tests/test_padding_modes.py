@@ -1,4 +1,4 @@
-"""deform_conv2d's ``padding_mode`` ("zeros", "border", "reflection"; SEMANTICS.md §1).
+"""deform_conv2d's ``padding_mode`` ("zeros", "border", "reflection"; docs/semantics.md §4).
 
 The layers of the core op, per mode:
 

@@ -1,5 +1,5 @@
 """deform_psroi_pool on the NumPy backend: against the float64 loop reference written from
-SEMANTICS.md section 3 (tests/reference_psroi_pool.py), finite differences, MSRA's
+docs/semantics.md §3 (tests/reference_psroi_pool.py), finite differences, MSRA's
 conventions at the kinks and validation (array libraries, wrt, strided inputs and empty
 RoI sets: tests/test_op_properties.py).
 """

@@ -26,7 +26,7 @@ def _offsets(rng, n, groups, kh, kw, out_h, out_w, scale=1.5, dtype=np.float64):
 
 
 def loop_locations(offset, kh, kw, stride, padding, dilation):
-    """[N, G, K, 2, H, W] straight from SEMANTICS.md section 1, one point at a time."""
+    """[N, G, K, 2, H, W] straight from docs/semantics.md §5.2, one point at a time."""
     n, channels, out_h, out_w = offset.shape
     groups = channels // (2 * kh * kw)
     result = np.zeros((n, groups, kh * kw, 2, out_h, out_w))

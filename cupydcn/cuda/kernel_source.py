@@ -38,15 +38,22 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
         "deform_psroi_pool_backward_input",
         "deform_psroi_pool_backward_offset",
     ),
+    # The deterministic backward (deterministic=True): slot-writing passes of the
+    # grad_input kernels and the ordered reduction of the slots.
+    "deform_conv_deterministic.cu": ("deform_conv_col2im_input_slots",),
+    "deform_roi_pool_deterministic.cu": ("deform_roi_pool_backward_input_slots",),
+    "deform_psroi_pool_deterministic.cu": ("deform_psroi_pool_backward_input_slots",),
+    "segment_sum.cu": ("segment_sum",),
 }
 
 # The parameter list of every kernel, in order and comma-separated, spelled as the .cu file
 # declares it (less ``__restrict__``, with ``acc_t<T>`` written ``A``): pointers
-# ``[const] T* name`` (element type), ``A* name`` (accumulation type) or ``int* name``, and
-# ``I name`` for the sizes, of the index type. The CUDA backends build each launch's
-# argument list from these names (``cupydcn.cuda.launch.kernel_arguments``), the CuPy
-# launcher and the CPU emulator check arguments against them, and tests/test_nvrtc.py
-# parses the sources and checks they agree with this table.
+# ``[const] T* name`` (element type), ``A* name`` (accumulation type), ``int* name`` or
+# ``[const] I* name`` (index type), and ``I name`` for the sizes, of the index type. The
+# CUDA backends build each launch's argument list from these names
+# (``cupydcn.cuda.launch.kernel_arguments``), the CuPy launcher and the CPU emulator check
+# arguments against them, and tests/test_nvrtc.py parses the sources and checks they agree
+# with this table.
 _CONV_SIZES = (
     "I batch, I channels, I height, I width, I kernel_h, I kernel_w, I stride_h, I stride_w, "
     "I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w, I offset_groups, I padding_mode"
@@ -91,6 +98,33 @@ KERNEL_PARAMETERS: dict[str, str] = {
         "const T* grad_output, const T* input, const A* rois, const T* offset, "
         f"const A* scalars, T* grad_offset, {_PSROI_SIZES}"
     ),
+    "deform_conv_col2im_input_slots": (
+        "const A* grad_columns, const T* offset, const T* mask, I* slots, I* keys, A* values, "
+        f"{_CONV_SIZES}"
+    ),
+    "deform_roi_pool_backward_input_slots": (
+        "const T* grad_output, const A* rois, const T* offset, const T* mask, "
+        f"const A* scale_and_gamma, I* slots, I* keys, A* values, {_ROI_SIZES}"
+    ),
+    "deform_psroi_pool_backward_input_slots": (
+        "const T* grad_output, const A* rois, const T* offset, const A* scalars, "
+        f"I* slots, I* keys, A* values, {_PSROI_SIZES}"
+    ),
+    "segment_sum": "const I* sorted_keys, const A* sorted_values, A* output, I count, I targets",
+}
+
+# The modules (source files) each public op launches kernels from, by the op's function
+# name: what ``cupydcn.precompile`` builds for an op. ``DETERMINISTIC_SOURCE_FILES`` are
+# the extra ones only its ``deterministic=True`` backward launches.
+OP_SOURCE_FILES: dict[str, tuple[str, ...]] = {
+    "deform_conv2d": ("deform_conv.cu", "convert.cu"),
+    "deform_roi_pool": ("deform_roi_pool.cu", "convert.cu"),
+    "deform_psroi_pool": ("deform_psroi_pool.cu", "convert.cu"),
+}
+DETERMINISTIC_SOURCE_FILES: dict[str, tuple[str, ...]] = {
+    "deform_conv2d": ("deform_conv_deterministic.cu", "segment_sum.cu"),
+    "deform_roi_pool": ("deform_roi_pool_deterministic.cu", "segment_sum.cu"),
+    "deform_psroi_pool": ("deform_psroi_pool_deterministic.cu", "segment_sum.cu"),
 }
 
 _PARAMETER = re.compile(r"(const\s+)?(T|A|int|I)\s*(\*)?\s*([A-Za-z_]\w*)")
@@ -126,7 +160,6 @@ def parse_parameter(text: str) -> KernelParameter:
     match = _PARAMETER.fullmatch(text.strip())
     if (
         match is None
-        or (match.group(2) == "I") == bool(match.group(3))
         or (match.group(1) and not match.group(3))
     ):
         raise ValueError(f"not a kernel parameter declaration: {text!r}")
@@ -153,7 +186,7 @@ NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 # What CuPy's RawModule adds to these for NVRTC (CuPy 14, cupy/cuda/compiler.py), besides
 # its include directories, -arch and --pch. -ftz=true flushes float subnormals to zero,
 # which is why the kernels' decision expressions use explicitly rounded operations
-# (kernels/rounding.cuh) and the CPU emulator flushes in those. tests/test_nvrtc.py builds
+# (cupydcn/cuda/kernels/rounding.cuh) and the CPU emulator flushes in those. tests/test_nvrtc.py builds
 # with these options and checks that CuPy still adds exactly them.
 CUPY_ADDED_NVRTC_OPTIONS: tuple[str, ...] = ("-ftz=true", "--device-as-default-execution-space")
 

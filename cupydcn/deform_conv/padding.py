@@ -1,4 +1,4 @@
-"""Padding modes: where a sample coordinate outside the map is read (SEMANTICS.md §1).
+"""Padding modes: where a sample coordinate outside the map is read (docs/semantics.md §4).
 
 One function, :func:`map_coordinates`, maps a coordinate ``p`` along a dimension of
 ``size`` pixels to the point ``p'`` the bilinear blend reads, with its derivative

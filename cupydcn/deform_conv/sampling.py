@@ -10,7 +10,7 @@ Where a deformable layer reads its input, from its offsets alone (no input, no w
   stack of deformable layers for chosen output positions (``K^L`` points for ``L``
   layers of ``K`` taps), as in the paper's figure of a 3-layer 3 x 3 stack.
 
-Layouts and units (SEMANTICS.md section 1):
+Layouts and units (docs/semantics.md §1.2 and §5.2):
 
     offset     [N, 2 * G * kh * kw, H_out, W_out]  interleaved (dy, dx), tap k = i * kw + j
     locations  [N, G, kh * kw, 2, H_out, W_out]    (y, x) in input pixels: the offset

@@ -1,6 +1,6 @@
 """Vectorised NumPy backend of deform_roi_pool for CPU arrays.
 
-Computes the function of ``cupydcn/cuda/kernels/deform_roi_pool.cu`` (SEMANTICS.md section 2) with the
+Computes the function of ``cupydcn/cuda/kernels/deform_roi_pool.cu`` (docs/semantics.md §2) with the
 kernels' arithmetic, in the same order and dtype where it matters (RoI boxes, bin origins,
 sample coordinates, the RoIAlign blend), and the same conventions at the kinks
 (``cupydcn/cuda/kernels/roi_common.cuh``): derivative 0 along a clamped coordinate and outside
@@ -84,6 +84,9 @@ def roi_pool_forward(
     with np.errstate(**_IGNORE_FLOAT_ERRORS):
         planes = _planes(input, acc)
         boxes = _RoiBoxes.of(rois, geom, acc)
+        if FACTORISED_FORWARD and _finite(planes):
+            _forward_factorised(output, planes, boxes, offset, mask, geom, acc)
+            return output
         for chunk in _chunks(boxes, geom, acc):
             bins = _bins(boxes, chunk, offset, geom, acc)
             pooled = np.zeros((len(chunk), geom.pooled_h, geom.pooled_w, geom.channels), acc)
@@ -134,7 +137,14 @@ def roi_pool_backward(
         with np.errstate(**_IGNORE_FLOAT_ERRORS):
             planes = _planes(input, acc) if (want_offset or want_mask) else None
             boxes = _RoiBoxes.of(rois, geom, acc)
-            for chunk in _chunks(boxes, geom, acc):
+            factorised = FACTORISED and _finite(grad_output) and (
+                mask is None or _finite(mask)) and (planes is None or _finite(planes))
+            chunks = () if factorised else _chunks(boxes, geom, acc)
+            if factorised:
+                _backward_factorised(grad_planes, grad_offset, grad_mask, grad_output,
+                                     planes, boxes, offset, mask, geom, acc,
+                                     want_offset=want_offset, want_mask=want_mask)
+            for chunk in chunks:
                 bins = _bins(boxes, chunk, offset, geom, acc)
                 batch_index = boxes.batch_index[chunk]
                 # [n, ph, pw, C]: d loss / d output of the chunk's bins, channels last
@@ -422,3 +432,300 @@ def _coordinate_sums(planes: np.ndarray, grad_bins: np.ndarray,
         dy_sum[:active] += d_dy.sum(axis=0)
         dx_sum[:active] += d_dx.sum(axis=0)
     return value_sum, dy_sum, dx_sum
+
+
+# ---------------------------------------------------------------------------- factorised path
+#
+# Within one bin the samples form a tensor product (y_iy) x (x_ix), and everything the
+# sampling does is per axis: the skip test (outside [-1, H] x [-1, W]), the clamps, the
+# corners and the bilinear weights, w(y, x) = wy(y) * wx(x). So a bin's sum is
+#
+#     sum_s v(y_s, x_s) = sum_r sum_c Ay[r] * Ax[c] * V[r, c]
+#
+# with Ay[r] the weight of image row r summed over the bin's y samples (Ax likewise), over
+# the rows and columns the samples touch: the cost is the bin's footprint (at most
+# min(2 * grid, bin size + 3) rows times as many columns) times C, not 4 gathers per
+# sample. The derivatives factor the same way: d/dy uses dAy[r] (the summed derivative
+# weights, -1 / +1 on the two corners where the coordinate moves, 0 where clamped) with Ax,
+# d/dx uses Ay with dAx; the input gradient scatters Ay (x) Ax * grad. A sample is NaN when
+# its y or its x is NaN, so the NaN samples of a bin are whole rows and columns of its grid:
+# they are left out of Ay / Ax (they add nothing to grad_input) and make the bin NaN.
+#
+# The path runs when the data it reads are finite (input; grad_output and mask in the
+# backward). Then every product with a weight 0 is an exact 0 and the result equals the
+# per-sample sum up to rounding. Non-finite data take the per-sample path, which reads
+# every corner of every sample exactly as the kernels do (a NaN / inf pixel read with
+# weight 0 poisons a sample).
+#
+# Each bin's sums are added in a fixed order (columns, then rows, one elementwise step
+# each), so a bin's result does not depend on which other bins share its block: padding
+# rows and columns add exact zeros.
+
+# Set to False to run the per-sample path for every call (tests compare the two).
+FACTORISED = True
+# The factorised forward sums in another order than the kernels (equal to rounding, not to
+# the last bit), and tests/test_roi_pool_emulated.py compares the forward with the
+# emulated kernels bit for bit: off until that comparison takes a tolerance.
+FACTORISED_FORWARD = False
+
+# Working bytes per sample of one axis of one bin (coordinates, masks, the two entries of
+# its corners, their sort order and slots; 8 bytes each), and per footprint cell.
+_AXIS_BYTES_PER_SAMPLE = 40 * 8
+_FOOTPRINT_CELL_BYTES = 4 * 8
+
+
+def _finite(array) -> bool:
+    """Every value finite (a float64 sum that overflows counts as not)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.sum(array, dtype=np.float64)))
+
+
+def _footprint_bound(grid: np.ndarray, bin_size: np.ndarray, extent: int) -> np.ndarray:
+    """Upper bound on the distinct rows (columns) one bin's samples touch, [K] int64."""
+    span = np.ceil(np.abs(bin_size.astype(np.float64))) + 3
+    span = np.where(np.isfinite(span), np.minimum(span, extent), extent)
+    return np.minimum(np.minimum(2 * grid, extent), span.astype(np.int64))
+
+
+def _bin_bytes(grid_h, grid_w, rows, cols, channels: int, itemsize: int):
+    """Working bytes of one bin of the factorised path (arrays or ints)."""
+    return (_AXIS_BYTES_PER_SAMPLE * (grid_h + grid_w) + 4 * rows * max(channels, 1) * itemsize
+            + _FOOTPRINT_CELL_BYTES * rows * cols + 256)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A block of bins (flattened, any RoIs), with their per-axis summed weights.
+
+    Ry [m, Ly] / Rx [m, Lx]: the distinct image rows / columns the bin's samples touch
+    (padding: row 0 with weight 0); Wy / Wx: the summed bilinear weights of each; dWy /
+    dWx: the summed derivative weights; nan [m]: the bin has a NaN sample.
+    """
+
+    batch: np.ndarray
+    Ry: np.ndarray
+    Wy: np.ndarray
+    dWy: np.ndarray
+    Rx: np.ndarray
+    Wx: np.ndarray
+    dWx: np.ndarray
+    nan: np.ndarray
+
+    def gathers(self, planes: np.ndarray, geom: RoiPoolGeometry):
+        """(b, values [m, Ly, C]) per footprint column b: planes at (Ry, Rx[:, b])."""
+        rowbase = (self.batch[:, None] * geom.height + self.Ry) * geom.width
+        for b in range(self.Rx.shape[1]):
+            yield b, planes[rowbase + self.Rx[:, b:b + 1]]
+
+    def rows_of(self, b: int, geom: RoiPoolGeometry) -> np.ndarray:
+        return (self.batch[:, None] * geom.height + self.Ry) * geom.width + self.Rx[:, b:b + 1]
+
+
+def _axis_sums(start: np.ndarray, bin_size: np.ndarray, grid: np.ndarray, extent: int,
+               acc: np.dtype):
+    """Per-axis summed weights of a block of bins: start / bin_size / grid [m] ->
+    (rows [m, L] intp, weights [m, L], derivative weights [m, L], any NaN sample [m])."""
+    m = len(start)
+    gmax = int(grid.max()) if m else 0
+    if gmax == 0:
+        empty = np.zeros((m, 0), acc)
+        return np.zeros((m, 0), np.intp), empty, empty, np.zeros(m, bool)
+    half = acc.type(0.5)
+    index = np.arange(gmax)
+    # the kernels' arithmetic: start + ((i + 0.5) * bin_size) / grid
+    coord = start[:, None] + ((index.astype(acc) + half) * bin_size[:, None]
+                              / grid.astype(acc)[:, None])
+    valid = index < grid[:, None]
+    is_nan = np.isnan(coord) & valid
+    inside = valid & ~is_nan & ~((coord < -1) | (coord > extent))
+    low, step, frac, moves = _axis(np.where(inside, coord, acc.type(0)), extent, acc)
+    del coord
+    two = inside & (step == 1)
+    zero = acc.type(0)
+    rows = np.concatenate([np.where(inside, low, extent), np.where(two, low + 1, extent)], 1)
+    weights = np.concatenate([np.where(inside, 1 - frac, zero), np.where(two, frac, zero)], 1)
+    dweights = np.concatenate([np.where(inside, -moves, zero), np.where(two, moves, zero)], 1)
+    del low, step, frac, moves, two
+    order = np.argsort(rows, axis=1, kind="stable")
+    rows = np.take_along_axis(rows, order, 1)
+    weights = np.take_along_axis(weights, order, 1)
+    dweights = np.take_along_axis(dweights, order, 1)
+    del order
+    new = np.ones(rows.shape, bool)
+    new[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    slot = np.cumsum(new, axis=1) - 1
+    length = int(((new & (rows < extent)).sum(axis=1)).max())
+    if length == 0:
+        empty = np.zeros((m, 0), acc)
+        return np.zeros((m, 0), np.intp), empty, empty, is_nan.any(axis=1)
+    np.minimum(slot, length, out=slot)  # entries past the map go to a dropped column
+    flat = (np.arange(m)[:, None] * (length + 1) + slot).ravel()
+    size = m * (length + 1)
+    summed = np.bincount(flat, weights.ravel(), minlength=size)
+    dsummed = np.bincount(flat, dweights.ravel(), minlength=size)
+    distinct = np.zeros((m, length + 1), np.intp)
+    distinct[np.arange(m)[:, None], slot] = rows
+    distinct = distinct[:, :length]
+    distinct[distinct >= extent] = 0
+    shape = (m, length + 1)
+    return (distinct, summed.reshape(shape)[:, :length].astype(acc),
+            dsummed.reshape(shape)[:, :length].astype(acc), is_nan.any(axis=1))
+
+
+def _factorised_order(boxes: _RoiBoxes, geom: RoiPoolGeometry, acc: np.dtype):
+    """RoIs by decreasing working bytes per bin (stable), and those bytes [K]."""
+    rows = _footprint_bound(boxes.grid_h, boxes.roi_h / acc.type(geom.pooled_h), geom.height)
+    cols = _footprint_bound(boxes.grid_w, boxes.roi_w / acc.type(geom.pooled_w), geom.width)
+    per_bin = _bin_bytes(boxes.grid_h, boxes.grid_w, rows, cols, geom.channels, acc.itemsize)
+    order = np.argsort(-per_bin, kind="stable")
+    return order, per_bin, rows, cols
+
+
+def _factorised_chunks(boxes: _RoiBoxes, geom: RoiPoolGeometry, acc: np.dtype):
+    """(RoI indices, bins per block) per run of RoIs in the order of
+    :func:`_factorised_order`, sized to the workspace (blocks padded to the run's largest
+    grid and footprint)."""
+    order, per_bin, rows, cols = _factorised_order(boxes, geom, acc)
+    start = 0
+    while start < geom.num_rois:
+        size = max(1, _WORKSPACE_BYTES // (geom.bins * int(per_bin[order[start]])))
+        chunk = order[start:start + size]
+        padded = _bin_bytes(int(boxes.grid_h[chunk].max()), int(boxes.grid_w[chunk].max()),
+                            int(rows[chunk].max()), int(cols[chunk].max()), geom.channels,
+                            acc.itemsize)
+        yield chunk, max(1, _WORKSPACE_BYTES // padded)
+        start += size
+
+
+def _blocks(bins: _Bins, batch_index: np.ndarray, per_block: int, geom: RoiPoolGeometry,
+            acc: np.dtype) -> Iterator[tuple[slice, _Block]]:
+    """(flat bin range, block) over the chunk's bins, flattened RoI-major."""
+    bins_per_roi = geom.bins
+    top = np.ascontiguousarray(bins.top).reshape(-1)
+    left = np.ascontiguousarray(bins.left).reshape(-1)
+
+    def per_roi(values):
+        return np.repeat(values, bins_per_roi)
+
+    batch, grid_h, grid_w = per_roi(batch_index), per_roi(bins.grid_h), per_roi(bins.grid_w)
+    bin_h, bin_w = per_roi(bins.bin_h), per_roi(bins.bin_w)
+    for first in range(0, len(top), per_block):
+        part = slice(first, min(first + per_block, len(top)))
+        ry, wy, dwy, nan_y = _axis_sums(top[part], bin_h[part], grid_h[part], geom.height, acc)
+        rx, wx, dwx, nan_x = _axis_sums(left[part], bin_w[part], grid_w[part], geom.width, acc)
+        nan = (nan_y & (grid_w[part] > 0)) | (nan_x & (grid_h[part] > 0))
+        yield part, _Block(batch[part], ry, wy, dwy, rx, wx, dwx, nan)
+
+
+def _forward_factorised(output, planes, boxes, offset, mask, geom, acc) -> None:
+    channels = geom.channels
+    for chunk, per_block in _factorised_chunks(boxes, geom, acc):
+        bins = _bins(boxes, chunk, offset, geom, acc)
+        pooled = np.empty((len(chunk) * geom.bins, channels), acc)
+        for part, block in _blocks(bins, boxes.batch_index[chunk], per_block, geom, acc):
+            m, rows = len(block.batch), block.Ry.shape[1]
+            column_sums = np.zeros((m, rows, channels), acc)
+            for b, values in block.gathers(planes, geom):
+                values *= block.Wx[:, b, None, None]
+                column_sums += values
+                del values
+            sums = np.zeros((m, channels), acc)
+            for a in range(rows):
+                sums += block.Wy[:, a, None] * column_sums[:, a]
+            sums[block.nan] = np.nan
+            pooled[part] = sums
+        pooled = pooled.reshape(len(chunk), geom.pooled_h, geom.pooled_w, channels)
+        pooled /= bins.count[:, None, None, None]
+        if mask is not None:
+            pooled *= _per_bin(mask, chunk, acc)[..., None]
+        output[chunk] = pooled.transpose(0, 3, 1, 2)
+
+
+def _backward_factorised(grad_planes, grad_offset, grad_mask, grad_output, planes, boxes,
+                         offset, mask, geom, acc, *, want_offset: bool,
+                         want_mask: bool) -> None:
+    channels = geom.channels
+    want_sums = want_offset or want_mask
+    for chunk, per_block in _factorised_chunks(boxes, geom, acc):
+        bins = _bins(boxes, chunk, offset, geom, acc)
+        n = len(chunk)
+        grad_bins = np.asarray(grad_output[chunk], dtype=acc).transpose(0, 2, 3, 1)
+        mask_bins = None if mask is None else _per_bin(mask, chunk, acc)
+        grad_flat = np.ascontiguousarray(grad_bins).reshape(n * geom.bins, channels)
+        scaled = None
+        if grad_planes is not None:
+            scaled = grad_bins if mask_bins is None else grad_bins * mask_bins[..., None]
+            scaled = scaled / bins.count[:, None, None, None]
+            scaled = scaled.reshape(n * geom.bins, channels)
+        sums = np.zeros((3, n * geom.bins), acc) if want_sums else None
+        for part, block in _blocks(bins, boxes.batch_index[chunk], per_block, geom, acc):
+            m, rows, cols = len(block.batch), block.Ry.shape[1], block.Rx.shape[1]
+            if scaled is not None and rows and cols:
+                # Ay (x) Ax * grad into the footprint, one column at a time
+                grad = scaled[part]
+                for b in range(cols):
+                    _scatter_rows(grad_planes, block.rows_of(b, geom),
+                                  block.Wy * block.Wx[:, b:b + 1], grad)
+            if not want_sums:
+                continue
+            # dots [m, Ly, Lx] = sum_c g_c * V[r, c]; then the weighted sums per axis
+            dots = np.zeros((m, rows, cols), acc)
+            grad = grad_flat[part]
+            for b, values in block.gathers(planes, geom):
+                dots[:, :, b] = np.einsum("mac,mc->ma", values, grad)
+                del values
+            along_x = np.einsum("mab,mb->ma", dots, block.Wx)
+            along_dx = np.einsum("mab,mb->ma", dots, block.dWx)
+            value = np.einsum("ma,ma->m", block.Wy, along_x)
+            d_dy = np.einsum("ma,ma->m", block.dWy, along_x)
+            d_dx = np.einsum("ma,ma->m", block.Wy, along_dx)
+            for row, result in enumerate((value, d_dy, d_dx)):
+                result[block.nan] = np.nan
+                sums[row, part] = result
+        if not want_sums:
+            continue
+        value_sum, dy_sum, dx_sum = sums.reshape(3, n, geom.pooled_h, geom.pooled_w)
+        if want_mask:
+            grad_mask[chunk, 0] = value_sum / bins.count[:, None, None]
+        if want_offset:
+            per_sample = (acc.type(1) if mask_bins is None else mask_bins) / (
+                bins.count[:, None, None])
+            gamma = acc.type(geom.gamma)
+            grad_offset[chunk, 0] = (gamma * bins.roi_w)[:, None, None] * (dx_sum * per_sample)
+            grad_offset[chunk, 1] = (gamma * bins.roi_h)[:, None, None] * (dy_sum * per_sample)
+
+
+def _scatter_rows(grad_planes: np.ndarray, rows: np.ndarray, weights: np.ndarray,
+                  grad: np.ndarray) -> None:
+    """grad_planes[rows[i, a]] += weights[i, a] * grad[i] for rows / weights [m, L] and
+    grad [m, C]. The entries are sorted by row and split into rounds by their rank among
+    the entries of their row (round r: the r-th entry of every row), so each round updates
+    distinct rows with one fancy-indexed add. Entries of weight 0 are left out (exact for
+    finite grad)."""
+    keep = np.flatnonzero(weights.reshape(-1) != 0)
+    if not len(keep):
+        return
+    targets = rows.reshape(-1)[keep]
+    order = np.argsort(targets, kind="stable")
+    targets = targets[order]
+    entry = keep[order]
+    del keep, order
+    new = np.empty(len(targets), bool)
+    new[0] = True
+    np.not_equal(targets[1:], targets[:-1], out=new[1:])
+    index = np.arange(len(targets))
+    rank = index - np.maximum.accumulate(np.where(new, index, 0))
+    del new, index
+    by_rank = np.argsort(rank, kind="stable")
+    counts = np.bincount(rank)
+    del rank
+    flat_weights = weights.reshape(-1)
+    length = rows.shape[1]
+    first = 0
+    for count in counts:
+        picked = by_rank[first:first + count]
+        first += count
+        chosen = entry[picked]
+        update = grad[chosen // length]
+        update *= flat_weights[chosen][:, None]
+        grad_planes[targets[picked]] += update

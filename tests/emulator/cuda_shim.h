@@ -1,14 +1,14 @@
 // Host C++17 stand-ins for the CUDA built-ins that cupydcn's kernels use, so the real
 // kernel sources (the code of cupydcn.cuda.kernel_source.module_source(file), unchanged) compile
 // with g++ and run on the CPU. Used by tests/emulator/host_launcher.py, which appends the
-// kernel source (with #line directives naming the kernels/ files) and generated extern "C"
+// kernel source (with #line directives naming the cupydcn/cuda/kernels/ files) and generated extern "C"
 // entry points to this header and builds a shared library.
 //
 // Execution model: cupydcn_emulation::launch runs every block and every thread of a 1-D
 // launch one after another on the calling host thread, setting the thread-local threadIdx
 // / blockIdx / blockDim / gridDim before each call of the kernel function. This is exact
 // for kernels in which no thread reads what another thread of the same launch writes,
-// except through atomics: the grid-stride kernels of kernels/ today. Atomics are
+// except through atomics: the grid-stride kernels of cupydcn/cuda/kernels/ today. Atomics are
 // therefore plain read-modify-writes. Float arithmetic is IEEE without FMA contraction
 // (-ffp-contract=off) and without flushing subnormals, where NVRTC contracts by default and
 // CuPy passes -ftz=true: results agree to rounding, not bit for bit, except in the
@@ -38,6 +38,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---------------------------------------------------------------- qualifiers
 #define __global__
@@ -67,7 +68,7 @@ using std::round;
 using std::sqrt;
 using std::trunc;
 
-// Explicitly rounded arithmetic (CUDA's __fadd_rn & co., used by kernels/rounding.cuh for
+// Explicitly rounded arithmetic (CUDA's __fadd_rn & co., used by cupydcn/cuda/kernels/rounding.cuh for
 // the expressions that take discontinuous decisions). The device intrinsics are never
 // contracted into FMAs, and this harness builds with -ffp-contract=off, so one IEEE
 // operation each is what they compute. CuPy builds every RawModule with -ftz=true, under
@@ -314,18 +315,49 @@ std::string signature(void (*)(Args...)) {
 // Flags of launch().
 constexpr int kGuardFaults = 1;   // turn SIGSEGV / SIGBUS into a return code
 constexpr int kReverseOrder = 2;  // run blocks and threads from the last to the first
+constexpr int kShuffleOrder = 4;  // run blocks, and the threads of each block, in a
+                                  // pseudo-random order seeded by flags >> kSeedShift
+constexpr int kSeedShift = 8;
 
-// Run grid x block threads sequentially; args[i] points at the value of parameter i
-// (the cudaLaunchKernel convention).
+// The order in which a launch runs its blocks and threads: identity, reversed, or a
+// seeded permutation (Fisher-Yates over a splitmix64 stream; another permutation per
+// block for the threads).
+struct LaunchOrder {
+  int flags;
+  unsigned long long state;
+
+  explicit LaunchOrder(int f)
+      : flags(f), state(0x9E3779B97F4A7C15ull * (static_cast<unsigned>(f) >> kSeedShift) + 1) {}
+
+  unsigned long long next() {
+    unsigned long long z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+
+  std::vector<unsigned> order(unsigned n) {
+    std::vector<unsigned> o(n);
+    for (unsigned i = 0; i < n; ++i) o[i] = (flags & kReverseOrder) ? n - 1 - i : i;
+    if (flags & kShuffleOrder) {
+      for (unsigned i = n; i > 1; --i) std::swap(o[i - 1], o[next() % i]);
+    }
+    return o;
+  }
+};
+
+// Run grid x block threads sequentially, in the order of `flags`; args[i] points at the
+// value of parameter i (the cudaLaunchKernel convention).
 template <typename... Args, std::size_t... Is>
-void run_grid(void (*kernel)(Args...), unsigned grid, unsigned block, void** args, bool reverse,
+void run_grid(void (*kernel)(Args...), unsigned grid, unsigned block, void** args, int flags,
               std::index_sequence<Is...>) {
   gridDim = dim3(grid, 1, 1);
   blockDim = dim3(block, 1, 1);
-  for (unsigned b = 0; b < grid; ++b) {
-    blockIdx = uint3{reverse ? grid - 1 - b : b, 0, 0};
-    for (unsigned t = 0; t < block; ++t) {
-      threadIdx = uint3{reverse ? block - 1 - t : t, 0, 0};
+  LaunchOrder order(flags);
+  for (unsigned b : order.order(grid)) {
+    blockIdx = uint3{b, 0, 0};
+    for (unsigned t : order.order(block)) {
+      threadIdx = uint3{t, 0, 0};
       kernel(*static_cast<Args*>(args[Is])...);
     }
   }
@@ -353,9 +385,8 @@ inline void on_fault(int signal, siginfo_t* info, void*) {
 template <typename... Args>
 int launch(void (*kernel)(Args...), unsigned grid, unsigned block, void** args, int flags,
            void** address) {
-  const bool reverse = (flags & kReverseOrder) != 0;
   if (!(flags & kGuardFaults)) {
-    run_grid(kernel, grid, block, args, reverse, std::index_sequence_for<Args...>{});
+    run_grid(kernel, grid, block, args, flags, std::index_sequence_for<Args...>{});
     return 0;
   }
   struct sigaction action, old_segv, old_bus;
@@ -369,7 +400,7 @@ int launch(void (*kernel)(Args...), unsigned grid, unsigned block, void** args, 
   int result = 0;
   if (sigsetjmp(target, 1) == 0) {
     fault_target = &target;
-    run_grid(kernel, grid, block, args, reverse, std::index_sequence_for<Args...>{});
+    run_grid(kernel, grid, block, args, flags, std::index_sequence_for<Args...>{});
   } else {
     result = fault_signal;
     *address = fault_address;

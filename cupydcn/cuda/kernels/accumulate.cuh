@@ -1,7 +1,7 @@
 // Element types and their accumulation types: half types are loaded into float, computed
 // and accumulated in float, and rounded once when a final value is stored.
 //
-// Device code only. The Python loader inlines the headers of kernels/ into each kernel
+// Device code only. The Python loader inlines the headers of cupydcn/cuda/kernels/ into each kernel
 // source (so a change here changes the source string and recompiles despite CuPy's disk
 // cache). The CPU test harness compiles the same text with a host C++ compiler after its
 // shim header, which defines CUPYDCN_HOST_EMULATION.

@@ -3,7 +3,7 @@
 //
 // Device code only; templates over the element type T (double, float, __half,
 // __nv_bfloat16) and the index type I (int, or long long past 2^31 elements). Buffers and
-// launches live in cupydcn/psroi_pool/cuda_backend.py; the contract is SEMANTICS.md section 3.
+// launches live in cupydcn/psroi_pool/cuda_backend.py; the contract is docs/semantics.md §3.
 // The parameter lists are mirrored in KERNEL_PARAMETERS of cupydcn/cuda/kernel_source.py.
 //
 // Layouts (all C-contiguous; K RoIs, P = pooled_size, S = part_size, G = group_size,
@@ -255,8 +255,38 @@ __global__ void deform_psroi_pool_forward(const T* __restrict__ input,
   }
 }
 
+// The contributions of one output element (index) to grad_input: grad_output[k, d, ph,
+// pw] / count * the bilinear weights of each kept sample of the bin, passed to
+// sink.add(element of grad_input, value) in a fixed order.
+template <typename T, typename I, typename Sink>
+__device__ __forceinline__ void psroi_backward_input_item(I index, const T* grad_output,
+                                                          const acc_t<T>* rois, const T* offset,
+                                                          const acc_t<T>* scalars,
+                                                          const PsRoiSizes& n, I channels,
+                                                          I output_dim, I num_classes,
+                                                          Sink& sink) {
+  using A = acc_t<T>;
+  const I height = n.height, width = n.width;
+  const I channels_per_class = output_dim / num_classes;
+  const OutputBin<I> b = output_bin(index, output_dim, n);
+  const PsRoiBox<A, I> box = psroi_box<A, I>(rois + b.k * 5, scalars[0], n);
+  const BinStart<A> start =
+      bin_start<T, I>(box, class_offsets(offset, b.k, b.d / channels_per_class, num_classes, n),
+                      scalars[1], b.ph, b.pw, n);
+  const int kept = kept_samples<A, I>(box, start, n);
+  if (kept == 0) return;
+  const A grad = to_acc(grad_output[index]) / static_cast<A>(kept);
+  PlaneSink<Sink, I> plane{
+      sink,
+      (box.batch * channels + position_sensitive_channel(b.d, b.ph, b.pw, n)) * height * width};
+  for_each_kept_sample(box, start, n, [&](A h, A w) {
+    bilinear_scatter_to<A, I>(plane, height, width, h, w, grad);
+  });
+}
+
 // grad_input[b, c] += grad_output[k, d, ph, pw] / count * (bilinear weights of each kept
 // sample of the bin). One thread per output element; atomics in A.
+// (The deterministic mode's version is deform_psroi_pool_deterministic.cu.)
 template <typename T, typename I>
 __global__ void deform_psroi_pool_backward_input(const T* __restrict__ grad_output,
                                                  const acc_t<T>* __restrict__ rois,
@@ -267,23 +297,11 @@ __global__ void deform_psroi_pool_backward_input(const T* __restrict__ grad_outp
   using A = acc_t<T>;
   const PsRoiSizes n =
       psroi_sizes(height, width, group_size, pooled_size, part_size, sample_per_part);
-  const I channels_per_class = output_dim / num_classes;
   const I total = num_rois * output_dim * pooled_size * pooled_size;
+  AtomicSink<A> sink{grad_input};
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
-    const OutputBin<I> b = output_bin(index, output_dim, n);
-    const PsRoiBox<A, I> box = psroi_box<A, I>(rois + b.k * 5, scalars[0], n);
-    const BinStart<A> start =
-        bin_start<T, I>(box, class_offsets(offset, b.k, b.d / channels_per_class, num_classes, n),
-                        scalars[1], b.ph, b.pw, n);
-    const int kept = kept_samples<A, I>(box, start, n);
-    if (kept == 0) continue;
-    const A grad = to_acc(grad_output[index]) / static_cast<A>(kept);
-    A* grad_plane =
-        grad_input +
-        (box.batch * channels + position_sensitive_channel(b.d, b.ph, b.pw, n)) * height * width;
-    for_each_kept_sample(box, start, n, [&](A h, A w) {
-      bilinear_scatter<A, I>(grad_plane, height, width, h, w, grad);
-    });
+    psroi_backward_input_item<T, I>(index, grad_output, rois, offset, scalars, n, channels,
+                                    output_dim, num_classes, sink);
   }
 }
 
@@ -370,6 +388,5 @@ __global__ void deform_psroi_pool_backward_offset(const T* __restrict__ grad_out
   }
 }
 
-#undef CUPYDCN_PSROI_SIZE_PARAMETERS
 
 }  // namespace cupydcn

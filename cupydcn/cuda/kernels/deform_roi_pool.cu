@@ -1,6 +1,6 @@
 // Deformable RoI pooling (mmcv DeformRoIPool, plus a modulation mask): each bin of each
 // RoI is the average of a grid of RoIAlign samples, the bin shifted by a learned offset
-// and its average multiplied by the mask (SEMANTICS.md section 2).
+// and its average multiplied by the mask (docs/semantics.md §2).
 //
 // Device code only; templates over the element type T (double, float, __half,
 // __nv_bfloat16) and the index type I (int, or long long for tensors past 2^31
@@ -188,8 +188,27 @@ __global__ void deform_roi_pool_forward(const T* __restrict__ input,
   }
 }
 
+// The contributions of one grad_output element (index) to grad_input: grad_output[k, c,
+// ph, pw] * mask / count spread over the corners of each of the bin's samples, passed to
+// sink.add(element of grad_input, value) in a fixed order (the samples row by row).
+template <typename T, typename I, typename Sink>
+__device__ __forceinline__ void roi_backward_input_item(I index, const T* grad_output,
+                                                        const acc_t<T>* rois, const T* offset,
+                                                        const T* mask,
+                                                        const acc_t<T>* scale_and_gamma,
+                                                        const RoiSizes<I>& s, Sink& sink) {
+  using A = acc_t<T>;
+  const RoiItem<I> item = roi_item(index, s.channels, s);
+  const RoiBin<A, I> bin = roi_bin<T, I>(rois, offset, scale_and_gamma, item, s);
+  const A grad = to_acc(grad_output[index]) * bin_mask<T, I>(mask, item, s) / bin.count;
+  PlaneSink<Sink, I> plane{sink, (bin.batch_index * s.channels + item.c) * s.height * s.width};
+  for_each_sample(
+      bin, [&](A y, A x) { roi_align_scatter_to<A, I>(plane, s.height, s.width, y, x, grad); });
+}
+
 // grad_input[batch_index, c] += grad_output[k, c, ph, pw] * mask / count spread over the
 // corners of each of the bin's samples. One thread per grad_output element; atomics in A.
+// (The deterministic mode's version is deform_roi_pool_deterministic.cu.)
 template <typename T, typename I>
 __global__ void deform_roi_pool_backward_input(const T* __restrict__ grad_output,
                                                const acc_t<T>* __restrict__ rois,
@@ -201,13 +220,10 @@ __global__ void deform_roi_pool_backward_input(const T* __restrict__ grad_output
   using A = acc_t<T>;
   const RoiSizes<I> s = CUPYDCN_ROI_SIZES;
   const I total = s.num_rois * s.channels * s.bins;
+  AtomicSink<A> sink{grad_input};
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
-    const RoiItem<I> item = roi_item(index, s.channels, s);
-    const RoiBin<A, I> bin = roi_bin<T, I>(rois, offset, scale_and_gamma, item, s);
-    const A grad = to_acc(grad_output[index]) * bin_mask<T, I>(mask, item, s) / bin.count;
-    A* grad_plane = grad_input + (bin.batch_index * s.channels + item.c) * s.height * s.width;
-    for_each_sample(
-        bin, [&](A y, A x) { roi_align_scatter<A, I>(grad_plane, s.height, s.width, y, x, grad); });
+    roi_backward_input_item<T, I>(index, grad_output, rois, offset, mask, scale_and_gamma, s,
+                                  sink);
   }
 }
 
@@ -273,7 +289,5 @@ __global__ void deform_roi_pool_backward_coord(
   }
 }
 
-#undef CUPYDCN_ROI_SIZES
-#undef CUPYDCN_ROI_SIZE_PARAMETERS
 
 }  // namespace cupydcn

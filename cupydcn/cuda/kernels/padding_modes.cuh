@@ -4,8 +4,8 @@
 
 namespace cupydcn {
 
-// Where a sample coordinate p is read along a dimension of `size` pixels (SEMANTICS.md
-// section 1). The codes are PADDING_MODE_CODES of cupydcn/deform_conv/padding.py, whose
+// Where a sample coordinate p is read along a dimension of `size` pixels (docs/semantics.md
+// §4). The codes are PADDING_MODE_CODES of cupydcn/deform_conv/padding.py, whose
 // map_coordinates is the same function for the NumPy backend.
 //   zeros:      p' = p (points outside the map read 0 in the blend)
 //   border:     p' = clamp(p, 0, size - 1)

@@ -1,8 +1,8 @@
 // Shared device helpers of the RoI pooling kernels: RoIAlign-style bilinear sampling
-// (torchvision roi_align / mmcv RoIAlign, SEMANTICS.md section 2) with its gradients with
+// (torchvision roi_align / mmcv RoIAlign, docs/semantics.md §2) with its gradients with
 // respect to the sample point and its scatter into an input gradient.
 //
-// Device code only, inlined by the Python loader like every header of kernels/.
+// Device code only, inlined by the Python loader like every header of cupydcn/cuda/kernels/.
 //
 // RoIAlign sampling differs from the deformable convolution's (bilinear.cuh): a point
 // outside [-1, H] x [-1, W] reads 0; inside, each coordinate is clamped to >= 0, and a
@@ -26,7 +26,7 @@
 #pragma once
 
 #include "accumulate.cuh"
-#include "atomics.cuh"
+#include "scatter_sinks.cuh"
 #include "sample_gradient.cuh"
 
 namespace cupydcn {
@@ -132,22 +132,32 @@ __device__ __forceinline__ A roi_align_sample(const T* plane, I height, I width,
       .value;  // the derivatives are dead code here
 }
 
-// grad_plane[q] += weight(q) * grad over the corners q the sample at (y, x) reads
-// (atomically); corners that coincide at the last row / column get one update.
-template <typename A, typename I>
-__device__ __forceinline__ void roi_align_scatter(A* grad_plane, I height, I width, A y, A x,
-                                                  A grad) {
+// sink.add(q, weight(q) * grad) over the corners q the sample at (y, x) reads (element
+// indices within the plane), in a fixed order; corners that coincide at the last row /
+// column get one update (scatter_sinks.cuh).
+template <typename A, typename I, typename Sink>
+__device__ __forceinline__ void roi_align_scatter_to(Sink& sink, I height, I width, A y, A x,
+                                                     A grad) {
   const RoiAlignPoint<A, I> p = roi_align_point<A, I>(y, x, height, width);
   if (!p.inside) return;  // also NaN points
   const RoiAlignCorners<I> q = roi_align_corners<A, I>(p, width);
   const A ly = p.y.frac, lx = p.x.frac;
   const A hy = A(1) - ly, hx = A(1) - lx;
-  atomic_accumulate(grad_plane + q.i00, hy * hx * grad);
-  if (p.x.step) atomic_accumulate(grad_plane + q.i01, hy * lx * grad);
+  sink.add(q.i00, hy * hx * grad);
+  if (p.x.step) sink.add(q.i01, hy * lx * grad);
   if (p.y.step) {
-    atomic_accumulate(grad_plane + q.i10, ly * hx * grad);
-    if (p.x.step) atomic_accumulate(grad_plane + q.i11, ly * lx * grad);
+    sink.add(q.i10, ly * hx * grad);
+    if (p.x.step) sink.add(q.i11, ly * lx * grad);
   }
+}
+
+// grad_plane[q] += weight(q) * grad over the corners q the sample at (y, x) reads
+// (atomically); corners that coincide at the last row / column get one update.
+template <typename A, typename I>
+__device__ __forceinline__ void roi_align_scatter(A* grad_plane, I height, I width, A y, A x,
+                                                  A grad) {
+  AtomicSink<A> sink{grad_plane};
+  roi_align_scatter_to<A, I>(sink, height, width, y, x, grad);
 }
 
 }  // namespace cupydcn
