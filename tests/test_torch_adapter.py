@@ -122,6 +122,8 @@ def test_public_names():
         "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack",
         "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack",
         "DeformPSRoIPool",
+        "multi_scale_deformable_attn", "dcnv3", "dcnv4",
+        "MultiScaleDeformableAttention", "DCNv3", "DCNv4",
     }
     for name in ct.__all__:
         assert getattr(ct, name).__doc__

@@ -133,7 +133,8 @@ def _device_name(device: tuple[int, int]) -> str:
 # ------------------------------------------------------------------ into the backend
 # The ops with a differentiable counterpart in cupydcn.torch (a backward op's is its
 # forward's).
-_TORCH_DIFFERENTIABLE = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
+_TORCH_DIFFERENTIABLE = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool",
+                         "multi_scale_deformable_attn", "dcnv3", "dcnv4")
 
 
 def refuse_torch_autograd(op: str, arrays: dict[str, object]) -> None:
