@@ -9,8 +9,8 @@
 
 and their backward. Every check runs before any computation (``spec``; the values of
 ``spatial_shapes`` / ``level_start_index`` arrays inside the dispatch, on the arrays'
-stream). CPU arrays run on the NumPy backend; the CUDA kernels are not built yet
-(``cuda_backend`` raises CupydcnRuntimeError).
+stream). CPU arrays run on the NumPy backend, CUDA arrays on the kernels of
+``cupydcn/cuda/kernels/deform_attn.cu`` (``cuda_backend``).
 """
 
 from __future__ import annotations
