@@ -1,5 +1,11 @@
 """deform_psroi_pool on the CPU: vectorised NumPy.
 
+Two paths compute it. The factorised path (section "factorised path" at the end) sums each
+output element as sum_r sum_c Ay[r] * Ax[c] * V[r, c] over the distinct rows and columns
+its kept samples touch, with per-axis summed bilinear weights; it runs whenever the data it
+reads are finite (input; grad_output in the backward). The per-sample path described next
+runs otherwise: it reads every corner of every sample as the kernels do.
+
 Every step works on a block of samples of every bin of a chunk of RoIs, all classes and
 output channels at once; the only Python loops run over the chunks and over the blocks of
 the sample_per_part**2 samples of a bin. Chunks and blocks are sized so the temporaries of
@@ -20,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,12 +83,12 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
 class _Bins(NamedTuple):
     """Where the samples of every bin lie (acc dtype)."""
 
-    batch: np.ndarray   # [K] int64, image of each RoI
+    batch: np.ndarray  # [K] int64, image of each RoI
     hstart: np.ndarray  # [K, L, 1, P, P] first sample row, offset applied
     wstart: np.ndarray  # [K, L, 1, P, P] first sample column
-    sub_h: np.ndarray   # [K, 1, 1, 1, 1] sample spacing
+    sub_h: np.ndarray  # [K, 1, 1, 1, 1] sample spacing
     sub_w: np.ndarray
-    roi_h: np.ndarray   # [K] RoI size, the scale of the offsets
+    roi_h: np.ndarray  # [K] RoI size, the scale of the offsets
     roi_w: np.ndarray
 
 
@@ -110,27 +117,32 @@ def _bins(rois_acc: np.ndarray, offset_acc: np.ndarray | None, geom: PSRoiPoolGe
     hstart = (index[None, :] * bin_h[:, None] + start_h[:, None])[:, None, None, :, None]
     if offset_acc is not None:
         part = _part_of_bin(geom)
-        cells = offset_acc.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size,
-                                   geom.part_size)[:, :, :, part[:, None], part[None, :]]
+        cells = offset_acc.reshape(
+            geom.num_rois, geom.num_classes, 2, geom.part_size, geom.part_size
+        )[:, :, :, part[:, None], part[None, :]]
         wstart = wstart + cells[:, :, None, 0] * trans_std * roi_w[:, None, None, None, None]
         hstart = hstart + cells[:, :, None, 1] * trans_std * roi_h[:, None, None, None, None]
     shape = (geom.num_rois, geom.num_classes, 1, geom.pooled_size, geom.pooled_size)
     to_grid = (slice(None), None, None, None, None)
     return _Bins(
         batch=rois_acc[:, 0].astype(np.int64),
-        hstart=np.broadcast_to(hstart, shape), wstart=np.broadcast_to(wstart, shape),
-        sub_h=sub_h[to_grid], sub_w=sub_w[to_grid], roi_h=roi_h, roi_w=roi_w,
+        hstart=np.broadcast_to(hstart, shape),
+        wstart=np.broadcast_to(wstart, shape),
+        sub_h=sub_h[to_grid],
+        sub_w=sub_w[to_grid],
+        roi_h=roi_h,
+        roi_w=roi_w,
     )
 
 
 class _Sample(NamedTuple):
     """A block of S samples (ih, iw) of every bin, [S, K, L, 1, P, P]."""
 
-    kept: np.ndarray   # inside [-0.5, W-0.5] x [-0.5, H-0.5] (or NaN)
+    kept: np.ndarray  # inside [-0.5, W-0.5] x [-0.5, H-0.5] (or NaN)
     is_nan: np.ndarray
-    y0: np.ndarray     # floor of the clamped coordinates (int64; 0 where NaN)
+    y0: np.ndarray  # floor of the clamped coordinates (int64; 0 where NaN)
     x0: np.ndarray
-    ly: np.ndarray     # fractional parts (acc dtype)
+    ly: np.ndarray  # fractional parts (acc dtype)
     lx: np.ndarray
 
 
@@ -139,9 +151,10 @@ def _samples(bins: _Bins, geom: PSRoiPoolGeometry) -> Iterator[_Sample]:
     sized to the workspace."""
     acc = bins.hstart.dtype.type
     h_last, w_last = acc(geom.height - 1), acc(geom.width - 1)
-    total = geom.sample_per_part ** 2
-    size = max(1, min(total, _WORKSPACE_BYTES // (
-        max(geom.num_rois, 1) * _bytes_per_roi_sample(geom))))
+    total = geom.sample_per_part**2
+    size = max(
+        1, min(total, _WORKSPACE_BYTES // (max(geom.num_rois, 1) * _bytes_per_roi_sample(geom)))
+    )
     for first in range(0, total, size):
         ih, iw = np.divmod(np.arange(first, min(first + size, total)), geom.sample_per_part)
         block = (slice(None),) + (None,) * bins.hstart.ndim  # [S, 1, 1, 1, 1, 1]
@@ -158,7 +171,7 @@ def _samples(bins: _Bins, geom: PSRoiPoolGeometry) -> Iterator[_Sample]:
 class _Corner(NamedTuple):
     """One of the four bilinear corners of a sample, for every output channel."""
 
-    index: np.ndarray   # [K, L, J, P, P] flat index into input (clipped where not inside)
+    index: np.ndarray  # [K, L, J, P, P] flat index into input (clipped where not inside)
     inside: np.ndarray  # [K, L, 1, P, P] the corner lies in the map
     weight: np.ndarray  # [K, L, 1, P, P] bilinear weight
 
@@ -169,8 +182,9 @@ def _plane_starts(bins: _Bins, geom: PSRoiPoolGeometry) -> np.ndarray:
     group = np.arange(geom.pooled_size) * geom.group_size // geom.pooled_size
     d = np.arange(geom.output_dim)[:, None, None]
     channel = (d * geom.group_size + group[None, :, None]) * geom.group_size + group[None, None, :]
-    channel = channel.reshape(geom.num_classes, geom.channels_per_class, geom.pooled_size,
-                              geom.pooled_size)
+    channel = channel.reshape(
+        geom.num_classes, geom.channels_per_class, geom.pooled_size, geom.pooled_size
+    )
     plane = bins.batch[:, None, None, None, None] * geom.channels + channel[None]
     return plane * (geom.height * geom.width)
 
@@ -186,8 +200,9 @@ def _corners(sample: _Sample, plane_starts: np.ndarray, geom: PSRoiPoolGeometry)
     corners = []
     for y, y_inside, wy in ((sample.y0, everywhere, hy), (y1, y1_inside, sample.ly)):
         for x, x_inside, wx in ((sample.x0, everywhere, hx), (x1, x1_inside, sample.lx)):
-            corners.append(_Corner(plane_starts + (y * geom.width + x),
-                                   y_inside & x_inside, wy * wx))
+            corners.append(
+                _Corner(plane_starts + (y * geom.width + x), y_inside & x_inside, wy * wx)
+            )
     return corners
 
 
@@ -217,9 +232,16 @@ def psroi_pool_forward(input, rois, offset, geom: PSRoiPoolGeometry):
     count = np.zeros(geom.output_shape, dtype=np.int32)
     acc = _acc_dtype(input.dtype)
     flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1)
+    if FACTORISED and _finite(flat_input):
+        for chunk, chunk_geom in _factorised_chunks(geom):
+            output[chunk], count[chunk] = _forward_factorised(
+                flat_input, rois[chunk], None if offset is None else offset[chunk], chunk_geom
+            )
+        return output, count
     for chunk, chunk_geom in _roi_chunks(geom):
         output[chunk], count[chunk] = _forward_chunk(
-            flat_input, rois[chunk], None if offset is None else offset[chunk], chunk_geom)
+            flat_input, rois[chunk], None if offset is None else offset[chunk], chunk_geom
+        )
     return output, count
 
 
@@ -246,8 +268,9 @@ def _forward_chunk(flat_input, rois, offset, geom: PSRoiPoolGeometry):
 
 
 @_quiet_float_errors
-def psroi_pool_backward(grad_output, input, rois, offset, geom: PSRoiPoolGeometry, *,
-                        wrt: frozenset[str]):
+def psroi_pool_backward(
+    grad_output, input, rois, offset, geom: PSRoiPoolGeometry, *, wrt: frozenset[str]
+):
     """(grad_input [N, C, H, W] or None, grad_offset [K, 2 * num_classes, S, S] or None)
     for the names in ``wrt``, NumPy arrays of the input dtype."""
     want_input = "input" in wrt
@@ -255,22 +278,60 @@ def psroi_pool_backward(grad_output, input, rois, offset, geom: PSRoiPoolGeometr
     dtype = input.dtype
     acc = _acc_dtype(dtype)
     flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1)
-    grad_input = np.zeros(flat_input.size, dtype=np.float64) if want_input else None
+    factorised = FACTORISED and _finite(grad_output) and (not want_offset or _finite(flat_input))
+    # the per-sample path sums grad_input in float64; the factorised one, with far fewer
+    # terms per pixel, in the accumulation dtype (as the kernels do)
+    grad_input = (
+        np.zeros(flat_input.size, dtype=acc if factorised else np.float64) if want_input else None
+    )
     grad_offset = np.zeros(geom.offset_shape, dtype=dtype) if want_offset else None
-    for chunk, chunk_geom in _roi_chunks(geom):
+    for chunk, chunk_geom in (_factorised_chunks if factorised else _roi_chunks)(geom):
+        if factorised:
+            offset_part = _backward_factorised(
+                grad_input,
+                grad_output[chunk],
+                flat_input,
+                rois[chunk],
+                None if offset is None else offset[chunk],
+                chunk_geom,
+                dtype=dtype,
+                want_offset=want_offset,
+            )
+            if want_offset:
+                grad_offset[chunk] = offset_part
+            continue
         chunk_offset = None if offset is None else offset[chunk]
-        offset_part = _backward_chunk(grad_input, grad_output[chunk], flat_input, rois[chunk],
-                                      chunk_offset, chunk_geom, dtype=dtype,
-                                      want_offset=want_offset)
+        offset_part = _backward_chunk(
+            grad_input,
+            grad_output[chunk],
+            flat_input,
+            rois[chunk],
+            chunk_offset,
+            chunk_geom,
+            dtype=dtype,
+            want_offset=want_offset,
+        )
         if want_offset:
             grad_offset[chunk] = offset_part
     return PSRoiPoolGrads(
-        None if grad_input is None else grad_input.reshape(geom.input_shape).astype(dtype),
-        grad_offset)
+        None
+        if grad_input is None
+        else grad_input.reshape(geom.input_shape).astype(dtype, copy=False),
+        grad_offset,
+    )
 
 
-def _backward_chunk(grad_input, grad_output, flat_input, rois, offset,
-                    geom: PSRoiPoolGeometry, *, dtype, want_offset: bool):
+def _backward_chunk(
+    grad_input,
+    grad_output,
+    flat_input,
+    rois,
+    offset,
+    geom: PSRoiPoolGeometry,
+    *,
+    dtype,
+    want_offset: bool,
+):
     """Adds the chunk's share to grad_input (flat float64, or None) and returns its
     grad_offset [K, 2 * num_classes, S, S] (or None)."""
     acc, bins, plane_starts = _prepare(flat_input, rois, offset, geom)
@@ -290,16 +351,16 @@ def _backward_chunk(grad_input, grad_output, flat_input, rois, offset,
                 scattered = np.broadcast_to(usable & corner.inside, corner.index.shape)
                 indices.append(corner.index[scattered])
                 values.append(np.broadcast_to(corner.weight * grad, scattered.shape)[scattered])
-            grad_input += np.bincount(np.concatenate(indices), np.concatenate(values),
-                                      minlength=grad_input.size)
+            grad_input += np.bincount(
+                np.concatenate(indices), np.concatenate(values), minlength=grad_input.size
+            )
             del indices, values
         if want_offset:
             # The derivatives are linear in the corner values: weight them by grad, sum
             # over the class's channels, then differentiate (MSRA: 0 on an integer
             # coordinate, which covers every clamped sample).
             v00, v01, v10, v11 = (
-                (grad * v).sum(axis=-3, keepdims=True)
-                for v in _corner_values(flat_input, corners)
+                (grad * v).sum(axis=-3, keepdims=True) for v in _corner_values(flat_input, corners)
             )
             d_dw = (1 - sample.ly) * (v01 - v00) + sample.ly * (v11 - v10)
             d_dh = (1 - sample.lx) * (v10 - v00) + sample.lx * (v11 - v01)
@@ -312,12 +373,14 @@ def _backward_chunk(grad_input, grad_output, flat_input, rois, offset,
     if not want_offset:
         return None
     grad_offset = np.empty(geom.offset_shape, dtype=dtype)
-    cells = grad_offset.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size,
-                                geom.part_size)
+    cells = grad_offset.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size, geom.part_size)
     trans_std = acc.type(geom.trans_std)
     for axis, bin_sums, roi_size in ((0, bin_dw, bins.roi_w), (1, bin_dh, bins.roi_h)):
-        cells[:, :, axis] = _sum_bins_into_parts(bin_sums[:, :, 0], geom) * trans_std * (
-            roi_size[:, None, None, None])
+        cells[:, :, axis] = (
+            _sum_bins_into_parts(bin_sums[:, :, 0], geom)
+            * trans_std
+            * (roi_size[:, None, None, None])
+        )
     return grad_offset
 
 
@@ -328,3 +391,366 @@ def _sum_bins_into_parts(per_bin: np.ndarray, geom: PSRoiPoolGeometry) -> np.nda
     cells = np.zeros((geom.part_size, geom.part_size, *per_bin.shape[:2]), dtype=per_bin.dtype)
     np.add.at(cells, (part[:, None], part[None, :]), np.moveaxis(per_bin, (2, 3), (0, 1)))
     return np.moveaxis(cells, (0, 1), (2, 3))
+
+
+# ---------------------------------------------------------------------------- factorised path
+#
+# A bin's samples are a tensor product (h_ih) x (w_iw), and the skip test, the clamps, the
+# corners and the bilinear weights are per axis, so the sum over a bin's kept samples of
+# its channel plane V is sum_r sum_c Ay[r] * Ax[c] * V[r, c], with Ay[r] the weight of row
+# r summed over the kept, non-NaN h samples (Ax likewise), over the distinct rows and
+# columns they touch (at most 2 * sample_per_part each): the cost is a bin's footprint, not
+# 4 corners per sample. count = (kept rows) * (kept columns). The offset gradient uses the
+# summed derivative weights (dAx: -1 / +1 on the corners of a sample whose lx != 0, MSRA's
+# convention) with Ay, and dAy with Ax. A kept sample is NaN when its h or its w is NaN:
+# those bins are NaN (output and grad_offset) and their NaN samples add nothing to
+# grad_input.
+#
+# The path runs when the data it reads are finite (input; grad_output in the backward):
+# products with a weight 0 are then exact zeros and the results equal the per-sample sums
+# to rounding. Each element is summed in a fixed order (columns, then rows), so blocking
+# does not change the forward. Non-finite data take the per-sample path (a NaN / inf pixel
+# read with weight 0 poisons a sample there, as in the kernels).
+
+# Set to False to run the per-sample path for every call (tests compare the two).
+FACTORISED = True
+
+# Working bytes per footprint cell of one output element (indices, values, products) and
+# per sample of one axis of one bin of a class (coordinates, entries, sort, slots).
+_CELL_BYTES = 6 * 8
+_AXIS_BYTES = 40 * 8
+
+
+def _finite(array) -> bool:
+    """Every value finite: one summation pass in the accumulation dtype (float64 for
+    float64, else float32), no temporaries. A NaN or an infinity makes the sum NaN or
+    infinite; so can an overflow of finite values, which only sends the call to the
+    per-sample path (exact for any values)."""
+    dtype = np.float64 if np.dtype(array.dtype) == np.float64 else np.float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.sum(array, dtype=dtype)))
+
+
+def _footprint(geom: PSRoiPoolGeometry) -> tuple[int, int]:
+    """Bounds on the distinct rows and columns a bin's samples touch."""
+    return (min(2 * geom.sample_per_part, geom.height), min(2 * geom.sample_per_part, geom.width))
+
+
+def _factorised_bytes_per_roi(geom: PSRoiPoolGeometry) -> int:
+    rows, cols = _footprint(geom)
+    bins = geom.pooled_size * geom.pooled_size
+    return bins * (
+        geom.output_dim * rows * _CELL_BYTES
+        + geom.num_classes * (rows * cols * 8 + 2 * geom.sample_per_part * _AXIS_BYTES)
+    )
+
+
+def _factorised_chunks(geom: PSRoiPoolGeometry):
+    """(RoIs, their geometry) per chunk of consecutive RoIs sized to the workspace."""
+    size = max(1, _WORKSPACE_BYTES // _factorised_bytes_per_roi(geom))
+    for start in range(0, geom.num_rois, size):
+        rois = slice(start, min(start + size, geom.num_rois))
+        yield rois, dataclasses.replace(geom, num_rois=rois.stop - rois.start)
+
+
+class _AxisSums(NamedTuple):
+    """Per bin of a class, one axis: the distinct in-map rows its usable samples touch
+    [m, L] (padding: 0 with weight 0), their summed weights and derivative weights
+    [m, L] (acc), the kept samples [m] (int64) and whether one of them is NaN [m]."""
+
+    rows: np.ndarray
+    weights: np.ndarray
+    dweights: np.ndarray
+    kept: np.ndarray
+    nan: np.ndarray
+    used: np.ndarray  # [m] the first that many entries of each bin are its rows
+
+    def take(self, index: np.ndarray, length: int) -> _AxisSums:
+        return _AxisSums(
+            self.rows[index, :length],
+            self.weights[index, :length],
+            self.dweights[index, :length],
+            self.kept[index],
+            self.nan[index],
+            self.used[index],
+        )
+
+
+def _axis_sums(
+    start: np.ndarray, step: np.ndarray, geom: PSRoiPoolGeometry, extent: int
+) -> _AxisSums:
+    """start [m] (hstart / wstart), step [m] (sub_h / sub_w) -> the axis's sums."""
+    acc = start.dtype.type
+    last = acc(extent - 1)
+    index = np.arange(geom.sample_per_part).astype(start.dtype)
+    # the kernels' arithmetic: start + i * step
+    coord = start[:, None] + index[None, :] * step[:, None]
+    kept = ~((coord < -0.5) | (coord > last + acc(0.5)))
+    is_nan = np.isnan(coord)
+    usable = kept & ~is_nan
+    clamped = np.where(is_nan, 0, np.clip(coord, 0, last)).astype(start.dtype)
+    low = np.floor(clamped)
+    frac = clamped - low
+    low = low.astype(np.int64)
+    high_inside = usable & (low + 1 < extent)
+    moves = usable & (frac != 0)
+    zero, one = acc(0), acc(1)
+    rows = np.concatenate(
+        [np.where(usable, low, extent), np.where(high_inside, low + 1, extent)], axis=1
+    )
+    weights = np.concatenate(
+        [np.where(usable, 1 - frac, zero), np.where(high_inside, frac, zero)], axis=1
+    )
+    dweights = np.concatenate([np.where(moves, -one, zero), np.where(moves, one, zero)], axis=1)
+    distinct, summed, dsummed, used = _compact(rows, weights, dweights, extent)
+    return _AxisSums(
+        distinct,
+        summed,
+        dsummed,
+        kept.sum(axis=1, dtype=np.int64),
+        (kept & is_nan).any(axis=1),
+        used,
+    )
+
+
+def _compact(rows: np.ndarray, weights: np.ndarray, dweights: np.ndarray, extent: int):
+    """Entries (row, weight, derivative weight) [m, E], rows == extent for none -> per
+    bin the distinct rows [m, L] with the summed weights (in entry order, sorted by row)."""
+    m = rows.shape[0]
+    order = np.argsort(rows, axis=1, kind="stable")
+    rows = np.take_along_axis(rows, order, 1)
+    weights = np.take_along_axis(weights, order, 1)
+    dweights = np.take_along_axis(dweights, order, 1)
+    new = np.ones(rows.shape, bool)
+    new[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    slot = np.cumsum(new, axis=1) - 1
+    used = (new & (rows < extent)).sum(axis=1)
+    length = int(used.max()) if m else 0
+    acc = weights.dtype
+    if length == 0:
+        empty = np.zeros((m, 0), acc)
+        return np.zeros((m, 0), np.int64), empty, empty, used
+    np.minimum(slot, length, out=slot)  # entries past the map go to a dropped column
+    flat = (np.arange(m)[:, None] * (length + 1) + slot).ravel()
+    size = m * (length + 1)
+    shape = (m, length + 1)
+    summed = np.bincount(flat, weights.ravel(), minlength=size).reshape(shape)[:, :length]
+    dsummed = np.bincount(flat, dweights.ravel(), minlength=size).reshape(shape)[:, :length]
+    distinct = np.zeros(shape, np.int64)
+    distinct[np.arange(m)[:, None], slot] = rows
+    distinct = distinct[:, :length]
+    distinct[distinct >= extent] = 0
+    return distinct, summed.astype(acc), dsummed.astype(acc), used
+
+
+class _Footprints(NamedTuple):
+    """The bins of a chunk, per class: [m] = [K * L * P * P] bins (RoI, class, row,
+    column order), elements [m, J] (their output channels), per-axis sums."""
+
+    starts: np.ndarray  # [m, J] flat input index of each element's channel plane
+    y: _AxisSums
+    x: _AxisSums
+    count: np.ndarray  # [m] kept samples (int64)
+    nan: np.ndarray  # [m] a kept sample is NaN
+
+
+def _footprints(flat_input, rois, offset, geom: PSRoiPoolGeometry) -> _Footprints:
+    acc, bins, plane_starts = _prepare(flat_input, rois, offset, geom)
+    p = geom.pooled_size
+    shape = (geom.num_rois, geom.num_classes, 1, p, p)
+    m = geom.num_rois * geom.num_classes * p * p
+
+    def flat(values):
+        return np.ascontiguousarray(np.broadcast_to(values, shape)).reshape(m)
+
+    y = _axis_sums(flat(bins.hstart), flat(bins.sub_h), geom, geom.height)
+    x = _axis_sums(flat(bins.wstart), flat(bins.sub_w), geom, geom.width)
+    starts = np.moveaxis(plane_starts, 2, -1).reshape(m, geom.channels_per_class)
+    nan = (y.nan & (x.kept > 0)) | (x.nan & (y.kept > 0))
+    return _Footprints(starts, y, x, y.kept * x.kept, nan)
+
+
+def _groups(fp: _Footprints):
+    """(bin indices, footprints) per footprint size: the bins with the same numbers of
+    rows and columns, trimmed to them (no padding; each element's sums are unchanged)."""
+    if len(fp.count) == 0:
+        return
+    key = fp.y.used * (int(fp.x.used.max()) + 1) + fp.x.used
+    order = np.argsort(key, kind="stable")
+    sizes = key[order]
+    edges = np.flatnonzero(np.concatenate(([True], sizes[1:] != sizes[:-1], [True])))
+    for first, stop in zip(edges[:-1], edges[1:]):
+        index = order[first:stop]
+        rows, cols = int(fp.y.used[index[0]]), int(fp.x.used[index[0]])
+        yield (
+            index,
+            _Footprints(
+                fp.starts[index],
+                fp.y.take(index, rows),
+                fp.x.take(index, cols),
+                fp.count[index],
+                fp.nan[index],
+            ),
+        )
+
+
+def _element_rows(fp: _Footprints, geom: PSRoiPoolGeometry) -> np.ndarray:
+    """[m, J, Ly] flat input index of each element's footprint rows at column 0."""
+    return fp.starts[:, :, None] + (fp.y.rows * geom.width)[:, None, :]
+
+
+def _to_output(per_bin: np.ndarray, geom: PSRoiPoolGeometry) -> np.ndarray:
+    """[m, J] -> [K, output_dim, P, P]."""
+    p = geom.pooled_size
+    return np.moveaxis(
+        per_bin.reshape(geom.num_rois, geom.num_classes, p, p, geom.channels_per_class), -1, 2
+    ).reshape(geom.output_shape)
+
+
+def _forward_factorised(flat_input, rois, offset, geom: PSRoiPoolGeometry):
+    everything = _footprints(flat_input, rois, offset, geom)
+    acc = flat_input.dtype
+    total = np.zeros(everything.starts.shape, acc)
+    for index, fp in _groups(everything):
+        m, j = fp.starts.shape
+        ly = fp.y.rows.shape[1]
+        rows = _element_rows(fp, geom)
+        column_sums = np.zeros((m, j, ly), acc) if fp.x.rows.shape[1] == 0 else None
+        for b in range(fp.x.rows.shape[1]):
+            values = flat_input[rows + fp.x.rows[:, None, None, b]]
+            values *= fp.x.weights[:, None, None, b]
+            if column_sums is None:  # the first term as is (0 + t = t)
+                column_sums = values
+            else:
+                column_sums += values
+            del values
+        sums = np.zeros((m, j), acc)
+        for a in range(ly):
+            sums += fp.y.weights[:, None, a] * column_sums[:, :, a]
+        del column_sums
+        total[index] = sums
+    total[everything.nan] = np.nan
+    count = everything.count[:, None]
+    mean = total / np.maximum(count, 1).astype(acc)
+    output = np.where(count > 0, mean, 0).astype(acc)
+    counts = np.broadcast_to(count, total.shape)
+    return _to_output(output, geom), _to_output(counts, geom)
+
+
+def _backward_factorised(
+    grad_input,
+    grad_output,
+    flat_input,
+    rois,
+    offset,
+    geom: PSRoiPoolGeometry,
+    *,
+    dtype,
+    want_offset: bool,
+):
+    """The factorised :func:`_backward_chunk`."""
+    everything = _footprints(flat_input, rois, offset, geom)
+    acc = flat_input.dtype
+    p = geom.pooled_size
+    j = geom.channels_per_class
+    grad_all = (
+        np.asarray(grad_output)
+        .astype(acc, copy=False)
+        .reshape(geom.num_rois, geom.num_classes, j, p, p)
+    )
+    grad_all = np.moveaxis(grad_all, 2, -1).reshape(-1, j)
+    grad_all = grad_all / np.maximum(everything.count, 1).astype(acc)[:, None]
+    bin_dw = np.zeros(len(everything.count), acc)
+    bin_dh = np.zeros(len(everything.count), acc)
+    scatter = None if grad_input is None else _Scatter(grad_input)
+    for index, fp in _groups(everything):
+        m = len(index)
+        grad = grad_all[index]
+        rows = _element_rows(fp, geom)
+        ly, lx = fp.y.rows.shape[1], fp.x.rows.shape[1]
+        if not (ly and lx):
+            continue
+        if scatter is not None:
+            _scatter(scatter, rows, fp, grad)
+        if not want_offset:
+            continue
+        # dots [m, Ly, Lx] = sum over the class's channels of grad * V
+        dots = np.zeros((m, ly, lx), acc)
+        for b in range(lx):
+            dots[:, :, b] = np.einsum(
+                "mja,mj->ma", flat_input[rows + fp.x.rows[:, None, None, b]], grad
+            )
+        bin_dw[index] = np.einsum("ma,mab,mb->m", fp.y.weights, dots, fp.x.dweights)
+        bin_dh[index] = np.einsum("ma,mab,mb->m", fp.y.dweights, dots, fp.x.weights)
+    if scatter is not None:
+        scatter.flush()
+    if not want_offset:
+        return None
+    bin_dw[everything.nan] = np.nan
+    bin_dh[everything.nan] = np.nan
+    grad_offset = np.empty(geom.offset_shape, dtype=dtype)
+    cells = grad_offset.reshape(geom.num_rois, geom.num_classes, 2, geom.part_size, geom.part_size)
+    shape = (geom.num_rois, geom.num_classes, p, p)
+    trans_std = acc.type(geom.trans_std)
+    roi_h, roi_w = _roi_sizes(rois, geom, acc)
+    for axis, bin_sums, roi_size in ((0, bin_dw, roi_w), (1, bin_dh, roi_h)):
+        cells[:, :, axis] = (
+            _sum_bins_into_parts(bin_sums.reshape(shape), geom)
+            * trans_std
+            * (roi_size[:, None, None, None])
+        )
+    return grad_offset
+
+
+class _Scatter:
+    """grad_input (flat, acc dtype) += weights at indices, buffered: entries are collected
+    up to a workspace-sized batch, then added with one np.bincount over the range of
+    indices they touch when that range is at most 4 times the entries (one pass, bounded
+    memory), else with np.add.at."""
+
+    def __init__(self, grad_input: np.ndarray):
+        self.grad_input = grad_input
+        self.limit = max(1, _WORKSPACE_BYTES // 64)
+        self.indices: list[np.ndarray] = []
+        self.weights: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, indices: np.ndarray, weights: np.ndarray) -> None:
+        used = weights != 0
+        self.indices.append(indices[used])
+        self.weights.append(weights[used])
+        self.size += self.indices[-1].size
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.size:
+            return
+        indices, weights = np.concatenate(self.indices), np.concatenate(self.weights)
+        self.indices, self.weights, self.size = [], [], 0
+        low, high = int(indices.min()), int(indices.max())
+        if high + 1 - low <= 4 * len(indices):
+            self.grad_input[low : high + 1] += np.bincount(
+                indices - low, weights, minlength=high + 1 - low
+            )
+        else:
+            np.add.at(self.grad_input, indices, weights.astype(self.grad_input.dtype))
+
+
+def _scatter(scatter: _Scatter, rows, fp: _Footprints, grad) -> None:
+    """Ay[a] * Ax[b] * grad into each element's footprint, a few columns at a time."""
+    m, j, ly = rows.shape
+    lx = fp.x.rows.shape[1]
+    per_row = fp.y.weights[:, None, :] * grad[:, :, None]
+    step = max(1, _WORKSPACE_BYTES // (8 * max(m * j * ly, 1) * _CELL_BYTES))
+    for first in range(0, lx, step):
+        cols = slice(first, min(first + step, lx))
+        index = rows[..., None] + fp.x.rows[:, None, None, cols]
+        weight = per_row[..., None] * fp.x.weights[:, None, None, cols]
+        scatter.add(index.ravel(), weight.ravel())
+        del index, weight
+
+
+def _roi_sizes(rois, geom: PSRoiPoolGeometry, acc: np.dtype):
+    bins = _bins(np.asarray(rois).astype(acc, copy=False), None, geom)
+    return bins.roi_h, bins.roi_w

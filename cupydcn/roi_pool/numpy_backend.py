@@ -7,8 +7,18 @@ sample coordinates, the RoIAlign blend), and the same conventions at the kinks
 [-1, H] x [-1, W], one-sided from the right at integer coordinates; a NaN sample is NaN
 and adds nothing to the input gradient.
 
-How it is vectorised. Loops run over the sampling grid only; each step handles one
-sample of every bin of every RoI at once:
+Two paths compute it. The factorised path (section "factorised path" below) sums each bin
+as sum_r sum_c Ay[r] * Ax[c] * V[r, c] over the rows and columns its samples touch, with
+per-axis summed bilinear weights: its cost is the bins' footprints times C, whatever the
+sampling grid. It runs when the data it reads are finite: always for the backward, and for
+the forward when ``FACTORISED_FORWARD`` is set (it sums in another order than the kernels,
+equal to rounding; see there). The per-sample path below reproduces the kernels' sums bit
+for bit and reads every corner of every sample as they do (so a NaN / inf pixel read with
+weight 0 poisons the sample); it runs for the forward by default and whenever the data are
+not finite.
+
+How the per-sample path is vectorised. Loops run over the sampling grid only; each step
+handles one sample of every bin of every RoI at once:
 
 * Samples per bin (grid_h * grid_w) differ between RoIs when sampling_ratio = 0. The RoIs
   are sorted by decreasing sample count, so the RoIs that still have a sample at flat step
@@ -40,13 +50,13 @@ once to the input dtype.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from cupydcn.roi_pool.spec import RoiPoolGeometry, RoiPoolGrads
 from cupydcn.core.dtypes import DTYPES, numpy_dtype
+from cupydcn.roi_pool.spec import RoiPoolGeometry, RoiPoolGrads
 
 # Mirrors kMaxSamplesPerAxis of cupydcn/cuda/kernels/deform_roi_pool.cu.
 _MAX_SAMPLES_PER_AXIS = 1 << 30
@@ -128,8 +138,11 @@ def roi_pool_backward(
     want_offset = "offset" in wrt and offset is not None
     want_mask = "mask" in wrt and mask is not None
 
-    grad_planes = (np.zeros((geom.batch * geom.height * geom.width + 1, geom.channels), acc)
-                   if want_input else None)
+    grad_planes = (
+        np.zeros((geom.batch * geom.height * geom.width + 1, geom.channels), acc)
+        if want_input
+        else None
+    )
     grad_offset = np.empty(geom.offset_shape, dtype=dtype) if want_offset else None
     grad_mask = np.empty(geom.mask_shape, dtype=dtype) if want_mask else None
 
@@ -137,13 +150,28 @@ def roi_pool_backward(
         with np.errstate(**_IGNORE_FLOAT_ERRORS):
             planes = _planes(input, acc) if (want_offset or want_mask) else None
             boxes = _RoiBoxes.of(rois, geom, acc)
-            factorised = FACTORISED and _finite(grad_output) and (
-                mask is None or _finite(mask)) and (planes is None or _finite(planes))
+            factorised = (
+                FACTORISED
+                and _finite(grad_output)
+                and (mask is None or _finite(mask))
+                and (planes is None or _finite(planes))
+            )
             chunks = () if factorised else _chunks(boxes, geom, acc)
             if factorised:
-                _backward_factorised(grad_planes, grad_offset, grad_mask, grad_output,
-                                     planes, boxes, offset, mask, geom, acc,
-                                     want_offset=want_offset, want_mask=want_mask)
+                _backward_factorised(
+                    grad_planes,
+                    grad_offset,
+                    grad_mask,
+                    grad_output,
+                    planes,
+                    boxes,
+                    offset,
+                    mask,
+                    geom,
+                    acc,
+                    want_offset=want_offset,
+                    want_mask=want_mask,
+                )
             for chunk in chunks:
                 bins = _bins(boxes, chunk, offset, geom, acc)
                 batch_index = boxes.batch_index[chunk]
@@ -151,28 +179,40 @@ def roi_pool_backward(
                 grad_bins = np.asarray(grad_output[chunk], dtype=acc).transpose(0, 2, 3, 1)
                 mask_bins = None if mask is None else _per_bin(mask, chunk, acc)
                 if want_input:
-                    _scatter_to_planes(grad_planes, grad_bins, mask_bins, bins,
-                                       _steps(bins, batch_index, geom, acc))
+                    _scatter_to_planes(
+                        grad_planes,
+                        grad_bins,
+                        mask_bins,
+                        bins,
+                        _steps(bins, batch_index, geom, acc),
+                    )
                 if not (want_offset or want_mask):
                     continue
                 value_sum, dy_sum, dx_sum = _coordinate_sums(
-                    planes, grad_bins, _steps(bins, batch_index, geom, acc))
+                    planes, grad_bins, _steps(bins, batch_index, geom, acc)
+                )
                 if want_mask:
                     grad_mask[chunk, 0] = value_sum / bins.count[:, None, None]
                 if want_offset:
                     per_sample = (acc.type(1) if mask_bins is None else mask_bins) / (
-                        bins.count[:, None, None])
+                        bins.count[:, None, None]
+                    )
                     gamma = acc.type(geom.gamma)
                     grad_offset[chunk, 0] = (gamma * bins.roi_w)[:, None, None] * (
-                        dx_sum * per_sample)
+                        dx_sum * per_sample
+                    )
                     grad_offset[chunk, 1] = (gamma * bins.roi_h)[:, None, None] * (
-                        dy_sum * per_sample)
+                        dy_sum * per_sample
+                    )
 
     grad_input = None
     if grad_planes is not None:
         grad_input = np.ascontiguousarray(
-            grad_planes[:-1].reshape(geom.batch, geom.height, geom.width, geom.channels)
-            .transpose(0, 3, 1, 2), dtype=dtype)
+            grad_planes[:-1]
+            .reshape(geom.batch, geom.height, geom.width, geom.channels)
+            .transpose(0, 3, 1, 2),
+            dtype=dtype,
+        )
     return RoiPoolGrads(grad_input, grad_offset, grad_mask)
 
 
@@ -189,13 +229,13 @@ class _RoiBoxes:
     (grids and batch index as integers), and the processing order."""
 
     batch_index: np.ndarray  # intp
-    start_y: np.ndarray      # y1 * scale - 0.5
+    start_y: np.ndarray  # y1 * scale - 0.5
     start_x: np.ndarray
-    roi_h: np.ndarray        # (y2 * scale - 0.5) - start_y, not clamped
+    roi_h: np.ndarray  # (y2 * scale - 0.5) - start_y, not clamped
     roi_w: np.ndarray
-    grid_h: np.ndarray       # samples per bin along y (int64, >= 0)
+    grid_h: np.ndarray  # samples per bin along y (int64, >= 0)
     grid_w: np.ndarray
-    order: np.ndarray        # RoIs by decreasing grid_h * grid_w (stable)
+    order: np.ndarray  # RoIs by decreasing grid_h * grid_w (stable)
 
     @classmethod
     def of(cls, rois: np.ndarray, geom: RoiPoolGeometry, acc: np.dtype) -> _RoiBoxes:
@@ -208,12 +248,14 @@ class _RoiBoxes:
         grid_h = _samples_per_axis(geom.sampling_ratio, roi_h, geom.pooled_h, acc)
         grid_w = _samples_per_axis(geom.sampling_ratio, roi_w, geom.pooled_w, acc)
         order = np.argsort(-(grid_h * grid_w), kind="stable")
-        return cls(values[:, 0].astype(np.intp), start_y, start_x, roi_h, roi_w, grid_h,
-                   grid_w, order)
+        return cls(
+            values[:, 0].astype(np.intp), start_y, start_x, roi_h, roi_w, grid_h, grid_w, order
+        )
 
 
-def _samples_per_axis(sampling_ratio: int, roi_size: np.ndarray, pooled: int,
-                      acc: np.dtype) -> np.ndarray:
+def _samples_per_axis(
+    sampling_ratio: int, roi_size: np.ndarray, pooled: int, acc: np.dtype
+) -> np.ndarray:
     """sampling_ratio if positive, else ceil(roi_size / pooled); clamped to [0, cap]."""
     if sampling_ratio > 0:
         return np.full(roi_size.shape, min(sampling_ratio, _MAX_SAMPLES_PER_AXIS), np.int64)
@@ -227,7 +269,7 @@ def _chunks(boxes: _RoiBoxes, geom: RoiPoolGeometry, acc: np.dtype) -> Iterator[
     """Runs of RoI indices, consecutive in ``boxes.order``, sized to the workspace."""
     size = max(1, _WORKSPACE_BYTES // (geom.bins * _bytes_per_sample(geom, acc)))
     for start in range(0, geom.num_rois, size):
-        yield boxes.order[start:start + size]
+        yield boxes.order[start : start + size]
 
 
 def _bytes_per_sample(geom: RoiPoolGeometry, acc: np.dtype) -> int:
@@ -251,8 +293,13 @@ class _Bins:
     roi_w: np.ndarray
 
 
-def _bins(boxes: _RoiBoxes, chunk: np.ndarray, offset: np.ndarray | None,
-          geom: RoiPoolGeometry, acc: np.dtype) -> _Bins:
+def _bins(
+    boxes: _RoiBoxes,
+    chunk: np.ndarray,
+    offset: np.ndarray | None,
+    geom: RoiPoolGeometry,
+    acc: np.dtype,
+) -> _Bins:
     roi_h, roi_w = boxes.roi_h[chunk], boxes.roi_w[chunk]
     grid_h, grid_w = boxes.grid_h[chunk], boxes.grid_w[chunk]
     bin_h = roi_h / acc.type(geom.pooled_h)
@@ -268,8 +315,17 @@ def _bins(boxes: _RoiBoxes, chunk: np.ndarray, offset: np.ndarray | None,
     top = start_y + np.arange(geom.pooled_h, dtype=acc)[:, None] * bin_h[:, None, None]
     left = start_x + np.arange(geom.pooled_w, dtype=acc) * bin_w[:, None, None]
     count = np.maximum(grid_h.astype(acc) * grid_w.astype(acc), acc.type(1))
-    return _Bins(np.broadcast_to(top, shape), np.broadcast_to(left, shape), bin_h, bin_w,
-                 grid_h, grid_w, count, roi_h, roi_w)
+    return _Bins(
+        np.broadcast_to(top, shape),
+        np.broadcast_to(left, shape),
+        bin_h,
+        bin_w,
+        grid_h,
+        grid_w,
+        count,
+        roi_h,
+        roi_w,
+    )
 
 
 def _per_bin(array: np.ndarray, chunk: np.ndarray, acc: np.dtype) -> np.ndarray:
@@ -325,8 +381,11 @@ class _Samples:
         d_dy = self.moves_y * (hx * (v10 - v00) + lx * (v11 - v01))
         d_dx = self.moves_x * (hy * (v01 - v00) + ly * (v11 - v10))
         zero = value.dtype.type(0)
-        return (np.where(self.valid, value, zero), np.where(self.valid, d_dy, zero),
-                np.where(self.valid, d_dx, zero))
+        return (
+            np.where(self.valid, value, zero),
+            np.where(self.valid, d_dy, zero),
+            np.where(self.valid, d_dx, zero),
+        )
 
     def corner_weights(self):
         """Weights of the four corners, [S, a, ph, pw] each, in the order of ``rows``."""
@@ -335,8 +394,9 @@ class _Samples:
         return hy * hx, hy * lx, ly * hx, ly * lx
 
 
-def _steps(bins: _Bins, batch_index: np.ndarray, geom: RoiPoolGeometry,
-           acc: np.dtype) -> Iterator[tuple[int, _Samples]]:
+def _steps(
+    bins: _Bins, batch_index: np.ndarray, geom: RoiPoolGeometry, acc: np.dtype
+) -> Iterator[tuple[int, _Samples]]:
     """(a, samples) per block of consecutive flat sample steps s, in the kernels' order
     (iy-major): the first ``a`` RoIs of the chunk (those with more than the block's first
     s samples) sample (s // grid_w, s % grid_w) of each of their bins where they have
@@ -354,12 +414,15 @@ def _steps(bins: _Bins, batch_index: np.ndarray, geom: RoiPoolGeometry,
         grid_h, grid_w = bins.grid_h[:active], bins.grid_w[:active]
         valid = block < samples[:active]  # [S, a]
         iy, ix = np.divmod(block, grid_w)
-        y = bins.top[:active] + ((iy.astype(acc) + half) * bins.bin_h[:active]
-                                 / grid_h.astype(acc))[:, :, None, None]
-        x = bins.left[:active] + ((ix.astype(acc) + half) * bins.bin_w[:active]
-                                  / grid_w.astype(acc))[:, :, None, None]
-        yield active, _locate(y, x, batch_index[:active], geom, acc,
-                              valid[:, :, None, None])
+        y = (
+            bins.top[:active]
+            + ((iy.astype(acc) + half) * bins.bin_h[:active] / grid_h.astype(acc))[:, :, None, None]
+        )
+        x = (
+            bins.left[:active]
+            + ((ix.astype(acc) + half) * bins.bin_w[:active] / grid_w.astype(acc))[:, :, None, None]
+        )
+        yield active, _locate(y, x, batch_index[:active], geom, acc, valid[:, :, None, None])
         step += size
 
 
@@ -375,8 +438,14 @@ def _axis(coord: np.ndarray, size: int, acc: np.dtype):
     return low, (~last).astype(np.intp), frac, moves
 
 
-def _locate(y: np.ndarray, x: np.ndarray, batch_index: np.ndarray, geom: RoiPoolGeometry,
-            acc: np.dtype, valid: np.ndarray) -> _Samples:
+def _locate(
+    y: np.ndarray,
+    x: np.ndarray,
+    batch_index: np.ndarray,
+    geom: RoiPoolGeometry,
+    acc: np.dtype,
+    valid: np.ndarray,
+) -> _Samples:
     """The samples at (y, x) [S, a, ph, pw] of the bins of RoIs on images
     ``batch_index`` [a]; those not ``valid`` [S, a, 1, 1] sample nothing."""
     height, width = geom.height, geom.width
@@ -401,9 +470,13 @@ def _locate(y: np.ndarray, x: np.ndarray, batch_index: np.ndarray, geom: RoiPool
 # ---------------------------------------------------------------------------- gradients
 
 
-def _scatter_to_planes(grad_planes: np.ndarray, grad_bins: np.ndarray,
-                       mask_bins: np.ndarray | None, bins: _Bins,
-                       steps: Iterator[tuple[int, _Samples]]) -> None:
+def _scatter_to_planes(
+    grad_planes: np.ndarray,
+    grad_bins: np.ndarray,
+    mask_bins: np.ndarray | None,
+    bins: _Bins,
+    steps: Iterator[tuple[int, _Samples]],
+) -> None:
     """grad_planes [N*H*W + 1, C] += each sample's share of its bin's gradient,
     ``grad_output * mask / count`` spread over its corners (np.add.at, acc dtype)."""
     grad = grad_bins if mask_bins is None else grad_bins * mask_bins[..., None]
@@ -413,8 +486,9 @@ def _scatter_to_planes(grad_planes: np.ndarray, grad_bins: np.ndarray,
             np.add.at(grad_planes, rows, weight[..., None] * grad[:active])
 
 
-def _coordinate_sums(planes: np.ndarray, grad_bins: np.ndarray,
-                     steps: Iterator[tuple[int, _Samples]]):
+def _coordinate_sums(
+    planes: np.ndarray, grad_bins: np.ndarray, steps: Iterator[tuple[int, _Samples]]
+):
     """Sums over samples and channels of g_c * v_c, g_c * dv_c/dy and g_c * dv_c/dx per
     bin, three arrays [n, ph, pw] (g = grad_bins [n, ph, pw, C], without mask or 1/count).
 
@@ -425,8 +499,7 @@ def _coordinate_sums(planes: np.ndarray, grad_bins: np.ndarray,
     dx_sum = np.zeros(shape, grad_bins.dtype)
     for active, samples in steps:
         grad = grad_bins[:active]
-        corner_sums = [np.einsum("saijc,aijc->saij", planes[rows], grad)
-                       for rows in samples.rows]
+        corner_sums = [np.einsum("saijc,aijc->saij", planes[rows], grad) for rows in samples.rows]
         value, d_dy, d_dx = samples.blend_with_gradient(*corner_sums)
         value_sum[:active] += value.sum(axis=0)
         dy_sum[:active] += d_dy.sum(axis=0)
@@ -463,10 +536,13 @@ def _coordinate_sums(planes: np.ndarray, grad_bins: np.ndarray,
 
 # Set to False to run the per-sample path for every call (tests compare the two).
 FACTORISED = True
-# The factorised forward sums in another order than the kernels (equal to rounding, not to
-# the last bit), and tests/test_roi_pool_emulated.py compares the forward with the
-# emulated kernels bit for bit: off until that comparison takes a tolerance.
-FACTORISED_FORWARD = False
+# Footprints of at least this many pixels that are contiguous rectangles are computed bin
+# by bin on views of the planes (np.einsum on the window, no gathers).
+_WINDOW_CELLS = 1024
+# The factorised forward (per bin row and column sums) is the default; it sums in another
+# order than the kernels (equal to rounding). False selects the per-sample path, which
+# follows the kernels' order to the last bit (tests/test_roi_pool_emulated.py uses it).
+FACTORISED_FORWARD = True
 
 # Working bytes per sample of one axis of one bin (coordinates, masks, the two entries of
 # its corners, their sort order and slots; 8 bytes each), and per footprint cell.
@@ -475,9 +551,13 @@ _FOOTPRINT_CELL_BYTES = 4 * 8
 
 
 def _finite(array) -> bool:
-    """Every value finite (a float64 sum that overflows counts as not)."""
+    """Every value finite: one summation pass in the accumulation dtype (float64 for
+    float64, else float32), no temporaries. A NaN or an infinity makes the sum NaN or
+    infinite; so can an overflow of finite values, which only sends the call to the
+    per-sample path (exact for any values)."""
+    dtype = np.float64 if np.dtype(array.dtype) == np.float64 else np.float32
     with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(np.sum(array, dtype=np.float64)))
+        return bool(np.isfinite(np.sum(array, dtype=dtype)))
 
 
 def _footprint_bound(grid: np.ndarray, bin_size: np.ndarray, extent: int) -> np.ndarray:
@@ -489,8 +569,12 @@ def _footprint_bound(grid: np.ndarray, bin_size: np.ndarray, extent: int) -> np.
 
 def _bin_bytes(grid_h, grid_w, rows, cols, channels: int, itemsize: int):
     """Working bytes of one bin of the factorised path (arrays or ints)."""
-    return (_AXIS_BYTES_PER_SAMPLE * (grid_h + grid_w) + 4 * rows * max(channels, 1) * itemsize
-            + _FOOTPRINT_CELL_BYTES * rows * cols + 256)
+    return (
+        _AXIS_BYTES_PER_SAMPLE * (grid_h + grid_w)
+        + 4 * rows * max(channels, 1) * itemsize
+        + _FOOTPRINT_CELL_BYTES * rows * cols
+        + 256
+    )
 
 
 @dataclass(frozen=True)
@@ -510,31 +594,78 @@ class _Block:
     Wx: np.ndarray
     dWx: np.ndarray
     nan: np.ndarray
+    # every bin's rows and columns are contiguous ranges and its footprint is large: the
+    # bins are computed one by one on views of the planes (no gathers, no padding)
+    windows: bool = False
 
     def gathers(self, planes: np.ndarray, geom: RoiPoolGeometry):
         """(b, values [m, Ly, C]) per footprint column b: planes at (Ry, Rx[:, b])."""
         rowbase = (self.batch[:, None] * geom.height + self.Ry) * geom.width
         for b in range(self.Rx.shape[1]):
-            yield b, planes[rowbase + self.Rx[:, b:b + 1]]
+            yield b, planes[rowbase + self.Rx[:, b : b + 1]]
+
+    def groups(self, used_y: np.ndarray, used_x: np.ndarray):
+        """(bin indices, sub-block) per footprint size: the bins with the same numbers of
+        rows and columns, trimmed to them (no padding; each bin's sums are unchanged)."""
+        if len(used_y) == 0:
+            return
+        m = len(used_y)
+        windows = used_y * used_x >= _WINDOW_CELLS
+        if windows.any():  # then Ry and Rx have columns
+            last_y = self.Ry[np.arange(m), np.maximum(used_y - 1, 0)]
+            last_x = self.Rx[np.arange(m), np.maximum(used_x - 1, 0)]
+            windows &= (last_y - self.Ry[:, 0] + 1 == used_y) & (
+                last_x - self.Rx[:, 0] + 1 == used_x
+            )
+        key = (used_y * (int(used_x.max()) + 1) + used_x) * 2 + windows
+        order = np.argsort(key, kind="stable")
+        sizes = key[order]
+        edges = np.flatnonzero(np.concatenate(([True], sizes[1:] != sizes[:-1], [True])))
+        for first, stop in zip(edges[:-1], edges[1:]):
+            index = order[first:stop]
+            rows, cols = int(used_y[index[0]]), int(used_x[index[0]])
+            yield (
+                index,
+                _Block(
+                    self.batch[index],
+                    self.Ry[index, :rows],
+                    self.Wy[index, :rows],
+                    self.dWy[index, :rows],
+                    self.Rx[index, :cols],
+                    self.Wx[index, :cols],
+                    self.dWx[index, :cols],
+                    self.nan[index],
+                    bool(windows[index[0]]),
+                ),
+            )
+
+    def window(self, i: int, planes4: np.ndarray) -> np.ndarray:
+        """Bin i's footprint, a view [Ly, Lx, C] of planes4 [N, H, W, C]."""
+        r0, c0 = int(self.Ry[i, 0]), int(self.Rx[i, 0])
+        rows, cols = self.Ry.shape[1], self.Rx.shape[1]
+        return planes4[self.batch[i], r0 : r0 + rows, c0 : c0 + cols]
 
     def rows_of(self, b: int, geom: RoiPoolGeometry) -> np.ndarray:
-        return (self.batch[:, None] * geom.height + self.Ry) * geom.width + self.Rx[:, b:b + 1]
+        return (self.batch[:, None] * geom.height + self.Ry) * geom.width + self.Rx[:, b : b + 1]
 
 
-def _axis_sums(start: np.ndarray, bin_size: np.ndarray, grid: np.ndarray, extent: int,
-               acc: np.dtype):
+def _axis_sums(
+    start: np.ndarray, bin_size: np.ndarray, grid: np.ndarray, extent: int, acc: np.dtype
+):
     """Per-axis summed weights of a block of bins: start / bin_size / grid [m] ->
-    (rows [m, L] intp, weights [m, L], derivative weights [m, L], any NaN sample [m])."""
+    (rows [m, L] intp, weights [m, L], derivative weights [m, L], any NaN sample [m],
+    rows used [m]: the first that many entries of each bin are its rows)."""
     m = len(start)
     gmax = int(grid.max()) if m else 0
     if gmax == 0:
         empty = np.zeros((m, 0), acc)
-        return np.zeros((m, 0), np.intp), empty, empty, np.zeros(m, bool)
+        return (np.zeros((m, 0), np.intp), empty, empty, np.zeros(m, bool), np.zeros(m, np.intp))
     half = acc.type(0.5)
     index = np.arange(gmax)
     # the kernels' arithmetic: start + ((i + 0.5) * bin_size) / grid
-    coord = start[:, None] + ((index.astype(acc) + half) * bin_size[:, None]
-                              / grid.astype(acc)[:, None])
+    coord = start[:, None] + (
+        (index.astype(acc) + half) * bin_size[:, None] / grid.astype(acc)[:, None]
+    )
     valid = index < grid[:, None]
     is_nan = np.isnan(coord) & valid
     inside = valid & ~is_nan & ~((coord < -1) | (coord > extent))
@@ -554,10 +685,11 @@ def _axis_sums(start: np.ndarray, bin_size: np.ndarray, grid: np.ndarray, extent
     new = np.ones(rows.shape, bool)
     new[:, 1:] = rows[:, 1:] != rows[:, :-1]
     slot = np.cumsum(new, axis=1) - 1
-    length = int(((new & (rows < extent)).sum(axis=1)).max())
+    used = (new & (rows < extent)).sum(axis=1)
+    length = int(used.max())
     if length == 0:
         empty = np.zeros((m, 0), acc)
-        return np.zeros((m, 0), np.intp), empty, empty, is_nan.any(axis=1)
+        return np.zeros((m, 0), np.intp), empty, empty, is_nan.any(axis=1), used
     np.minimum(slot, length, out=slot)  # entries past the map go to a dropped column
     flat = (np.arange(m)[:, None] * (length + 1) + slot).ravel()
     size = m * (length + 1)
@@ -568,8 +700,13 @@ def _axis_sums(start: np.ndarray, bin_size: np.ndarray, grid: np.ndarray, extent
     distinct = distinct[:, :length]
     distinct[distinct >= extent] = 0
     shape = (m, length + 1)
-    return (distinct, summed.reshape(shape)[:, :length].astype(acc),
-            dsummed.reshape(shape)[:, :length].astype(acc), is_nan.any(axis=1))
+    return (
+        distinct,
+        summed.reshape(shape)[:, :length].astype(acc),
+        dsummed.reshape(shape)[:, :length].astype(acc),
+        is_nan.any(axis=1),
+        used,
+    )
 
 
 def _factorised_order(boxes: _RoiBoxes, geom: RoiPoolGeometry, acc: np.dtype):
@@ -589,17 +726,24 @@ def _factorised_chunks(boxes: _RoiBoxes, geom: RoiPoolGeometry, acc: np.dtype):
     start = 0
     while start < geom.num_rois:
         size = max(1, _WORKSPACE_BYTES // (geom.bins * int(per_bin[order[start]])))
-        chunk = order[start:start + size]
-        padded = _bin_bytes(int(boxes.grid_h[chunk].max()), int(boxes.grid_w[chunk].max()),
-                            int(rows[chunk].max()), int(cols[chunk].max()), geom.channels,
-                            acc.itemsize)
+        chunk = order[start : start + size]
+        padded = _bin_bytes(
+            int(boxes.grid_h[chunk].max()),
+            int(boxes.grid_w[chunk].max()),
+            int(rows[chunk].max()),
+            int(cols[chunk].max()),
+            geom.channels,
+            acc.itemsize,
+        )
         yield chunk, max(1, _WORKSPACE_BYTES // padded)
         start += size
 
 
-def _blocks(bins: _Bins, batch_index: np.ndarray, per_block: int, geom: RoiPoolGeometry,
-            acc: np.dtype) -> Iterator[tuple[slice, _Block]]:
-    """(flat bin range, block) over the chunk's bins, flattened RoI-major."""
+def _blocks(
+    bins: _Bins, batch_index: np.ndarray, per_block: int, geom: RoiPoolGeometry, acc: np.dtype
+) -> Iterator[tuple[slice, _Block]]:
+    """(flat bin indices, block) over the chunk's bins, flattened RoI-major: blocks of
+    ``per_block`` bins, each split by footprint size (:meth:`_Block.groups`)."""
     bins_per_roi = geom.bins
     top = np.ascontiguousarray(bins.top).reshape(-1)
     left = np.ascontiguousarray(bins.left).reshape(-1)
@@ -611,10 +755,16 @@ def _blocks(bins: _Bins, batch_index: np.ndarray, per_block: int, geom: RoiPoolG
     bin_h, bin_w = per_roi(bins.bin_h), per_roi(bins.bin_w)
     for first in range(0, len(top), per_block):
         part = slice(first, min(first + per_block, len(top)))
-        ry, wy, dwy, nan_y = _axis_sums(top[part], bin_h[part], grid_h[part], geom.height, acc)
-        rx, wx, dwx, nan_x = _axis_sums(left[part], bin_w[part], grid_w[part], geom.width, acc)
+        ry, wy, dwy, nan_y, used_y = _axis_sums(
+            top[part], bin_h[part], grid_h[part], geom.height, acc
+        )
+        rx, wx, dwx, nan_x, used_x = _axis_sums(
+            left[part], bin_w[part], grid_w[part], geom.width, acc
+        )
         nan = (nan_y & (grid_w[part] > 0)) | (nan_x & (grid_h[part] > 0))
-        yield part, _Block(batch[part], ry, wy, dwy, rx, wx, dwx, nan)
+        block = _Block(batch[part], ry, wy, dwy, rx, wx, dwx, nan)
+        for index, group in block.groups(used_y, used_x):
+            yield index + part.start, group
 
 
 def _forward_factorised(output, planes, boxes, offset, mask, geom, acc) -> None:
@@ -624,11 +774,21 @@ def _forward_factorised(output, planes, boxes, offset, mask, geom, acc) -> None:
         pooled = np.empty((len(chunk) * geom.bins, channels), acc)
         for part, block in _blocks(bins, boxes.batch_index[chunk], per_block, geom, acc):
             m, rows = len(block.batch), block.Ry.shape[1]
-            column_sums = np.zeros((m, rows, channels), acc)
+            if block.windows:
+                sums = _window_sums(block, planes, geom, acc)
+                sums[block.nan] = np.nan
+                pooled[part] = sums
+                continue
+            column_sums = None  # sum_b Wx[b] * V[:, b], the first term as is (0 + t = t)
             for b, values in block.gathers(planes, geom):
                 values *= block.Wx[:, b, None, None]
-                column_sums += values
+                if column_sums is None:
+                    column_sums = values
+                else:
+                    column_sums += values
                 del values
+            if column_sums is None:
+                column_sums = np.zeros((m, rows, channels), acc)
             sums = np.zeros((m, channels), acc)
             for a in range(rows):
                 sums += block.Wy[:, a, None] * column_sums[:, a]
@@ -641,9 +801,36 @@ def _forward_factorised(output, planes, boxes, offset, mask, geom, acc) -> None:
         output[chunk] = pooled.transpose(0, 3, 1, 2)
 
 
-def _backward_factorised(grad_planes, grad_offset, grad_mask, grad_output, planes, boxes,
-                         offset, mask, geom, acc, *, want_offset: bool,
-                         want_mask: bool) -> None:
+def _planes4(planes: np.ndarray, geom: RoiPoolGeometry) -> np.ndarray:
+    """planes [N*H*W + 1, C] without the zero row as [N, H, W, C] (a view)."""
+    return planes[:-1].reshape(geom.batch, geom.height, geom.width, geom.channels)
+
+
+def _window_sums(block: _Block, planes, geom: RoiPoolGeometry, acc) -> np.ndarray:
+    """[m, C] sum_a sum_b Wy[a] * Wx[b] * V[a, b] per bin of a block of windows, on views
+    of the planes (np.einsum: one pass over each window, no BLAS)."""
+    planes4 = _planes4(planes, geom)
+    sums = np.empty((len(block.batch), geom.channels), acc)
+    for i in range(len(block.batch)):
+        sums[i] = np.einsum("a,abc,b->c", block.Wy[i], block.window(i, planes4), block.Wx[i])
+    return sums
+
+
+def _backward_factorised(
+    grad_planes,
+    grad_offset,
+    grad_mask,
+    grad_output,
+    planes,
+    boxes,
+    offset,
+    mask,
+    geom,
+    acc,
+    *,
+    want_offset: bool,
+    want_mask: bool,
+) -> None:
     channels = geom.channels
     want_sums = want_offset or want_mask
     for chunk, per_block in _factorised_chunks(boxes, geom, acc):
@@ -660,20 +847,34 @@ def _backward_factorised(grad_planes, grad_offset, grad_mask, grad_output, plane
         sums = np.zeros((3, n * geom.bins), acc) if want_sums else None
         for part, block in _blocks(bins, boxes.batch_index[chunk], per_block, geom, acc):
             m, rows, cols = len(block.batch), block.Ry.shape[1], block.Rx.shape[1]
-            if scaled is not None and rows and cols:
+            if scaled is not None and block.windows:
+                grad4 = _planes4(grad_planes, geom)
+                grad = scaled[part]
+                for i in range(m):  # one bin at a time: overlapping windows are fine
+                    window = block.window(i, grad4)
+                    window += np.multiply.outer(
+                        block.Wy[i], np.multiply.outer(block.Wx[i], grad[i])
+                    )
+            elif scaled is not None and rows and cols:
                 # Ay (x) Ax * grad into the footprint, one column at a time
                 grad = scaled[part]
                 for b in range(cols):
-                    _scatter_rows(grad_planes, block.rows_of(b, geom),
-                                  block.Wy * block.Wx[:, b:b + 1], grad)
+                    _scatter_rows(
+                        grad_planes, block.rows_of(b, geom), block.Wy * block.Wx[:, b : b + 1], grad
+                    )
             if not want_sums:
                 continue
             # dots [m, Ly, Lx] = sum_c g_c * V[r, c]; then the weighted sums per axis
             dots = np.zeros((m, rows, cols), acc)
             grad = grad_flat[part]
-            for b, values in block.gathers(planes, geom):
-                dots[:, :, b] = np.einsum("mac,mc->ma", values, grad)
-                del values
+            if block.windows:
+                planes4 = _planes4(planes, geom)
+                for i in range(m):
+                    dots[i] = np.einsum("abc,c->ab", block.window(i, planes4), grad[i])
+            else:
+                for b, values in block.gathers(planes, geom):
+                    dots[:, :, b] = np.einsum("mac,mc->ma", values, grad)
+                    del values
             along_x = np.einsum("mab,mb->ma", dots, block.Wx)
             along_dx = np.einsum("mab,mb->ma", dots, block.dWx)
             value = np.einsum("ma,ma->m", block.Wy, along_x)
@@ -689,14 +890,16 @@ def _backward_factorised(grad_planes, grad_offset, grad_mask, grad_output, plane
             grad_mask[chunk, 0] = value_sum / bins.count[:, None, None]
         if want_offset:
             per_sample = (acc.type(1) if mask_bins is None else mask_bins) / (
-                bins.count[:, None, None])
+                bins.count[:, None, None]
+            )
             gamma = acc.type(geom.gamma)
             grad_offset[chunk, 0] = (gamma * bins.roi_w)[:, None, None] * (dx_sum * per_sample)
             grad_offset[chunk, 1] = (gamma * bins.roi_h)[:, None, None] * (dy_sum * per_sample)
 
 
-def _scatter_rows(grad_planes: np.ndarray, rows: np.ndarray, weights: np.ndarray,
-                  grad: np.ndarray) -> None:
+def _scatter_rows(
+    grad_planes: np.ndarray, rows: np.ndarray, weights: np.ndarray, grad: np.ndarray
+) -> None:
     """grad_planes[rows[i, a]] += weights[i, a] * grad[i] for rows / weights [m, L] and
     grad [m, C]. The entries are sorted by row and split into rounds by their rank among
     the entries of their row (round r: the r-th entry of every row), so each round updates
@@ -723,7 +926,7 @@ def _scatter_rows(grad_planes: np.ndarray, rows: np.ndarray, weights: np.ndarray
     length = rows.shape[1]
     first = 0
     for count in counts:
-        picked = by_rank[first:first + count]
+        picked = by_rank[first : first + count]
         first += count
         chosen = entry[picked]
         update = grad[chosen // length]
