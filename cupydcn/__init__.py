@@ -17,6 +17,19 @@ from cupydcn.deform_conv.sampling import (
     sampling_locations,
     stacked_sampling_locations,
 )
+from cupydcn.cuda.deterministic import deterministic_mode, is_deterministic, set_deterministic
+from cupydcn.cuda.precompile import precompile
+from cupydcn.deform_attn import (
+    Dcnv3Grads,
+    Dcnv4Grads,
+    MsdaGrads,
+    dcnv3,
+    dcnv3_backward,
+    dcnv4,
+    dcnv4_backward,
+    multi_scale_deformable_attn,
+    multi_scale_deformable_attn_backward,
+)
 from cupydcn.core.errors import (
     CupydcnError,
     CupydcnRuntimeError,
@@ -28,6 +41,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvGrads",
+    "Dcnv3Grads",
+    "Dcnv4Grads",
+    "MsdaGrads",
+    "dcnv3",
+    "dcnv3_backward",
+    "dcnv4",
+    "dcnv4_backward",
+    "multi_scale_deformable_attn",
+    "multi_scale_deformable_attn_backward",
     "CupydcnError",
     "CupydcnRuntimeError",
     "CupydcnTypeError",
@@ -43,9 +65,13 @@ __all__ = [
     "deform_psroi_pool_backward",
     "deform_roi_pool",
     "deform_roi_pool_backward",
+    "deterministic_mode",
     "effective_dilation",
+    "is_deterministic",
     "offset_l2_penalty",
     "offset_l2_penalty_backward",
+    "precompile",
     "sampling_locations",
+    "set_deterministic",
     "stacked_sampling_locations",
 ]

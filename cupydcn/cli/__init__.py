@@ -1,7 +1,7 @@
-"""Command line: python -m cupydcn check | bench | demo.
+"""Command line: python -m cupydcn check | bench | demo | compile.
 
 ``main(argv)`` is the front end; each command lives in a module of its own here
-(``check``, ``bench``, ``demo``), imported only when it runs.
+(``check``, ``bench``, ``demo``, ``compile``), imported only when it runs.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import argparse
 
 from cupydcn import __version__
 
-DESCRIPTION = "Command line of cupydcn: python -m cupydcn check | bench | demo."
+DESCRIPTION = "Command line of cupydcn: python -m cupydcn check | bench | demo | compile."
 
 # Commands that parse their own options (python -m cupydcn bench --help).
-_PASS_THROUGH = ("bench", "demo")
+_PASS_THROUGH = ("bench", "demo", "compile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         "(under a minute on a CPU) and write a PNG of its learned sampling locations; "
         "options: python -m cupydcn demo --help",
     )
+    commands.add_parser(
+        "compile",
+        add_help=False,
+        help="build the CUDA kernels into CuPy's kernel cache ahead of time (no GPU needed "
+        "with --arch); options: python -m cupydcn compile --help",
+    )
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in _PASS_THROUGH:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -60,4 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         from cupydcn.cli.demo import run_demo
 
         return run_demo(rest)
+    if args.command == "compile":
+        from cupydcn.cli.compile import run_compile
+
+        return run_compile(rest)
     return 2  # argparse rejects unknown commands before this

@@ -78,16 +78,31 @@ def pack_arguments(
     return tuple(packed)
 
 
+def raw_module_arguments(source_file: str, dtype_name: str, index_bits: int) -> dict:
+    """The ``cupy.RawModule`` keyword arguments of one source file for one dtype and index
+    width: the source string, the options and the name expressions CuPy compiles (and
+    keys its disk cache) with. ``cupydcn.precompile`` builds from the same."""
+    return dict(
+        code=module_source(source_file),
+        options=tuple(NVRTC_OPTIONS),
+        name_expressions=name_expressions(source_file, dtype_name, index_bits),
+    )
+
+
+def raw_module(source_file: str, dtype_name: str, index_bits: int):
+    """The ``cupy.RawModule`` of one source file for one dtype and index width (compiled
+    by CuPy on first use, through its disk cache: what ``cupydcn.precompile`` fills)."""
+    import cupy
+
+    return cupy.RawModule(**raw_module_arguments(source_file, dtype_name, index_bits))
+
+
 @functools.cache
 def _module(device_id: int, source_file: str, dtype_name: str, index_bits: int):
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(
-            code=module_source(source_file),
-            options=NVRTC_OPTIONS,
-            name_expressions=name_expressions(source_file, dtype_name, index_bits),
-        )
+        return raw_module(source_file, dtype_name, index_bits)
 
 
 @functools.cache
@@ -137,6 +152,11 @@ class CupyLauncher:
                 f"launching {name_expression(kernel, dtype_name, index_bits)} over {total} "
                 f"items failed: {exc}"
             ) from exc
+
+    def stable_argsort(self, keys):
+        """The indices that sort the 1-D ``keys`` stably (the deterministic backward's
+        sort, :mod:`cupydcn.cuda.deterministic`): CuPy's argsort, a stable radix sort."""
+        return self.xp.argsort(keys)
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,6 +38,12 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
         "deform_psroi_pool_backward_input",
         "deform_psroi_pool_backward_offset",
     ),
+    "deform_attn.cu": (
+        "deform_attn_msda_forward",
+        "deform_attn_msda_backward",
+        "deform_attn_dcn_forward",
+        "deform_attn_dcn_backward",
+    ),
     # The deterministic backward (deterministic=True): slot-writing passes of the
     # grad_input kernels and the ordered reduction of the slots.
     "deform_conv_deterministic.cu": ("deform_conv_col2im_input_slots",),
@@ -62,6 +68,13 @@ _ROI_SIZES = "I num_rois, I channels, I height, I width, I pooled_h, I pooled_w,
 _PSROI_SIZES = (
     "I num_rois, I channels, I height, I width, I output_dim, I group_size, I pooled_size, "
     "I part_size, I sample_per_part, I num_classes"
+)
+# deform_attn.cu: the sizes of MsdaGeometry / DcnGeometry (cupydcn/deform_attn/spec.py).
+_MSDA_SIZES = "I batch, I num_keys, I heads, I head_dim, I num_queries, I levels, I points"
+_DCN_SIZES = (
+    "I batch, I height, I width, I group, I group_channels, I kernel_h, I kernel_w, "
+    "I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w, "
+    "I remove_center, I packed_dim"
 )
 KERNEL_PARAMETERS: dict[str, str] = {
     "deform_conv_im2col": f"const T* input, const T* offset, const T* mask, A* columns, {_CONV_SIZES}",
@@ -98,6 +111,24 @@ KERNEL_PARAMETERS: dict[str, str] = {
         "const T* grad_output, const T* input, const A* rois, const T* offset, "
         f"const A* scalars, T* grad_offset, {_PSROI_SIZES}"
     ),
+    "deform_attn_msda_forward": (
+        "const T* value, const int* spatial_shapes, const T* sampling_locations, "
+        f"const T* attention_weights, T* output, {_MSDA_SIZES}"
+    ),
+    "deform_attn_msda_backward": (
+        "const T* grad_output, const T* value, const int* spatial_shapes, "
+        "const T* sampling_locations, const T* attention_weights, A* grad_value, "
+        f"A* grad_sampling_locations, A* grad_attention_weights, {_MSDA_SIZES}"
+    ),
+    "deform_attn_dcn_forward": (
+        "const T* input, const T* offset, const T* mask, const A* offset_scale, T* output, "
+        f"{_DCN_SIZES}"
+    ),
+    "deform_attn_dcn_backward": (
+        "const T* grad_output, const T* input, const T* offset, const T* mask, "
+        "const A* offset_scale, A* grad_input, A* grad_offset, A* grad_mask, "
+        f"{_DCN_SIZES}"
+    ),
     "deform_conv_col2im_input_slots": (
         "const A* grad_columns, const T* offset, const T* mask, I* slots, I* keys, A* values, "
         f"{_CONV_SIZES}"
@@ -120,11 +151,17 @@ OP_SOURCE_FILES: dict[str, tuple[str, ...]] = {
     "deform_conv2d": ("deform_conv.cu", "convert.cu"),
     "deform_roi_pool": ("deform_roi_pool.cu", "convert.cu"),
     "deform_psroi_pool": ("deform_psroi_pool.cu", "convert.cu"),
+    "multi_scale_deformable_attn": ("deform_attn.cu", "convert.cu"),
+    "dcnv3": ("deform_attn.cu", "convert.cu"),
+    "dcnv4": ("deform_attn.cu", "convert.cu"),
 }
 DETERMINISTIC_SOURCE_FILES: dict[str, tuple[str, ...]] = {
     "deform_conv2d": ("deform_conv_deterministic.cu", "segment_sum.cu"),
     "deform_roi_pool": ("deform_roi_pool_deterministic.cu", "segment_sum.cu"),
     "deform_psroi_pool": ("deform_psroi_pool_deterministic.cu", "segment_sum.cu"),
+    "multi_scale_deformable_attn": (),
+    "dcnv3": (),
+    "dcnv4": (),
 }
 
 _PARAMETER = re.compile(r"(const\s+)?(T|A|int|I)\s*(\*)?\s*([A-Za-z_]\w*)")
@@ -158,10 +195,7 @@ class KernelParameter(NamedTuple):
 def parse_parameter(text: str) -> KernelParameter:
     """``KernelParameter`` of ``"const T* input"`` and the like (see KERNEL_PARAMETERS)."""
     match = _PARAMETER.fullmatch(text.strip())
-    if (
-        match is None
-        or (match.group(1) and not match.group(3))
-    ):
+    if match is None or (match.group(1) and not match.group(3)):
         raise ValueError(f"not a kernel parameter declaration: {text!r}")
     return KernelParameter(
         match.group(4), match.group(2), bool(match.group(3)), bool(match.group(1))

@@ -28,6 +28,10 @@ class KernelLauncher(Protocol):
     pointer is passed; views are fine, they must be C-contiguous), ``None`` for a null
     pointer, and integers (Python or NumPy), which become the index type (int32 or int64).
     :func:`kernel_arguments` builds such a list from the parameters' names.
+
+    A launcher may also have ``stable_argsort(keys)`` (the indices that sort a 1-D integer
+    array of ``xp`` stably), which the deterministic backward uses
+    (:mod:`cupydcn.cuda.deterministic`); without it ``xp.argsort`` is used.
     """
 
     xp: ModuleType

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Iterable
 
 from cupydcn.core.dispatch import Backends, dispatch
+from cupydcn.cuda.deterministic import backends_with, resolve_deterministic
 from cupydcn.deform_conv import cuda_backend, numpy_backend
 from cupydcn.deform_conv.spec import (
     BACKWARD_OP,
@@ -89,6 +90,7 @@ def deform_conv2d_backward(
     padding_mode: str = "zeros",
     wrt: Iterable[str] | None = None,
     workspace_bytes: int | None = None,
+    deterministic: bool | None = None,
 ) -> ConvGrads:
     """Gradients of :func:`deform_conv2d` given ``grad_output`` [N, C_out, H_out, W_out].
 
@@ -104,6 +106,16 @@ def deform_conv2d_backward(
     from inside the map (like torchvision's convention at p == -1 in "zeros" mode), and
     at reflection points beyond the map the one-sided derivative of the formula's branch
     that is taken (docs/semantics.md).
+    ``deterministic``: True computes grad_input on a GPU without floating-point atomics,
+    bitwise identical from run to run (for one GPU architecture, CuPy and NVRTC); None
+    (the default) follows :func:`cupydcn.set_deterministic` /
+    :func:`cupydcn.deterministic_mode` (off unless set). Its cost, per chunk of images:
+    3 kernel launches instead of 1, plus a prefix sum, a sort and two gathers and one
+    synchronising device-to-host read; memory I + 8 bytes per column element and
+    2 * (I + A) + 8 bytes per contribution at the peak (at most 4 per column element;
+    I = 4 or 8 bytes the index type, A = 4 or 8 the accumulation type), within
+    ``workspace_bytes`` (smaller chunks). The NumPy backend is deterministic in either
+    mode (the argument is accepted and ignored there).
     """
     options = ConvOptions.of(locals())
     return dispatch(
@@ -112,5 +124,5 @@ def deform_conv2d_backward(
          "mask": mask},
         required=("grad_output", "input", "offset", "weight"),
         prepare=partial(prepare_backward, options=options, wrt=wrt),
-        backends=BACKWARD,
+        backends=backends_with(BACKWARD, resolve_deterministic(BACKWARD_OP, deterministic)),
     )

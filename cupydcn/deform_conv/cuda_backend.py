@@ -12,6 +12,11 @@ Backward, per chunk::
 
     grad_columns [n, groups, Cg*K, P] = weight^T @ grad_output
     grad_input  += deform_conv_col2im_input(grad_columns)                     (atomics)
+                   or, with deterministic=True, deform_conv_col2im_input_slots twice, a
+                   stable sort and segment_sum (cupydcn.cuda.deterministic: no atomics,
+                   bitwise reproducible; 2 more kernel launches per chunk, a prefix sum,
+                   a sort, two gathers and one synchronising read, and per column element
+                   up to 12 + 4 * (2 * (I + A) + 8) bytes, counted in the workspace)
     grad_offset, grad_mask = deform_conv_col2im_coord(grad_columns, input)
     grad_weight += sum_n grad_output @ columns^T                              (columns recomputed)
 
@@ -24,6 +29,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from cupydcn.core.dtypes import DTYPES
+from cupydcn.cuda.deterministic import (
+    bytes_per_contribution,
+    bytes_per_item,
+    deterministic_scatter,
+)
 from cupydcn.cuda.launch import (
     KernelLauncher,
     contiguous,
@@ -77,6 +87,19 @@ def _plan(
     return _Plan(dtype_name, acc_dtype, info.acc_name != info.name, chunk, bits)
 
 
+# Contributions of one column element to grad_input: the four corners of its sample.
+_MAX_CONTRIBUTIONS = 4
+
+
+def _sizes(geom: ConvGeometry, images: int) -> dict[str, int]:
+    """The size overrides of a conv kernel over a chunk of ``images`` images."""
+    return dict(
+        batch=images,
+        channels=geom.in_channels,
+        padding_mode=PADDING_MODE_CODES[geom.padding_mode],
+    )
+
+
 def _launch(
     launcher: KernelLauncher,
     plan: _Plan,
@@ -96,11 +119,7 @@ def _launch(
         plan.index_bits,
         total,
         geom,
-        sizes=dict(
-            batch=images,
-            channels=geom.in_channels,
-            padding_mode=PADDING_MODE_CODES[geom.padding_mode],
-        ),
+        sizes=_sizes(geom, images),
         **arrays,
     )
 
@@ -226,8 +245,11 @@ def conv_backward(
     workspace_bytes: int,
     dtype_name: str | None = None,
     index_bits: int | None = None,
+    deterministic: bool = False,
 ) -> ConvGrads:
-    """Gradients of deform_conv2d for the names in ``wrt`` (see :class:`ConvGrads`)."""
+    """Gradients of deform_conv2d for the names in ``wrt`` (see :class:`ConvGrads`).
+    ``deterministic``: grad_input without floating-point atomics, bitwise reproducible
+    (:mod:`cupydcn.cuda.deterministic`; its buffers count against ``workspace_bytes``)."""
     dtype_name = dtype_name or geom.dtype_name
     xp = launcher.xp
     grad_output, input, offset, weight, mask = (
@@ -251,6 +273,14 @@ def conv_backward(
         + (geom.out_channels * pixels if widening else 0)
         + (geom.out_channels * rows_per_group if want_weight else 0)
     )
+    if deterministic and want_input:
+        # Slots of the deterministic scatter, at most 4 per column element, sized for
+        # 64-bit indices (an upper bound), in units of the accumulation dtype.
+        acc_size = xp.dtype(DTYPES[dtype_name].acc_name).itemsize
+        slot_bytes = bytes_per_item(64) + _MAX_CONTRIBUTIONS * bytes_per_contribution(
+            64, acc_size
+        )
+        per_image += geom.column_rows * pixels * -(-slot_bytes // acc_size)
     plan = _plan(launcher, dtype_name, geom, per_image, workspace_bytes, index_bits)
 
     grad_input_acc = xp.zeros(geom.input_shape, dtype=plan.acc_dtype) if want_input else None
@@ -298,7 +328,21 @@ def conv_backward(
                     go_grouped,
                     out=chunk_grad_columns.reshape(n, groups, rows_per_group, pixels),
                 )
-                if want_input:
+                if want_input and deterministic:
+                    deterministic_scatter(
+                        launcher,
+                        "deform_conv_col2im_input_slots",
+                        plan.dtype_name,
+                        plan.index_bits,
+                        n * geom.column_rows * pixels,
+                        geom,
+                        grad_input_acc[start:stop],
+                        sizes=_sizes(geom, n),
+                        grad_columns=chunk_grad_columns,
+                        offset=offset[start:stop],
+                        mask=chunk_mask,
+                    )
+                elif want_input:
                     _launch(
                         launcher,
                         plan,

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Iterable
 
 from cupydcn.core.dispatch import Backends, dispatch
+from cupydcn.cuda.deterministic import backends_with, resolve_deterministic
 from cupydcn.psroi_pool import cuda_backend, numpy_backend
 from cupydcn.psroi_pool.spec import (
     BACKWARD_OP,
@@ -94,6 +95,7 @@ def deform_psroi_pool_backward(
     spatial_scale: float = 1.0,
     trans_std: float = 0.1,
     wrt: Iterable[str] | None = None,
+    deterministic: bool | None = None,
 ) -> PSRoiPoolGrads:
     """Gradients of :func:`deform_psroi_pool` given ``grad_output`` [K, output_dim, P, P].
 
@@ -106,6 +108,15 @@ def deform_psroi_pool_backward(
     At the kinks it follows MSRA's backward: the count of a bin is a constant, and the
     derivative of a sample along x (y) is 0 where its clamped coordinate is an integer
     (MSRA's floor and ceil corners coincide), which includes every clamped sample.
+    ``deterministic``: True computes grad_input on a GPU without floating-point atomics,
+    bitwise identical from run to run (for one GPU architecture, CuPy and NVRTC); None
+    (the default) follows :func:`cupydcn.set_deterministic` /
+    :func:`cupydcn.deterministic_mode` (off unless set). Its cost: 3 kernel launches
+    instead of 1, plus a prefix sum, a sort and two gathers and one synchronising
+    device-to-host read; memory I + 8 bytes per output element and 2 * (I + A) + 8
+    bytes per contribution at the peak (up to 4 per kept sample of a bin; I = 4 or 8 bytes
+    the index type, A = 4 or 8 the accumulation type). The NumPy backend is
+    deterministic in either mode (the argument is accepted and ignored there).
     """
     options = PSRoiPoolOptions.of(locals())
     return dispatch(
@@ -114,5 +125,5 @@ def deform_psroi_pool_backward(
         required=("grad_output", "input", "rois"),
         prepare=partial(prepare_backward, options=options, wrt=wrt),
         check_values=partial(check_values, BACKWARD_OP),
-        backends=BACKWARD,
+        backends=backends_with(BACKWARD, resolve_deterministic(BACKWARD_OP, deterministic)),
     )

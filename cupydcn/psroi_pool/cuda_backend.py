@@ -7,7 +7,13 @@ Forward: one launch, one thread per output element, writing output (T) and count
 
 Backward:
     grad_input_acc  <- deform_psroi_pool_backward_input   (thread per output element,
-                                                            atomics, acc dtype), rounded once
+                                                            atomics, acc dtype), rounded once;
+                       or, with deterministic=True, deform_psroi_pool_backward_input_slots
+                       twice, a stable sort and segment_sum (cupydcn.cuda.deterministic: no
+                       atomics, bitwise reproducible; 2 more kernel launches, a prefix
+                       sum, a sort, two gathers, one synchronising read; I + 8 bytes per
+                       output element and 2 * (I + A) + 8 per contribution, up to 4 per
+                       kept sample)
     grad_offset     <- deform_psroi_pool_backward_offset  (thread per offset cell, no
                                                             atomics, written in T)
 
@@ -18,6 +24,7 @@ the accumulation dtype: launch arguments other than arrays are index-typed ints.
 
 from __future__ import annotations
 
+from cupydcn.cuda.deterministic import deterministic_scatter
 from cupydcn.cuda.launch import (
     KernelLauncher,
     KernelTypes,
@@ -104,9 +111,12 @@ def psroi_pool_backward(
     wrt: frozenset[str],
     dtype_name: str | None = None,
     index_bits: int | None = None,
+    deterministic: bool = False,
 ):
     """(grad_input [N, C, H, W] or None, grad_offset [K, 2 * num_classes, S, S] or None)
-    for the names in ``wrt`` ("input", "offset"; the latter only with an offset)."""
+    for the names in ``wrt`` ("input", "offset"; the latter only with an offset).
+    ``deterministic``: grad_input without floating-point atomics
+    (:mod:`cupydcn.cuda.deterministic`)."""
     xp = launcher.xp
     dtype_name = dtype_name or geom.dtype_name
     plan = _plan(launcher, dtype_name, geom, index_bits)
@@ -117,7 +127,21 @@ def psroi_pool_backward(
 
     if geom.num_rois > 0:
         rois_acc, scalars = _kernel_inputs(launcher, plan, rois, geom)
-        if grad_input_acc is not None:
+        if grad_input_acc is not None and deterministic:
+            deterministic_scatter(
+                launcher,
+                "deform_psroi_pool_backward_input_slots",
+                dtype_name,
+                plan.index_bits,
+                grad_output.size,
+                geom,
+                grad_input_acc,
+                grad_output=grad_output,
+                rois=rois_acc,
+                offset=offset,
+                scalars=scalars,
+            )
+        elif grad_input_acc is not None:
             launch_kernel(
                 launcher,
                 "deform_psroi_pool_backward_input",

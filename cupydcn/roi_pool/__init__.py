@@ -17,6 +17,7 @@ from functools import partial
 from typing import Iterable
 
 from cupydcn.core.dispatch import Backends, dispatch
+from cupydcn.cuda.deterministic import backends_with, resolve_deterministic
 from cupydcn.roi_pool import cuda_backend, numpy_backend
 from cupydcn.roi_pool.spec import (
     BACKWARD_OP,
@@ -98,6 +99,7 @@ def deform_roi_pool_backward(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
     wrt: Iterable[str] | str | None = None,
+    deterministic: bool | None = None,
 ) -> RoiPoolGrads:
     """Gradients of :func:`deform_roi_pool` given ``grad_output`` [K, C, ph, pw].
 
@@ -110,6 +112,15 @@ def deform_roi_pool_backward(
     coordinate that is clamped (in [-1, 0), or at / beyond the last row or column) and
     for samples outside [-1, H] x [-1, W]; one-sided from the right at integer
     coordinates (docs/semantics.md §2).
+    ``deterministic``: True computes grad_input on a GPU without floating-point atomics,
+    bitwise identical from run to run (for one GPU architecture, CuPy and NVRTC); None
+    (the default) follows :func:`cupydcn.set_deterministic` /
+    :func:`cupydcn.deterministic_mode` (off unless set). Its cost: 3 kernel launches
+    instead of 1, plus a prefix sum, a sort and two gathers and one synchronising
+    device-to-host read; memory I + 8 bytes per grad_output element and 2 * (I + A) + 8
+    bytes per contribution at the peak (up to 4 per sample of a bin; I = 4 or 8 bytes
+    the index type, A = 4 or 8 the accumulation type). The NumPy backend is
+    deterministic in either mode (the argument is accepted and ignored there).
     """
     options = RoiPoolOptions.of(locals())
     return dispatch(
@@ -119,5 +130,5 @@ def deform_roi_pool_backward(
         required=("grad_output", "input", "rois"),
         prepare=partial(prepare_backward, options=options, wrt=wrt),
         check_values=partial(check_values, BACKWARD_OP),
-        backends=BACKWARD,
+        backends=backends_with(BACKWARD, resolve_deterministic(BACKWARD_OP, deterministic)),
     )

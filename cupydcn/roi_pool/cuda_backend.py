@@ -10,6 +10,13 @@ Forward::
 Backward::
 
     grad_input_acc [N, C, H, W] <- deform_roi_pool_backward_input    (atomics, acc dtype)
+                                   or, with deterministic=True, deform_roi_pool_backward_
+                                   input_slots twice, a stable sort and segment_sum
+                                   (cupydcn.cuda.deterministic: no atomics, bitwise
+                                   reproducible; 2 more kernel launches, a prefix sum, a
+                                   sort, two gathers, one synchronising read; I + 8 bytes
+                                   per grad_output element and 2 * (I + A) + 8 per
+                                   contribution, up to 4 per sample of a bin)
     grad_input = grad_input_acc rounded once to the element dtype
     grad_offset, grad_mask     <- deform_roi_pool_backward_coord    (one thread per bin,
                                                                      summing over channels)
@@ -22,6 +29,7 @@ the kernels and every result is rounded once.
 
 from __future__ import annotations
 
+from cupydcn.cuda.deterministic import deterministic_scatter
 from cupydcn.cuda.launch import (
     KernelLauncher,
     KernelTypes,
@@ -103,9 +111,11 @@ def roi_pool_backward(
     *,
     wrt: frozenset[str],
     index_bits: int | None = None,
+    deterministic: bool = False,
 ) -> RoiPoolGrads:
     """Gradients of deform_roi_pool for the names in ``wrt`` (see :class:`RoiPoolGrads`);
-    grad_offset / grad_mask are None when offset / mask is None."""
+    grad_offset / grad_mask are None when offset / mask is None. ``deterministic``:
+    grad_input without floating-point atomics (:mod:`cupydcn.cuda.deterministic`)."""
     xp = launcher.xp
     plan = _plan(launcher, geom, index_bits)
     dtype = input.dtype
@@ -121,7 +131,22 @@ def roi_pool_backward(
     if bins_total > 0 and (want_input or want_offset or want_mask):
         rois_acc, scale_and_gamma = _roi_arguments(launcher, plan, geom, rois)
         grad_output, offset, mask = (contiguous(xp, a) for a in (grad_output, offset, mask))
-        if want_input:
+        if want_input and deterministic:
+            deterministic_scatter(
+                launcher,
+                "deform_roi_pool_backward_input_slots",
+                plan.dtype_name,
+                plan.index_bits,
+                bins_total * geom.channels,
+                geom,
+                grad_input_acc,
+                grad_output=grad_output,
+                rois=rois_acc,
+                offset=offset,
+                mask=mask,
+                scale_and_gamma=scale_and_gamma,
+            )
+        elif want_input:
             launch_kernel(
                 launcher,
                 "deform_roi_pool_backward_input",

@@ -88,6 +88,8 @@ SANITIZER_FLAGS: dict[str, tuple[str, ...]] = {
 # Flags of cupydcn_emulation::launch (cuda_shim.h).
 _GUARD_FAULTS = 1
 _REVERSE_ORDER = 2
+_SHUFFLE_ORDER = 4
+_SEED_SHIFT = 8
 
 _INT_RANGES = {
     "int32": (-(2**31), 2**31 - 1),
@@ -464,6 +466,9 @@ class HostLauncher:
         ``CUPYDCN_EMULATOR_CHECKED``, on unless set to 0).
     sanitize: "undefined" and/or "address" (default: ``CUPYDCN_EMULATOR_SANITIZE``).
     reverse: run blocks and threads last to first (exposes inter-thread dependences).
+    shuffle: a seed (0 <= seed < 2**23): run blocks, and each block's threads, in a
+        pseudo-random order drawn from it (with ``reverse``, a permutation of the reversed
+        order); None runs them in order.
     config: (grid, block) for a total; the GPU's ``launch_config`` unless overridden.
     Every launch is appended to ``launches``.
     """
@@ -471,6 +476,7 @@ class HostLauncher:
     checked: bool | None = None
     sanitize: str | None = None
     reverse: bool = False
+    shuffle: int | None = None
     config: Callable[[int], tuple[int, int]] = launch_config
 
     def __post_init__(self):
@@ -484,6 +490,7 @@ class HostLauncher:
         )
         self.xp = _poisoned_numpy() if self.checked else np
         self.launches: list[LaunchRecord] = []
+        self.sorts = 0  # stable_argsort calls
         self._entries: dict[tuple[str, str, int], _Entry] = {}
 
     # -- compilation
@@ -570,7 +577,7 @@ class HostLauncher:
                         values[i] = ctypes.c_void_p(guarded[i].data)
             argv = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
             fault = ctypes.c_void_p()
-            flags = (_GUARD_FAULTS if self.checked else 0) | (_REVERSE_ORDER if self.reverse else 0)
+            flags = self._order_flags() | (_GUARD_FAULTS if self.checked else 0)
             if "undefined" in self._sanitizers:
                 with _CapturedStderr() as captured:
                     signal = entry.function(grid, block, argv, flags, ctypes.byref(fault))
@@ -602,6 +609,20 @@ class HostLauncher:
             for copy in guarded:
                 if copy is not None:
                     copy.release()
+
+    def stable_argsort(self, keys: np.ndarray) -> np.ndarray:
+        """The indices that sort the 1-D ``keys`` stably (the deterministic backward's
+        sort, cupydcn/cuda/deterministic.py), as CuPy's argsort does on a GPU."""
+        self.sorts += 1
+        return np.argsort(keys, kind="stable")
+
+    def _order_flags(self) -> int:
+        flags = _REVERSE_ORDER if self.reverse else 0
+        if self.shuffle is not None:
+            if not 0 <= self.shuffle < 2**23:
+                raise ValueError(f"shuffle seed must be in [0, 2**23); got {self.shuffle!r}")
+            flags |= _SHUFFLE_ORDER | (self.shuffle << _SEED_SHIFT)
+        return flags
 
     def _convert(
         self, where: str, parameters: tuple[Parameter, ...], args: Sequence[object]

@@ -4,7 +4,7 @@
 #pragma once
 
 #include "accumulate.cuh"
-#include "atomics.cuh"
+#include "scatter_sinks.cuh"
 #include "padding_modes.cuh"
 #include "sample_gradient.cuh"
 
@@ -144,18 +144,27 @@ __device__ __forceinline__ SampleWithGradient<A> bilinear_sample_with_gradient(
   return s;
 }
 
-// grad_plane[q] += G(q, p') * grad for the in-map corners q of p' (atomically).
-template <typename A, typename I>
-__device__ __forceinline__ void bilinear_scatter(A* grad_plane, I height, I width, A y, A x, A grad,
-                                                 int mode = PADDING_ZEROS) {
+// sink.add(q, G(q, p') * grad) for the in-map corners q of p' (element indices within
+// the plane), in a fixed order (scatter_sinks.cuh).
+template <typename A, typename I, typename Sink>
+__device__ __forceinline__ void bilinear_scatter_to(Sink& sink, I height, I width, A y, A x, A grad,
+                                                    int mode = PADDING_ZEROS) {
   const BilinearPoint<A, I> p = bilinear_point<A, I>(y, x, height, width, mode);
   if (p.is_nan || !p.any_in) return;
   const A hy = A(1) - p.ly, hx = A(1) - p.lx;
   const I row0 = p.y0 * width, row1 = row0 + width;
-  if (p.y0_in && p.x0_in) atomic_accumulate(grad_plane + (row0 + p.x0), hy * hx * grad);
-  if (p.y0_in && p.x1_in) atomic_accumulate(grad_plane + (row0 + p.x0 + 1), hy * p.lx * grad);
-  if (p.y1_in && p.x0_in) atomic_accumulate(grad_plane + (row1 + p.x0), p.ly * hx * grad);
-  if (p.y1_in && p.x1_in) atomic_accumulate(grad_plane + (row1 + p.x0 + 1), p.ly * p.lx * grad);
+  if (p.y0_in && p.x0_in) sink.add(row0 + p.x0, hy * hx * grad);
+  if (p.y0_in && p.x1_in) sink.add(row0 + p.x0 + 1, hy * p.lx * grad);
+  if (p.y1_in && p.x0_in) sink.add(row1 + p.x0, p.ly * hx * grad);
+  if (p.y1_in && p.x1_in) sink.add(row1 + p.x0 + 1, p.ly * p.lx * grad);
+}
+
+// grad_plane[q] += G(q, p') * grad for the in-map corners q of p' (atomically).
+template <typename A, typename I>
+__device__ __forceinline__ void bilinear_scatter(A* grad_plane, I height, I width, A y, A x, A grad,
+                                                 int mode = PADDING_ZEROS) {
+  AtomicSink<A> sink{grad_plane};
+  bilinear_scatter_to<A, I>(sink, height, width, y, x, grad, mode);
 }
 
 }  // namespace cupydcn

@@ -178,8 +178,27 @@ __global__ void deform_conv_im2col(const T* __restrict__ input, const T* __restr
   }
 }
 
+// The contributions of one column element (index) to grad_input: mask * grad_columns[b,
+// c*K + k, pix] spread bilinearly over the corners of the tap's (mapped) sampling point,
+// passed to sink.add(element of grad_input, value) in a fixed order.
+template <typename T, typename I, typename Sink>
+__device__ __forceinline__ void col2im_input_item(I index, const acc_t<T>* grad_columns,
+                                                  const T* offset, const T* mask,
+                                                  const ConvSizes<I>& s, Sink& sink) {
+  using A = acc_t<T>;
+  const ConvItem<I> item = conv_item(index, s.channels, s.taps, s);
+  const I c = item.unit;
+  const I g = c / s.channels_per_group;
+  const TapPoint<A> t = tap_point<T, I>(offset, item, g, s);
+  const A grad =
+      grad_columns[index] * tap_mask(mask_pixel(mask, item.b, g, item.pix, s), item.tap, s);
+  PlaneSink<Sink, I> plane{sink, plane_base(item.b, c, s)};
+  bilinear_scatter_to<A, I>(plane, s.height, s.width, t.y, t.x, grad, s.mode);
+}
+
 // grad_input[b, c] += mask * grad_columns[b, c*K + k, pix] spread bilinearly over the
 // corners of the tap's (mapped) sampling point. One thread per column element; atomics in A.
+// (The deterministic mode's version is deform_conv_deterministic.cu.)
 template <typename T, typename I>
 __global__ void deform_conv_col2im_input(const acc_t<T>* __restrict__ grad_columns,
                                          const T* __restrict__ offset, const T* __restrict__ mask,
@@ -188,15 +207,9 @@ __global__ void deform_conv_col2im_input(const acc_t<T>* __restrict__ grad_colum
   using A = acc_t<T>;
   const ConvSizes<I> s = CUPYDCN_CONV_SIZES;
   const I total = s.batch * s.channels * s.taps * s.out_size;
+  AtomicSink<A> sink{grad_input};
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
-    const ConvItem<I> item = conv_item(index, s.channels, s.taps, s);
-    const I c = item.unit;
-    const I g = c / s.channels_per_group;
-    const TapPoint<A> t = tap_point<T, I>(offset, item, g, s);
-    const A grad =
-        grad_columns[index] * tap_mask(mask_pixel(mask, item.b, g, item.pix, s), item.tap, s);
-    bilinear_scatter<A, I>(grad_input + plane_base(item.b, c, s), s.height, s.width, t.y, t.x, grad,
-                           s.mode);
+    col2im_input_item<T, I>(index, grad_columns, offset, mask, s, sink);
   }
 }
 
@@ -242,8 +255,5 @@ __global__ void deform_conv_col2im_coord(const acc_t<T>* __restrict__ grad_colum
     }
   }
 }
-
-#undef CUPYDCN_CONV_SIZES
-#undef CUPYDCN_CONV_SIZE_PARAMETERS
 
 }  // namespace cupydcn

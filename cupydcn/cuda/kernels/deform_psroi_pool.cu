@@ -263,8 +263,7 @@ __device__ __forceinline__ void psroi_backward_input_item(I index, const T* grad
                                                           const acc_t<T>* rois, const T* offset,
                                                           const acc_t<T>* scalars,
                                                           const PsRoiSizes& n, I channels,
-                                                          I output_dim, I num_classes,
-                                                          Sink& sink) {
+                                                          I output_dim, I num_classes, Sink& sink) {
   using A = acc_t<T>;
   const I height = n.height, width = n.width;
   const I channels_per_class = output_dim / num_classes;
@@ -387,6 +386,5 @@ __global__ void deform_psroi_pool_backward_offset(const T* __restrict__ grad_out
     cell[part_area] = from_acc<T>(sum_dh * trans_std * box.roi_h);
   }
 }
-
 
 }  // namespace cupydcn

@@ -222,8 +222,7 @@ __global__ void deform_roi_pool_backward_input(const T* __restrict__ grad_output
   const I total = s.num_rois * s.channels * s.bins;
   AtomicSink<A> sink{grad_input};
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
-    roi_backward_input_item<T, I>(index, grad_output, rois, offset, mask, scale_and_gamma, s,
-                                  sink);
+    roi_backward_input_item<T, I>(index, grad_output, rois, offset, mask, scale_and_gamma, s, sink);
   }
 }
 
@@ -288,6 +287,5 @@ __global__ void deform_roi_pool_backward_coord(
     if (grad_mask != nullptr) grad_mask[index] = from_acc<T>(sum.value / bin.count);
   }
 }
-
 
 }  // namespace cupydcn
