@@ -62,6 +62,7 @@ def _apply(
     *,
     differentiable: Sequence[str],
     backward_inputs: Sequence[str],
+    differentiable_backward: Callable[..., Mapping[str, object]] | None = None,
 ) -> tuple:
     """Call ``forward(**arrays)`` through a custom_vjp of ``arrays``' values.
 
@@ -69,7 +70,10 @@ def _apply(
     is the differentiable output). ``backward(grad_output, wrt, **inputs)``, with
     ``inputs`` the arrays named in ``backward_inputs``, returns a cupydcn gradients tuple
     with a field ``grad_<name>`` for each name of ``wrt``. Arrays not in
-    ``differentiable`` get a zero cotangent.
+    ``differentiable`` get a zero cotangent. With ``differentiable_backward(grad_output,
+    wrt, **inputs)`` (a dict of the gradients of ``wrt``, computed by differentiable JAX
+    functions), the backward rule calls it instead, so that the gradients can be
+    differentiated again.
     """
     names = tuple(arrays)
 
@@ -86,7 +90,9 @@ def _apply(
     def op_fwd(primals):
         values = tuple(p.value for p in primals)
         wrt = tuple(n for n, p in zip(names, primals) if p.perturbed and n in differentiable)
-        return run_forward(values), (values, _Wrt(wrt))
+        # The output through ``op`` itself, not the callback: differentiating the backward
+        # again (grad of grad) differentiates this rule too, and a callback has no JVP.
+        return op(values), (values, _Wrt(wrt))
 
     def op_bwd(residuals, cotangents):
         values, wrt = residuals
@@ -100,6 +106,11 @@ def _apply(
         def compute_backward(grad, *xs):
             grads = backward(grad, wrt.names, **dict(zip(input_names, xs)))
             return tuple(getattr(grads, f"grad_{n}") for n in wrt.names)
+
+        if differentiable_backward is not None:
+            grads = differentiable_backward(grad_output, wrt.names,
+                                            **dict(zip(input_names, inputs)))
+            return (tuple(grads.get(n) for n in names),)
 
         grad_types = tuple(_type_of(by_name[n]) for n in wrt.names)
         grads = dict(zip(wrt.names, _bridge.run(compute_backward, grad_types,
@@ -145,11 +156,124 @@ def deform_conv2d(
         return cupydcn.deform_conv2d_backward(grad_output, input, offset, weight, mask,
                                               wrt=wrt, **kwargs)
 
+    def differentiable_backward(grad_output, wrt, input, offset, weight, mask=None):
+        return dict(zip(wrt, _conv_backward(kwargs, wrt, grad_output, input, offset, weight,
+                                            mask)))
+
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype)
     (output,) = _apply(arrays, (out_type,), forward, backward,
                        differentiable=tuple(arrays),
-                       backward_inputs=("input", "offset", "weight", "mask"))
+                       backward_inputs=("input", "offset", "weight", "mask"),
+                       differentiable_backward=differentiable_backward)
     return output
+
+
+_CONV_TERMS = ("grad_output", "input", "offset", "weight", "mask")
+
+
+def _conv_backward(kwargs, wrt: tuple[str, ...], grad_output, input, offset, weight, mask):
+    """``cupydcn.deform_conv2d_backward`` for the gradients ``wrt`` (of input, offset,
+    weight, mask, bias), as a differentiable JAX function (``jax.custom_vjp``): its own
+    backward is the double backward of deform_conv2d.
+
+    The backward ``(gx, go, gW, gm) = B(gy; x, o, W, m)`` is linear in gy, x, W and m
+    separately, so with the cotangents ``(vx, vo, vW, vm)`` of its outputs every term but
+    those of ``vo`` is a deform_conv2d forward or backward again (f = the forward without
+    bias; both differentiable, so higher orders follow):
+
+        d/d gy  f(vx, o, W, m) + f(x, o, vW, m) + f(x, o, W, mask=vm) + vb + [vo]
+        d/d x   B_x(gy; o, vW, m) + B_x(gy; o, W, mask=vm) + [vo]
+        d/d o   B_o(gy; x, o, vW, m) + B_o(gy; vx, o, W, m) + B_o(gy; x, o, W, mask=vm) + [vo]
+        d/d W   B_W(gy; vx, o, m) + B_W(gy; x, o, mask=vm) + [vo]
+        d/d m   B_m(gy; x, o, vW) + B_m(gy; vx, o, W) + [vo]
+
+    The ``[vo]`` terms need second derivatives of bilinear sampling
+    (cupydcn/deform_conv/second_order.py: NumPy only, padding_mode "zeros"; on a GPU or
+    with another padding_mode it raises). They run in a callback that JAX cannot
+    differentiate, so a third derivative through them raises JAX's error.
+    """
+    arrays = {"grad_output": grad_output, "input": input, "offset": offset, "weight": weight}
+    if mask is not None:
+        arrays["mask"] = mask
+    names = tuple(arrays)
+    bias_type = jax.ShapeDtypeStruct((weight.shape[0],), weight.dtype)
+    types = tuple(bias_type if n == "bias" else _type_of(arrays[n]) for n in wrt)
+
+    def compute(*values):
+        by_name = dict(zip(names, values))
+        grads = cupydcn.deform_conv2d_backward(
+            by_name["grad_output"], by_name["input"], by_name["offset"], by_name["weight"],
+            by_name.get("mask"), wrt=wrt, **kwargs)
+        return tuple(getattr(grads, f"grad_{n}") for n in wrt)
+
+    @jax.custom_vjp
+    def backward(values):
+        return _bridge.run(compute, types, values)
+
+    def backward_fwd(primals):
+        values = tuple(p.value for p in primals)
+        return backward(values), values
+
+    def backward_bwd(values, cotangents):
+        gy, x, o, w, *rest = values
+        m = rest[0] if rest else None
+        # An unused gradient has a symbolic zero cotangent: its terms are skipped (and the
+        # terms along the offsets, which have their limits, run only when needed).
+        v = {n: ct for n, ct in zip(wrt, cotangents) if not isinstance(ct, SymbolicZero)}
+        vx, vo, vw, vm, vb = (v.get(n) for n in ("input", "offset", "weight", "mask", "bias"))
+        options = {k: kwargs[k] for k in ("stride", "padding", "dilation", "padding_mode",
+                                          "workspace_bytes")}
+
+        def f(input, weight, mask):
+            return deform_conv2d(input, o, weight, None, mask=mask, **options)
+
+        def b(input, weight, mask, wanted):
+            return dict(zip(wanted, _conv_backward(kwargs, wanted, gy, input, o, weight, mask)))
+
+        with_mask = ("mask",) if m is not None else ()
+        terms = {n: [] for n in _CONV_TERMS}
+        if vx is not None:
+            terms["grad_output"].append(f(vx, w, m))
+            for n, g in b(vx, w, m, ("offset", "weight") + with_mask).items():
+                terms[n].append(g)
+        if vw is not None:
+            terms["grad_output"].append(f(x, vw, m))
+            for n, g in b(x, vw, m, ("input", "offset") + with_mask).items():
+                terms[n].append(g)
+        if vm is not None:
+            terms["grad_output"].append(f(x, w, vm))
+            for n, g in b(x, w, vm, ("input", "offset", "weight")).items():
+                terms[n].append(g)
+        if vb is not None:
+            terms["grad_output"].append(jnp.broadcast_to(vb[None, :, None, None], gy.shape))
+        if vo is not None:
+            so_names = _CONV_TERMS if m is not None else _CONV_TERMS[:-1]
+            for n, g in zip(so_names, _offset_second_order(kwargs, so_names, gy, x, o, w, m,
+                                                           vo)):
+                terms[n].append(g)
+        return (tuple(sum(terms[n][1:], terms[n][0]) if terms[n] else None for n in names),)
+
+    backward.defvjp(backward_fwd, backward_bwd, symbolic_zeros=True)
+    return backward(tuple(arrays.values()))
+
+
+def _offset_second_order(kwargs, wrt, grad_output, input, offset, weight, mask, tangent):
+    """cupydcn/deform_conv/second_order.py's terms through :func:`_bridge.run` (not
+    differentiable)."""
+    from cupydcn.deform_conv.second_order import offset_second_order
+
+    arrays = {"grad_output": grad_output, "input": input, "offset": offset, "weight": weight,
+              "mask": mask, "offset_tangent": tangent}
+    present = tuple(n for n, a in arrays.items() if a is not None)
+    options = {k: kwargs[k] for k in ("stride", "padding", "dilation", "padding_mode")}
+
+    def compute(*values):
+        by_name = dict(zip(present, values))
+        terms = offset_second_order(*(by_name.get(n) for n in arrays), wrt=wrt, **options)
+        return tuple(terms[n] for n in wrt)
+
+    return _bridge.run(compute, tuple(_type_of(arrays[n]) for n in wrt),
+                       tuple(arrays[n] for n in present))
 
 
 # ---------------------------------------------------------------------------- RoI pooling

@@ -142,7 +142,11 @@ def _backward_impl(function: Callable[..., tuple], names: Sequence[str], arrays:
     wrt = [name for name, wanted in zip(names, output_mask) if wanted]
     if not wrt:
         return []
-    grads = function(*arrays, wrt=wrt, **options.kwargs(option_values))
+    # torch.use_deterministic_algorithms(True) makes the CUDA backward deterministic
+    # (no float atomics); otherwise cupydcn's own setting decides (cupydcn.set_deterministic).
+    deterministic = True if torch.are_deterministic_algorithms_enabled() else None
+    grads = function(*arrays, wrt=wrt, deterministic=deterministic,
+                     **options.kwargs(option_values))
     return [_result(g) for g in grads if g is not None]
 
 
@@ -308,6 +312,141 @@ def _(grad_output, input, offset, weight, mask, *options_and_mask):
                        (input, offset, weight, mask, weight.new_empty((weight.shape[0],))))
 
 
+# ---------------------------------------------------------------------------- double backward
+# The backward op's own autograd formula (docs in _conv_backward_backward).
+_SECOND_ORDER_TERMS = ("grad_output", "input", "offset", "weight", "mask")
+
+
+@_custom_op("deform_conv2d_offset_second_order",
+            "Tensor grad_output, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+            "Tensor offset_tangent", _CONV, "Tensor[]", backward=True)
+def _deform_conv2d_offset_second_order(grad_output, input, offset, weight, mask,
+                                       offset_tangent, *options_and_mask):
+    """The derivatives of <grad_offset, offset_tangent> with respect to (grad_output,
+    input, offset, weight, mask) filtered by ``output_mask``
+    (cupydcn/deform_conv/second_order.py; CPU tensors only)."""
+    from cupydcn.deform_conv.second_order import offset_second_order
+
+    *option_values, output_mask = options_and_mask
+    wrt = [name for name, wanted in zip(_SECOND_ORDER_TERMS, output_mask) if wanted]
+    tensors = (grad_output, input, offset, weight, mask, offset_tangent)
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        raise value_error(
+            "cupydcn.torch.deform_conv2d double backward",
+            "the second derivatives along the offsets (the gradient of grad_offset) have no "
+            f"CUDA kernel yet; got tensors on {input.device} (CPU tensors only)")
+    arrays = [None if t is None else t.detach().numpy() for t in tensors]
+    terms = offset_second_order(*arrays, **_CONV.kwargs(option_values), wrt=wrt)
+    return [torch.from_numpy(terms[name]) for name in wrt]
+
+
+@_deform_conv2d_offset_second_order.register_fake
+def _(grad_output, input, offset, weight, mask, offset_tangent, *options_and_mask):
+    return _fake_grads(options_and_mask[-1], (grad_output, input, offset, weight, mask))
+
+
+def _refuse_third_order(ctx, grads):
+    raise value_error(
+        "cupydcn.torch.deform_conv2d", "third derivatives that go through the second "
+        "derivatives along the offsets are not supported (deform_conv2d is twice "
+        "differentiable)")
+
+
+_deform_conv2d_offset_second_order.register_autograd(
+    _refuse_third_order, setup_context=lambda ctx, inputs, output: None)
+
+
+def _conv_backward_setup_context(ctx, inputs, output):
+    grad_output, input, offset, weight, mask, *options_and_mask = inputs
+    ctx.save_for_backward(grad_output, input, offset, weight, mask)
+    ctx.options = tuple(options_and_mask[:-1])
+    ctx.output_mask = tuple(options_and_mask[-1])
+    # An output the loss does not use gets None, not zeros: its terms are skipped (and
+    # the terms along the offsets, which have their limits, run only when needed).
+    ctx.set_materialize_grads(False)
+
+
+def _sum(terms):
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return None
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def _conv_backward_backward(ctx, grads):
+    """Autograd formula of ``deform_conv2d_backward`` (double backward).
+
+    The backward ``(gx, go, gW, gm, gb) = B(gy; x, o, W, m)`` is linear in gy, x, W and m
+    separately, so with the cotangents ``(vx, vo, vW, vm, vb)`` of its outputs every term
+    but those of ``vo`` is a deform_conv2d forward or backward again (f = the forward
+    without bias):
+
+        d/d gy  f(vx, o, W, m) + f(x, o, vW, m) + f(x, o, W, mask=vm) + vb + [vo]
+        d/d x   B_x(gy; o, vW, m) + B_x(gy; o, W, mask=vm) + [vo]
+        d/d o   B_o(gy; x, o, vW, m) + B_o(gy; vx, o, W, m) + B_o(gy; x, o, W, mask=vm) + [vo]
+        d/d W   B_W(gy; vx, o, m) + B_W(gy; x, o, mask=vm) + [vo]
+        d/d m   B_m(gy; x, o, vW) + B_m(gy; vx, o, W) + [vo]
+
+    The ``[vo]`` terms need second derivatives of bilinear sampling:
+    ``cupydcn::deform_conv2d_offset_second_order`` (NumPy, CPU tensors, padding_mode
+    "zeros"; a CupydcnValueError otherwise). Those ops have no autograd formula of their
+    own, so a third derivative that goes through them raises torch's error."""
+    gy, x, o, w, m = ctx.saved_tensors
+    options, ops = ctx.options, torch.ops.cupydcn
+    need = ctx.needs_input_grad
+    need_gy, need_x, need_o, need_w = need[0], need[1], need[2], need[3]
+    need_m = m is not None and need[4]
+    vx, vo, vw, vm, vb = _pick(list(grads), ctx.output_mask)
+    if m is None:
+        vm = None
+
+    def forward(input, weight, mask):
+        return ops.deform_conv2d(input, o, weight, None, mask, *options)
+
+    def backward(input, weight, mask, wanted):
+        output_mask = [wanted.get(name, False) for name in _CONV_GRADS]
+        if not any(output_mask):
+            return dict.fromkeys(_CONV_GRADS)
+        return dict(zip(_CONV_GRADS, _pick(ops.deform_conv2d_backward(
+            gy, input, o, weight, mask, *options, output_mask), output_mask)))
+
+    none = dict.fromkeys(_CONV_GRADS)
+    by_vw = (backward(x, vw, m, {"input": need_x, "offset": need_o, "mask": need_m})
+             if vw is not None else none)
+    by_vx = (backward(vx, w, m, {"offset": need_o, "weight": need_w, "mask": need_m})
+             if vx is not None else none)
+    by_vm = (backward(x, w, vm, {"input": need_x, "offset": need_o, "weight": need_w})
+             if vm is not None else none)
+    by_vo = dict.fromkeys(_SECOND_ORDER_TERMS)
+    if vo is not None:
+        wanted = [need_gy, need_x, need_o, need_w, need_m]
+        if any(wanted):
+            by_vo = dict(zip(_SECOND_ORDER_TERMS, _pick(
+                ops.deform_conv2d_offset_second_order(gy, x, o, w, m, vo, *options, wanted),
+                wanted)))
+
+    grad_gy = None
+    if need_gy:
+        grad_gy = _sum([forward(vx, w, m) if vx is not None else None,
+                        forward(x, vw, m) if vw is not None else None,
+                        forward(x, w, vm) if vm is not None else None,
+                        vb[None, :, None, None].expand_as(gy) if vb is not None else None,
+                        by_vo["grad_output"]])
+    grad_x = _sum([by_vw["input"], by_vm["input"], by_vo["input"]]) if need_x else None
+    grad_o = (_sum([by_vw["offset"], by_vx["offset"], by_vm["offset"], by_vo["offset"]])
+              if need_o else None)
+    grad_w = _sum([by_vx["weight"], by_vm["weight"], by_vo["weight"]]) if need_w else None
+    grad_m = _sum([by_vw["mask"], by_vx["mask"], by_vo["mask"]]) if need_m else None
+    return (grad_gy, grad_x, grad_o, grad_w, grad_m) + (None,) * (len(ctx.options) + 1)
+
+
+_deform_conv2d_backward.register_autograd(_conv_backward_backward,
+                                          setup_context=_conv_backward_setup_context)
+
+
 def _conv_setup_context(ctx, inputs, output):
     input, offset, weight, bias, mask, *options = inputs
     ctx.save_for_backward(input, offset, weight, mask)
@@ -354,9 +493,30 @@ def deform_conv2d(
     op = "deform_conv2d"
     _check_tensors(op, {"input": input, "offset": offset, "weight": weight, "bias": bias,
                         "mask": mask}, "input", "offset", "weight")
-    return torch.ops.cupydcn.deform_conv2d(
-        input, offset, weight, bias, mask, *_CONV.values(
-            locals(), **conv_pairs(op, stride=stride, padding=padding, dilation=dilation)))
+    values = _CONV.values(locals(), **conv_pairs(op, stride=stride, padding=padding,
+                                                 dilation=dilation))
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        # torch.onnx.export(..., dynamo=True): the standard ONNX DeformConv node itself
+        # (cupydcn/torch/onnx.py), so that no translation table is needed; None where
+        # DeformConv cannot express the call (then the custom op, which fails to export).
+        from .onnx import deform_conv2d_onnx_symbolic
+
+        node = deform_conv2d_onnx_symbolic(input, offset, weight, bias, mask,
+                                           **_CONV.kwargs(values))
+        if node is not None:
+            return node
+    return torch.ops.cupydcn.deform_conv2d(input, offset, weight, bias, mask, *values)
+
+
+def _warn_onnx_export(op: str) -> None:
+    """Under torch.onnx.export(..., dynamo=True): say why the RoI pools will not export
+    (cupydcn/torch/onnx.py; the exporter's own error then names the custom op)."""
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        import warnings
+
+        from .onnx import refusal
+
+        warnings.warn(refusal(op), UserWarning, stacklevel=3)
 
 
 # ============================================================================ deform_roi_pool
@@ -425,6 +585,7 @@ def deform_roi_pool(
     size), mask [K, 1, ph, pw]; returns [K, C, ph, pw]. Gradients flow to input, offset and
     mask, not to rois."""
     op = "deform_roi_pool"
+    _warn_onnx_export(op)
     rois = rois_tensor(op, rois)
     _check_tensors(op, {"input": input, "rois": rois, "offset": offset, "mask": mask},
                    "input", "rois")
@@ -504,6 +665,7 @@ def deform_psroi_pool(
     [L, 4] box tensors, one per image (torchvision's form). Gradients flow to input and
     offset, not to rois."""
     op = "deform_psroi_pool"
+    _warn_onnx_export(op)
     rois = rois_tensor(op, rois)
     _check_tensors(op, {"input": input, "rois": rois, "offset": offset}, "input", "rois")
     return torch.ops.cupydcn.deform_psroi_pool(
