@@ -35,6 +35,7 @@ images, small and large, and the effective dilation against the pair's separatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -43,6 +44,7 @@ import numpy as np
 
 from cupydcn.cli.options import fail, non_negative_int, positive_int, unwritable_reason
 from cupydcn.cli.probe import cuda_device_count
+from cupydcn.core.threads import blas_threads_for
 from cupydcn.deform_conv import deform_conv2d, deform_conv2d_backward
 from cupydcn.deform_conv.sampling import effective_dilation
 
@@ -422,34 +424,37 @@ def run_demo(argv: list[str] | None = None) -> int:
         f"({'offsets frozen at zero' if not offsets_enabled else 'learned offsets'}) -> "
         f"global average -> linear; Adam, {args.steps} steps of {args.batch_size} images"
     )
-    before = evaluate(xp, params, test, offsets_enabled=offsets_enabled)
-    print(f"before training: test loss {before['loss']:.3f}, accuracy {before['accuracy']:.1%}")
+    # Small GEMMs everywhere: one BLAS thread on the CPU (cupydcn/core/threads.py), so a
+    # busy machine's cores are not oversubscribed by BLAS's thread pool.
+    with blas_threads_for(0) if args.device == "cpu" else contextlib.nullcontext():
+        before = evaluate(xp, params, test, offsets_enabled=offsets_enabled)
+        print(f"before training: test loss {before['loss']:.3f}, accuracy {before['accuracy']:.1%}")
 
-    first_moment = {name: xp.zeros_like(p) for name, p in params.items()}
-    second_moment = {name: xp.zeros_like(p) for name, p in params.items()}
-    report_every = max(1, args.steps // 6)
-    for step in range(1, args.steps + 1):
-        images, labels, _, _ = make_pairs(rng, args.batch_size)
-        labels = xp.asarray(labels)
-        logits, cache = forward(xp, params, xp.asarray(images), offsets_enabled=offsets_enabled)
-        loss, grad_logits = loss_and_grad(xp, logits, labels)
-        grads = backward(xp, params, cache, grad_logits, offsets_enabled=offsets_enabled)
-        # Adam with a cosine learning-rate decay: the whole optimiser.
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
-        for name, p in params.items():
-            first_moment[name] = 0.9 * first_moment[name] + 0.1 * grads[name]
-            second_moment[name] = 0.999 * second_moment[name] + 0.001 * grads[name] ** 2
-            m_hat = first_moment[name] / (1 - 0.9**step)
-            v_hat = second_moment[name] / (1 - 0.999**step)
-            p -= lr * m_hat / (xp.sqrt(v_hat) + 1e-8)
-        if step % report_every == 0 or step == args.steps:
-            accuracy = float((logits.argmax(axis=1) == labels).mean())
-            print(
-                f"  step {step:4d}: batch loss {float(loss):.3f}, accuracy {accuracy:.0%} "
-                f"({time.perf_counter() - started:.1f} s)"
-            )
+        first_moment = {name: xp.zeros_like(p) for name, p in params.items()}
+        second_moment = {name: xp.zeros_like(p) for name, p in params.items()}
+        report_every = max(1, args.steps // 6)
+        for step in range(1, args.steps + 1):
+            images, labels, _, _ = make_pairs(rng, args.batch_size)
+            labels = xp.asarray(labels)
+            logits, cache = forward(xp, params, xp.asarray(images), offsets_enabled=offsets_enabled)
+            loss, grad_logits = loss_and_grad(xp, logits, labels)
+            grads = backward(xp, params, cache, grad_logits, offsets_enabled=offsets_enabled)
+            # Adam with a cosine learning-rate decay: the whole optimiser.
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
+            for name, p in params.items():
+                first_moment[name] = 0.9 * first_moment[name] + 0.1 * grads[name]
+                second_moment[name] = 0.999 * second_moment[name] + 0.001 * grads[name] ** 2
+                m_hat = first_moment[name] / (1 - 0.9**step)
+                v_hat = second_moment[name] / (1 - 0.999**step)
+                p -= lr * m_hat / (xp.sqrt(v_hat) + 1e-8)
+            if step % report_every == 0 or step == args.steps:
+                accuracy = float((logits.argmax(axis=1) == labels).mean())
+                print(
+                    f"  step {step:4d}: batch loss {float(loss):.3f}, accuracy {accuracy:.0%} "
+                    f"({time.perf_counter() - started:.1f} s)"
+                )
 
-    after = evaluate(xp, params, test, offsets_enabled=offsets_enabled)
+        after = evaluate(xp, params, test, offsets_enabled=offsets_enabled)
     print(f"after training:  test loss {after['loss']:.3f}, accuracy {after['accuracy']:.1%}")
     print(
         "effective dilation on the dots (mean distance between adjacent taps' sampling "
