@@ -50,6 +50,12 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
     "deform_roi_pool_deterministic.cu": ("deform_roi_pool_backward_input_slots",),
     "deform_psroi_pool_deterministic.cu": ("deform_psroi_pool_backward_input_slots",),
     "segment_sum.cu": ("segment_sum",),
+    # The double backward: the terms along an offset direction (second_order_cuda.py).
+    "deform_conv_second_order.cu": (
+        "deform_conv_second_order_columns",
+        "deform_conv_second_order_coord",
+        "deform_conv_second_order_input",
+    ),
 }
 
 # The parameter list of every kernel, in order and comma-separated, spelled as the .cu file
@@ -62,7 +68,10 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
 # with this table.
 _CONV_SIZES = (
     "I batch, I channels, I height, I width, I kernel_h, I kernel_w, I stride_h, I stride_w, "
-    "I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w, I offset_groups, I padding_mode"
+    "I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w, I offset_groups, I padding_mode, "
+    # the launch's range of output pixels (the whole image, 0 and out_h * out_w, unless
+    # one image's columns exceed the workspace; cupydcn/deform_conv/cuda_backend.py)
+    "I pixel_start, I pixel_count"
 )
 _ROI_SIZES = "I num_rois, I channels, I height, I width, I pooled_h, I pooled_w, I sampling_ratio"
 _PSROI_SIZES = (
@@ -142,13 +151,25 @@ KERNEL_PARAMETERS: dict[str, str] = {
         f"I* slots, I* keys, A* values, {_PSROI_SIZES}"
     ),
     "segment_sum": "const I* sorted_keys, const A* sorted_values, A* output, I count, I targets",
+    "deform_conv_second_order_columns": (
+        "const T* input, const T* offset, const T* mask, const T* offset_tangent, A* columns, "
+        f"{_CONV_SIZES}"
+    ),
+    "deform_conv_second_order_coord": (
+        "const A* grad_columns, const T* input, const T* offset, const T* mask, "
+        f"const T* offset_tangent, T* grad_offset, T* grad_mask, {_CONV_SIZES}"
+    ),
+    "deform_conv_second_order_input": (
+        "const A* grad_columns, const T* offset, const T* mask, const T* offset_tangent, "
+        f"A* grad_input, {_CONV_SIZES}"
+    ),
 }
 
 # The modules (source files) each public op launches kernels from, by the op's function
 # name: what ``cupydcn.precompile`` builds for an op. ``DETERMINISTIC_SOURCE_FILES`` are
 # the extra ones only its ``deterministic=True`` backward launches.
 OP_SOURCE_FILES: dict[str, tuple[str, ...]] = {
-    "deform_conv2d": ("deform_conv.cu", "convert.cu"),
+    "deform_conv2d": ("deform_conv.cu", "convert.cu", "deform_conv_second_order.cu"),
     "deform_roi_pool": ("deform_roi_pool.cu", "convert.cu"),
     "deform_psroi_pool": ("deform_psroi_pool.cu", "convert.cu"),
     "multi_scale_deformable_attn": ("deform_attn.cu", "convert.cu"),

@@ -24,7 +24,7 @@ __global__ void deform_conv_col2im_input_slots(const acc_t<T>* __restrict__ grad
                                                CUPYDCN_CONV_SIZE_PARAMETERS) {
   using A = acc_t<T>;
   const ConvSizes<I> s = CUPYDCN_CONV_SIZES;
-  const I total = s.batch * s.channels * s.taps * s.out_size;
+  const I total = s.batch * s.channels * s.taps * s.slice_size;
   CUPYDCN_GRID_STRIDE_LOOP(index, I, total) {
     if (keys == nullptr) {
       CountSink<I> sink{I(0)};
