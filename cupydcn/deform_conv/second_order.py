@@ -21,16 +21,20 @@ each argument (grad_output included).
 Conventions: those of the first-order backends for finite points with padding_mode
 "zeros" (corners ``floor(p) + {0, 1}``, corners outside the map read 0, the derivative at
 an integer coordinate is that of the cell ``floor(p)``). Not covered: padding_mode
-"border"/"reflection" and CUDA arrays (no kernel: a CupydcnValueError says so); a
-non-finite sample point contributes nothing here (the first-order ops give NaN there).
-Computed in float64 (any input dtype), returned in the input dtype.
+"border"/"reflection" (a CupydcnValueError says so); a non-finite sample point
+contributes nothing here (the first-order ops give NaN there). NumPy arrays are computed
+here in float64 (any input dtype) and returned in the input dtype; other arrays (CuPy,
+torch, JAX, any DLPack array) go through cupydcn's dispatch: on a CUDA device to the
+kernels of cupydcn/cuda/kernels/deform_conv_second_order.cu
+(:mod:`cupydcn.deform_conv.second_order_cuda`, in the accumulation dtype), on the CPU to
+this NumPy code.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cupydcn.core.errors import type_error, value_error
+from cupydcn.core.errors import value_error
 from cupydcn.deform_conv.spec import conv_geometry
 
 OP = "deform_conv2d_offset_second_order"
@@ -54,7 +58,8 @@ def offset_second_order(
     """The derivatives of ``<grad_offset, offset_tangent>`` (grad_offset of
     ``deform_conv2d_backward(grad_output, input, offset, weight, mask)``) with respect to
     the names in ``wrt`` (of :data:`TERM_NAMES`; "mask" only with a mask), as a dict of
-    NumPy arrays shaped like those arguments. NumPy arrays only."""
+    arrays shaped like those arguments: NumPy arrays for NumPy arguments, otherwise the
+    caller's array type (computed on the arrays' device, see the module docstring)."""
     arrays = {
         "grad_output": grad_output,
         "input": input,
@@ -63,14 +68,51 @@ def offset_second_order(
         "mask": mask,
         "offset_tangent": offset_tangent,
     }
-    for name, a in arrays.items():
-        if a is not None and not isinstance(a, np.ndarray):
-            raise type_error(
-                OP,
-                f"{name} must be a NumPy array (the second-order offset terms "
-                f"have no CUDA kernel); got {type(a).__module__}."
-                f"{type(a).__qualname__}",
-            )
+    options = dict(stride=stride, padding=padding, dilation=dilation,
+                   padding_mode=padding_mode, wrt=wrt)
+    if any(a is not None and not isinstance(a, np.ndarray) for a in arrays.values()):
+        return _dispatched(arrays, options)
+    geom = checked_geometry(*arrays.values(), **options)
+    return _numpy_terms(*arrays.values(), geom, wrt)
+
+
+def _dispatched(arrays: dict, options: dict) -> dict:
+    """offset_second_order of non-NumPy arrays through cupydcn's dispatch (the CUDA
+    kernels on a device, the NumPy code on the CPU), as a dict in the caller's type."""
+    from cupydcn.core.dispatch import Backends, Prepared, dispatch
+
+    wrt = options["wrt"]
+    names = tuple(n for n in TERM_NAMES if n in wrt and (n != "mask" or arrays["mask"] is not None))
+
+    def prepare(native):
+        return Prepared(checked_geometry(*native.values(), **options), {})
+
+    def on_numpy(*args):
+        *values, geom = args
+        terms = _numpy_terms(*values, geom, wrt)
+        return tuple(terms[n] for n in names)
+
+    def on_cuda(launcher, *args):
+        from cupydcn.deform_conv.second_order_cuda import offset_second_order_terms
+
+        *values, geom = args
+        terms = offset_second_order_terms(launcher, *values, geom, wrt)
+        return tuple(terms[n] for n in names)
+
+    result = dispatch(
+        OP,
+        arrays,
+        required=("grad_output", "input", "offset", "weight", "offset_tangent"),
+        prepare=prepare,
+        backends=Backends(numpy=on_numpy, cuda=on_cuda),
+    )
+    return dict(zip(names, result))
+
+
+def checked_geometry(grad_output, input, offset, weight, mask, offset_tangent, *, stride,
+                     padding, dilation, padding_mode, wrt):
+    """Every check of an offset_second_order call; its geometry (shared by the NumPy and
+    CUDA versions)."""
     if padding_mode != "zeros":
         raise value_error(
             OP,
@@ -98,7 +140,11 @@ def offset_second_order(
     unknown = set(wrt) - set(TERM_NAMES)
     if unknown:
         raise value_error(OP, f"unknown wrt names {sorted(unknown)}; expected {TERM_NAMES}")
+    return geom
 
+
+def _numpy_terms(grad_output, input, offset, weight, mask, offset_tangent, geom, wrt) -> dict:
+    """The NumPy computation of offset_second_order (checked arguments)."""
     f8 = np.float64
     n, c, h, w = geom.input_shape
     g, k, kw = geom.offset_groups, geom.taps, geom.kernel_w

@@ -188,9 +188,9 @@ def _conv_backward(kwargs, wrt: tuple[str, ...], grad_output, input, offset, wei
         d/d m   B_m(gy; x, o, vW) + B_m(gy; vx, o, W) + [vo]
 
     The ``[vo]`` terms need second derivatives of bilinear sampling
-    (cupydcn/deform_conv/second_order.py: NumPy only, padding_mode "zeros"; on a GPU or
-    with another padding_mode it raises). They run in a callback that JAX cannot
-    differentiate, so a third derivative through them raises JAX's error.
+    (cupydcn/deform_conv/second_order.py: NumPy on the CPU, its CUDA kernels on a GPU;
+    padding_mode "zeros", with another one it raises). They run in a callback that JAX
+    cannot differentiate, so a third derivative through them raises JAX's error.
     """
     arrays = {"grad_output": grad_output, "input": input, "offset": offset, "weight": weight}
     if mask is not None:

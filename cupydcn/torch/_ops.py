@@ -324,17 +324,17 @@ def _deform_conv2d_offset_second_order(grad_output, input, offset, weight, mask,
                                        offset_tangent, *options_and_mask):
     """The derivatives of <grad_offset, offset_tangent> with respect to (grad_output,
     input, offset, weight, mask) filtered by ``output_mask``
-    (cupydcn/deform_conv/second_order.py; CPU tensors only)."""
+    (cupydcn/deform_conv/second_order.py; CUDA tensors on its kernels,
+    cupydcn/deform_conv/second_order_cuda.py)."""
     from cupydcn.deform_conv.second_order import offset_second_order
 
     *option_values, output_mask = options_and_mask
     wrt = [name for name, wanted in zip(_SECOND_ORDER_TERMS, output_mask) if wanted]
     tensors = (grad_output, input, offset, weight, mask, offset_tangent)
     if any(t is not None and t.device.type != "cpu" for t in tensors):
-        raise value_error(
-            "cupydcn.torch.deform_conv2d double backward",
-            "the second derivatives along the offsets (the gradient of grad_offset) have no "
-            f"CUDA kernel yet; got tensors on {input.device} (CPU tensors only)")
+        terms = offset_second_order(*(None if t is None else t.detach() for t in tensors),
+                                    **_CONV.kwargs(option_values), wrt=wrt)
+        return [terms[name] for name in wrt]
     arrays = [None if t is None else t.detach().numpy() for t in tensors]
     terms = offset_second_order(*arrays, **_CONV.kwargs(option_values), wrt=wrt)
     return [torch.from_numpy(terms[name]) for name in wrt]
@@ -391,9 +391,10 @@ def _conv_backward_backward(ctx, grads):
         d/d m   B_m(gy; x, o, vW) + B_m(gy; vx, o, W) + [vo]
 
     The ``[vo]`` terms need second derivatives of bilinear sampling:
-    ``cupydcn::deform_conv2d_offset_second_order`` (NumPy, CPU tensors, padding_mode
-    "zeros"; a CupydcnValueError otherwise). Those ops have no autograd formula of their
-    own, so a third derivative that goes through them raises torch's error."""
+    ``cupydcn::deform_conv2d_offset_second_order`` (NumPy on CPU tensors, CUDA kernels on
+    CUDA tensors; padding_mode "zeros", a CupydcnValueError otherwise). Those ops have no
+    autograd formula of their own, so a third derivative that goes through them raises
+    torch's error."""
     gy, x, o, w, m = ctx.saved_tensors
     options, ops = ctx.options, torch.ops.cupydcn
     need = ctx.needs_input_grad
