@@ -6,8 +6,9 @@ into pytest:
 
 - device detection once per session: CUDA when CuPy finds a device (cupydcn and the peers
   then get the same PyTorch CUDA tensors), else the CPU, where cupydcn's NumPy backend is
-  timed on the scaled-down shapes of ``shapes.CPU`` and every GPU provider is skipped
-  with the reason;
+  timed on the scaled-down shapes of ``shapes.CPU`` (the deformable-attention family's:
+  ``cupydcn.cli.bench.ATTN_SHAPES_CPU``) and every GPU provider is skipped with the
+  reason;
 - precision switches set before anything runs and recorded: TF32 off for all peers
   (``torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False``),
   ``CUPY_TF32`` unset, cuDNN autotuning on;
@@ -29,8 +30,8 @@ import collections
 from typing import Any
 
 import pytest
-import shapes
 
+import shapes
 from cupydcn.cli import bench as _bench
 
 SMOKE_HELP = "smoke: a short subset of the benchmark suite (CI runs it on the CPU)"
@@ -99,7 +100,7 @@ class BenchSession:
         self._device: _bench.Device | None = None
         self._peaks: dict[str, dict] | None = None
         self.skipped: collections.Counter = collections.Counter()
-        self._host: tuple[str, dict] | None = None
+        self._host: tuple[tuple[str, str], dict] | None = None
         self._problem: tuple[tuple, _bench.Problem] | None = None
 
     # -- options and device
@@ -163,24 +164,32 @@ class BenchSession:
             "timer": device.timer,
             "rounds": self.rounds,
             "warmup": self.warmup,
-            "shapes": "scaled-down CPU versions (benchmarks/shapes.py CPU)"
+            "shapes": "scaled-down CPU versions (benchmarks/shapes.py CPU, "
+            "cupydcn.cli.bench.ATTN_SHAPES_CPU)"
             if self.scaled
-            else "full size (benchmarks/shapes.py FULL)",
+            else "full size (benchmarks/shapes.py FULL, cupydcn.cli.bench.ATTN_SHAPES)",
             "cpu_peers": self.cpu_peers,
             "peak_gemm": self._peaks or {},
             "skipped": dict(skipped),
         }
 
     # -- inputs: one problem cached at a time (tests are ordered shape, dtype, ...)
+    def lookup(self, op: str, shape_id: str) -> _bench.Shape:
+        """The shape of ``shape_id``: shapes.py's rows, or the deformable-attention family's
+        (``cupydcn.cli.bench.ATTN_SHAPES`` / ``ATTN_SHAPES_CPU``)."""
+        if op in _bench.ATTN_OPS:
+            return (_bench.ATTN_SHAPES_CPU if self.scaled else _bench.ATTN_SHAPES)[shape_id]
+        return shapes.lookup(shape_id, scaled=self.scaled)
+
     def problem(self, op: str, shape_id: str, dtype: str) -> _bench.Problem:
-        shape = shapes.lookup(shape_id, scaled=self.scaled)
+        shape = self.lookup(op, shape_id)
         key = (op, shape_id, dtype, self.scaled)
         if self._problem is not None and self._problem[0] == key:
             return self._problem[1]
         self._problem = None  # free the previous device arrays first
-        if self._host is None or self._host[0] != shape_id:
+        if self._host is None or self._host[0] != (op, shape_id):
             self._host = None
-            self._host = (shape_id, _bench.host_arrays(shape))
+            self._host = ((op, shape_id), _bench.host_arrays(shape))
         problem = _bench.make_problem(shape, dtype, self.device, self._host[1])
         self._problem = (key, problem)
         return problem

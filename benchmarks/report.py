@@ -14,6 +14,10 @@ versions, precision switches, GEMM peaks, shapes and the providers that did not 
 the reason. The chart (matplotlib, when importable; otherwise the Markdown says so) plots
 the ratios, or cupydcn's times when no peer ran.
 
+The deformable-attention family (``test_bench_attn.py``: multi_scale_deformable_attn,
+dcnv3, dcnv4) gets tables of the same form, without TFLOP/s (no GEMM), its peers being the
+grid_sample references and mmcv.
+
 ``--save-results`` writes ``benchmarks/results/<date>_<gpu-model>_<commit>.{json,md,png}``
 (date and commit from the run, GPU model from the device it ran on).
 """

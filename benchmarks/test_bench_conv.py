@@ -7,6 +7,7 @@ cuDNN conv2d has no mask: its rows ("-") are the speed of light of both variants
 from __future__ import annotations
 
 import pytest
+
 import shapes
 
 OP = "deform_conv2d"

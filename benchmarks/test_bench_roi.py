@@ -6,6 +6,7 @@ forward/backward/forward+backward."""
 from __future__ import annotations
 
 import pytest
+
 import shapes
 
 SMOKE = {

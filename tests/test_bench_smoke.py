@@ -27,6 +27,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # The smoke subset's rows (shape, mask, dtype, pass) in the report, per op.
 SMOKE_ROWS = {
+    "multi_scale_deformable_attn": [("A2", "-", "float32", "forward")],
     "deform_conv2d": [
         ("S1", "mask", "float32", "forward"),
         ("S1", "mask", "float32", "backward"),

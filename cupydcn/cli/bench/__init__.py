@@ -6,14 +6,19 @@ README) and ``python -m cupydcn bench`` (the quick command).
 
 ================  ==========================================================================
 ``shapes``        ops, passes, dtypes, mask variants; :class:`ConvShape`, :class:`RoiShape`,
-                  :class:`PsRoiShape`; the quick command's shapes; :func:`flops_of`
-``providers``     the providers of each op (cupydcn, torchvision, cuDNN conv2d, mmcv),
+                  :class:`PsRoiShape`, :class:`MsdaShape`, :class:`Dcnv3Shape`,
+                  :class:`Dcnv4Shape`; the quick command's shapes; the deformable-attention
+                  shapes (``ATTN_SHAPES``, ``ATTN_SHAPES_CPU``); :func:`flops_of`
+``providers``     the providers of each op (cupydcn, torchvision, cuDNN conv2d, mmcv, the
+                  grid_sample references of the deformable-attention family),
                   their labels and variants, :func:`skip_reason`, :func:`provider_note`
 ``device``        :func:`detect_device` (:class:`Device`), :func:`versions`,
                   :func:`import_peer`, :func:`thread_settings`, :class:`Unavailable`
 ``precision``     :func:`set_precision_switches`
 ``problems``      :func:`host_arrays`, :func:`make_problem` (:class:`Problem`)
-``calls``         :func:`build_call`: one pass of one provider as a callable
+``calls``         :func:`build_call`: one pass of one provider as a callable; the
+                  grid_sample references :func:`msda_reference`, :func:`dcnv3_reference`,
+                  :func:`dcnv4_reference`
 ``timing``        :class:`Timer`, :func:`warm_up`, :func:`measure`, :func:`gc_paused`,
                   :func:`peak_gemm`, :func:`peak_dtype`
 ``memory``        :func:`peak_extra_memory`
@@ -51,14 +56,17 @@ only when a measurement needs them.
 """
 
 from ..options import non_negative_int, positive_int
-from .calls import build_call
+from .calls import build_call, dcnv3_reference, dcnv4_reference, msda_reference
 from .command import run_bench
 from .device import Device, Unavailable, detect_device, import_peer, thread_settings, versions
 from .memory import output_bytes, peak_extra_memory
 from .precision import set_precision_switches
 from .problems import Problem, host_arrays, make_problem, torch_dtype
 from .providers import (
+    ATTN_OPS,
     CONV_PROVIDERS,
+    DCNV3_PROVIDERS,
+    MSDA_PROVIDERS,
     PROVIDER_ORDER,
     PROVIDERS,
     PSROI_PROVIDERS,
@@ -79,6 +87,8 @@ from .report import (
     table_rows,
 )
 from .shapes import (
+    ATTN_SHAPES,
+    ATTN_SHAPES_CPU,
     DTYPES,
     OPS,
     PASS_FLOP_FACTOR,
@@ -87,6 +97,9 @@ from .shapes import (
     QUICK_SHAPES_CPU,
     VARIANTS,
     ConvShape,
+    Dcnv3Shape,
+    Dcnv4Shape,
+    MsdaShape,
     PsRoiShape,
     RoiShape,
     Shape,
@@ -95,8 +108,13 @@ from .shapes import (
 from .timing import Timer, gc_paused, measure, peak_dtype, peak_gemm, synchronize, warm_up
 
 __all__ = [
+    "ATTN_OPS",
+    "ATTN_SHAPES",
+    "ATTN_SHAPES_CPU",
     "CONV_PROVIDERS",
+    "DCNV3_PROVIDERS",
     "DTYPES",
+    "MSDA_PROVIDERS",
     "OPS",
     "PASSES",
     "PASS_FLOP_FACTOR",
@@ -109,7 +127,10 @@ __all__ = [
     "VARIANTLESS",
     "VARIANTS",
     "ConvShape",
+    "Dcnv3Shape",
+    "Dcnv4Shape",
     "Device",
+    "MsdaShape",
     "Problem",
     "PsRoiShape",
     "RoiShape",
@@ -117,6 +138,8 @@ __all__ = [
     "Timer",
     "Unavailable",
     "build_call",
+    "dcnv3_reference",
+    "dcnv4_reference",
     "detect_device",
     "flops_of",
     "gc_paused",
@@ -126,6 +149,7 @@ __all__ = [
     "markdown_tables",
     "measure",
     "measurement_record",
+    "msda_reference",
     "non_negative_int",
     "order_of",
     "positive_int",

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .device import Device, Unavailable
-from .shapes import ConvShape, RoiShape, Shape
+from .shapes import ConvShape, Dcnv3Shape, Dcnv4Shape, MsdaShape, RoiShape, Shape
 
 
 def torch_dtype(name: str):
@@ -59,6 +59,40 @@ def host_arrays(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
             ),
             "grad_output": normal(shape.n, shape.c_out, ho, wo),
         }
+    if isinstance(shape, MsdaShape):
+        n, lq, m, levels, p = shape.n, shape.lq, shape.heads, len(shape.levels), shape.points
+        # Reference points inside the map plus offsets of a few pixels of the coarsest
+        # level (some points fall outside and read zeros); softmax-like weights.
+        reference = rng.uniform(size=(n, lq, 1, 1, 1, 2))
+        coarsest = min(shape.levels, key=lambda hw: hw[0] * hw[1])
+        spread = 2.0 / np.array([coarsest[1], coarsest[0]], dtype=np.float64)
+        weights = rng.uniform(size=(n, lq, m, levels * p)).astype(np.float32)
+        weights /= weights.sum(-1, keepdims=True)
+        return {
+            "value": normal(n, shape.keys, m, shape.head_dim),
+            "sampling_locations": (
+                reference + spread * rng.standard_normal((n, lq, m, levels, p, 2))
+            ).astype(np.float32),
+            "attention_weights": weights.reshape(n, lq, m, levels, p),
+            "grad_output": normal(n, lq, m * shape.head_dim),
+        }
+    if isinstance(shape, Dcnv3Shape):
+        n, ho, wo, g, taps = shape.n, shape.out_h, shape.out_w, shape.group, shape.points
+        offset = normal(n, ho, wo, g, taps * 2)
+        mask = rng.uniform(size=(n, ho, wo, g, taps)).astype(np.float32)
+        mask /= mask.sum(-1, keepdims=True)  # the layer's softmax over the points
+        arrays = {
+            "input": normal(n, shape.h, shape.w, shape.channels),
+            "grad_output": normal(n, ho, wo, shape.channels),
+        }
+        if isinstance(shape, Dcnv4Shape):
+            packed = np.zeros((n, ho, wo, shape.offset_mask_dim), np.float32)
+            packed[..., : g * 3 * taps] = np.concatenate([offset, mask], -1).reshape(n, ho, wo, -1)
+            arrays["offset_mask"] = packed
+        else:
+            arrays["offset"] = offset.reshape(n, ho, wo, g * taps * 2)
+            arrays["mask"] = mask.reshape(n, ho, wo, g * taps)
+        return arrays
     if isinstance(shape, RoiShape):
         p = shape.output_size
         return {

@@ -6,14 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-OPS = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
+OPS = (
+    "deform_conv2d",
+    "deform_roi_pool",
+    "deform_psroi_pool",
+    "multi_scale_deformable_attn",
+    "dcnv3",
+    "dcnv4",
+)
 PASSES = ("forward", "backward", "forward+backward")
 DTYPES = ("float32", "float16", "bfloat16")
 # Multiples of the forward's GEMM work counted for each pass (backward: input and weight
 # gradients, one forward-sized GEMM each).
 PASS_FLOP_FACTOR = {"forward": 1, "backward": 2, "forward+backward": 3}
 # "mask": DCNv2 / modulated pooling, "nomask": DCNv1 / plain deformable pooling,
-# "-": no such choice (cuDNN conv2d, PS-RoI pooling).
+# "-": no such choice (cuDNN conv2d, PS-RoI pooling, the deformable-attention family).
 VARIANTS = ("mask", "nomask", "-")
 
 
@@ -132,7 +139,161 @@ class PsRoiShape:
         )
 
 
-Shape = ConvShape | RoiShape | PsRoiShape
+@dataclass(frozen=True)
+class MsdaShape:
+    """One multi_scale_deformable_attn problem: value [n, S, heads, head_dim] over the
+    levels (H_l, W_l), S = sum H_l W_l; sampling_locations [n, Lq, heads, L, points, 2],
+    attention_weights [n, Lq, heads, L, points]; ``queries`` None: Lq = S (an encoder)."""
+
+    op: ClassVar[str] = "multi_scale_deformable_attn"
+    id: str
+    n: int
+    levels: tuple[tuple[int, int], ...]
+    heads: int = 8
+    head_dim: int = 32
+    points: int = 4
+    queries: int | None = None
+    why: str = ""
+
+    @property
+    def keys(self) -> int:
+        return sum(h * w for h, w in self.levels)
+
+    @property
+    def level_start_index(self) -> tuple[int, ...]:
+        starts, total = [], 0
+        for h, w in self.levels:
+            starts.append(total)
+            total += h * w
+        return tuple(starts)
+
+    @property
+    def lq(self) -> int:
+        return self.keys if self.queries is None else self.queries
+
+    def forward_flops(self) -> None:
+        return None
+
+    def describe(self) -> str:
+        levels = ", ".join(f"{h}×{w}" for h, w in self.levels)
+        lq = f"Lq=S={self.keys}" if self.queries is None else f"Lq={self.queries}"
+        return f"N={self.n} levels {levels} M={self.heads} D={self.head_dim} P={self.points} {lq}"
+
+
+@dataclass(frozen=True)
+class Dcnv3Shape:
+    """One dcnv3 problem (channels last): input [n, h, w, group*group_channels], offset
+    [n, H_out, W_out, group*P*2], mask [n, H_out, W_out, group*P], P = k*k."""
+
+    op: ClassVar[str] = "dcnv3"
+    id: str
+    n: int
+    h: int
+    w: int
+    group: int
+    group_channels: int
+    k: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    offset_scale: float = 1.0
+    why: str = ""
+
+    @property
+    def channels(self) -> int:
+        return self.group * self.group_channels
+
+    @property
+    def points(self) -> int:
+        return self.k * self.k
+
+    @property
+    def out_h(self) -> int:
+        return (self.h + 2 * self.padding - (self.dilation * (self.k - 1) + 1)) // self.stride + 1
+
+    @property
+    def out_w(self) -> int:
+        return (self.w + 2 * self.padding - (self.dilation * (self.k - 1) + 1)) // self.stride + 1
+
+    @property
+    def offset_mask_dim(self) -> int:
+        """DCNv4's packed last dimension: group*3P padded to a multiple of 8."""
+        return -(-self.group * 3 * self.points // 8) * 8
+
+    def options(self) -> dict:
+        return dict(
+            kernel_size=self.k,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            group=self.group,
+            group_channels=self.group_channels,
+            offset_scale=self.offset_scale,
+        )
+
+    def forward_flops(self) -> None:
+        return None
+
+    def describe(self) -> str:
+        text = (
+            f"N={self.n} {self.h}×{self.w} C={self.channels} ({self.group} groups × "
+            f"{self.group_channels}) k{self.k}×{self.k} pad {self.padding}"
+        )
+        if self.stride != 1:
+            text += f" stride {self.stride}"
+        return text
+
+
+@dataclass(frozen=True)
+class Dcnv4Shape(Dcnv3Shape):
+    """One dcnv4 problem: :class:`Dcnv3Shape` with offsets and mask packed into
+    offset_mask [n, H_out, W_out, offset_mask_dim] (per group 2P offsets then P mask
+    values, padded to a multiple of 8 as DCNv4 does)."""
+
+    op: ClassVar[str] = "dcnv4"
+
+
+Shape = ConvShape | RoiShape | PsRoiShape | MsdaShape | Dcnv3Shape | Dcnv4Shape
+
+# The deformable-attention family's benchmark shapes (benchmarks/test_bench_attn.py):
+# A1/A2 Deformable DETR's encoder and decoder (800×1333-like input, strides 8–64: four
+# levels 100×150 … 13×19, M=8 heads of D=32, P=4 points; the encoder queries every key,
+# the decoder 300 object queries), D3/D4 an InternImage-T-like DCNv3 / DCNv4 layer
+# (stage 1: N=8, 56×56, 64 channels in 4 groups of 16, 3×3, padding 1). The CPU versions
+# keep the structure (levels, heads, groups, kernel) with spatial sizes / 4, batch 1 and
+# fewer channels, so the CPU smoke run stays fast.
+DETR_LEVELS = ((100, 150), (50, 75), (25, 38), (13, 19))
+DETR_LEVELS_CPU = ((25, 38), (13, 19), (7, 10), (4, 5))
+ATTN_SHAPES: dict[str, Shape] = {
+    s.id: s
+    for s in (
+        MsdaShape("A1", 2, DETR_LEVELS, why="Deformable DETR encoder (Lq = S)"),
+        MsdaShape("A2", 2, DETR_LEVELS, queries=300, why="Deformable DETR decoder (300 queries)"),
+        Dcnv3Shape("D3", 8, 56, 56, group=4, group_channels=16, why="InternImage-T-like DCNv3"),
+        Dcnv4Shape("D4", 8, 56, 56, group=4, group_channels=16, why="InternImage-T-like DCNv4"),
+    )
+}
+ATTN_SHAPES_CPU: dict[str, Shape] = {
+    s.id: s
+    for s in (
+        MsdaShape("A1", 1, DETR_LEVELS_CPU, head_dim=8, why="Deformable DETR encoder, scaled down"),
+        MsdaShape(
+            "A2",
+            1,
+            DETR_LEVELS_CPU,
+            head_dim=8,
+            queries=100,
+            why="Deformable DETR decoder, scaled down",
+        ),
+        Dcnv3Shape(
+            "D3", 1, 14, 14, group=4, group_channels=4, why="InternImage-T-like DCNv3, scaled down"
+        ),
+        Dcnv4Shape(
+            "D4", 1, 14, 14, group=4, group_channels=4, why="InternImage-T-like DCNv4, scaled down"
+        ),
+    )
+}
+assert ATTN_SHAPES.keys() == ATTN_SHAPES_CPU.keys()
 
 # The shapes of the quick command: rows S1, S3, S7, R1 and R2 of benchmarks/shapes.py (a
 # test keeps them equal), full size on a GPU, scaled down on the CPU.
