@@ -5,17 +5,11 @@ Ops take any DLPack array (NumPy, CuPy, PyTorch, JAX), compute where the arrays 
 return results in the caller's array type. Forward and backward are explicit functions.
 """
 
-from cupydcn.deform_conv.spec import ConvGrads
-from cupydcn.deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
-from cupydcn.psroi_pool import PSRoiPoolGrads, deform_psroi_pool, deform_psroi_pool_backward
-from cupydcn.roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
-from cupydcn.deform_conv.offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
-from cupydcn.deform_conv.padding import PADDING_MODES
-from cupydcn.deform_conv.sampling import (
-    StackedSampling,
-    effective_dilation,
-    sampling_locations,
-    stacked_sampling_locations,
+from cupydcn.core.errors import (
+    CupydcnError,
+    CupydcnRuntimeError,
+    CupydcnTypeError,
+    CupydcnValueError,
 )
 from cupydcn.cuda.deterministic import deterministic_mode, is_deterministic, set_deterministic
 from cupydcn.cuda.precompile import precompile
@@ -30,12 +24,18 @@ from cupydcn.deform_attn import (
     multi_scale_deformable_attn,
     multi_scale_deformable_attn_backward,
 )
-from cupydcn.core.errors import (
-    CupydcnError,
-    CupydcnRuntimeError,
-    CupydcnTypeError,
-    CupydcnValueError,
+from cupydcn.deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
+from cupydcn.deform_conv.offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
+from cupydcn.deform_conv.padding import PADDING_MODES
+from cupydcn.deform_conv.sampling import (
+    StackedSampling,
+    effective_dilation,
+    sampling_locations,
+    stacked_sampling_locations,
 )
+from cupydcn.deform_conv.spec import ConvGrads
+from cupydcn.psroi_pool import PSRoiPoolGrads, deform_psroi_pool, deform_psroi_pool_backward
+from cupydcn.roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ matplotlib is imported when a function is called, not when this module is import
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def _matplotlib():
     except ImportError as exc:
         raise ImportError(
             "cupydcn.viz needs matplotlib, which comes with the optional extra 'viz': "
-            "pip install \"cupydcn[viz]\" (or pip install matplotlib)"
+            'pip install "cupydcn[viz]" (or pip install matplotlib)'
         ) from exc
     return Figure
 
@@ -105,8 +105,9 @@ def _as_layers(op: str, name: str, value):
             array = array[None]
         if array.ndim != 4 or array.shape[0] != 1:
             raise value_error(
-                op, f"{name}[{index}] must be one image's [C, H_out, W_out] (or [1, C, H_out, "
-                f"W_out]); got shape {array.shape}"
+                op,
+                f"{name}[{index}] must be one image's [C, H_out, W_out] (or [1, C, H_out, "
+                f"W_out]); got shape {array.shape}",
             )
         layers.append(array)
     return layers
@@ -114,15 +115,20 @@ def _as_layers(op: str, name: str, value):
 
 def _centre(points: np.ndarray, kernel_size, stride, padding, dilation, layers: int) -> np.ndarray:
     """Image position of the regular (zero-offset) kernel centre of each output point."""
+
     def per_layer(value):
         return list(value) if isinstance(value, list) else [value] * layers
 
     centre = points.astype(np.float64)
-    for k, s, p, d in reversed(list(zip(per_layer(kernel_size), per_layer(stride),
-                                        per_layer(padding), per_layer(dilation)))):
-        k, s, p, d = (np.asarray(int_pair("plot_sampling_points", n, v, minimum=0), np.float64)
-                      for n, v in (("kernel_size", k), ("stride", s), ("padding", p),
-                                   ("dilation", d)))
+    for k, s, p, d in reversed(
+        list(
+            zip(per_layer(kernel_size), per_layer(stride), per_layer(padding), per_layer(dilation))
+        )
+    ):
+        k, s, p, d = (
+            np.asarray(int_pair("plot_sampling_points", n, v, minimum=0), np.float64)
+            for n, v in (("kernel_size", k), ("stride", s), ("padding", p), ("dilation", d))
+        )
         centre = centre * s - p + (k - 1) / 2 * d
     return centre
 
@@ -177,11 +183,17 @@ def plot_sampling_points(
         raise value_error(op, f"masks has {len(mask_layers)} layers; offsets has {len(layers)}")
     points = _to_numpy(op, "points", points)
     sampled = stacked_sampling_locations(
-        [layer.astype(np.float64) for layer in layers], points, kernel_size=kernel_size,
-        stride=stride, padding=padding, dilation=dilation,
-        masks=None if mask_layers is None else [
-            None if m is None else m.astype(np.float64) for m in mask_layers],
-        offset_group=offset_group, interpolation=interpolation,
+        [layer.astype(np.float64) for layer in layers],
+        points,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        masks=None
+        if mask_layers is None
+        else [None if m is None else m.astype(np.float64) for m in mask_layers],
+        offset_group=offset_group,
+        interpolation=interpolation,
     )
     locations = np.asarray(sampled.locations)[0]  # [P, T, 2]
     weights = None if sampled.weights is None else np.asarray(sampled.weights)[0]
@@ -191,8 +203,12 @@ def plot_sampling_points(
     centres = centres * scale + (scale - 1) / 2
 
     height, width = picture.shape[:2]
-    axes.imshow(picture, cmap=image_cmap, interpolation="nearest",
-                extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+    axes.imshow(
+        picture,
+        cmap=image_cmap,
+        interpolation="nearest",
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+    )
     total = locations.shape[1]
     size = float(np.clip(40.0 / np.sqrt(total / 9.0), 3.0, 40.0))
     colours = ("#e41a1c", "#377eb8", "#ff7f00", "#984ea3", "#a65628", "#f781bf")
@@ -200,12 +216,21 @@ def plot_sampling_points(
     for index in range(locations.shape[0]):
         ys, xs = locations[index, :, 0], locations[index, :, 1]
         if weights is None:
-            axes.scatter(xs, ys, s=size, color=colours[index % len(colours)], alpha=0.8,
-                         linewidths=0)
+            axes.scatter(
+                xs, ys, s=size, color=colours[index % len(colours)], alpha=0.8, linewidths=0
+            )
         else:
-            scatter = axes.scatter(xs, ys, s=size, c=weights[index], cmap="viridis",
-                                   vmin=0.0, vmax=max(1.0, float(weights.max())), alpha=0.9,
-                                   linewidths=0)
+            scatter = axes.scatter(
+                xs,
+                ys,
+                s=size,
+                c=weights[index],
+                cmap="viridis",
+                vmin=0.0,
+                vmax=max(1.0, float(weights.max())),
+                alpha=0.9,
+                linewidths=0,
+            )
     axes.scatter(centres[:, 1], centres[:, 0], marker="x", s=60, color="#00c000", linewidths=2)
     axes.set_xlim(-0.5, width - 0.5)
     axes.set_ylim(height - 0.5, -0.5)
@@ -252,8 +277,9 @@ def plot_effective_dilation(
         first = first[0]
     heat = first.mean(axis=0) if first.ndim == 3 else first
     panels = 3 if image is not None else 2
-    figure, axes = _new_figure(None, figsize, dpi, ncols=panels,
-                               width_ratios=[1] * (panels - 1) + [1.4])
+    figure, axes = _new_figure(
+        None, figsize, dpi, ncols=panels, width_ratios=[1] * (panels - 1) + [1.4]
+    )
     axes = list(axes)
     if image is not None:
         picture, image_cmap = _image_for_display(op, image)
@@ -271,12 +297,18 @@ def plot_effective_dilation(
     finite = values[np.isfinite(values)]
     if groups:
         for label, selection in groups.items():
-            selection = np.broadcast_to(_to_numpy(op, f"groups[{label!r}]", selection).astype(bool),
-                                        values.shape)
+            selection = np.broadcast_to(
+                _to_numpy(op, f"groups[{label!r}]", selection).astype(bool), values.shape
+            )
             chosen = values[selection & np.isfinite(values)]
             if chosen.size:
-                histogram.hist(chosen, bins=bins, alpha=0.6, density=True,
-                               label=f"{label} (mean {chosen.mean():.2f})")
+                histogram.hist(
+                    chosen,
+                    bins=bins,
+                    alpha=0.6,
+                    density=True,
+                    label=f"{label} (mean {chosen.mean():.2f})",
+                )
         histogram.legend(fontsize=8)
     elif finite.size:
         histogram.hist(finite, bins=bins, color="#377eb8")

@@ -29,8 +29,8 @@ import numpy as np
 
 import cupydcn.jax as dcn
 
-SIZE = 24          # image side
-CHANNELS = 8       # hidden channels
+SIZE = 24  # image side
+CHANNELS = 8  # hidden channels
 BATCH = 16
 
 
@@ -57,8 +57,9 @@ def make_batch(rng: np.random.Generator, batch: int = BATCH):
 
 # ---------------------------------------------------------------------------- model
 def conv(x, w, b, padding=1):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), [(padding, padding)] * 2,
-                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    y = jax.lax.conv_general_dilated(
+        x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
     return y + b[None, :, None, None]
 
 
@@ -117,23 +118,26 @@ def train_step(params, state, images, targets, lr=3e-3, b1=0.9, b2=0.999, eps=1e
     v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
     correction = jnp.sqrt(1 - b2**t) / (1 - b1**t)
     params = jax.tree_util.tree_map(
-        lambda p, m, v: p - lr * correction * m / (jnp.sqrt(v) + eps), params, m, v)
+        lambda p, m, v: p - lr * correction * m / (jnp.sqrt(v) + eps), params, m, v
+    )
     return params, {"m": m, "v": v, "t": t}, loss
 
 
 # ---------------------------------------------------------------------------- main
 def train(steps: int, seed: int, log_every: int = 0) -> dict[str, float]:
     """Train both models on the same batches; return their held-out losses."""
-    models = {name: init_params(seed, deformable=name == "deformable")
-              for name in ("plain", "deformable")}
+    models = {
+        name: init_params(seed, deformable=name == "deformable") for name in ("plain", "deformable")
+    }
     states = {name: adam_init(p) for name, p in models.items()}
     data = np.random.default_rng(seed)
     for step in range(1, steps + 1):
         images, targets = make_batch(data)
         losses = {}
         for name in models:
-            models[name], states[name], loss = train_step(models[name], states[name],
-                                                          images, targets)
+            models[name], states[name], loss = train_step(
+                models[name], states[name], images, targets
+            )
             losses[name] = float(loss)
         if log_every and (step % log_every == 0 or step == 1):
             print(f"step {step:4d}  " + "  ".join(f"{n} {l:.4f}" for n, l in losses.items()))
@@ -148,9 +152,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     final = train(args.steps, args.seed, log_every=max(1, args.steps // 10))
-    print(f"held-out loss after {args.steps} steps: plain {final['plain']:.4f}, "
-          f"deformable {final['deformable']:.4f} ({time.perf_counter() - start:.1f} s, "
-          f"{jax.default_backend()})")
+    print(
+        f"held-out loss after {args.steps} steps: plain {final['plain']:.4f}, "
+        f"deformable {final['deformable']:.4f} ({time.perf_counter() - start:.1f} s, "
+        f"{jax.default_backend()})"
+    )
     return final
 
 

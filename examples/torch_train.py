@@ -30,8 +30,12 @@ import cupydcn.torch as ct
 
 SIZE = 24
 # (dy, dx) of each class's line
-DIRECTIONS = {"horizontal": (0, 1), "vertical": (1, 0), "diagonal": (1, 1),
-              "anti-diagonal": (1, -1)}
+DIRECTIONS = {
+    "horizontal": (0, 1),
+    "vertical": (1, 0),
+    "diagonal": (1, 1),
+    "anti-diagonal": (1, -1),
+}
 DISTANCE = (5.0, 11.0)  # between the two dots, in pixels
 BLUR = 1.5  # standard deviation of the Gaussian dots, in pixels
 NOISE = 0.05
@@ -54,8 +58,10 @@ def make_batch(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Te
         cy, cx = centre[:, 0, None, None], centre[:, 1, None, None]
         images += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * BLUR**2))
     images += NOISE * rng.standard_normal(images.shape)
-    return (torch.from_numpy(images[:, None].astype(np.float32)),
-            torch.from_numpy(labels.astype(np.int64)))
+    return (
+        torch.from_numpy(images[:, None].astype(np.float32)),
+        torch.from_numpy(labels.astype(np.int64)),
+    )
 
 
 def build_model(deformable: bool) -> nn.Sequential:
@@ -65,9 +71,14 @@ def build_model(deformable: bool) -> nn.Sequential:
     else:
         layer = nn.Conv2d(8, 16, 3, padding=1)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 24 x 24 -> 12 x 12
-        layer, nn.ReLU(),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, len(DIRECTIONS)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 24 x 24 -> 12 x 12
+        layer,
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, len(DIRECTIONS)),
     )
 
 
@@ -88,9 +99,17 @@ def _mean_offset_length(layer: ct.ModulatedDeformConv2dPack, features: torch.Ten
         return offset.view(n, -1, 2, h, w).norm(dim=2).mean().item()
 
 
-def train(deformable: bool, *, steps: int, seed: int = 0, batch_size: int = 32,
-          lr: float = 1e-2, eval_every: int = 50, device: str = "cpu",
-          log=print) -> dict:
+def train(
+    deformable: bool,
+    *,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    eval_every: int = 50,
+    device: str = "cpu",
+    log=print,
+) -> dict:
     """Train one network with Adam; returns its validation-loss history, final loss and
     accuracy (on 512 images drawn once from a separate generator)."""
     torch.manual_seed(seed)
@@ -110,11 +129,17 @@ def train(deformable: bool, *, steps: int, seed: int = 0, batch_size: int = 32,
         if step % eval_every == 0 or step == steps:
             val_loss, _ = _evaluate(model, x_val, y_val)
             history.append((step, val_loss))
-            log(f"  {name:10s} step {step:4d}  train loss {loss.item():.4f}  "
-                f"validation loss {val_loss:.4f}")
+            log(
+                f"  {name:10s} step {step:4d}  train loss {loss.item():.4f}  "
+                f"validation loss {val_loss:.4f}"
+            )
     final_loss, accuracy = _evaluate(model, x_val, y_val)
-    result = dict(history=history, final_loss=final_loss, accuracy=accuracy,
-                  seconds=time.perf_counter() - start)
+    result = dict(
+        history=history,
+        final_loss=final_loss,
+        accuracy=accuracy,
+        seconds=time.perf_counter() - start,
+    )
     if deformable:
         result["offset_px"] = _mean_offset_length(model[3], model[:3](x_val))
     return result
@@ -129,17 +154,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    options = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                   eval_every=args.eval_every, device=args.device)
-    print(f"Direction of a pair of dots {DISTANCE[0]:g}-{DISTANCE[1]:g} px apart, "
-          f"{len(DIRECTIONS)} classes, {args.steps} steps of {args.batch_size} images")
+    options = dict(
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        device=args.device,
+    )
+    print(
+        f"Direction of a pair of dots {DISTANCE[0]:g}-{DISTANCE[1]:g} px apart, "
+        f"{len(DIRECTIONS)} classes, {args.steps} steps of {args.batch_size} images"
+    )
     results = {"plain": train(False, **options), "deformable": train(True, **options)}
     for name, r in results.items():
-        print(f"{name:10s} final validation loss {r['final_loss']:.4f}  "
-              f"accuracy {r['accuracy']:.3f}  ({r['seconds']:.1f} s)")
-    print(f"mean offset length learned by the deformable layer: "
-          f"{results['deformable']['offset_px']:.2f} px of its 12 x 12 input "
-          f"(2 image pixels each)")
+        print(
+            f"{name:10s} final validation loss {r['final_loss']:.4f}  "
+            f"accuracy {r['accuracy']:.3f}  ({r['seconds']:.1f} s)"
+        )
+    print(
+        f"mean offset length learned by the deformable layer: "
+        f"{results['deformable']['offset_px']:.2f} px of its 12 x 12 input "
+        f"(2 image pixels each)"
+    )
     return results
 
 

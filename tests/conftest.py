@@ -69,8 +69,7 @@ def launcher(request):
         return request.getfixturevalue("host_launcher")
     if cuda_device_count() == 0:
         pytest.skip(NO_DEVICE)
-    from support import RecordingLauncher
-
     from cupydcn.cuda.cupy_launcher import cupy_launcher
+    from support import RecordingLauncher
 
     return RecordingLauncher(cupy_launcher())

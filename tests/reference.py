@@ -124,8 +124,10 @@ def deform_conv2d_reference(
                                 py = oy * stride_h - pad_h + i * dil_h + dy
                                 px = ox * stride_w - pad_w + j * dil_w + dx
                                 value = bilinear_value(
-                                    x[n, c], map_coordinate(py, height, padding_mode),
-                                    map_coordinate(px, width, padding_mode))
+                                    x[n, c],
+                                    map_coordinate(py, height, padding_mode),
+                                    map_coordinate(px, width, padding_mode),
+                                )
                                 modulation = 1.0 if m is None else m[n, g * taps + k, oy, ox]
                                 total += w[co, ci, i, j] * modulation * value
                     y[n, co, oy, ox] = total
@@ -157,10 +159,12 @@ class ConvConfig:
     @property
     def out_size(self) -> tuple[int, int]:
         kernel_h, kernel_w = self.kernel
-        out_h = (self.height + 2 * self.padding[0] - (self.dilation[0] * (kernel_h - 1) + 1)
-                 ) // self.stride[0] + 1
-        out_w = (self.width + 2 * self.padding[1] - (self.dilation[1] * (kernel_w - 1) + 1)
-                 ) // self.stride[1] + 1
+        out_h = (
+            self.height + 2 * self.padding[0] - (self.dilation[0] * (kernel_h - 1) + 1)
+        ) // self.stride[0] + 1
+        out_w = (
+            self.width + 2 * self.padding[1] - (self.dilation[1] * (kernel_w - 1) + 1)
+        ) // self.stride[1] + 1
         return out_h, out_w
 
     @property
@@ -194,7 +198,8 @@ class ConvConfig:
             "bias": rng.normal(size=self.out_channels) if self.with_bias else None,
             "mask": (
                 rng.uniform(-0.5, 1.5, size=(self.batch, self.offset_groups * taps, out_h, out_w))
-                if self.with_mask else None
+                if self.with_mask
+                else None
             ),
         }
 
@@ -206,14 +211,20 @@ def base_points(config: ConvConfig) -> tuple[np.ndarray, np.ndarray]:
     out_h, out_w = config.out_size
     i, j = np.divmod(np.arange(kernel_h * kernel_w), kernel_w)
     y = (i * config.dilation[0])[:, None, None] + (
-        np.arange(out_h) * config.stride[0] - config.padding[0])[None, :, None]
+        np.arange(out_h) * config.stride[0] - config.padding[0]
+    )[None, :, None]
     x = (j * config.dilation[1])[:, None, None] + (
-        np.arange(out_w) * config.stride[1] - config.padding[1])[None, None, :]
+        np.arange(out_w) * config.stride[1] - config.padding[1]
+    )[None, None, :]
     shape = (kernel_h * kernel_w, out_h, out_w)
-    return np.broadcast_to(y, shape).astype(np.float64), np.broadcast_to(x, shape).astype(np.float64)
+    return np.broadcast_to(y, shape).astype(np.float64), np.broadcast_to(x, shape).astype(
+        np.float64
+    )
 
 
-def offsets_for_points(config: ConvConfig, points_y: np.ndarray, points_x: np.ndarray) -> np.ndarray:
+def offsets_for_points(
+    config: ConvConfig, points_y: np.ndarray, points_x: np.ndarray
+) -> np.ndarray:
     """The offset [N, 2*G*K, out_h, out_w] whose sample points are (points_y, points_x),
     each [N, G, K, out_h, out_w] (float64; exact for dyadic points)."""
     base_y, base_x = base_points(config)
@@ -226,13 +237,15 @@ def sample_points_of(config: ConvConfig, offset: np.ndarray) -> tuple[np.ndarray
     kernel_h, kernel_w = config.kernel
     out_h, out_w = config.out_size
     pairs = np.asarray(offset, dtype=np.float64).reshape(
-        offset.shape[0], -1, kernel_h * kernel_w, 2, out_h, out_w)
+        offset.shape[0], -1, kernel_h * kernel_w, 2, out_h, out_w
+    )
     base_y, base_x = base_points(config)
     return base_y + pairs[:, :, :, 0], base_x + pairs[:, :, :, 1]
 
 
-def far_offsets(config: ConvConfig, rng: np.random.Generator, *,
-                away_from_kinks: bool = False) -> np.ndarray:
+def far_offsets(
+    config: ConvConfig, rng: np.random.Generator, *, away_from_kinks: bool = False
+) -> np.ndarray:
     """Offsets putting sample points up to ~3 map sizes beyond every side of the map.
 
     Dyadic (multiples of 1/64), so sample points are exact in every accumulation dtype

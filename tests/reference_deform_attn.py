@@ -30,9 +30,9 @@ import numpy as np
 @dataclass
 class Sample:
     value: np.ndarray  # [C]
-    d_px: np.ndarray   # [C]
-    d_py: np.ndarray   # [C]
-    corners: list      # [((y, x), weight)] inside the map
+    d_px: np.ndarray  # [C]
+    d_py: np.ndarray  # [C]
+    corners: list  # [((y, x), weight)] inside the map
 
 
 def bilinear(plane: np.ndarray, px: float, py: float) -> Sample:
@@ -55,22 +55,26 @@ def bilinear(plane: np.ndarray, px: float, py: float) -> Sample:
 
     v00, v01 = read(y0, x0), read(y0, x0 + 1)
     v10, v11 = read(y0 + 1, x0), read(y0 + 1, x0 + 1)
-    value = ((1 - ly) * (1 - lx) * v00 + (1 - ly) * lx * v01 + ly * (1 - lx) * v10
-             + ly * lx * v11)
+    value = (1 - ly) * (1 - lx) * v00 + (1 - ly) * lx * v01 + ly * (1 - lx) * v10 + ly * lx * v11
     d_px = (1 - ly) * (v01 - v00) + ly * (v11 - v10)
     d_py = (1 - lx) * (v10 - v00) + lx * (v11 - v01)
-    corners = [((y, x), w) for (y, x), w in (
-        ((y0, x0), (1 - ly) * (1 - lx)), ((y0, x0 + 1), (1 - ly) * lx),
-        ((y0 + 1, x0), ly * (1 - lx)), ((y0 + 1, x0 + 1), ly * lx))
-        if 0 <= y < height and 0 <= x < width]
+    corners = [
+        ((y, x), w)
+        for (y, x), w in (
+            ((y0, x0), (1 - ly) * (1 - lx)),
+            ((y0, x0 + 1), (1 - ly) * lx),
+            ((y0 + 1, x0), ly * (1 - lx)),
+            ((y0 + 1, x0 + 1), ly * lx),
+        )
+        if 0 <= y < height and 0 <= x < width
+    ]
     return Sample(value, d_px, d_py, corners)
 
 
 # ---------------------------------------------------------------------------- MSDA
 
 
-def msda_reference(value, spatial_shapes, sampling_locations, attention_weights,
-                   grad_output=None):
+def msda_reference(value, spatial_shapes, sampling_locations, attention_weights, grad_output=None):
     """(output [N, Lq, M*D], and with ``grad_output`` (grad_value, grad_locations,
     grad_weights)) of multi-scale deformable attention, float64."""
     value = np.asarray(value, dtype=np.float64)
@@ -87,8 +91,10 @@ def msda_reference(value, spatial_shapes, sampling_locations, attention_weights,
     g_w = np.zeros_like(weights)
     for n in range(n_img):
         for m in range(heads):
-            planes = [value[n, starts[l]:starts[l + 1], m].reshape(h, w, dim)
-                      for l, (h, w) in enumerate(shapes)]
+            planes = [
+                value[n, starts[l] : starts[l + 1], m].reshape(h, w, dim)
+                for l, (h, w) in enumerate(shapes)
+            ]
             for q in range(queries):
                 for l, (h, w) in enumerate(shapes):
                     for p in range(points):
@@ -129,12 +135,15 @@ def dcn_taps(kernel_size, remove_center=False):
 
 def dcn_output_size(height, width, kernel_size, stride=1, padding=0, dilation=1):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
-    return ((height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1,
-            (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1)
+    return (
+        (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1,
+        (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1,
+    )
 
 
-def dcnv3_points(out_h, out_w, kernel_size, stride, padding, dilation, offset_scale,
-                 remove_center, offset_xy):
+def dcnv3_points(
+    out_h, out_w, kernel_size, stride, padding, dilation, offset_scale, remove_center, offset_xy
+):
     """Pixel coordinates [Ho, Wo, P, 2] (x, y) of one image and group, given its offsets
     offset_xy [Ho, Wo, P, 2]: the §8 formula, written per axis as
     o*stride - pad + c + (i*dil - c + offset) * offset_scale, c = (dil*(k-1)) // 2."""
@@ -151,9 +160,21 @@ def dcnv3_points(out_h, out_w, kernel_size, stride, padding, dilation, offset_sc
     return pts
 
 
-def dcnv3_reference(input, offset, mask, *, kernel_size, stride=1, padding=0, dilation=1,
-                    group, group_channels, offset_scale=1.0, remove_center=False,
-                    grad_output=None):
+def dcnv3_reference(
+    input,
+    offset,
+    mask,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    group,
+    group_channels,
+    offset_scale=1.0,
+    remove_center=False,
+    grad_output=None,
+):
     """(output [N, Ho, Wo, G*Cg], and with ``grad_output`` (grad_input, grad_offset,
     grad_mask)) of DCNv3, float64."""
     x = np.asarray(input, dtype=np.float64)
@@ -173,8 +194,17 @@ def dcnv3_reference(input, offset, mask, *, kernel_size, stride=1, padding=0, di
     planes = x.reshape(n_img, height, width, group, group_channels)
     for n in range(n_img):
         for g in range(group):
-            pts = dcnv3_points(out_h, out_w, kernel_size, stride, padding, dilation,
-                               offset_scale, remove_center, off[n, :, :, g])
+            pts = dcnv3_points(
+                out_h,
+                out_w,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                offset_scale,
+                remove_center,
+                off[n, :, :, g],
+            )
             plane = planes[n, :, :, g]
             for oy in range(out_h):
                 for ox in range(out_w):
@@ -200,31 +230,48 @@ def pack_offset_mask(offset, mask, group, points, padded_dim=None):
     """DCNv4's offset_mask [N, Ho, Wo, D] from DCNv3's offset and mask: per group 2P
     offsets (x, y pairs) then P mask values; D = padded_dim (>= G*3P), padding zero."""
     n, ho, wo, _ = offset.shape
-    per_group = np.concatenate([np.asarray(offset).reshape(n, ho, wo, group, 2 * points),
-                                np.asarray(mask).reshape(n, ho, wo, group, points)], axis=-1)
+    per_group = np.concatenate(
+        [
+            np.asarray(offset).reshape(n, ho, wo, group, 2 * points),
+            np.asarray(mask).reshape(n, ho, wo, group, points),
+        ],
+        axis=-1,
+    )
     packed = per_group.reshape(n, ho, wo, group * 3 * points)
     dim = group * 3 * points if padded_dim is None else padded_dim
     out = np.zeros((n, ho, wo, dim), dtype=packed.dtype)
-    out[..., :group * 3 * points] = packed
+    out[..., : group * 3 * points] = packed
     return out
 
 
 def unpack_offset_mask(offset_mask, group, points):
     """(offset [N, Ho, Wo, G*P*2], mask [N, Ho, Wo, G*P]) of a packed offset_mask."""
     n, ho, wo, _ = offset_mask.shape
-    per_group = np.asarray(offset_mask)[..., :group * 3 * points].reshape(
-        n, ho, wo, group, 3 * points)
-    return (per_group[..., :2 * points].reshape(n, ho, wo, group * 2 * points),
-            per_group[..., 2 * points:].reshape(n, ho, wo, group * points))
+    per_group = np.asarray(offset_mask)[..., : group * 3 * points].reshape(
+        n, ho, wo, group, 3 * points
+    )
+    return (
+        per_group[..., : 2 * points].reshape(n, ho, wo, group * 2 * points),
+        per_group[..., 2 * points :].reshape(n, ho, wo, group * points),
+    )
 
 
-def dcnv4_reference(input, offset_mask, *, group, kernel_size, remove_center=False,
-                    grad_output=None, **options):
+def dcnv4_reference(
+    input, offset_mask, *, group, kernel_size, remove_center=False, grad_output=None, **options
+):
     """DCNv4 = DCNv3 on the unpacked offsets and mask; the gradient of the padding is 0."""
     points = len(dcn_taps(kernel_size, remove_center))
     offset, mask = unpack_offset_mask(offset_mask, group, points)
-    result = dcnv3_reference(input, offset, mask, group=group, kernel_size=kernel_size,
-                             remove_center=remove_center, grad_output=grad_output, **options)
+    result = dcnv3_reference(
+        input,
+        offset,
+        mask,
+        group=group,
+        kernel_size=kernel_size,
+        remove_center=remove_center,
+        grad_output=grad_output,
+        **options,
+    )
     if grad_output is None:
         return result
     out, (g_in, g_off, g_mask) = result

@@ -53,8 +53,16 @@ def _bin(roi, offset, k, cls, ph, pw, o: Options):
         off_y = float(offset[k, 2 * cls + 1, part_h, part_w])
     wstart = pw * bin_w + start_w + o.trans_std * off_x * roi_w
     hstart = ph * bin_h + start_h + o.trans_std * off_y * roi_h
-    return (hstart, wstart, bin_h / o.sample_per_part, bin_w / o.sample_per_part, roi_h,
-            roi_w, part_h, part_w)
+    return (
+        hstart,
+        wstart,
+        bin_h / o.sample_per_part,
+        bin_w / o.sample_per_part,
+        roi_h,
+        roi_w,
+        part_h,
+        part_w,
+    )
 
 
 def _bins(rois, offset, o: Options):
@@ -69,8 +77,16 @@ def _bins(rois, offset, o: Options):
                     gh = min(max(math.floor(ph * G / P), 0), G - 1)
                     gw = min(max(math.floor(pw * G / P), 0), G - 1)
                     channel = (d * G + gh) * G + gw
-                    yield (k, d, ph, pw, int(rois[k, 0]), channel, cls,
-                           _bin(rois[k], offset, k, cls, ph, pw, o))
+                    yield (
+                        k,
+                        d,
+                        ph,
+                        pw,
+                        int(rois[k, 0]),
+                        channel,
+                        cls,
+                        _bin(rois[k], offset, k, cls, ph, pw, o),
+                    )
 
 
 def _samples(bin_, o: Options, height: int, width: int):
@@ -104,8 +120,12 @@ def forward(input, rois, offset, o: Options):
         for h, w in _samples(bin_, o, height, width):
             y0, y1, x0, x1, dy, dx = _corners(h, w)
             plane = x[b, c]
-            total += ((1 - dx) * (1 - dy) * plane[y0, x0] + (1 - dx) * dy * plane[y1, x0]
-                      + dx * (1 - dy) * plane[y0, x1] + dx * dy * plane[y1, x1])
+            total += (
+                (1 - dx) * (1 - dy) * plane[y0, x0]
+                + (1 - dx) * dy * plane[y1, x0]
+                + dx * (1 - dy) * plane[y0, x1]
+                + dx * dy * plane[y1, x1]
+            )
             kept += 1
         output[k, d, ph, pw] = total / kept if kept else 0.0
         count[k, d, ph, pw] = kept
@@ -184,38 +204,133 @@ MIXED_ROIS = [
 
 CONFIGS = {
     # several classes, group_size = pooled_size = part_size
-    "basic": dict(batch=2, height=9, width=11, output_dim=4, group_size=3, pooled_size=3,
-                  part_size=3, sample_per_part=2, num_classes=2, spatial_scale=0.5,
-                  trans_std=0.3, offset_std=1.0),
+    "basic": dict(
+        batch=2,
+        height=9,
+        width=11,
+        output_dim=4,
+        group_size=3,
+        pooled_size=3,
+        part_size=3,
+        sample_per_part=2,
+        num_classes=2,
+        spatial_scale=0.5,
+        trans_std=0.3,
+        offset_std=1.0,
+    ),
     # several bins per offset cell (P > S), group_size != pooled_size
-    "parts_coarser": dict(batch=2, height=8, width=10, output_dim=3, group_size=2,
-                          pooled_size=4, part_size=2, sample_per_part=3, num_classes=1,
-                          spatial_scale=0.5, trans_std=0.2, offset_std=1.0),
+    "parts_coarser": dict(
+        batch=2,
+        height=8,
+        width=10,
+        output_dim=3,
+        group_size=2,
+        pooled_size=4,
+        part_size=2,
+        sample_per_part=3,
+        num_classes=1,
+        spatial_scale=0.5,
+        trans_std=0.2,
+        offset_std=1.0,
+    ),
     # offset cells without bins (P < S)
-    "parts_finer": dict(batch=2, height=7, width=9, output_dim=2, group_size=1,
-                        pooled_size=2, part_size=3, sample_per_part=2, num_classes=2,
-                        spatial_scale=0.5, trans_std=0.25, offset_std=1.0),
-    "group_ne_pooled": dict(batch=2, height=9, width=8, output_dim=2, group_size=2,
-                            pooled_size=5, part_size=5, sample_per_part=2, num_classes=1,
-                            spatial_scale=0.5, trans_std=0.1, offset_std=1.0),
+    "parts_finer": dict(
+        batch=2,
+        height=7,
+        width=9,
+        output_dim=2,
+        group_size=1,
+        pooled_size=2,
+        part_size=3,
+        sample_per_part=2,
+        num_classes=2,
+        spatial_scale=0.5,
+        trans_std=0.25,
+        offset_std=1.0,
+    ),
+    "group_ne_pooled": dict(
+        batch=2,
+        height=9,
+        width=8,
+        output_dim=2,
+        group_size=2,
+        pooled_size=5,
+        part_size=5,
+        sample_per_part=2,
+        num_classes=1,
+        spatial_scale=0.5,
+        trans_std=0.1,
+        offset_std=1.0,
+    ),
     # large offsets push bins partly and wholly off the map
-    "offsets_off_map": dict(batch=2, height=6, width=7, output_dim=2, group_size=2,
-                            pooled_size=2, part_size=2, sample_per_part=3, num_classes=1,
-                            spatial_scale=0.25, trans_std=0.5, offset_std=3.0),
+    "offsets_off_map": dict(
+        batch=2,
+        height=6,
+        width=7,
+        output_dim=2,
+        group_size=2,
+        pooled_size=2,
+        part_size=2,
+        sample_per_part=3,
+        num_classes=1,
+        spatial_scale=0.25,
+        trans_std=0.5,
+        offset_std=3.0,
+    ),
     # a map of one row: every sample is clamped in y
-    "one_row_map": dict(batch=2, height=1, width=5, output_dim=2, group_size=1,
-                        pooled_size=2, part_size=2, sample_per_part=2, num_classes=2,
-                        spatial_scale=0.125, trans_std=0.1, offset_std=1.0),
-    "three_classes": dict(batch=2, height=8, width=8, output_dim=6, group_size=2,
-                          pooled_size=3, part_size=3, sample_per_part=2, num_classes=3,
-                          spatial_scale=0.5, trans_std=0.1, offset_std=1.0),
-    "no_trans": dict(batch=2, height=9, width=11, output_dim=4, group_size=2, pooled_size=3,
-                     part_size=3, sample_per_part=2, num_classes=0, spatial_scale=0.5,
-                     trans_std=0.1, offset_std=0.0),
+    "one_row_map": dict(
+        batch=2,
+        height=1,
+        width=5,
+        output_dim=2,
+        group_size=1,
+        pooled_size=2,
+        part_size=2,
+        sample_per_part=2,
+        num_classes=2,
+        spatial_scale=0.125,
+        trans_std=0.1,
+        offset_std=1.0,
+    ),
+    "three_classes": dict(
+        batch=2,
+        height=8,
+        width=8,
+        output_dim=6,
+        group_size=2,
+        pooled_size=3,
+        part_size=3,
+        sample_per_part=2,
+        num_classes=3,
+        spatial_scale=0.5,
+        trans_std=0.1,
+        offset_std=1.0,
+    ),
+    "no_trans": dict(
+        batch=2,
+        height=9,
+        width=11,
+        output_dim=4,
+        group_size=2,
+        pooled_size=3,
+        part_size=3,
+        sample_per_part=2,
+        num_classes=0,
+        spatial_scale=0.5,
+        trans_std=0.1,
+        offset_std=0.0,
+    ),
 }
 
-OPTION_NAMES = ("output_dim", "group_size", "pooled_size", "part_size", "sample_per_part",
-                "spatial_scale", "trans_std")
+OPTION_NAMES = (
+    "output_dim",
+    "group_size",
+    "pooled_size",
+    "part_size",
+    "sample_per_part",
+    "spatial_scale",
+    "trans_std",
+)
 
 
 def options(cfg) -> dict:

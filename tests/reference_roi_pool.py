@@ -19,8 +19,8 @@ here explicitly, as the kernels do (cupydcn/cuda/kernels/roi_common.cuh):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -36,9 +36,9 @@ class Sample:
     """One RoIAlign sample of a stack of planes [C, H, W]."""
 
     value: np.ndarray  # [C]
-    d_dy: np.ndarray   # [C]
-    d_dx: np.ndarray   # [C]
-    corners: list      # [((row, col), weight)]: the input-gradient weights
+    d_dy: np.ndarray  # [C]
+    d_dx: np.ndarray  # [C]
+    corners: list  # [((row, col), weight)]: the input-gradient weights
 
 
 def roi_align_sample(planes: np.ndarray, y: float, x: float) -> Sample:
@@ -68,8 +68,12 @@ def roi_align_sample(planes: np.ndarray, y: float, x: float) -> Sample:
     value = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
     d_dy = (hx * (v10 - v00) + lx * (v11 - v01)) if y_moves else np.zeros(channels)
     d_dx = (hy * (v01 - v00) + ly * (v11 - v10)) if x_moves else np.zeros(channels)
-    corners = [((y_low, x_low), hy * hx), ((y_low, x_high), hy * lx),
-               ((y_high, x_low), ly * hx), ((y_high, x_high), ly * lx)]
+    corners = [
+        ((y_low, x_low), hy * hx),
+        ((y_low, x_high), hy * lx),
+        ((y_high, x_low), ly * hx),
+        ((y_high, x_high), ly * lx),
+    ]
     return Sample(value, d_dy, d_dx, corners)
 
 
@@ -78,8 +82,8 @@ class Bin:
     """Bin (i, j) of RoI k: its samples' coordinates and what the gradients need."""
 
     batch_index: int
-    points: list           # [(y, x)]
-    count: int             # max(grid_h * grid_w, 1)
+    points: list  # [(y, x)]
+    count: int  # max(grid_h * grid_w, 1)
     roi_h: float
     roi_w: float
 
@@ -117,8 +121,17 @@ def bins(rois, offset, output_size, spatial_scale, sampling_ratio, gamma) -> Ite
                 yield (k, i, j), Bin(int(batch_index), points, count, roi_h, roi_w)
 
 
-def deform_roi_pool_reference(input, rois, offset=None, mask=None, *, output_size,
-                              spatial_scale=1.0, sampling_ratio=0, gamma=0.1) -> np.ndarray:
+def deform_roi_pool_reference(
+    input,
+    rois,
+    offset=None,
+    mask=None,
+    *,
+    output_size,
+    spatial_scale=1.0,
+    sampling_ratio=0,
+    gamma=0.1,
+) -> np.ndarray:
     """Output [K, C, ph, pw] in float64: mask * mean of the bin's RoIAlign samples."""
     x = np.asarray(input, dtype=np.float64)
     m = None if mask is None else np.asarray(mask, dtype=np.float64)
@@ -132,9 +145,18 @@ def deform_roi_pool_reference(input, rois, offset=None, mask=None, *, output_siz
     return out
 
 
-def deform_roi_pool_backward_reference(grad_output, input, rois, offset=None, mask=None, *,
-                                       output_size, spatial_scale=1.0, sampling_ratio=0,
-                                       gamma=0.1):
+def deform_roi_pool_backward_reference(
+    grad_output,
+    input,
+    rois,
+    offset=None,
+    mask=None,
+    *,
+    output_size,
+    spatial_scale=1.0,
+    sampling_ratio=0,
+    gamma=0.1,
+):
     """(grad_input [N, C, H, W], grad_offset [K, 2, ph, pw] or None,
     grad_mask [K, 1, ph, pw] or None) in float64."""
     x = np.asarray(input, dtype=np.float64)
@@ -164,12 +186,15 @@ def deform_roi_pool_backward_reference(grad_output, input, rois, offset=None, ma
     return grad_input, grad_offset, grad_mask
 
 
-def sample_points(rois, offset, *, output_size, spatial_scale=1.0, sampling_ratio=0,
-                  gamma=0.1) -> dict:
+def sample_points(
+    rois, offset, *, output_size, spatial_scale=1.0, sampling_ratio=0, gamma=0.1
+) -> dict:
     """{(k, i, j): [(y, x), ...]}: the sample coordinates of every bin (for choosing points
     away from the kinks in finite-difference tests)."""
-    return {key: b.points for key, b in bins(rois, offset, output_size, spatial_scale,
-                                             sampling_ratio, gamma)}
+    return {
+        key: b.points
+        for key, b in bins(rois, offset, output_size, spatial_scale, sampling_ratio, gamma)
+    }
 
 
 # ---------------------------------------------------------------- random test problems
@@ -199,8 +224,12 @@ class RoiCase:
 
     @property
     def options(self) -> dict:
-        return dict(output_size=self.output_size, spatial_scale=self.spatial_scale,
-                    sampling_ratio=self.sampling_ratio, gamma=self.gamma)
+        return dict(
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            gamma=self.gamma,
+        )
 
     def rois(self, rng) -> np.ndarray:
         """[K, 5] boxes of the requested kinds, in image coordinates (map / scale)."""
@@ -242,7 +271,10 @@ class RoiCase:
         return {
             "input": rng.normal(size=(self.batch, self.channels, self.height, self.width)),
             "rois": rois,
-            "offset": (rng.normal(scale=self.offset_scale, size=(k, 2, ph, pw))
-                       if self.with_offset else None),
+            "offset": (
+                rng.normal(scale=self.offset_scale, size=(k, 2, ph, pw))
+                if self.with_offset
+                else None
+            ),
             "mask": rng.uniform(-0.5, 1.5, size=(k, 1, ph, pw)) if self.with_mask else None,
         }

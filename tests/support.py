@@ -53,24 +53,23 @@ from cupydcn.core.dtypes import numpy_dtype
 
 DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 LOW_PRECISION = ("float32", "float16", "bfloat16")  # below float64
-HALF_TYPES = ("float16", "bfloat16")                 # computed in float32, rounded once
+HALF_TYPES = ("float16", "bfloat16")  # computed in float32, rounded once
 GRADS = ("input", "offset", "weight", "mask", "bias")  # deform_conv2d's gradient order
 
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11,
-                 "bfloat16": 2.0**-8}
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 @dataclass(frozen=True)
 class Tolerance:
     """The bounds of one dtype; see the module docstring."""
 
-    u: float         # unit roundoff of the dtype
-    acc_u: float     # unit roundoff of its accumulation dtype
+    u: float  # unit roundoff of the dtype
+    acc_u: float  # unit roundoff of its accumulation dtype
     rounding: float  # one final rounding, relative to |exact|
-    of_sum: float    # accumulation, relative to the sum of |terms|
-    of_max: float    # accumulation, relative to the tensor's largest |exact|
+    of_sum: float  # accumulation, relative to the sum of |terms|
+    of_max: float  # accumulation, relative to the tensor's largest |exact|
     relative: float  # a relative comparison of a result in the dtype
-    floor: float     # absolute allowance (float16 subnormals)
+    floor: float  # absolute allowance (float16 subnormals)
 
 
 def _tolerance(name: str) -> Tolerance:
@@ -79,7 +78,11 @@ def _tolerance(name: str) -> Tolerance:
     rounding = u if name in HALF_TYPES else 0.0
     of_max = 1e-12 if name == "float64" else 1e-5
     return Tolerance(
-        u=u, acc_u=acc_u, rounding=rounding, of_sum=32 * acc_u, of_max=of_max,
+        u=u,
+        acc_u=acc_u,
+        rounding=rounding,
+        of_sum=32 * acc_u,
+        of_max=of_max,
         relative=1e-13 if name == "float64" else max(2 * rounding, of_max),
         floor=2.0**-25 if name == "float16" else 0.0,
     )
@@ -100,8 +103,7 @@ def seeded(*key) -> np.random.Generator:
 
 def cast_arrays(arrays: dict, dtype) -> dict:
     """Every array of ``arrays`` in ``dtype`` (None stays None)."""
-    return {name: None if v is None else np.asarray(v).astype(dtype)
-            for name, v in arrays.items()}
+    return {name: None if v is None else np.asarray(v).astype(dtype) for name, v in arrays.items()}
 
 
 def as_float64(array) -> np.ndarray:
@@ -109,8 +111,9 @@ def as_float64(array) -> np.ndarray:
 
 
 def _nan_patterns_agree(got: np.ndarray, expected: np.ndarray, what: str) -> None:
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected),
-                                  err_msg=f"{what}: NaN pattern differs")
+    np.testing.assert_array_equal(
+        np.isnan(got), np.isnan(expected), err_msg=f"{what}: NaN pattern differs"
+    )
 
 
 def tensor_scale(expected: np.ndarray, *, empty: float = 1.0) -> float:
@@ -120,8 +123,16 @@ def tensor_scale(expected: np.ndarray, *, empty: float = 1.0) -> float:
     return scale if scale > 0 else empty
 
 
-def assert_close(actual, expected, dtype_name: str, what: str = "", *, roundings: int = 2,
-                 of_max: float | None = None, zero_scale: float = 1.0) -> None:
+def assert_close(
+    actual,
+    expected,
+    dtype_name: str,
+    what: str = "",
+    *,
+    roundings: int = 2,
+    of_max: float | None = None,
+    zero_scale: float = 1.0,
+) -> None:
     """Elementwise |actual - expected| <= roundings * rounding * |expected| + of_max *
     scale, scale = the tensor's largest finite |expected| (``zero_scale`` if 0); same NaN
     pattern; elements where expected is infinite are not bounded."""
@@ -131,18 +142,30 @@ def assert_close(actual, expected, dtype_name: str, what: str = "", *, roundings
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     _nan_patterns_agree(actual, expected, what)
     scale = tensor_scale(expected, empty=zero_scale)
-    bound = (roundings * tolerance.rounding * np.abs(expected)
-             + (tolerance.of_max if of_max is None else of_max) * scale)
+    bound = (
+        roundings * tolerance.rounding * np.abs(expected)
+        + (tolerance.of_max if of_max is None else of_max) * scale
+    )
     error = np.abs(actual - expected)
     ok = ~np.isfinite(expected) | (error <= bound)
-    assert ok.all(), (f"{what} ({dtype_name}): max error {np.nanmax(error):.3g} (scale "
-                      f"{scale:.3g}), worst excess {np.nanmax(error - bound):.3g} at "
-                      f"{np.argwhere(~ok)[:3].tolist()}")
+    assert ok.all(), (
+        f"{what} ({dtype_name}): max error {np.nanmax(error):.3g} (scale "
+        f"{scale:.3g}), worst excess {np.nanmax(error - bound):.3g} at "
+        f"{np.argwhere(~ok)[:3].tolist()}"
+    )
 
 
-def assert_close_to_sum(actual, expected, magnitude, dtype_name: str, what: str = "", *,
-                        roundings: int = 1, dtype_checked: bool = True,
-                        with_floor: bool = False) -> None:
+def assert_close_to_sum(
+    actual,
+    expected,
+    magnitude,
+    dtype_name: str,
+    what: str = "",
+    *,
+    roundings: int = 1,
+    dtype_checked: bool = True,
+    with_floor: bool = False,
+) -> None:
     """Elementwise |actual - expected| <= roundings * rounding * |expected| + of_sum *
     magnitude (+ floor ``with_floor``), ``magnitude`` = the sum of |terms| of each
     element; same NaN pattern; ``actual`` in ``dtype_name`` unless not ``dtype_checked``."""
@@ -155,13 +178,17 @@ def assert_close_to_sum(actual, expected, magnitude, dtype_name: str, what: str 
     got = as_float64(actual)
     _nan_patterns_agree(got, expected, what)
     ok = ~np.isnan(expected)
-    bound = (roundings * tolerance.rounding * np.abs(expected) + tolerance.of_sum * magnitude
-             + (tolerance.floor if with_floor else 0.0))[ok]
+    bound = (
+        roundings * tolerance.rounding * np.abs(expected)
+        + tolerance.of_sum * magnitude
+        + (tolerance.floor if with_floor else 0.0)
+    )[ok]
     error = np.abs(got[ok] - expected[ok])
     worst = np.argmax(error - bound) if error.size else 0
     assert np.all(error <= bound), (
         f"{what} ({dtype_name}): {np.sum(error > bound)} of {error.size} elements off; worst "
-        f"got {got[ok][worst]!r} expected {expected[ok][worst]!r} (bound {bound[worst]:.3g})")
+        f"got {got[ok][worst]!r} expected {expected[ok][worst]!r} (bound {bound[worst]:.3g})"
+    )
 
 
 def relative_error(actual, expected) -> float:
@@ -177,8 +204,9 @@ def relative_error(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / scale)
 
 
-def assert_relative(actual, expected, dtype_name: str, what: str = "", *,
-                    bound: float | None = None) -> None:
+def assert_relative(
+    actual, expected, dtype_name: str, what: str = "", *, bound: float | None = None
+) -> None:
     """Same NaN pattern, then max |actual - expected| <= relative * max |expected|."""
     actual = as_float64(actual)
     expected = as_float64(expected)
@@ -220,9 +248,8 @@ class RecordingLauncher:
         self.launches: list = []
 
     def launch(self, kernel, dtype_name, index_bits, total, args):
-        from emulator.host_launcher import LaunchRecord
-
         from cupydcn.cuda.launch import launch_config
+        from emulator.host_launcher import LaunchRecord
 
         grid, block = launch_config(total)
         self.launches.append(LaunchRecord(kernel, dtype_name, index_bits, total, grid, block))

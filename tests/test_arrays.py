@@ -24,13 +24,15 @@ def _problem(dtype=np.float32, n=3, seed=0):
 
 
 def _forward(p, **kw):
-    return cupydcn.deform_conv2d(p["input"], p["offset"], p["weight"], p["bias"], padding=1,
-                                 mask=p["mask"], **kw)
+    return cupydcn.deform_conv2d(
+        p["input"], p["offset"], p["weight"], p["bias"], padding=1, mask=p["mask"], **kw
+    )
 
 
 def _backward(grad_output, p, **kw):
-    return cupydcn.deform_conv2d_backward(grad_output, p["input"], p["offset"], p["weight"],
-                                          p["mask"], padding=1, **kw)
+    return cupydcn.deform_conv2d_backward(
+        grad_output, p["input"], p["offset"], p["weight"], p["mask"], padding=1, **kw
+    )
 
 
 @pytest.fixture
@@ -84,8 +86,9 @@ def test_torch_cpu_roundtrip_is_zero_copy(captured):
     with torch.no_grad():
         grads = _backward(torch.ones_like(out), tp)
     assert all(isinstance(g, torch.Tensor) for g in grads)
-    np.testing.assert_array_equal(grads.grad_offset.numpy(),
-                                  _backward(np.ones_like(expected), p).grad_offset)
+    np.testing.assert_array_equal(
+        grads.grad_offset.numpy(), _backward(np.ones_like(expected), p).grad_offset
+    )
 
 
 def test_torch_cpu_bfloat16():

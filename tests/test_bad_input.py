@@ -57,7 +57,9 @@ def conv_args():
         weight=rng.standard_normal((3, 2, 3, 3)).astype(f32),
         bias=rng.standard_normal((3,)).astype(f32),
         mask=rng.uniform(size=(1, 9, 5, 5)).astype(f32),
-        stride=1, padding=1, dilation=1,
+        stride=1,
+        padding=1,
+        dilation=1,
     )
 
 
@@ -76,7 +78,10 @@ def roi_args():
         rois=np.array([[0, 1, 1, 6, 5], [1, 0.5, 2, 7, 7.5]], f32),
         offset=(0.1 * rng.standard_normal((2, 2, 2, 2))).astype(f32),
         mask=rng.uniform(size=(2, 1, 2, 2)).astype(f32),
-        output_size=2, spatial_scale=1.0, sampling_ratio=2, gamma=0.1,
+        output_size=2,
+        spatial_scale=1.0,
+        sampling_ratio=2,
+        gamma=0.1,
     )
 
 
@@ -93,8 +98,13 @@ def psroi_args():
         input=rng.standard_normal((2, 2 * 2 * 2, 8, 8)).astype(f32),
         rois=np.array([[0, 1, 1, 6, 5], [1, 0.5, 2, 7, 7.5]], f32),
         offset=(0.1 * rng.standard_normal((2, 2, 2, 2))).astype(f32),
-        output_dim=2, group_size=2, pooled_size=2, part_size=2, sample_per_part=2,
-        spatial_scale=1.0, trans_std=0.1,
+        output_dim=2,
+        group_size=2,
+        pooled_size=2,
+        part_size=2,
+        sample_per_part=2,
+        spatial_scale=1.0,
+        trans_std=0.1,
     )
 
 
@@ -105,8 +115,11 @@ def psroi_backward_args():
 
 
 def penalty_args():
-    return dict(offset=_rng().standard_normal((1, 18, 5, 5)).astype(np.float32), weight=1.0,
-                reduction="mean")
+    return dict(
+        offset=_rng().standard_normal((1, 18, 5, 5)).astype(np.float32),
+        weight=1.0,
+        reduction="mean",
+    )
 
 
 def penalty_backward_args():
@@ -114,19 +127,30 @@ def penalty_backward_args():
 
 
 def sampling_args():
-    return dict(offset=_rng().standard_normal((1, 18, 5, 5)).astype(np.float32),
-                kernel_size=3, stride=1, padding=1, dilation=1)
+    return dict(
+        offset=_rng().standard_normal((1, 18, 5, 5)).astype(np.float32),
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+    )
 
 
 def stacked_args():
     rng = _rng()
     return dict(
-        offsets=[rng.standard_normal((1, 18, 5, 5)).astype(np.float32),
-                 rng.standard_normal((1, 18, 5, 5)).astype(np.float32)],
+        offsets=[
+            rng.standard_normal((1, 18, 5, 5)).astype(np.float32),
+            rng.standard_normal((1, 18, 5, 5)).astype(np.float32),
+        ],
         points=[[2, 2], [0.5, 4]],
-        kernel_size=3, stride=1, padding=1, dilation=1,
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        dilation=1,
         masks=[None, rng.uniform(size=(1, 9, 5, 5)).astype(np.float32)],
-        offset_group=0, interpolation="bilinear",
+        offset_group=0,
+        interpolation="bilinear",
     )
 
 
@@ -192,9 +216,11 @@ def case(id, op, changes, error, *fragments, issue=False, huge=False):
 
 def with_array(name, make):
     """Replace array ``name`` by ``make(args)`` (an array derived from the valid ones)."""
+
     def change(args):
         args[name] = make(args)
         return args
+
     return change
 
 
@@ -213,162 +239,382 @@ REQUIRED = {
 }
 for op, names in REQUIRED.items():
     for name in names:
-        case(f"{name}-None", op, {name: None}, CupydcnTypeError,
-             f"{name} must be an array; got None", issue=op in CONV + ROI + PSROI)
-case("offsets-None", "stacked_sampling_locations", {"offsets": None}, CupydcnTypeError,
-     "offsets must be a non-empty list")
-case("offsets-empty", "stacked_sampling_locations", {"offsets": []}, CupydcnTypeError,
-     "offsets must be a non-empty list")
-case("offsets-entry-None", "stacked_sampling_locations",
-     lambda a: {**a, "offsets": [a["offsets"][0], None]}, CupydcnTypeError,
-     "offsets[1] must be an array; got None")
-case("points-None", "stacked_sampling_locations", {"points": None}, CupydcnTypeError,
-     "points must be an array; got None")
+        case(
+            f"{name}-None",
+            op,
+            {name: None},
+            CupydcnTypeError,
+            f"{name} must be an array; got None",
+            issue=op in CONV + ROI + PSROI,
+        )
+case(
+    "offsets-None",
+    "stacked_sampling_locations",
+    {"offsets": None},
+    CupydcnTypeError,
+    "offsets must be a non-empty list",
+)
+case(
+    "offsets-empty",
+    "stacked_sampling_locations",
+    {"offsets": []},
+    CupydcnTypeError,
+    "offsets must be a non-empty list",
+)
+case(
+    "offsets-entry-None",
+    "stacked_sampling_locations",
+    lambda a: {**a, "offsets": [a["offsets"][0], None]},
+    CupydcnTypeError,
+    "offsets[1] must be an array; got None",
+)
+case(
+    "points-None",
+    "stacked_sampling_locations",
+    {"points": None},
+    CupydcnTypeError,
+    "points must be an array; got None",
+)
 
 # -- non-arrays, mixed libraries
-case("input-list", "deform_conv2d", {"input": [[1.0]]}, CupydcnTypeError,
-     "input must be an array supporting DLPack")
-case("rois-list", "deform_roi_pool", {"rois": [[0, 1, 1, 2, 2]]}, CupydcnTypeError,
-     "rois must be an array supporting DLPack")
-case("offset-float", "offset_l2_penalty", {"offset": 1.0}, CupydcnTypeError,
-     "offset must be an array supporting DLPack")
+case(
+    "input-list",
+    "deform_conv2d",
+    {"input": [[1.0]]},
+    CupydcnTypeError,
+    "input must be an array supporting DLPack",
+)
+case(
+    "rois-list",
+    "deform_roi_pool",
+    {"rois": [[0, 1, 1, 2, 2]]},
+    CupydcnTypeError,
+    "rois must be an array supporting DLPack",
+)
+case(
+    "offset-float",
+    "offset_l2_penalty",
+    {"offset": 1.0},
+    CupydcnTypeError,
+    "offset must be an array supporting DLPack",
+)
 if torch is not None:
-    case("mixed-libraries", "deform_conv2d",
-         with_array("input", lambda a: torch.from_numpy(a["input"])), CupydcnTypeError,
-         "input is a torch.Tensor but offset is a numpy.ndarray")
-    case("mixed-libraries", "deform_roi_pool",
-         with_array("rois", lambda a: torch.from_numpy(a["rois"])), CupydcnTypeError,
-         "rois is a torch.Tensor")
-    case("points-other-library", "stacked_sampling_locations",
-         {"points": torch.tensor([[1.0, 1.0]])}, CupydcnTypeError, "points is a torch.Tensor")
+    case(
+        "mixed-libraries",
+        "deform_conv2d",
+        with_array("input", lambda a: torch.from_numpy(a["input"])),
+        CupydcnTypeError,
+        "input is a torch.Tensor but offset is a numpy.ndarray",
+    )
+    case(
+        "mixed-libraries",
+        "deform_roi_pool",
+        with_array("rois", lambda a: torch.from_numpy(a["rois"])),
+        CupydcnTypeError,
+        "rois is a torch.Tensor",
+    )
+    case(
+        "points-other-library",
+        "stacked_sampling_locations",
+        {"points": torch.tensor([[1.0, 1.0]])},
+        CupydcnTypeError,
+        "points is a torch.Tensor",
+    )
 
 # -- int options: wrong types, out of range, huge (issue: np.array stride, padding=2**63)
 NOT_INTS = [
-    ("float", 1.0), ("str", "1"), ("bool", True), ("np-bool", np.True_),
-    ("array", np.array([1, 1])), ("0d-float-array", np.array(1.0)),
-    ("0d-bool-array", np.array(True)), ("complex", 1 + 0j), ("object", object()),
+    ("float", 1.0),
+    ("str", "1"),
+    ("bool", True),
+    ("np-bool", np.True_),
+    ("array", np.array([1, 1])),
+    ("0d-float-array", np.array(1.0)),
+    ("0d-bool-array", np.array(True)),
+    ("complex", 1 + 0j),
+    ("object", object()),
 ]
 if torch is not None:
     NOT_INTS += [("torch-float", torch.tensor(1.5)), ("torch-bool", torch.tensor(True))]
-NOT_PAIRS = [("triple", (1, 1, 1)), ("float-in-pair", (1, 1.0)), ("nested", [[1, 1]]),
-             ("bool-in-pair", (1, True)), ("array-in-pair", (1, np.array([1])))]
+NOT_PAIRS = [
+    ("triple", (1, 1, 1)),
+    ("float-in-pair", (1, 1.0)),
+    ("nested", [[1, 1]]),
+    ("bool-in-pair", (1, True)),
+    ("array-in-pair", (1, np.array([1]))),
+]
 HUGE = [("2**31", 2**31), ("2**63", 2**63), ("np-uint64", np.uint64(2**63))]
 
 # (op, option, minimum, maximum, is a pair option, None allowed)
 INT_OPTIONS = []
 for op in CONV:
-    INT_OPTIONS += [(op, "stride", 1, LIMIT, True), (op, "padding", 0, LIMIT, True),
-                    (op, "dilation", 1, LIMIT, True)]
+    INT_OPTIONS += [
+        (op, "stride", 1, LIMIT, True),
+        (op, "padding", 0, LIMIT, True),
+        (op, "dilation", 1, LIMIT, True),
+    ]
 for op in ROI:
     INT_OPTIONS += [(op, "output_size", 1, LIMIT, True), (op, "sampling_ratio", 0, MAX_GRID, False)]
 for op in PSROI:
-    INT_OPTIONS += [(op, "output_dim", 1, LIMIT, False), (op, "group_size", 1, 46340, False),
-                    (op, "pooled_size", 1, 46340, False), (op, "part_size", 1, 46340, False),
-                    (op, "sample_per_part", 1, MAX_GRID, False)]
+    INT_OPTIONS += [
+        (op, "output_dim", 1, LIMIT, False),
+        (op, "group_size", 1, 46340, False),
+        (op, "pooled_size", 1, 46340, False),
+        (op, "part_size", 1, 46340, False),
+        (op, "sample_per_part", 1, MAX_GRID, False),
+    ]
 for op in SAMPLING + ("stacked_sampling_locations",):
-    INT_OPTIONS += [(op, "kernel_size", 1, LIMIT, True), (op, "stride", 1, LIMIT, True),
-                    (op, "padding", 0, LIMIT, True), (op, "dilation", 1, LIMIT, True)]
+    INT_OPTIONS += [
+        (op, "kernel_size", 1, LIMIT, True),
+        (op, "stride", 1, LIMIT, True),
+        (op, "padding", 0, LIMIT, True),
+        (op, "dilation", 1, LIMIT, True),
+    ]
 
 for op, name, minimum, maximum, pair in INT_OPTIONS:
     for label, value in NOT_INTS + (NOT_PAIRS if pair else [("pair", (1, 1))]):
         if op == SSL and label == "nested":
             continue  # a list is one value per layer there
-        case(f"{name}-{label}", op, {name: value}, CupydcnTypeError, f"{name} must be an int",
-             issue=(op, name, label) == ("deform_conv2d", "stride", "array"))
+        case(
+            f"{name}-{label}",
+            op,
+            {name: value},
+            CupydcnTypeError,
+            f"{name} must be an int",
+            issue=(op, name, label) == ("deform_conv2d", "stride", "array"),
+        )
     if name != "part_size":  # part_size=None means pooled_size
         case(f"{name}-None", op, {name: None}, CupydcnTypeError, f"{name} must be an int")
-    case(f"{name}-below-minimum", op, {name: minimum - 1}, CupydcnValueError,
-         f"{name} must be >= {minimum}")
-    case(f"{name}-above-maximum", op, {name: maximum + 1}, CupydcnValueError,
-         f"{name} must be at most {maximum}")
+    case(
+        f"{name}-below-minimum",
+        op,
+        {name: minimum - 1},
+        CupydcnValueError,
+        f"{name} must be >= {minimum}",
+    )
+    case(
+        f"{name}-above-maximum",
+        op,
+        {name: maximum + 1},
+        CupydcnValueError,
+        f"{name} must be at most {maximum}",
+    )
     for label, value in HUGE:
-        case(f"{name}-{label}", op, {name: value}, CupydcnValueError,
-             f"{name} must be at most {maximum}",
-             issue=(op, name, label) == ("deform_conv2d", "padding", "2**63"),
-             huge=name in ("sampling_ratio", "sample_per_part"))
+        case(
+            f"{name}-{label}",
+            op,
+            {name: value},
+            CupydcnValueError,
+            f"{name} must be at most {maximum}",
+            issue=(op, name, label) == ("deform_conv2d", "padding", "2**63"),
+            huge=name in ("sampling_ratio", "sample_per_part"),
+        )
     if pair:
-        case(f"{name}-pair-one-huge", op, {name: (1, 2**63)}, CupydcnValueError,
-             f"{name} must be at most {maximum} in both dimensions")
-        case(f"{name}-pair-one-low", op, {name: (minimum - 1, 1)}, CupydcnValueError,
-             f"{name} must be >= {minimum} in both dimensions")
+        case(
+            f"{name}-pair-one-huge",
+            op,
+            {name: (1, 2**63)},
+            CupydcnValueError,
+            f"{name} must be at most {maximum} in both dimensions",
+        )
+        case(
+            f"{name}-pair-one-low",
+            op,
+            {name: (minimum - 1, 1)},
+            CupydcnValueError,
+            f"{name} must be >= {minimum} in both dimensions",
+        )
 
 # The issue's quoted values, named as such.
-case("sampling_ratio-10**6", "deform_roi_pool", {"sampling_ratio": 10**6}, CupydcnValueError,
-     "sampling_ratio must be at most 1024; got 1000000", issue=True, huge=True)
-case("sampling_ratio-10**6", "deform_roi_pool_backward", {"sampling_ratio": 10**6},
-     CupydcnValueError, "sampling_ratio must be at most 1024; got 1000000", huge=True)
-case("sample_per_part-46340", "deform_psroi_pool", {"sample_per_part": 46340},
-     CupydcnValueError, "sample_per_part must be at most 1024; got 46340", issue=True, huge=True)
-case("sample_per_part-46340", "deform_psroi_pool_backward", {"sample_per_part": 46340},
-     CupydcnValueError, "sample_per_part must be at most 1024; got 46340", huge=True)
+case(
+    "sampling_ratio-10**6",
+    "deform_roi_pool",
+    {"sampling_ratio": 10**6},
+    CupydcnValueError,
+    "sampling_ratio must be at most 1024; got 1000000",
+    issue=True,
+    huge=True,
+)
+case(
+    "sampling_ratio-10**6",
+    "deform_roi_pool_backward",
+    {"sampling_ratio": 10**6},
+    CupydcnValueError,
+    "sampling_ratio must be at most 1024; got 1000000",
+    huge=True,
+)
+case(
+    "sample_per_part-46340",
+    "deform_psroi_pool",
+    {"sample_per_part": 46340},
+    CupydcnValueError,
+    "sample_per_part must be at most 1024; got 46340",
+    issue=True,
+    huge=True,
+)
+case(
+    "sample_per_part-46340",
+    "deform_psroi_pool_backward",
+    {"sample_per_part": 46340},
+    CupydcnValueError,
+    "sample_per_part must be at most 1024; got 46340",
+    huge=True,
+)
 
 # workspace_bytes: a positive int or None
 for op in CONV:
     for label, value in [("float", 1.5), ("str", "1"), ("bool", True), ("array", np.array([1]))]:
-        case(f"workspace_bytes-{label}", op, {"workspace_bytes": value}, CupydcnTypeError,
-             "workspace_bytes must be an int or None")
-    case("workspace_bytes-0", op, {"workspace_bytes": 0}, CupydcnValueError,
-         "workspace_bytes must be positive")
+        case(
+            f"workspace_bytes-{label}",
+            op,
+            {"workspace_bytes": value},
+            CupydcnTypeError,
+            "workspace_bytes must be an int or None",
+        )
+    case(
+        "workspace_bytes-0",
+        op,
+        {"workspace_bytes": 0},
+        CupydcnValueError,
+        "workspace_bytes must be positive",
+    )
 
 # stacked_sampling_locations: offset_group, per-layer lists
 for label, value in [("bool", True), ("float", 0.0), ("str", "0"), ("None", None)]:
-    case(f"offset_group-{label}", SSL, {"offset_group": value}, CupydcnTypeError,
-         "offset_group for layer 0 must be an int in [0, 1)")
+    case(
+        f"offset_group-{label}",
+        SSL,
+        {"offset_group": value},
+        CupydcnTypeError,
+        "offset_group for layer 0 must be an int in [0, 1)",
+    )
 for label, value in [("negative", -1), ("too-large", 1), ("2**70", 2**70)]:
-    case(f"offset_group-{label}", SSL, {"offset_group": value}, CupydcnValueError,
-         "offset_group for layer 0 must be an int in [0, 1)")
-case("stride-list-length", SSL, {"stride": [1, 1, 1]}, CupydcnValueError,
-     "stride is a list of 3 entries; expected one per layer (2)")
-case("masks-length", SSL, {"masks": [None]}, CupydcnValueError,
-     "masks must be None or a list of 2 entries")
+    case(
+        f"offset_group-{label}",
+        SSL,
+        {"offset_group": value},
+        CupydcnValueError,
+        "offset_group for layer 0 must be an int in [0, 1)",
+    )
+case(
+    "stride-list-length",
+    SSL,
+    {"stride": [1, 1, 1]},
+    CupydcnValueError,
+    "stride is a list of 3 entries; expected one per layer (2)",
+)
+case(
+    "masks-length",
+    SSL,
+    {"masks": [None]},
+    CupydcnValueError,
+    "masks must be None or a list of 2 entries",
+)
 case("masks-int", SSL, {"masks": 3}, CupydcnValueError, "masks must be None or a list")
 
 # -- float options: NaN / inf, wrong types
-NOT_REALS = [("str", "1"), ("None", None), ("complex", 1 + 0j), ("bool", True),
-             ("array", np.array([1.0])), ("0d-array", np.array(1.0))]
-FLOAT_OPTIONS = ([(op, "spatial_scale") for op in ROI + PSROI] + [(op, "gamma") for op in ROI]
-                 + [(op, "trans_std") for op in PSROI] + [(op, "weight") for op in PENALTY])
+NOT_REALS = [
+    ("str", "1"),
+    ("None", None),
+    ("complex", 1 + 0j),
+    ("bool", True),
+    ("array", np.array([1.0])),
+    ("0d-array", np.array(1.0)),
+]
+FLOAT_OPTIONS = (
+    [(op, "spatial_scale") for op in ROI + PSROI]
+    + [(op, "gamma") for op in ROI]
+    + [(op, "trans_std") for op in PSROI]
+    + [(op, "weight") for op in PENALTY]
+)
 for op, name in FLOAT_OPTIONS:
-    for label, value in [("nan", float("nan")), ("inf", float("inf")), ("-inf", -np.inf),
-                         ("np-nan", np.float32("nan"))]:
+    for label, value in [
+        ("nan", float("nan")),
+        ("inf", float("inf")),
+        ("-inf", -np.inf),
+        ("np-nan", np.float32("nan")),
+    ]:
         case(f"{name}-{label}", op, {name: value}, CupydcnValueError, f"{name} must be finite")
     for label, value in NOT_REALS:
-        case(f"{name}-{label}", op, {name: value}, CupydcnTypeError,
-             f"{name} must be a real number")
+        case(
+            f"{name}-{label}", op, {name: value}, CupydcnTypeError, f"{name} must be a real number"
+        )
 for op in PSROI:
     for value in (0, -1.0):
-        case(f"spatial_scale-{value}", op, {"spatial_scale": value}, CupydcnValueError,
-             "spatial_scale must be > 0")
+        case(
+            f"spatial_scale-{value}",
+            op,
+            {"spatial_scale": value},
+            CupydcnValueError,
+            "spatial_scale must be > 0",
+        )
 
 # -- string options
 for op in CONV:
     for label, value in [("unknown", "zero"), ("int", 3), ("None", None)]:
-        case(f"padding_mode-{label}", op, {"padding_mode": value}, CupydcnValueError,
-             "padding_mode must be one of")
+        case(
+            f"padding_mode-{label}",
+            op,
+            {"padding_mode": value},
+            CupydcnValueError,
+            "padding_mode must be one of",
+        )
 for op in PENALTY:
     for label, value in [("unknown", "avg"), ("int", 3), ("None", None)]:
-        case(f"reduction-{label}", op, {"reduction": value}, CupydcnValueError,
-             "reduction must be one of")
+        case(
+            f"reduction-{label}",
+            op,
+            {"reduction": value},
+            CupydcnValueError,
+            "reduction must be one of",
+        )
 for label, value in [("unknown", "linear"), ("int", 3)]:
-    case(f"interpolation-{label}", SSL, {"interpolation": value}, CupydcnValueError,
-         "interpolation must be one of")
+    case(
+        f"interpolation-{label}",
+        SSL,
+        {"interpolation": value},
+        CupydcnValueError,
+        "interpolation must be one of",
+    )
 
 # -- wrt: types (issue: wrt=3 gave a raw TypeError) and names
 for op in BACKWARDS:
-    for label, value in [("int", 3), ("float", 1.5), ("bytes", b"input"), ("int-list", [3]),
-                         ("none-in-list", ["input", None]), ("object", object())]:
-        case(f"wrt-{label}", op, {"wrt": value}, CupydcnTypeError,
-             "wrt must be None, a gradient name or an iterable of names",
-             issue=op == "deform_conv2d_backward" and label == "int")
-    for label, value in [("unknown", "inputs"), ("unknown-in-list", ["input", "rois"]),
-                         ("weight-of-pooling", "weight")]:
+    for label, value in [
+        ("int", 3),
+        ("float", 1.5),
+        ("bytes", b"input"),
+        ("int-list", [3]),
+        ("none-in-list", ["input", None]),
+        ("object", object()),
+    ]:
+        case(
+            f"wrt-{label}",
+            op,
+            {"wrt": value},
+            CupydcnTypeError,
+            "wrt must be None, a gradient name or an iterable of names",
+            issue=op == "deform_conv2d_backward" and label == "int",
+        )
+    for label, value in [
+        ("unknown", "inputs"),
+        ("unknown-in-list", ["input", "rois"]),
+        ("weight-of-pooling", "weight"),
+    ]:
         if op == "deform_conv2d_backward" and value == "weight":
             continue
         case(f"wrt-{label}", op, {"wrt": value}, CupydcnValueError, "wrt names [")
-for op, name in [("deform_conv2d_backward", "mask"), ("deform_roi_pool_backward", "mask"),
-                 ("deform_roi_pool_backward", "offset"), ("deform_psroi_pool_backward", "offset")]:
-    case(f"wrt-{name}-without-{name}", op, {"wrt": [name], name: None}, CupydcnValueError,
-         f"wrt names {name!r} but {name} is None")
+for op, name in [
+    ("deform_conv2d_backward", "mask"),
+    ("deform_roi_pool_backward", "mask"),
+    ("deform_roi_pool_backward", "offset"),
+    ("deform_psroi_pool_backward", "offset"),
+]:
+    case(
+        f"wrt-{name}-without-{name}",
+        op,
+        {"wrt": [name], name: None},
+        CupydcnValueError,
+        f"wrt names {name!r} but {name} is None",
+    )
 
 # -- dtypes
 FLOAT_ARRAYS = {
@@ -386,19 +632,38 @@ FLOAT_ARRAYS = {
 for op, names in FLOAT_ARRAYS.items():
     for name in names:
         for dtype in (np.int32, np.bool_, np.complex64):
-            case(f"{name}-{np.dtype(dtype).name}", op,
-                 with_array(name, lambda a, name=name, dtype=dtype: a[name].astype(dtype)),
-                 CupydcnTypeError, f"{name} has dtype {np.dtype(dtype).name}")
+            case(
+                f"{name}-{np.dtype(dtype).name}",
+                op,
+                with_array(name, lambda a, name=name, dtype=dtype: a[name].astype(dtype)),
+                CupydcnTypeError,
+                f"{name} has dtype {np.dtype(dtype).name}",
+            )
         if len(names) == 1:
             continue  # float64 alone is valid
-        case(f"{name}-float64-among-float32", op,
-             with_array(name, lambda a, name=name: a[name].astype(np.float64)),
-             CupydcnTypeError, "float64", name)
+        case(
+            f"{name}-float64-among-float32",
+            op,
+            with_array(name, lambda a, name=name: a[name].astype(np.float64)),
+            CupydcnTypeError,
+            "float64",
+            name,
+        )
 for op in ROI + PSROI:
-    case("rois-int", op, with_array("rois", lambda a: a["rois"].astype(np.int32)),
-         CupydcnTypeError, "rois has dtype int32")
-case("offsets-int", SSL, lambda a: {**a, "offsets": [o.astype(np.int32) for o in a["offsets"]]},
-     CupydcnTypeError, "offsets[0] has dtype int32")
+    case(
+        "rois-int",
+        op,
+        with_array("rois", lambda a: a["rois"].astype(np.int32)),
+        CupydcnTypeError,
+        "rois has dtype int32",
+    )
+case(
+    "offsets-int",
+    SSL,
+    lambda a: {**a, "offsets": [o.astype(np.int32) for o in a["offsets"]]},
+    CupydcnTypeError,
+    "offsets[0] has dtype int32",
+)
 
 # -- points of stacked_sampling_locations (issue: NumPy's conversion error)
 for label, value, error, fragment in [
@@ -412,89 +677,233 @@ for label, value, error, fragment in [
     ("three-columns", [[1, 2, 3]], CupydcnValueError, "points must have shape [P, 2]"),
     ("str", "12", CupydcnTypeError, "points must be an array supporting DLPack"),
     ("array-strings", np.array([["a", "b"]]), CupydcnTypeError, "points has dtype <U1"),
-    ("array-object", np.array([[None, 1]], dtype=object), CupydcnTypeError,
-     "points has dtype object"),
+    (
+        "array-object",
+        np.array([[None, 1]], dtype=object),
+        CupydcnTypeError,
+        "points has dtype object",
+    ),
     ("array-complex", np.array([[1j, 1]]), CupydcnTypeError, "points has dtype complex128"),
     ("array-bool", np.array([[True, False]]), CupydcnTypeError, "points has dtype bool"),
     ("array-nan", np.array([[np.nan, 1.0]]), CupydcnValueError, "points must be finite"),
     ("array-flat", np.array([1.0, 2.0]), CupydcnValueError, "points must have shape [P, 2]"),
 ]:
-    case(f"points-{label}", SSL, {"points": value}, error, fragment,
-         issue=label in ("strings", "array-strings"))
+    case(
+        f"points-{label}",
+        SSL,
+        {"points": value},
+        error,
+        fragment,
+        issue=label in ("strings", "array-strings"),
+    )
 
 # -- shapes
-case("C_out-0", "deform_conv2d", lambda a: {**a, "weight": a["weight"][:0], "bias": None},
-     CupydcnValueError, "weight must have at least one output channel", issue=True)
-case("C_out-0", "deform_conv2d_backward", lambda a: {
-    **a, "weight": a["weight"][:0], "grad_output": a["grad_output"][:, :0]},
-    CupydcnValueError, "weight must have at least one output channel")
+case(
+    "C_out-0",
+    "deform_conv2d",
+    lambda a: {**a, "weight": a["weight"][:0], "bias": None},
+    CupydcnValueError,
+    "weight must have at least one output channel",
+    issue=True,
+)
+case(
+    "C_out-0",
+    "deform_conv2d_backward",
+    lambda a: {**a, "weight": a["weight"][:0], "grad_output": a["grad_output"][:, :0]},
+    CupydcnValueError,
+    "weight must have at least one output channel",
+)
 for op in CONV:
     for name in ("input", "offset", "weight"):
-        case(f"{name}-3d", op, with_array(name, lambda a, name=name: a[name][0]),
-             CupydcnValueError, f"{name} must be 4-D")
-    case("input-0-channels", op, lambda a: {**a, "input": a["input"][:, :0],
-                                            "weight": a["weight"][:, :0]},
-         CupydcnValueError, "input must have at least one channel")
-    case("weight-kernel-0", op, with_array("weight", lambda a: a["weight"][..., :0]),
-         CupydcnValueError, "weight must have a kernel of at least 1 x 1")
-    case("weight-channels", op, with_array("weight", lambda a: np.concatenate(
-        [a["weight"], a["weight"][:, :1]], axis=1)), CupydcnValueError, "weight.shape[1] = 3")
-    case("offset-channels", op, with_array("offset", lambda a: a["offset"][:, :-1]),
-         CupydcnValueError, "offset.shape[1] = 17")
-    case("offset-size", op, with_array("offset", lambda a: a["offset"][..., :-1]),
-         CupydcnValueError, "offset has shape (1, 18, 5, 4)")
-    case("mask-shape", op, with_array("mask", lambda a: a["mask"][:, :-1]),
-         CupydcnValueError, "mask has shape (1, 8, 5, 5)")
-    case("output-empty", op, {"padding": 0, "dilation": 3}, CupydcnValueError,
-         "the output size would be")
-case("bias-shape", "deform_conv2d", with_array("bias", lambda a: a["bias"][:-1]),
-     CupydcnValueError, "bias has shape (2,)")
+        case(
+            f"{name}-3d",
+            op,
+            with_array(name, lambda a, name=name: a[name][0]),
+            CupydcnValueError,
+            f"{name} must be 4-D",
+        )
+    case(
+        "input-0-channels",
+        op,
+        lambda a: {**a, "input": a["input"][:, :0], "weight": a["weight"][:, :0]},
+        CupydcnValueError,
+        "input must have at least one channel",
+    )
+    case(
+        "weight-kernel-0",
+        op,
+        with_array("weight", lambda a: a["weight"][..., :0]),
+        CupydcnValueError,
+        "weight must have a kernel of at least 1 x 1",
+    )
+    case(
+        "weight-channels",
+        op,
+        with_array("weight", lambda a: np.concatenate([a["weight"], a["weight"][:, :1]], axis=1)),
+        CupydcnValueError,
+        "weight.shape[1] = 3",
+    )
+    case(
+        "offset-channels",
+        op,
+        with_array("offset", lambda a: a["offset"][:, :-1]),
+        CupydcnValueError,
+        "offset.shape[1] = 17",
+    )
+    case(
+        "offset-size",
+        op,
+        with_array("offset", lambda a: a["offset"][..., :-1]),
+        CupydcnValueError,
+        "offset has shape (1, 18, 5, 4)",
+    )
+    case(
+        "mask-shape",
+        op,
+        with_array("mask", lambda a: a["mask"][:, :-1]),
+        CupydcnValueError,
+        "mask has shape (1, 8, 5, 5)",
+    )
+    case(
+        "output-empty",
+        op,
+        {"padding": 0, "dilation": 3},
+        CupydcnValueError,
+        "the output size would be",
+    )
+case(
+    "bias-shape",
+    "deform_conv2d",
+    with_array("bias", lambda a: a["bias"][:-1]),
+    CupydcnValueError,
+    "bias has shape (2,)",
+)
 for op in ROI + PSROI:
-    case("input-3d", op, with_array("input", lambda a: a["input"][0]), CupydcnValueError,
-         "input must be 4-D")
-    case("rois-1d", op, with_array("rois", lambda a: a["rois"][0]), CupydcnValueError,
-         "rois must have shape [K, 5]")
-    case("rois-4-columns", op, with_array("rois", lambda a: a["rois"][:, :4]),
-         CupydcnValueError, "rois must have shape [K, 5]")
-    case("offset-shape", op, with_array("offset", lambda a: a["offset"][:1]),
-         CupydcnValueError, "offset has shape (1, 2, 2, 2)")
-case("input-empty-map", "deform_roi_pool", with_array("input", lambda a: a["input"][:, :, :0]),
-     CupydcnValueError, "input must have a spatial size of at least 1 x 1")
+    case(
+        "input-3d",
+        op,
+        with_array("input", lambda a: a["input"][0]),
+        CupydcnValueError,
+        "input must be 4-D",
+    )
+    case(
+        "rois-1d",
+        op,
+        with_array("rois", lambda a: a["rois"][0]),
+        CupydcnValueError,
+        "rois must have shape [K, 5]",
+    )
+    case(
+        "rois-4-columns",
+        op,
+        with_array("rois", lambda a: a["rois"][:, :4]),
+        CupydcnValueError,
+        "rois must have shape [K, 5]",
+    )
+    case(
+        "offset-shape",
+        op,
+        with_array("offset", lambda a: a["offset"][:1]),
+        CupydcnValueError,
+        "offset has shape (1, 2, 2, 2)",
+    )
+case(
+    "input-empty-map",
+    "deform_roi_pool",
+    with_array("input", lambda a: a["input"][:, :, :0]),
+    CupydcnValueError,
+    "input must have a spatial size of at least 1 x 1",
+)
 for op in ROI:
-    case("mask-shape", op, with_array("mask", lambda a: a["mask"][..., :1]), CupydcnValueError,
-         "mask has shape (2, 1, 2, 1)")
+    case(
+        "mask-shape",
+        op,
+        with_array("mask", lambda a: a["mask"][..., :1]),
+        CupydcnValueError,
+        "mask has shape (2, 1, 2, 1)",
+    )
 for op in PSROI:
-    case("input-channels", op, with_array("input", lambda a: a["input"][:, :-1]),
-         CupydcnValueError, "input has 7 channels")
-    case("offset-3d", op, with_array("offset", lambda a: a["offset"][0]), CupydcnValueError,
-         "offset must be 4-D")
-    case("offset-odd-channels", op, with_array("offset", lambda a: a["offset"][:, :1]),
-         CupydcnValueError, "offset.shape[1] = 1 must be 2 * num_classes")
-    case("classes-do-not-divide-output_dim", op,
-         with_array("offset", lambda a: np.concatenate([a["offset"]] * 3, axis=1)),
-         CupydcnValueError, "output_dim = 2 must be divisible by num_classes = 3")
+    case(
+        "input-channels",
+        op,
+        with_array("input", lambda a: a["input"][:, :-1]),
+        CupydcnValueError,
+        "input has 7 channels",
+    )
+    case(
+        "offset-3d",
+        op,
+        with_array("offset", lambda a: a["offset"][0]),
+        CupydcnValueError,
+        "offset must be 4-D",
+    )
+    case(
+        "offset-odd-channels",
+        op,
+        with_array("offset", lambda a: a["offset"][:, :1]),
+        CupydcnValueError,
+        "offset.shape[1] = 1 must be 2 * num_classes",
+    )
+    case(
+        "classes-do-not-divide-output_dim",
+        op,
+        with_array("offset", lambda a: np.concatenate([a["offset"]] * 3, axis=1)),
+        CupydcnValueError,
+        "output_dim = 2 must be divisible by num_classes = 3",
+    )
 for op in BACKWARDS:
-    case("grad_output-shape", op,
-         with_array("grad_output", lambda a: a["grad_output"][..., :-1]), CupydcnValueError,
-         "grad_output has shape")
-case("grad-shape", "offset_l2_penalty_backward",
-     with_array("grad", lambda a: np.ones((2,), np.float32)), CupydcnValueError,
-     "grad has shape (2,)")
+    case(
+        "grad_output-shape",
+        op,
+        with_array("grad_output", lambda a: a["grad_output"][..., :-1]),
+        CupydcnValueError,
+        "grad_output has shape",
+    )
+case(
+    "grad-shape",
+    "offset_l2_penalty_backward",
+    with_array("grad", lambda a: np.ones((2,), np.float32)),
+    CupydcnValueError,
+    "grad has shape (2,)",
+)
 for op in SAMPLING:
-    case("offset-3d", op, with_array("offset", lambda a: a["offset"][0]), CupydcnValueError,
-         "offset must be 4-D")
-    case("offset-channels", op, with_array("offset", lambda a: a["offset"][:, :-1]),
-         CupydcnValueError, "offset.shape[1] = 17")
-case("one-tap-kernel", "effective_dilation",
-     lambda a: {**a, "kernel_size": 1, "offset": a["offset"][:, :2]}, CupydcnValueError,
-     "kernel_size must have at least two taps")
-case("layer-size", SSL, {"stride": [1, 2]}, CupydcnValueError,
-     "offsets[1] has output size 5 x 5")
-case("layer-batch", SSL, lambda a: {**a, "offsets": [a["offsets"][0],
-                                                     np.concatenate([a["offsets"][1]] * 2)]},
-     CupydcnValueError, "offsets[1] has batch 2")
-case("mask-shape", SSL, lambda a: {**a, "masks": [None, a["masks"][1][:, :-1]]},
-     CupydcnValueError, "masks[1] has shape (1, 8, 5, 5)")
+    case(
+        "offset-3d",
+        op,
+        with_array("offset", lambda a: a["offset"][0]),
+        CupydcnValueError,
+        "offset must be 4-D",
+    )
+    case(
+        "offset-channels",
+        op,
+        with_array("offset", lambda a: a["offset"][:, :-1]),
+        CupydcnValueError,
+        "offset.shape[1] = 17",
+    )
+case(
+    "one-tap-kernel",
+    "effective_dilation",
+    lambda a: {**a, "kernel_size": 1, "offset": a["offset"][:, :2]},
+    CupydcnValueError,
+    "kernel_size must have at least two taps",
+)
+case("layer-size", SSL, {"stride": [1, 2]}, CupydcnValueError, "offsets[1] has output size 5 x 5")
+case(
+    "layer-batch",
+    SSL,
+    lambda a: {**a, "offsets": [a["offsets"][0], np.concatenate([a["offsets"][1]] * 2)]},
+    CupydcnValueError,
+    "offsets[1] has batch 2",
+)
+case(
+    "mask-shape",
+    SSL,
+    lambda a: {**a, "masks": [None, a["masks"][1][:, :-1]]},
+    CupydcnValueError,
+    "masks[1] has shape (1, 8, 5, 5)",
+)
+
 
 # -- RoI values (read on the arrays' device before any kernel)
 def with_roi(row, *, dtype=np.float32, input_dtype=None):
@@ -508,20 +917,40 @@ def with_roi(row, *, dtype=np.float32, input_dtype=None):
             if args.get(name) is not None:
                 args[name] = args[name][:1]
         return args
+
     return change
 
 
 for op in ROI + PSROI:
-    case("rois-nan", op, with_roi([0, np.nan, 1, 2, 2]), CupydcnValueError,
-         "rois[0] = [0.0, nan, 1.0, 2.0, 2.0] has a non-finite value")
-    case("rois-inf", op, with_roi([0, 1, 1, np.inf, 2]), CupydcnValueError,
-         "rois[0]", "non-finite")
-    case("rois-fractional-batch", op, with_roi([0.5, 1, 1, 2, 2]), CupydcnValueError,
-         "rois[0, 0] = 0.5 is not an integer batch index")
-    case("rois-batch-out-of-range", op, with_roi([2, 1, 1, 2, 2]), CupydcnValueError,
-         "rois[0, 0] = 2 is outside the batch range [0, 2)")
-    case("rois-negative-batch", op, with_roi([-1, 1, 1, 2, 2]), CupydcnValueError,
-         "rois[0, 0] = -1 is outside the batch range [0, 2)")
+    case(
+        "rois-nan",
+        op,
+        with_roi([0, np.nan, 1, 2, 2]),
+        CupydcnValueError,
+        "rois[0] = [0.0, nan, 1.0, 2.0, 2.0] has a non-finite value",
+    )
+    case("rois-inf", op, with_roi([0, 1, 1, np.inf, 2]), CupydcnValueError, "rois[0]", "non-finite")
+    case(
+        "rois-fractional-batch",
+        op,
+        with_roi([0.5, 1, 1, 2, 2]),
+        CupydcnValueError,
+        "rois[0, 0] = 0.5 is not an integer batch index",
+    )
+    case(
+        "rois-batch-out-of-range",
+        op,
+        with_roi([2, 1, 1, 2, 2]),
+        CupydcnValueError,
+        "rois[0, 0] = 2 is outside the batch range [0, 2)",
+    )
+    case(
+        "rois-negative-batch",
+        op,
+        with_roi([-1, 1, 1, 2, 2]),
+        CupydcnValueError,
+        "rois[0, 0] = -1 is outside the batch range [0, 2)",
+    )
 
 # Work per bin with the adaptive grid (sampling_ratio=0): at most MAX_SAMPLES_PER_BIN.
 # Issue: a 1e9 px RoI tried to allocate 6.94 EiB; a 1e4 px RoI with output 1x1 ran for minutes.
@@ -535,6 +964,7 @@ for op in ROI:
         ("roi-2049px-output-2x2", [0, 0, 0, 2049, 2049], {}),
         ("roi-1e6-times-spatial_scale-1e3", [0, 0, 0, 1e6, 1e6], {"spatial_scale": 1e3}),
     ]:
+
         def change(args, row=row, changes=changes):
             args = with_roi(row)(args)
             args.update(ADAPTIVE, **changes)
@@ -543,18 +973,34 @@ for op in ROI:
                     if args.get(name) is not None:
                         args[name] = args[name][..., :1, :1]
             return args
-        case(label, op, change, CupydcnValueError, "rois[0] = [0.0, 0.0, 0.0,",
-             "samples per output bin with sampling_ratio=0", "the limit is 1048576",
-             "pass a sampling_ratio", issue=issue and label != "roi-1025px-output-1x1",
-             huge=True)
+
+        case(
+            label,
+            op,
+            change,
+            CupydcnValueError,
+            "rois[0] = [0.0, 0.0, 0.0,",
+            "samples per output bin with sampling_ratio=0",
+            "the limit is 1048576",
+            "pass a sampling_ratio",
+            issue=issue and label != "roi-1025px-output-1x1",
+            huge=True,
+        )
 
     # coordinates that overflow to inf times spatial_scale (float64: inf samples)
     def overflow(args):
         args = with_roi([0, 0, 0, 1e300, 1e300], dtype=np.float64, input_dtype=np.float64)(args)
         args.update(ADAPTIVE, spatial_scale=1e10)
         return args
-    case("roi-overflows-to-inf", op, overflow, CupydcnValueError,
-         "needs infinitely many samples per output bin", huge=True)
+
+    case(
+        "roi-overflows-to-inf",
+        op,
+        overflow,
+        CupydcnValueError,
+        "needs infinitely many samples per output bin",
+        huge=True,
+    )
 
     # a RoI whose size is NaN (inf - inf: no samples) must not hide a huge one
     def nan_and_huge(args):
@@ -565,8 +1011,15 @@ for op in ROI:
                 args[name] = np.concatenate([args[name]] * 2)
         args.update(ADAPTIVE, spatial_scale=1e10)
         return args
-    case("nan-sized-roi-does-not-hide-a-huge-one", op, nan_and_huge, CupydcnValueError,
-         "rois[1] = [1.0, 0.0, 0.0, 1000000.0, 1000000.0] needs", huge=True)
+
+    case(
+        "nan-sized-roi-does-not-hide-a-huge-one",
+        op,
+        nan_and_huge,
+        CupydcnValueError,
+        "rois[1] = [1.0, 0.0, 0.0, 1000000.0, 1000000.0] needs",
+        huge=True,
+    )
 
 
 @pytest.fixture
@@ -585,12 +1038,14 @@ def no_backend(monkeypatch):
         raise AssertionError("bad input reached a backend")
 
     failing = _dispatch.Backends(numpy=fail, cuda=fail)
-    for module, names in [(conv_numpy, ("conv_forward", "conv_backward")),
-                          (conv_cuda, ("conv_forward", "conv_backward")),
-                          (roi_numpy, ("roi_pool_forward", "roi_pool_backward")),
-                          (roi_cuda, ("roi_pool_forward", "roi_pool_backward")),
-                          (psroi_numpy, ("psroi_pool_forward", "psroi_pool_backward")),
-                          (psroi_cuda, ("psroi_pool_forward", "psroi_pool_backward"))]:
+    for module, names in [
+        (conv_numpy, ("conv_forward", "conv_backward")),
+        (conv_cuda, ("conv_forward", "conv_backward")),
+        (roi_numpy, ("roi_pool_forward", "roi_pool_backward")),
+        (roi_cuda, ("roi_pool_forward", "roi_pool_backward")),
+        (psroi_numpy, ("psroi_pool_forward", "psroi_pool_backward")),
+        (psroi_cuda, ("psroi_pool_forward", "psroi_pool_backward")),
+    ]:
         for name in names:
             monkeypatch.setattr(module, name, fail)
     # The array-API ops build their Backends from a function: replace those.
@@ -647,8 +1102,11 @@ def _apply(changes, args):
 
 
 # The cases decided by reading the rois (check_values, on the arrays' device and stream).
-VALUE_CASES = [c for c in CASES if c.op in ROI + PSROI and (
-    "-rois-" in c.id or "-roi-" in c.id or "nan-sized" in c.id)]
+VALUE_CASES = [
+    c
+    for c in CASES
+    if c.op in ROI + PSROI and ("-rois-" in c.id or "-roi-" in c.id or "nan-sized" in c.id)
+]
 
 
 @pytest.mark.gpu
@@ -678,11 +1136,18 @@ def test_the_catalogue():
     assert len({c.id for c in CASES}) == len(CASES), "duplicate case ids"
     issue_ids = {c.id for c in CASES if c.issue}
     for expected in [
-        "deform_roi_pool-sampling_ratio-10**6", "deform_roi_pool-roi-1e9px",
-        "deform_roi_pool-roi-1e4px-output-1x1", "deform_psroi_pool-sample_per_part-46340",
-        "deform_conv2d-C_out-0", "deform_conv2d-stride-array", "deform_conv2d-padding-2**63",
-        "deform_conv2d_backward-wrt-int", "deform_conv2d-input-None",
-        "deform_conv2d-offset-None", "deform_conv2d-weight-None", "deform_roi_pool-rois-None",
+        "deform_roi_pool-sampling_ratio-10**6",
+        "deform_roi_pool-roi-1e9px",
+        "deform_roi_pool-roi-1e4px-output-1x1",
+        "deform_psroi_pool-sample_per_part-46340",
+        "deform_conv2d-C_out-0",
+        "deform_conv2d-stride-array",
+        "deform_conv2d-padding-2**63",
+        "deform_conv2d_backward-wrt-int",
+        "deform_conv2d-input-None",
+        "deform_conv2d-offset-None",
+        "deform_conv2d-weight-None",
+        "deform_roi_pool-rois-None",
         "stacked_sampling_locations-points-strings",
     ]:
         assert expected in issue_ids, expected
@@ -714,21 +1179,45 @@ ACCEPTED = [
     ("sampling_ratio-np-int", "deform_roi_pool", {"sampling_ratio": np.int32(2)}),
     ("spatial_scale-np-float", "deform_roi_pool", {"spatial_scale": np.float32(1.0)}),
     ("gamma-np-float", "deform_roi_pool_backward", {"gamma": np.float64(0.1)}),
-    ("psroi-np-ints", "deform_psroi_pool", {
-        "output_dim": np.int64(2), "group_size": np.int32(2), "pooled_size": np.uint8(2),
-        "part_size": np.int16(2), "sample_per_part": np.int64(2)}),
-    ("psroi-np-ints", "deform_psroi_pool_backward", {
-        "output_dim": np.int64(2), "group_size": np.int32(2), "pooled_size": np.uint8(2),
-        "part_size": np.int16(2), "sample_per_part": np.int64(2)}),
+    (
+        "psroi-np-ints",
+        "deform_psroi_pool",
+        {
+            "output_dim": np.int64(2),
+            "group_size": np.int32(2),
+            "pooled_size": np.uint8(2),
+            "part_size": np.int16(2),
+            "sample_per_part": np.int64(2),
+        },
+    ),
+    (
+        "psroi-np-ints",
+        "deform_psroi_pool_backward",
+        {
+            "output_dim": np.int64(2),
+            "group_size": np.int32(2),
+            "pooled_size": np.uint8(2),
+            "part_size": np.int16(2),
+            "sample_per_part": np.int64(2),
+        },
+    ),
     ("weight-np-float", "offset_l2_penalty", {"weight": np.float32(1.0)}),
     ("kernel_size-np-pair", "sampling_locations", {"kernel_size": _np_int_pair(3)}),
     ("stride-np-pair", "effective_dilation", {"stride": _np_int_pair(1)}),
-    ("np-ints", SSL, {"kernel_size": _np_int_pair(3), "offset_group": np.int64(0),
-                      "padding": [np.int64(1), (1, np.int32(1))]}),
+    (
+        "np-ints",
+        SSL,
+        {
+            "kernel_size": _np_int_pair(3),
+            "offset_group": np.int64(0),
+            "padding": [np.int64(1), (1, np.int32(1))],
+        },
+    ),
     ("points-int-array", SSL, {"points": np.array([[2, 2], [1, 4]])}),
 ]
 if torch is not None:
     ACCEPTED.append(("stride-0d-torch-int", "deform_conv2d", {"stride": torch.tensor(1)}))
+
 
 def _plain(value):
     if isinstance(value, (list, tuple)):
@@ -741,8 +1230,11 @@ def _plain(value):
         return value
 
 
-@pytest.mark.parametrize("op, changes", [(op, changes) for _, op, changes in ACCEPTED],
-                         ids=[f"{op}-{id}" for id, op, _ in ACCEPTED])
+@pytest.mark.parametrize(
+    "op, changes",
+    [(op, changes) for _, op, changes in ACCEPTED],
+    ids=[f"{op}-{id}" for id, op, _ in ACCEPTED],
+)
 def test_accepted(op, changes):
     got = call(op, changes)
     if any(name in changes for name in ("wrt", "workspace_bytes", "points")):
@@ -788,27 +1280,33 @@ def test_roi_pool_largest_grid_is_bounded_and_exact(adaptive, monkeypatch):
 
     if adaptive:  # 1024 px RoIs with a 1 x 1 output: ceil(1024 / 1) samples per axis
         input = _ramp_problem(size=1030)
-        rois = np.array([[0, 1, 1, 1025, 1025], [0, 3, 2, 1027, 1026],
-                         [0, 0.5, 4.25, 1024.5, 1028.25]])
+        rois = np.array(
+            [[0, 1, 1, 1025, 1025], [0, 3, 2, 1027, 1026], [0, 0.5, 4.25, 1024.5, 1028.25]]
+        )
         sampling_ratio = 0
     else:
         input = _ramp_problem()
         rois = np.array([[0, 2, 3, 20, 18], [0, 5, 5, 9, 9], [0, 1, 1, 22, 22]], np.float64)
         sampling_ratio = 1024
     spatial_scale = 1.0
-    options = dict(output_size=1, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-                   gamma=0.1)
+    options = dict(
+        output_size=1, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=0.1
+    )
     offset = np.zeros((3, 2, 1, 1))
     # Besides the workspace: the channels-last copy of the input (and of its gradient).
     planes = 2 * input.nbytes + 2**20
     for budget in (numpy_backend._WORKSPACE_BYTES, 16 * 2**20):
         monkeypatch.setattr(numpy_backend, "_WORKSPACE_BYTES", budget)
-        output, peak, seconds = _measure(lambda: cupydcn.deform_roi_pool(
-            input, rois, offset, **options))
+        output, peak, seconds = _measure(
+            lambda: cupydcn.deform_roi_pool(input, rois, offset, **options)
+        )
         assert peak <= 1.25 * budget + planes, f"forward peak {peak / 2**20:.0f} MiB"
         assert seconds < 60
-        grads, peak, seconds = _measure(lambda output=output: cupydcn.deform_roi_pool_backward(
-            np.ones_like(output), input, rois, offset, **options))
+        grads, peak, seconds = _measure(
+            lambda output=output: cupydcn.deform_roi_pool_backward(
+                np.ones_like(output), input, rois, offset, **options
+            )
+        )
         assert peak <= 1.25 * budget + 2 * planes, f"backward peak {peak / 2**20:.0f} MiB"
         assert seconds < 60
     # The centre of the RoI (x1 + x2) / 2 * scale - 0.5 in both axes, per channel.
@@ -829,17 +1327,27 @@ def test_psroi_pool_largest_grid_is_bounded_and_exact(monkeypatch):
 
     input = _ramp_problem(channels=2)
     rois = np.array([[0, 2, 3, 20, 18], [0, 1, 1, 10, 22]], np.float64)
-    options = dict(output_dim=2, group_size=1, pooled_size=1, sample_per_part=1024,
-                   spatial_scale=1.0, trans_std=0.1)
+    options = dict(
+        output_dim=2,
+        group_size=1,
+        pooled_size=1,
+        sample_per_part=1024,
+        spatial_scale=1.0,
+        trans_std=0.1,
+    )
     offset = np.zeros((2, 2, 1, 1))
     for budget in (numpy_backend._WORKSPACE_BYTES, 16 * 2**20):
         monkeypatch.setattr(numpy_backend, "_WORKSPACE_BYTES", budget)
-        (output, count), peak, seconds = _measure(lambda: cupydcn.deform_psroi_pool(
-            input, rois, offset, **options))
+        (output, count), peak, seconds = _measure(
+            lambda: cupydcn.deform_psroi_pool(input, rois, offset, **options)
+        )
         assert peak <= 1.25 * budget + 2**20, f"forward peak {peak / 2**20:.0f} MiB"
         assert seconds < 60
-        grads, peak, seconds = _measure(lambda output=output: cupydcn.deform_psroi_pool_backward(
-            np.ones_like(output), input, rois, offset, **options))
+        grads, peak, seconds = _measure(
+            lambda output=output: cupydcn.deform_psroi_pool_backward(
+                np.ones_like(output), input, rois, offset, **options
+            )
+        )
         assert peak <= 1.25 * budget + 2**20, f"backward peak {peak / 2**20:.0f} MiB"
         assert seconds < 60
     assert (count == 1024**2).all()
@@ -860,6 +1368,7 @@ def test_blocks_of_samples_give_the_per_sample_results(family, monkeypatch):
     rounding."""
     if family == "roi":
         from cupydcn.roi_pool import numpy_backend
+
         args = roi_backward_args()
         args.update(sampling_ratio=0, spatial_scale=1.7, output_size=(2, 3))
         args["rois"][1, 3:] = [7.9, 7.5]
@@ -870,6 +1379,7 @@ def test_blocks_of_samples_give_the_per_sample_results(family, monkeypatch):
         forward, backward = cupydcn.deform_roi_pool, cupydcn.deform_roi_pool_backward
     else:
         from cupydcn.psroi_pool import numpy_backend
+
         args = psroi_backward_args()
         args.update(sample_per_part=7, trans_std=0.7)
         forward, backward = cupydcn.deform_psroi_pool, cupydcn.deform_psroi_pool_backward

@@ -17,16 +17,27 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from cupydcn.cuda.launch import INT32_INDEX_LIMIT, index_bits_for_sizes, launch_config
 from cupydcn.deform_conv import cuda_backend as _conv_kernels
 from cupydcn.deform_conv import numpy_backend as numpy_conv
 from cupydcn.deform_conv.spec import conv_geometry
-from cupydcn.cuda.launch import INT32_INDEX_LIMIT, index_bits_for_sizes, launch_config
-
-from emulator.host_launcher import (EmulatorBuildError, EmulatorFaultError, HostLauncher,
-                                    build_library, shim_text)
+from emulator.host_launcher import (
+    EmulatorBuildError,
+    EmulatorFaultError,
+    HostLauncher,
+    build_library,
+    shim_text,
+)
 from reference import deform_conv2d_reference
-from support import (DTYPE_NAMES, GRADS, assert_close_to_sum, dtype_of, on_device,
-                     strided_copy, to_numpy)
+from support import (
+    DTYPE_NAMES,
+    GRADS,
+    assert_close_to_sum,
+    dtype_of,
+    on_device,
+    strided_copy,
+    to_numpy,
+)
 
 # Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter; the
 # others, which use the emulator alone, carry the mark themselves.
@@ -38,7 +49,6 @@ BIG_WORKSPACE = 1 << 30
 # of_sum * magnitude + floor, where magnitude is the same sum over absolute values of every
 # term (the reference with magnitude=True). Sample points are exact in every acc dtype
 # (offsets are multiples of 2^-10), so only sums round.
-
 
 
 # ---------------------------------------------------------------------------- reference
@@ -73,10 +83,12 @@ def _sample_points(offset, geom):
     off = offset.astype(np.float64).reshape(n, G, K, 2, geom.out_h, geom.out_w)
     i = np.repeat(np.arange(geom.kernel_h), geom.kernel_w)
     j = np.tile(np.arange(geom.kernel_w), geom.kernel_h)
-    base_y = (np.arange(geom.out_h) * geom.stride_h - geom.pad_h)[None, :, None] + (
-        i * geom.dil_h)[:, None, None]
-    base_x = (np.arange(geom.out_w) * geom.stride_w - geom.pad_w)[None, None, :] + (
-        j * geom.dil_w)[:, None, None]
+    base_y = (np.arange(geom.out_h) * geom.stride_h - geom.pad_h)[None, :, None] + (i * geom.dil_h)[
+        :, None, None
+    ]
+    base_x = (np.arange(geom.out_w) * geom.stride_w - geom.pad_w)[None, None, :] + (j * geom.dil_w)[
+        :, None, None
+    ]
     return base_y + off[:, :, :, 0], base_x + off[:, :, :, 1]
 
 
@@ -93,8 +105,11 @@ def reference(input, offset, weight, bias, mask, grad_output, geom, *, magnitude
     Co, Ho, Wo = geom.out_channels, geom.out_h, geom.out_w
     Cg = C // G
     x = input.astype(np.float64).reshape(N, G, Cg, H, W)
-    m = (np.ones((N, G, K, Ho, Wo)) if mask is None
-         else mask.astype(np.float64).reshape(N, G, K, Ho, Wo))
+    m = (
+        np.ones((N, G, K, Ho, Wo))
+        if mask is None
+        else mask.astype(np.float64).reshape(N, G, K, Ho, Wo)
+    )
     py, px = _sample_points(offset, geom)
     nan = np.isnan(py) | np.isnan(px)
 
@@ -142,9 +157,14 @@ def reference(input, offset, weight, bias, mask, grad_output, geom, *, magnitude
         grad_x += np.bincount(flat.ravel(), contrib.ravel(), minlength=grad_x.size)
     grad_input = grad_x.reshape(geom.input_shape)
 
-    return {"output": out, "input": grad_input, "offset": grad_offset, "weight": grad_weight,
-            "mask": None if mask is None else grad_mask,
-            "bias": grad_bias}
+    return {
+        "output": out,
+        "input": grad_input,
+        "offset": grad_offset,
+        "weight": grad_weight,
+        "mask": None if mask is None else grad_mask,
+        "bias": grad_bias,
+    }
 
 
 # ---------------------------------------------------------------------------- problems
@@ -153,10 +173,27 @@ def reference(input, offset, weight, bias, mask, grad_output, geom, *, magnitude
 class Problem:
     """Inputs of one call, in ``dtype_name``, with its geometry and float64 reference."""
 
-    def __init__(self, dtype_name, *, batch, channels, size, out_channels, kernel,
-                 stride=1, padding=0, dilation=1, groups=1, offset_groups=1, with_mask=True,
-                 with_bias=True, seed=0, offset_scale=2.0, edge_targets=False,
-                 padding_mode="zeros"):
+    def __init__(
+        self,
+        dtype_name,
+        *,
+        batch,
+        channels,
+        size,
+        out_channels,
+        kernel,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        offset_groups=1,
+        with_mask=True,
+        with_bias=True,
+        seed=0,
+        offset_scale=2.0,
+        edge_targets=False,
+        padding_mode="zeros",
+    ):
         rng = np.random.default_rng(seed)
         dtype = dtype_of(dtype_name)
         H, W = size
@@ -185,9 +222,17 @@ class Problem:
         self.stride, self.padding, self.dilation = (sh, sw), (ph, pw), (dh, dw)
         offset = cast(offset)
         self.mask = None if mask is None else cast(mask)
-        self.geom = conv_geometry(self.input, offset, self.weight, self.bias, self.mask,
-                                  stride=self.stride, padding=self.padding,
-                                  dilation=self.dilation, padding_mode=padding_mode)
+        self.geom = conv_geometry(
+            self.input,
+            offset,
+            self.weight,
+            self.bias,
+            self.mask,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=padding_mode,
+        )
         if edge_targets:
             offset = self._edge_offsets(offset, rng)
         self.offset = offset
@@ -198,10 +243,40 @@ class Problem:
         outside and at +-inf, on every side, in every combination of y and x."""
         geom = self.geom
         H, W = geom.height, geom.width
-        ys = [-np.inf, -1e4, -2.0, -1.5, -1.0, -0.5, 0.0, H - 1.0, H - 0.5, H, H + 0.5, H + 1,
-              1e4, np.inf, 2.25]
-        xs = [-np.inf, -1e4, -2.0, -1.5, -1.0, -0.5, 0.0, W - 1.0, W - 0.5, W, W + 0.5, W + 1,
-              1e4, np.inf, 3.75]
+        ys = [
+            -np.inf,
+            -1e4,
+            -2.0,
+            -1.5,
+            -1.0,
+            -0.5,
+            0.0,
+            H - 1.0,
+            H - 0.5,
+            H,
+            H + 0.5,
+            H + 1,
+            1e4,
+            np.inf,
+            2.25,
+        ]
+        xs = [
+            -np.inf,
+            -1e4,
+            -2.0,
+            -1.5,
+            -1.0,
+            -0.5,
+            0.0,
+            W - 1.0,
+            W - 0.5,
+            W,
+            W + 0.5,
+            W + 1,
+            1e4,
+            np.inf,
+            3.75,
+        ]
         pairs = list(itertools.product(ys, xs))
         rng.shuffle(pairs)
         py, px = _sample_points(np.zeros(offset.shape), geom)  # base points
@@ -215,8 +290,16 @@ class Problem:
         return off.reshape(offset.shape).astype(offset.dtype)
 
     def reference(self, *, magnitude=False):
-        return reference(self.input, self.offset, self.weight, self.bias, self.mask,
-                         self.grad_output, self.geom, magnitude=magnitude)
+        return reference(
+            self.input,
+            self.offset,
+            self.weight,
+            self.bias,
+            self.mask,
+            self.grad_output,
+            self.geom,
+            magnitude=magnitude,
+        )
 
     def expected(self):
         """name -> (reference, magnitude) (None for a gradient that does not exist)."""
@@ -229,20 +312,50 @@ class Problem:
 
 CASES = {
     # 3x3, padding 1: zero offsets put taps exactly on -1 and H; mask and bias.
-    "square": dict(batch=2, channels=4, size=(6, 7), out_channels=6, kernel=(3, 3),
-                   padding=1),
+    "square": dict(batch=2, channels=4, size=(6, 7), out_channels=6, kernel=(3, 3), padding=1),
     # groups > 1, offset groups > 1 (not equal), non-square kernel, H/W-specific
     # stride / padding / dilation, odd batch; mask, no bias.
-    "grouped": dict(batch=3, channels=6, size=(7, 9), out_channels=4, kernel=(2, 3),
-                    stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2,
-                    offset_groups=3, with_bias=False, seed=1),
+    "grouped": dict(
+        batch=3,
+        channels=6,
+        size=(7, 9),
+        out_channels=4,
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(1, 2),
+        dilation=(1, 2),
+        groups=2,
+        offset_groups=3,
+        with_bias=False,
+        seed=1,
+    ),
     # DCNv1 (no mask), no bias, 3x1 kernel, offset groups = channels.
-    "dcnv1": dict(batch=1, channels=2, size=(5, 4), out_channels=3, kernel=(3, 1),
-                  stride=(1, 2), padding=(0, 1), dilation=(2, 1), offset_groups=2,
-                  with_mask=False, with_bias=False, seed=2, offset_scale=3.0),
+    "dcnv1": dict(
+        batch=1,
+        channels=2,
+        size=(5, 4),
+        out_channels=3,
+        kernel=(3, 1),
+        stride=(1, 2),
+        padding=(0, 1),
+        dilation=(2, 1),
+        offset_groups=2,
+        with_mask=False,
+        with_bias=False,
+        seed=2,
+        offset_scale=3.0,
+    ),
     # Sample points placed on every edge case, on every side.
-    "edges": dict(batch=2, channels=2, size=(4, 5), out_channels=2, kernel=(2, 2),
-                  padding=1, seed=3, edge_targets=True),
+    "edges": dict(
+        batch=2,
+        channels=2,
+        size=(4, 5),
+        out_channels=2,
+        kernel=(2, 2),
+        padding=1,
+        seed=3,
+        edge_targets=True,
+    ),
 }
 
 
@@ -250,28 +363,45 @@ def assert_close(actual, expected, dtype_name, what, *, roundings=1):
     """``expected`` = (reference, magnitude); see the bound above. ``roundings``: how many
     final roundings separate the two (2 when neither is exact)."""
     ref, magnitude = expected
-    assert_close_to_sum(actual, ref, magnitude, dtype_name, what, roundings=roundings,
-                        with_floor=True)
+    assert_close_to_sum(
+        actual, ref, magnitude, dtype_name, what, roundings=roundings, with_floor=True
+    )
 
 
 def run_forward(launcher, problem, *, workspace_bytes=BIG_WORKSPACE, index_bits=None):
     """The kernels' output for the problem's arrays (moved to ``launcher.xp``), in NumPy."""
-    return to_numpy(_conv_kernels.conv_forward(
-        launcher, *on_device(launcher, *problem.arrays()), problem.geom,
-        dtype_name=problem.dtype_name, workspace_bytes=workspace_bytes,
-        index_bits=index_bits))
+    return to_numpy(
+        _conv_kernels.conv_forward(
+            launcher,
+            *on_device(launcher, *problem.arrays()),
+            problem.geom,
+            dtype_name=problem.dtype_name,
+            workspace_bytes=workspace_bytes,
+            index_bits=index_bits,
+        )
+    )
 
 
-def run_backward(launcher, problem, *, wrt=frozenset(GRADS), workspace_bytes=BIG_WORKSPACE,
-                 index_bits=None):
+def run_backward(
+    launcher, problem, *, wrt=frozenset(GRADS), workspace_bytes=BIG_WORKSPACE, index_bits=None
+):
     """The kernels' ConvGrads (in NumPy)."""
     grad_output, input, offset, weight, mask = on_device(
-        launcher, problem.grad_output, problem.input, problem.offset, problem.weight,
-        problem.mask)
+        launcher, problem.grad_output, problem.input, problem.offset, problem.weight, problem.mask
+    )
     grads = _conv_kernels.conv_backward(
-        launcher, grad_output, input, offset, weight, mask, problem.geom,
-        dtype_name=problem.dtype_name, wrt=frozenset(wrt), workspace_bytes=workspace_bytes,
-        index_bits=index_bits)
+        launcher,
+        grad_output,
+        input,
+        offset,
+        weight,
+        mask,
+        problem.geom,
+        dtype_name=problem.dtype_name,
+        wrt=frozenset(wrt),
+        workspace_bytes=workspace_bytes,
+        index_bits=index_bits,
+    )
     return type(grads)(*(to_numpy(g) for g in grads))
 
 
@@ -290,8 +420,9 @@ def check_all(problem, output, grads, expected):
 def test_reference_forward_matches_loop_reference(case):
     """This file's vectorised reference against the loop-form one of tests/reference.py."""
     problem = Problem("float64", **CASES[case])
-    loop = deform_conv2d_reference(*problem.arrays(), stride=problem.stride,
-                                   padding=problem.padding, dilation=problem.dilation)
+    loop = deform_conv2d_reference(
+        *problem.arrays(), stride=problem.stride, padding=problem.padding, dilation=problem.dilation
+    )
     np.testing.assert_allclose(problem.reference()["output"], loop, rtol=1e-13, atol=1e-13)
 
 
@@ -306,16 +437,24 @@ def test_reference_gradients_match_finite_differences():
 
     def loss(**changed):
         args = {n: getattr(problem, n) for n in names} | changed
-        out = reference(args["input"], args["offset"], args["weight"], args["bias"],
-                        args["mask"], problem.grad_output, problem.geom)["output"]
+        out = reference(
+            args["input"],
+            args["offset"],
+            args["weight"],
+            args["bias"],
+            args["mask"],
+            problem.grad_output,
+            problem.geom,
+        )["output"]
         return float(np.sum(out * problem.grad_output))
 
     h = 1e-6
     for name in names:
         value = getattr(problem, name)
         direction = rng.standard_normal(value.shape)
-        numeric = (loss(**{name: value + h * direction}) -
-                   loss(**{name: value - h * direction})) / (2 * h)
+        numeric = (
+            loss(**{name: value + h * direction}) - loss(**{name: value - h * direction})
+        ) / (2 * h)
         analytic = float(np.sum(expected[name] * direction))
         assert numeric == pytest.approx(analytic, rel=1e-6, abs=1e-6), name
 
@@ -341,29 +480,56 @@ extern "C" void float_to_bfloat16(const float* in, unsigned short* out, long n) 
 
 def _call(library, name, source, out_dtype):
     out = np.empty(source.shape, out_dtype)
-    getattr(library, name)(ctypes.c_void_p(source.ctypes.data), ctypes.c_void_p(out.ctypes.data),
-                           ctypes.c_long(source.size))
+    getattr(library, name)(
+        ctypes.c_void_p(source.ctypes.data),
+        ctypes.c_void_p(out.ctypes.data),
+        ctypes.c_long(source.size),
+    )
     return out
 
 
 def _float32_probes(sixteen_bit_as_float32):
     """Every value of a 16-bit format, its float32 neighbours, the exact midpoints between
     consecutive values (ties) and theirs, random float32 bit patterns and specials."""
-    values = np.unique(sixteen_bit_as_float32[np.isfinite(sixteen_bit_as_float32)]
-                       .astype(np.float64))
+    values = np.unique(
+        sixteen_bit_as_float32[np.isfinite(sixteen_bit_as_float32)].astype(np.float64)
+    )
     mids = ((values[:-1] + values[1:]) / 2).astype(np.float32)  # exact in float32
     exact = values.astype(np.float32)
     rng = np.random.default_rng(7)
     random_bits = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
-    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 65504.0, 65519.996,
-                         65520.0, 65536.0, 2.0**-24, 2.0**-25, 2.0**-26, 1.5 * 2.0**-25,
-                         2.0**-14, 2.0**-14 - 2.0**-25, np.finfo(np.float32).max,
-                         np.finfo(np.float32).tiny, 1e-45, 3.3895314e38, 3.4e38],
-                        dtype=np.float32)
+    specials = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -np.nan,
+            65504.0,
+            65519.996,
+            65520.0,
+            65536.0,
+            2.0**-24,
+            2.0**-25,
+            2.0**-26,
+            1.5 * 2.0**-25,
+            2.0**-14,
+            2.0**-14 - 2.0**-25,
+            np.finfo(np.float32).max,
+            np.finfo(np.float32).tiny,
+            1e-45,
+            3.3895314e38,
+            3.4e38,
+        ],
+        dtype=np.float32,
+    )
     pieces = [exact, mids, random_bits.view(np.float32), specials, -specials]
     for piece in (exact, mids):
-        pieces += [np.nextafter(piece, np.float32(np.inf)),
-                   np.nextafter(piece, np.float32(-np.inf))]
+        pieces += [
+            np.nextafter(piece, np.float32(np.inf)),
+            np.nextafter(piece, np.float32(-np.inf)),
+        ]
     return np.ascontiguousarray(np.concatenate(pieces).astype(np.float32))
 
 
@@ -372,8 +538,10 @@ def _assert_same_bits(got_bits, expected_bits, dtype, inputs, what):
     exp_nan = np.isnan(expected_bits.view(dtype))
     np.testing.assert_array_equal(got_nan, exp_nan, err_msg=f"{what}: NaN-ness")
     bad = (got_bits != expected_bits) & ~exp_nan
-    assert not bad.any(), (f"{what}: {bad.sum()} mismatches, e.g. input {inputs[bad][:5]!r} -> "
-                           f"{got_bits[bad][:5]} expected {expected_bits[bad][:5]}")
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} mismatches, e.g. input {inputs[bad][:5]!r} -> "
+        f"{got_bits[bad][:5]} expected {expected_bits[bad][:5]}"
+    )
 
 
 @emulated
@@ -387,8 +555,9 @@ def test_shim_half_and_bfloat16_conversions_are_exact():
         expected = every.view(dtype).astype(np.float32)
         np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=name)
         ok = ~np.isnan(expected)
-        np.testing.assert_array_equal(got[ok].view(np.uint32), expected[ok].view(np.uint32),
-                                      err_msg=name)  # bitwise: signed zeros, subnormals
+        np.testing.assert_array_equal(
+            got[ok].view(np.uint32), expected[ok].view(np.uint32), err_msg=name
+        )  # bitwise: signed zeros, subnormals
 
     # float32 -> 16-bit, round to nearest even, overflow, subnormals, NaN
     for name, dtype in (("float_to_half", np.float16), ("float_to_bfloat16", ml_dtypes.bfloat16)):
@@ -398,17 +567,21 @@ def test_shim_half_and_bfloat16_conversions_are_exact():
             expected = probes.astype(dtype).view(np.uint16)
         _assert_same_bits(got, expected, dtype, probes, name)
     assert _call(library, "float_to_half", np.array([np.nan], np.float32), np.uint16)[0] == 0x7FFF
-    assert _call(library, "float_to_bfloat16", np.array([np.nan], np.float32),
-                 np.uint16)[0] == 0x7FFF
+    assert (
+        _call(library, "float_to_bfloat16", np.array([np.nan], np.float32), np.uint16)[0] == 0x7FFF
+    )
 
 
 @emulated
-@pytest.mark.parametrize("construct", ["__syncthreads();", "__shared__ float tile[32];",
-                                       "__syncwarp();"])
+@pytest.mark.parametrize(
+    "construct", ["__syncthreads();", "__shared__ float tile[32];", "__syncwarp();"]
+)
 def test_shim_rejects_barriers_and_shared_memory(construct):
-    source = (shim_text()
-              + f"template <typename T> __global__ void k(T* p) {{ {construct} p[0] = 0; }}\n"
-              + "template __global__ void k<float>(float*);\n")
+    source = (
+        shim_text()
+        + f"template <typename T> __global__ void k(T* p) {{ {construct} p[0] = 0; }}\n"
+        + "template __global__ void k<float>(float*);\n"
+    )
     with pytest.raises(EmulatorBuildError) as info:
         build_library(source, what="a kernel using " + construct)
     assert "not supported" in info.value.output and "cuda_shim.h" in info.value.output
@@ -434,8 +607,7 @@ def test_launcher_checks_arguments(host_launcher):
     with pytest.raises(TypeError, match="must be an int"):
         launcher.launch("widen_to_acc", "float16", 32, 8, [a, out, 8.0])
     with pytest.raises(ValueError, match="overlaps"):
-        launcher.launch("round_to_output", "float16", 32, 4,
-                        [out[:4], out[:2].view(np.float16), 4])
+        launcher.launch("round_to_output", "float16", 32, 4, [out[:4], out[:2].view(np.float16), 4])
     launcher.launch("widen_to_acc", "float16", 32, 0, [None, None, 0])  # zero size: no-op
 
 
@@ -498,12 +670,23 @@ def test_forward_and_every_gradient_match_reference(launcher, case, dtype_name, 
     expected = problem.expected()
     check_all(problem, output, grads, expected)
     if index_bits is None:  # the NumPy backend, against the same reference and bound
-        check_all(problem, numpy_conv.conv_forward(*problem.arrays(), problem.geom,
-                                                   workspace_bytes=BIG_WORKSPACE),
-                  tuple(numpy_conv.conv_backward(
-                      problem.grad_output, problem.input, problem.offset, problem.weight,
-                      problem.mask, problem.geom, wrt=frozenset(GRADS),
-                      workspace_bytes=BIG_WORKSPACE)), expected)
+        check_all(
+            problem,
+            numpy_conv.conv_forward(*problem.arrays(), problem.geom, workspace_bytes=BIG_WORKSPACE),
+            tuple(
+                numpy_conv.conv_backward(
+                    problem.grad_output,
+                    problem.input,
+                    problem.offset,
+                    problem.weight,
+                    problem.mask,
+                    problem.geom,
+                    wrt=frozenset(GRADS),
+                    workspace_bytes=BIG_WORKSPACE,
+                )
+            ),
+            expected,
+        )
     used_bits = {r.index_bits for r in launcher.launches[start:]}
     assert used_bits == {index_bits or 32}
     for a, b in zip((*problem.arrays(), problem.grad_output), before):  # inputs untouched
@@ -518,14 +701,16 @@ def test_chunking(launcher, dtype_name):
     expected = problem.expected()
     geom = problem.geom
     pixels = geom.out_h * geom.out_w
-    per_image_forward = (geom.column_rows * pixels + (
-        geom.out_channels * pixels if dtype_name != "float32" else 0)) * 4
+    per_image_forward = (
+        geom.column_rows * pixels + (geom.out_channels * pixels if dtype_name != "float32" else 0)
+    ) * 4
     for workspace, chunk in ((1, 1), (2 * per_image_forward + 7, 2)):
         start = len(launcher.launches)
         output = run_forward(launcher, problem, workspace_bytes=workspace)
         im2col = [r for r in launcher.launches[start:] if r.kernel == "deform_conv_im2col"]
         assert [r.total // (geom.in_channels * pixels) for r in im2col] == [
-            min(chunk, 5 - s) for s in range(0, 5, chunk)]
+            min(chunk, 5 - s) for s in range(0, 5, chunk)
+        ]
         grads = run_backward(launcher, problem, workspace_bytes=workspace)
         check_all(problem, output, grads, expected)
 
@@ -576,8 +761,13 @@ def test_batch_zero(launcher, dtype_name):
     output = run_forward(launcher, problem)
     assert output.shape == problem.geom.output_shape and output.dtype == problem.input.dtype
     grads = run_backward(launcher, problem)
-    shapes = (problem.geom.input_shape, problem.geom.offset_shape, problem.geom.weight_shape,
-              problem.geom.mask_shape, (problem.geom.out_channels,))
+    shapes = (
+        problem.geom.input_shape,
+        problem.geom.offset_shape,
+        problem.geom.weight_shape,
+        problem.geom.mask_shape,
+        (problem.geom.out_channels,),
+    )
     for got, shape in zip(grads, shapes):
         assert got.shape == shape and got.dtype == problem.input.dtype
     assert not np.any(grads.grad_weight.astype(np.float64))
@@ -588,17 +778,36 @@ def test_batch_zero(launcher, dtype_name):
 def test_odd_batch_and_noncontiguous_inputs(launcher):
     problem = Problem("float64", **{**CASES["grouped"], "batch": 3})
     expected = problem.expected()
-    views = {name: strided_copy(launcher.xp, getattr(problem, name))
-             for name in ("input", "offset", "weight", "mask", "grad_output")}
+    views = {
+        name: strided_copy(launcher.xp, getattr(problem, name))
+        for name in ("input", "offset", "weight", "mask", "grad_output")
+    }
     assert not views["input"].flags.c_contiguous
-    output = to_numpy(_conv_kernels.conv_forward(
-        launcher, views["input"], views["offset"], views["weight"],
-        on_device(launcher, problem.bias), views["mask"], problem.geom, dtype_name="float64",
-        workspace_bytes=BIG_WORKSPACE))
+    output = to_numpy(
+        _conv_kernels.conv_forward(
+            launcher,
+            views["input"],
+            views["offset"],
+            views["weight"],
+            on_device(launcher, problem.bias),
+            views["mask"],
+            problem.geom,
+            dtype_name="float64",
+            workspace_bytes=BIG_WORKSPACE,
+        )
+    )
     grads = _conv_kernels.conv_backward(
-        launcher, views["grad_output"], views["input"], views["offset"], views["weight"],
-        views["mask"], problem.geom, dtype_name="float64", wrt=frozenset(GRADS),
-        workspace_bytes=BIG_WORKSPACE)
+        launcher,
+        views["grad_output"],
+        views["input"],
+        views["offset"],
+        views["weight"],
+        views["mask"],
+        problem.geom,
+        dtype_name="float64",
+        wrt=frozenset(GRADS),
+        workspace_bytes=BIG_WORKSPACE,
+    )
     check_all(problem, output, [to_numpy(g) for g in grads], expected)
 
 
@@ -608,7 +817,7 @@ def test_nan_offsets_give_nan(launcher, dtype_name):
     geom = problem.geom
     offset = problem.offset.copy()
     k = 4  # centre tap: always near the map
-    offset[1, 2 * k, 2, 3] = np.nan   # dy of image 1, pixel (2, 3)
+    offset[1, 2 * k, 2, 3] = np.nan  # dy of image 1, pixel (2, 3)
     offset[0, 2 * k + 1, 0, 0] = np.nan  # dx of image 0, pixel (0, 0)
     problem.offset = offset
     output = run_forward(launcher, problem)
@@ -619,7 +828,7 @@ def test_nan_offsets_give_nan(launcher, dtype_name):
     assert np.array_equal(np.isnan(output.astype(np.float64)), nan_pixels)
     assert np.isnan(expected["output"][0][nan_pixels]).all()
     check_all(problem, output, grads, expected)
-    assert np.isnan(grads.grad_offset.astype(np.float64)[1, 2 * k: 2 * k + 2, 2, 3]).all()
+    assert np.isnan(grads.grad_offset.astype(np.float64)[1, 2 * k : 2 * k + 2, 2, 3]).all()
     assert np.isnan(grads.grad_mask.astype(np.float64)[1, k, 2, 3])
 
 
@@ -644,17 +853,29 @@ def test_padding_modes_match_numpy_backend(launcher, dtype_name, padding_mode):
     for case in sorted(CASES):
         problem = Problem(dtype_name, padding_mode=padding_mode, **CASES[case])
         got = (run_forward(launcher, problem), *run_backward(launcher, problem))
-        want = (numpy_conv.conv_forward(*problem.arrays(), problem.geom,
-                                        workspace_bytes=BIG_WORKSPACE),
-                *numpy_conv.conv_backward(
-                    problem.grad_output, problem.input, problem.offset, problem.weight,
-                    problem.mask, problem.geom, wrt=frozenset(GRADS),
-                    workspace_bytes=BIG_WORKSPACE))
+        want = (
+            numpy_conv.conv_forward(*problem.arrays(), problem.geom, workspace_bytes=BIG_WORKSPACE),
+            *numpy_conv.conv_backward(
+                problem.grad_output,
+                problem.input,
+                problem.offset,
+                problem.weight,
+                problem.mask,
+                problem.geom,
+                wrt=frozenset(GRADS),
+                workspace_bytes=BIG_WORKSPACE,
+            ),
+        )
         for name, a, b in zip(("output", *GRADS), got, want):
             if b is None:
                 assert a is None, f"grad_{name} should be None"
                 continue
             ref = b.astype(np.float64)
             scale = np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0)
-            assert_close(a, (ref, np.full(ref.shape, scale)), dtype_name,
-                         f"{name} ({case}, {padding_mode})", roundings=2)
+            assert_close(
+                a,
+                (ref, np.full(ref.shape, scale)),
+                dtype_name,
+                f"{name} ({case}, {padding_mode})",
+                roundings=2,
+            )

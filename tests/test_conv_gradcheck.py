@@ -20,11 +20,11 @@ import itertools
 
 import numpy as np
 import pytest
+
+from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
+from cupydcn.deform_conv.spec import conv_geometry
 from reference import ConvConfig, deform_conv2d_reference
 from support import GRADS, seeded
-
-from cupydcn.deform_conv.spec import conv_geometry
-from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
 
 GRADIENT_ORDER = GRADS
 ALL_GRADIENTS = frozenset(GRADIENT_ORDER)
@@ -35,32 +35,53 @@ RTOL = 1e-6
 
 def geometry(arrays: dict, config: ConvConfig):
     return conv_geometry(
-        arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"], arrays["mask"],
-        padding_mode="zeros", **config.options,
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
+        padding_mode="zeros",
+        **config.options,
     )
 
 
 def projected_forward(arrays: dict, config: ConvConfig, projection: np.ndarray) -> float:
     output = conv_forward(
-        arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"], arrays["mask"],
-        geometry(arrays, config), workspace_bytes=WORKSPACE,
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
+        geometry(arrays, config),
+        workspace_bytes=WORKSPACE,
     )
     return float(np.sum(projection * output))
 
 
 def projected_reference(arrays: dict, config: ConvConfig, projection: np.ndarray) -> float:
     output = deform_conv2d_reference(
-        arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"], arrays["mask"],
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
         **config.options,
     )
     return float(np.sum(projection * output))
 
 
-def analytic_gradients(arrays: dict, config: ConvConfig, projection: np.ndarray,
-                       wrt=ALL_GRADIENTS) -> dict:
+def analytic_gradients(
+    arrays: dict, config: ConvConfig, projection: np.ndarray, wrt=ALL_GRADIENTS
+) -> dict:
     grads = conv_backward(
-        projection, arrays["input"], arrays["offset"], arrays["weight"], arrays["mask"],
-        geometry(arrays, config), wrt=frozenset(wrt), workspace_bytes=WORKSPACE,
+        projection,
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["mask"],
+        geometry(arrays, config),
+        wrt=frozenset(wrt),
+        workspace_bytes=WORKSPACE,
     )
     return dict(zip(GRADIENT_ORDER, grads))
 
@@ -92,16 +113,42 @@ def assert_gradient_close(actual, expected, name: str) -> None:
 CONFIGS = {
     "k3x3_mask_bias": ConvConfig(batch=2, in_channels=2, out_channels=2, height=4, width=5),
     "k2x3_s2x1_p1x0_d1x2_groups2_offset_groups2": ConvConfig(
-        batch=1, in_channels=4, out_channels=4, groups=2, offset_groups=2, kernel=(2, 3),
-        stride=(2, 1), padding=(1, 0), dilation=(1, 2), height=5, width=6,
+        batch=1,
+        in_channels=4,
+        out_channels=4,
+        groups=2,
+        offset_groups=2,
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(1, 2),
+        height=5,
+        width=6,
     ),
     "k3x1_s1x2_p2x1_d2x1_groups2_offset_groups4_no_mask": ConvConfig(
-        batch=3, in_channels=4, out_channels=2, groups=2, offset_groups=4, kernel=(3, 1),
-        stride=(1, 2), padding=(2, 1), dilation=(2, 1), height=4, width=5, with_mask=False,
+        batch=3,
+        in_channels=4,
+        out_channels=2,
+        groups=2,
+        offset_groups=4,
+        kernel=(3, 1),
+        stride=(1, 2),
+        padding=(2, 1),
+        dilation=(2, 1),
+        height=4,
+        width=5,
+        with_mask=False,
     ),
     "groups1_offset_groups2_no_bias": ConvConfig(
-        batch=1, in_channels=4, out_channels=3, offset_groups=2, kernel=(2, 2), padding=(1, 1),
-        height=3, width=4, with_bias=False,
+        batch=1,
+        in_channels=4,
+        out_channels=3,
+        offset_groups=2,
+        kernel=(2, 2),
+        padding=(1, 1),
+        height=3,
+        width=4,
+        with_bias=False,
     ),
 }
 
@@ -122,8 +169,11 @@ PRESENT_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "argument"), PRESENT_ARGUMENTS,
-                         ids=[f"{name}-{argument}" for name, argument in PRESENT_ARGUMENTS])
+@pytest.mark.parametrize(
+    ("name", "argument"),
+    PRESENT_ARGUMENTS,
+    ids=[f"{name}-{argument}" for name, argument in PRESENT_ARGUMENTS],
+)
 def test_gradient_matches_central_differences(name, argument):
     config, arrays, projection, _ = problem(name)
     expected = elementwise_differences(
@@ -164,8 +214,15 @@ def test_offset_gradient_at_integer_points_is_one_sided_from_inside(with_mask):
     the last at H / W, all at integers. The offset gradient is torchvision's: the forward
     difference (+eps, into the map at -1), nonzero at -1 where the other coordinate is in
     the map (mmcv gives 0 there), 0 at H / W."""
-    config = ConvConfig(batch=1, in_channels=2, out_channels=2, height=3, width=4,
-                        padding=(1, 1), with_mask=with_mask)
+    config = ConvConfig(
+        batch=1,
+        in_channels=2,
+        out_channels=2,
+        height=3,
+        width=4,
+        padding=(1, 1),
+        with_mask=with_mask,
+    )
     rng = seeded("kinks", with_mask)
     arrays = config.arrays(rng)
     arrays["offset"] = np.zeros_like(arrays["offset"])
@@ -186,18 +243,20 @@ def test_offset_gradient_at_integer_points_is_one_sided_from_inside(with_mask):
     d_dy = grad_offset[0, 0::2].reshape(3, 3, out_h, out_w)  # [i, j, oy, ox]
     d_dx = grad_offset[0, 1::2].reshape(3, 3, out_h, out_w)
     # tap row 0 at output row 0 samples y = -1; x = ox - 1 + j is inside for these:
-    x_inside = np.array([[0 <= ox - 1 + j < config.width for ox in range(out_w)]
-                         for j in range(3)])
+    x_inside = np.array([[0 <= ox - 1 + j < config.width for ox in range(out_w)] for j in range(3)])
     assert np.all(d_dy[0, :, 0, :][x_inside] > 0.1)
-    y_inside = np.array([[0 <= oy - 1 + i < config.height for oy in range(out_h)]
-                         for i in range(3)])
+    y_inside = np.array(
+        [[0 <= oy - 1 + i < config.height for oy in range(out_h)] for i in range(3)]
+    )
     assert np.all(d_dx[:, 0, :, 0][y_inside] > 0.1)
     # tap row 2 at the last output row samples y = H: zero from both sides of the kernel
     np.testing.assert_array_equal(d_dy[2, :, out_h - 1, :], 0.0)
     np.testing.assert_array_equal(d_dx[:, 2, :, out_w - 1], 0.0)
 
 
-WRT_SUBSETS = [frozenset(s) for r in (0, 1, 2, 4) for s in itertools.combinations(GRADIENT_ORDER, r)]
+WRT_SUBSETS = [
+    frozenset(s) for r in (0, 1, 2, 4) for s in itertools.combinations(GRADIENT_ORDER, r)
+]
 
 
 @pytest.mark.parametrize("wrt", WRT_SUBSETS, ids=lambda s: "+".join(sorted(s)) or "none")

@@ -16,16 +16,23 @@ import warnings
 
 import numpy as np
 import pytest
-from reference import ConvConfig, deform_conv2d_reference
-from support import (GRADS, LOW_PRECISION, assert_close, assert_close_to_sum, cast_arrays,
-                     dtype_of, seeded)
 
-from cupydcn.deform_conv.spec import conv_geometry
 from cupydcn.deform_conv.numpy_backend import (
     _images_per_chunk,
     _working_bytes_per_image,
     conv_backward,
     conv_forward,
+)
+from cupydcn.deform_conv.spec import conv_geometry
+from reference import ConvConfig, deform_conv2d_reference
+from support import (
+    GRADS,
+    LOW_PRECISION,
+    assert_close,
+    assert_close_to_sum,
+    cast_arrays,
+    dtype_of,
+    seeded,
 )
 
 GRADIENT_ORDER = GRADS
@@ -35,30 +42,56 @@ LARGE_WORKSPACE = 1 << 30
 
 def geometry(arrays: dict, config: ConvConfig):
     return conv_geometry(
-        arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"], arrays["mask"],
-        padding_mode="zeros", **config.options,
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
+        padding_mode="zeros",
+        **config.options,
     )
 
 
 def forward(arrays: dict, config: ConvConfig, *, workspace_bytes: int = LARGE_WORKSPACE):
     return conv_forward(
-        arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"], arrays["mask"],
-        geometry(arrays, config), workspace_bytes=workspace_bytes,
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
+        geometry(arrays, config),
+        workspace_bytes=workspace_bytes,
     )
 
 
-def backward(grad_output, arrays: dict, config: ConvConfig, *, wrt=ALL_GRADIENTS,
-             workspace_bytes: int = LARGE_WORKSPACE) -> dict:
+def backward(
+    grad_output,
+    arrays: dict,
+    config: ConvConfig,
+    *,
+    wrt=ALL_GRADIENTS,
+    workspace_bytes: int = LARGE_WORKSPACE,
+) -> dict:
     grads = conv_backward(
-        grad_output, arrays["input"], arrays["offset"], arrays["weight"], arrays["mask"],
-        geometry(arrays, config), wrt=frozenset(wrt), workspace_bytes=workspace_bytes,
+        grad_output,
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["mask"],
+        geometry(arrays, config),
+        wrt=frozenset(wrt),
+        workspace_bytes=workspace_bytes,
     )
     return dict(zip(GRADIENT_ORDER, grads))
 
 
 def reference(arrays: dict, config: ConvConfig) -> np.ndarray:
     return deform_conv2d_reference(
-        arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"], arrays["mask"],
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
         **config.options,
     )
 
@@ -71,14 +104,25 @@ def magnitude(arrays: dict, config: ConvConfig) -> np.ndarray:
     }
     absolute["offset"] = arrays["offset"]
     return deform_conv2d_reference(
-        absolute["input"], absolute["offset"], absolute["weight"], absolute["bias"],
-        absolute["mask"], **config.options,
+        absolute["input"],
+        absolute["offset"],
+        absolute["weight"],
+        absolute["bias"],
+        absolute["mask"],
+        **config.options,
     )
 
 
 def assert_close_to_reference(output, arrays, config, dtype_name: str) -> None:
-    assert_close_to_sum(output, reference(arrays, config), magnitude(arrays, config),
-                        dtype_name, "output", roundings=2, dtype_checked=False)
+    assert_close_to_sum(
+        output,
+        reference(arrays, config),
+        magnitude(arrays, config),
+        dtype_name,
+        "output",
+        roundings=2,
+        dtype_checked=False,
+    )
 
 
 CONFIGS = {
@@ -92,20 +136,36 @@ CONFIGS = {
     "k1x3_stride2x2_pad0x2_dil1x3": ConvConfig(
         kernel=(1, 3), stride=(2, 2), padding=(0, 2), dilation=(1, 3), height=5, width=6
     ),
-    "groups2_offset_groups4": ConvConfig(in_channels=8, out_channels=6, groups=2, offset_groups=4,
-                                         kernel=(2, 2), height=4, width=5),
-    "groups4_offset_groups2": ConvConfig(in_channels=8, out_channels=4, groups=4, offset_groups=2,
-                                         kernel=(2, 3), padding=(1, 1), height=4, width=4),
+    "groups2_offset_groups4": ConvConfig(
+        in_channels=8, out_channels=6, groups=2, offset_groups=4, kernel=(2, 2), height=4, width=5
+    ),
+    "groups4_offset_groups2": ConvConfig(
+        in_channels=8,
+        out_channels=4,
+        groups=4,
+        offset_groups=2,
+        kernel=(2, 3),
+        padding=(1, 1),
+        height=4,
+        width=4,
+    ),
     "groups2_offset_groups2_no_mask": ConvConfig(
         in_channels=4, out_channels=2, groups=2, offset_groups=2, with_mask=False, height=4
     ),
     "groups3_dcnv1_no_bias": ConvConfig(
-        in_channels=6, out_channels=3, groups=3, with_mask=False, with_bias=False,
-        kernel=(2, 2), height=4, width=4,
+        in_channels=6,
+        out_channels=3,
+        groups=3,
+        with_mask=False,
+        with_bias=False,
+        kernel=(2, 2),
+        height=4,
+        width=4,
     ),
     "batch1_no_bias": ConvConfig(batch=1, with_bias=False, padding=(1, 1)),
-    "batch3_no_mask_no_bias": ConvConfig(batch=3, with_mask=False, with_bias=False, height=4,
-                                         width=4, kernel=(2, 2)),
+    "batch3_no_mask_no_bias": ConvConfig(
+        batch=3, with_mask=False, with_bias=False, height=4, width=4, kernel=(2, 2)
+    ),
     "k1x1_pad2": ConvConfig(kernel=(1, 1), padding=(2, 2), height=3, width=4),
     "output_1x1": ConvConfig(height=3, width=3, out_channels=2),
     "one_channel": ConvConfig(in_channels=1, out_channels=1, batch=1, padding=(1, 1)),
@@ -146,23 +206,60 @@ def boundary_offsets(config: ConvConfig, special_values_y, special_values_x, rng
 def test_sample_points_on_and_beyond_every_edge():
     """Points exactly on -1, 0, H-1, H (and W), just inside and outside them, and far off
     every side of the map, in every combination of y and x."""
-    config = ConvConfig(batch=3, in_channels=2, out_channels=3, height=4, width=5,
-                        offset_groups=2, kernel=(2, 2))
+    config = ConvConfig(
+        batch=3, in_channels=2, out_channels=3, height=4, width=5, offset_groups=2, kernel=(2, 2)
+    )
     rng = np.random.default_rng(7)
     arrays = config.arrays(rng)
     h, w = config.height, config.width
-    ys = [-7.0, -2.0, -1.5, -1.0, -0.999, -0.25, 0.0, 1.5, h - 1.0, h - 0.5, h - 1e-3, h, h + 0.5,
-          h + 1.0, h + 9.0]
-    xs = [-9.0, -2.0, -1.25, -1.0, -0.75, 0.0, 2.25, w - 1.0, w - 0.25, w, w + 0.75, w + 1.0,
-          w + 6.0]
+    ys = [
+        -7.0,
+        -2.0,
+        -1.5,
+        -1.0,
+        -0.999,
+        -0.25,
+        0.0,
+        1.5,
+        h - 1.0,
+        h - 0.5,
+        h - 1e-3,
+        h,
+        h + 0.5,
+        h + 1.0,
+        h + 9.0,
+    ]
+    xs = [
+        -9.0,
+        -2.0,
+        -1.25,
+        -1.0,
+        -0.75,
+        0.0,
+        2.25,
+        w - 1.0,
+        w - 0.25,
+        w,
+        w + 0.75,
+        w + 1.0,
+        w + 6.0,
+    ]
     arrays["offset"] = boundary_offsets(config, ys, xs, rng)
     assert_close_to_reference(forward(arrays, config), arrays, config, "float64")
 
 
 def test_sample_on_minus_one_and_on_size_reads_zero():
     """A point on y = -1 or y = H (or x = -1, x = W) samples 0 even where the map is not."""
-    config = ConvConfig(batch=1, in_channels=1, out_channels=1, height=3, width=3,
-                        kernel=(1, 1), with_bias=False, with_mask=False)
+    config = ConvConfig(
+        batch=1,
+        in_channels=1,
+        out_channels=1,
+        height=3,
+        width=3,
+        kernel=(1, 1),
+        with_bias=False,
+        with_mask=False,
+    )
     arrays = config.arrays(np.random.default_rng(3))
     arrays["input"] = np.full((1, 1, 3, 3), 5.0)
     arrays["weight"] = np.ones((1, 1, 1, 1))
@@ -179,17 +276,18 @@ def test_nonfinite_and_huge_offsets():
     """inf and huge offsets sample 0 and get a zero offset gradient, without warnings; NaN
     offsets sample NaN and get a NaN offset and mask gradient, and add nothing to the input
     gradient."""
-    config = ConvConfig(batch=2, in_channels=4, out_channels=2, offset_groups=2, height=4,
-                        width=4, kernel=(2, 2))
+    config = ConvConfig(
+        batch=2, in_channels=4, out_channels=2, offset_groups=2, height=4, width=4, kernel=(2, 2)
+    )
     rng = np.random.default_rng(11)
     arrays = config.arrays(rng)
     offset = arrays["offset"]
-    offset[0, 0, 0, 0] = np.inf         # group 0, tap 0, dy
-    offset[0, 3, 1, 1] = -np.inf        # group 0, tap 1, dx
-    offset[1, 8, 2, 0] = 1e30           # group 1, tap 0, dy
-    offset[1, 11, 0, 2] = -1e300        # group 1, tap 1, dx
-    offset[1, 13, 1, 2] = np.nan        # group 1, tap 2, dx
-    offset[0, 6, 2, 2] = np.nan         # group 0, tap 3, dy
+    offset[0, 0, 0, 0] = np.inf  # group 0, tap 0, dy
+    offset[0, 3, 1, 1] = -np.inf  # group 0, tap 1, dx
+    offset[1, 8, 2, 0] = 1e30  # group 1, tap 0, dy
+    offset[1, 11, 0, 2] = -1e300  # group 1, tap 1, dx
+    offset[1, 13, 1, 2] = np.nan  # group 1, tap 2, dx
+    offset[0, 6, 2, 2] = np.nan  # group 0, tap 3, dy
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         output = forward(arrays, config)
@@ -249,8 +347,15 @@ def strided_views(arrays: dict) -> dict:
 
 
 def test_noncontiguous_readonly_inputs_are_read_only_used():
-    config = ConvConfig(batch=3, in_channels=4, out_channels=6, groups=2, offset_groups=2,
-                        stride=(2, 1), padding=(1, 2))
+    config = ConvConfig(
+        batch=3,
+        in_channels=4,
+        out_channels=6,
+        groups=2,
+        offset_groups=2,
+        stride=(2, 1),
+        padding=(1, 2),
+    )
     rng = np.random.default_rng(5)
     arrays = config.arrays(rng)
     views = strided_views(arrays)
@@ -288,8 +393,9 @@ def test_inputs_of_every_dtype_are_unchanged(dtype_name):
 
 
 def test_chunking_gives_identical_results():
-    config = ConvConfig(batch=5, in_channels=4, out_channels=4, groups=2, offset_groups=2,
-                        padding=(1, 0))
+    config = ConvConfig(
+        batch=5, in_channels=4, out_channels=4, groups=2, offset_groups=2, padding=(1, 0)
+    )
     rng = np.random.default_rng(9)
     arrays = config.arrays(rng)
     geom = geometry(arrays, config)
@@ -305,8 +411,10 @@ def test_chunking_gives_identical_results():
     all_at_once = forward(arrays, config, workspace_bytes=LARGE_WORKSPACE)
     np.testing.assert_array_equal(one_by_one, all_at_once)
 
-    results = [backward(grad_output, arrays, config, workspace_bytes=size)
-               for size in (1, two_images, LARGE_WORKSPACE)]
+    results = [
+        backward(grad_output, arrays, config, workspace_bytes=size)
+        for size in (1, two_images, LARGE_WORKSPACE)
+    ]
     for grads in results[:2]:
         for name in ("input", "offset", "mask"):  # per image: no reduction across chunks
             np.testing.assert_array_equal(grads[name], results[2][name])
@@ -314,8 +422,12 @@ def test_chunking_gives_identical_results():
             np.testing.assert_allclose(grads[name], results[2][name], rtol=1e-13, atol=1e-13)
 
 
-LOW_PRECISION_CONFIGS = ("k3x3_mask_bias", "k2x3_stride2x1_pad1x0_dil1x2",
-                         "groups4_offset_groups2", "batch3_no_mask_no_bias")
+LOW_PRECISION_CONFIGS = (
+    "k3x3_mask_bias",
+    "k2x3_stride2x1_pad1x0_dil1x2",
+    "groups4_offset_groups2",
+    "batch3_no_mask_no_bias",
+)
 
 
 @pytest.mark.parametrize("name", LOW_PRECISION_CONFIGS)

@@ -21,19 +21,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
-from reference_deform_attn import (
-    dcn_output_size,
-    dcn_taps,
-    dcnv3_reference,
-    dcnv4_reference,
-    msda_reference,
-    pack_offset_mask,
-)
-from support import DTYPE_NAMES, assert_close, dtype_of, seeded, strided_copy
 
 from cupydcn.core.errors import (
     CupydcnError,
-    CupydcnRuntimeError,
     CupydcnTypeError,
     CupydcnValueError,
 )
@@ -50,6 +40,15 @@ from cupydcn.deform_attn import (
     multi_scale_deformable_attn_backward,
 )
 from cupydcn.deform_attn import numpy_backend as _backend
+from reference_deform_attn import (
+    dcn_output_size,
+    dcn_taps,
+    dcnv3_reference,
+    dcnv4_reference,
+    msda_reference,
+    pack_offset_mask,
+)
+from support import DTYPE_NAMES, assert_close, dtype_of, seeded, strided_copy
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -65,7 +64,7 @@ class MsdaCase:
     head_dim: int = 3
     shapes: tuple = ((4, 5), (2, 3), (1, 1))
     points: int = 2
-    low: float = -0.3   # sampling locations uniform in [low, high]
+    low: float = -0.3  # sampling locations uniform in [low, high]
     high: float = 1.3
     special: bool = True  # edges, exact pixel kinks, far outside, inf and NaN points
 
@@ -86,10 +85,19 @@ class MsdaCase:
             flat = loc.reshape(-1, lv, p, 2)
             h, w = self.shapes[0]
             # pixel = x * W - 0.5: -1 (outer edge), 0, W - 1, W, an interior integer
-            specials = [(-0.5 / w, 0.5 / h), (0.5 / w, -0.5 / h), ((w - 0.5) / w, (h - 0.5) / h),
-                        ((w + 0.5) / w, 0.25), (1.5 / w, 1.5 / h), (4.0, -3.0), (-1e30, 0.5),
-                        (math.inf, 0.5), (0.5, -math.inf), (math.nan, 0.5)]
-            for i, xy in enumerate(specials[:flat.shape[0] * p]):
+            specials = [
+                (-0.5 / w, 0.5 / h),
+                (0.5 / w, -0.5 / h),
+                ((w - 0.5) / w, (h - 0.5) / h),
+                ((w + 0.5) / w, 0.25),
+                (1.5 / w, 1.5 / h),
+                (4.0, -3.0),
+                (-1e30, 0.5),
+                (math.inf, 0.5),
+                (0.5, -math.inf),
+                (math.nan, 0.5),
+            ]
+            for i, xy in enumerate(specials[: flat.shape[0] * p]):
                 flat[i // p, 0, i % p] = xy
         return {"value": value, "sampling_locations": loc, "attention_weights": weights}
 
@@ -98,28 +106,45 @@ MSDA_CASES = {
     "three_levels": MsdaCase(),
     "one_level": MsdaCase(shapes=((3, 4),), points=3),
     "head_dim_1_odd_batch": MsdaCase(batch=3, head_dim=1, heads=3, queries=2),
-    "head_dim_5_four_levels": MsdaCase(batch=1, head_dim=5, shapes=((6, 2), (3, 3), (2, 1), (1, 4)),
-                                       points=1),
+    "head_dim_5_four_levels": MsdaCase(
+        batch=1, head_dim=5, shapes=((6, 2), (3, 3), (2, 1), (1, 4)), points=1
+    ),
     "inside_only": MsdaCase(low=0.0, high=1.0, special=False, points=4),
     "far_outside": MsdaCase(low=-2.0, high=3.0, special=False),
 }
 
 
 def _msda(arrays, case, **kwargs):
-    return multi_scale_deformable_attn(arrays["value"], case.shapes, case.starts,
-                                       arrays["sampling_locations"],
-                                       arrays["attention_weights"], **kwargs)
+    return multi_scale_deformable_attn(
+        arrays["value"],
+        case.shapes,
+        case.starts,
+        arrays["sampling_locations"],
+        arrays["attention_weights"],
+        **kwargs,
+    )
 
 
 def _msda_backward(grad, arrays, case, **kwargs):
     return multi_scale_deformable_attn_backward(
-        grad, arrays["value"], case.shapes, case.starts, arrays["sampling_locations"],
-        arrays["attention_weights"], **kwargs)
+        grad,
+        arrays["value"],
+        case.shapes,
+        case.starts,
+        arrays["sampling_locations"],
+        arrays["attention_weights"],
+        **kwargs,
+    )
 
 
 def _msda_ref(arrays, case, grad=None):
-    return msda_reference(arrays["value"], case.shapes, arrays["sampling_locations"],
-                          arrays["attention_weights"], grad_output=grad)
+    return msda_reference(
+        arrays["value"],
+        case.shapes,
+        arrays["sampling_locations"],
+        arrays["attention_weights"],
+        grad_output=grad,
+    )
 
 
 # ---------------------------------------------------------------------------- DCN problems
@@ -130,12 +155,21 @@ class DcnCase:
     batch: int = 2
     height: int = 5
     width: int = 6
-    options: dict = field(default_factory=lambda: dict(
-        kernel_size=3, stride=1, padding=1, dilation=1, group=2, group_channels=3,
-        offset_scale=1.0, remove_center=False))
+    options: dict = field(
+        default_factory=lambda: dict(
+            kernel_size=3,
+            stride=1,
+            padding=1,
+            dilation=1,
+            group=2,
+            group_channels=3,
+            offset_scale=1.0,
+            remove_center=False,
+        )
+    )
     offset_std: float = 1.5
     special: bool = True  # integer offsets (exact kinks), NaN and inf offsets
-    packed_pad: int = 3   # dcnv4: extra padding of the last dimension
+    packed_pad: int = 3  # dcnv4: extra padding of the last dimension
 
     @property
     def points(self) -> int:
@@ -144,8 +178,9 @@ class DcnCase:
     @property
     def out_size(self):
         o = self.options
-        return dcn_output_size(self.height, self.width, o["kernel_size"], o["stride"],
-                               o["padding"], o["dilation"])
+        return dcn_output_size(
+            self.height, self.width, o["kernel_size"], o["stride"], o["padding"], o["dilation"]
+        )
 
     def arrays(self, rng) -> dict:
         g, cg, p = self.options["group"], self.options["group_channels"], self.points
@@ -161,25 +196,55 @@ class DcnCase:
 
 
 def _options(**kw):
-    base = dict(kernel_size=3, stride=1, padding=1, dilation=1, group=2, group_channels=3,
-                offset_scale=1.0, remove_center=False)
+    base = dict(
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+        group=2,
+        group_channels=3,
+        offset_scale=1.0,
+        remove_center=False,
+    )
     base.update(kw)
     return base
 
 
 DCN_CASES = {
     "3x3_pad1": DcnCase(),
-    "non_square_hw_options": DcnCase(height=7, width=6, options=_options(
-        kernel_size=(3, 2), stride=(2, 1), padding=(2, 0), dilation=(1, 2), group=3,
-        group_channels=2)),
-    "remove_center_3x5": DcnCase(height=6, width=7, options=_options(
-        kernel_size=(3, 5), padding=(1, 2), remove_center=True, group=1, group_channels=4)),
+    "non_square_hw_options": DcnCase(
+        height=7,
+        width=6,
+        options=_options(
+            kernel_size=(3, 2),
+            stride=(2, 1),
+            padding=(2, 0),
+            dilation=(1, 2),
+            group=3,
+            group_channels=2,
+        ),
+    ),
+    "remove_center_3x5": DcnCase(
+        height=6,
+        width=7,
+        options=_options(
+            kernel_size=(3, 5), padding=(1, 2), remove_center=True, group=1, group_channels=4
+        ),
+    ),
     "offset_scale_half": DcnCase(options=_options(offset_scale=0.5, dilation=2, padding=2)),
     "offset_scale_odd": DcnCase(special=False, options=_options(offset_scale=1.7, stride=2)),
-    "1x1_odd_batch": DcnCase(batch=3, height=3, width=4, options=_options(
-        kernel_size=1, padding=0, group=4, group_channels=1)),
-    "5x5_group_channels_5": DcnCase(batch=1, height=6, width=6, options=_options(
-        kernel_size=5, padding=2, group=1, group_channels=5)),
+    "1x1_odd_batch": DcnCase(
+        batch=3,
+        height=3,
+        width=4,
+        options=_options(kernel_size=1, padding=0, group=4, group_channels=1),
+    ),
+    "5x5_group_channels_5": DcnCase(
+        batch=1,
+        height=6,
+        width=6,
+        options=_options(kernel_size=5, padding=2, group=1, group_channels=5),
+    ),
 }
 
 
@@ -188,8 +253,9 @@ def _dcnv3(arrays, case, **kw):
 
 
 def _dcnv3_backward(grad, arrays, case, **kw):
-    return dcnv3_backward(grad, arrays["input"], arrays["offset"], arrays["mask"],
-                          **case.options, **kw)
+    return dcnv3_backward(
+        grad, arrays["input"], arrays["offset"], arrays["mask"], **case.options, **kw
+    )
 
 
 def _packed(arrays, case):
@@ -238,15 +304,14 @@ def test_dcnv3_and_dcnv4_match_reference(name):
 
     clean = _packed(arrays, case)
     packed = clean.copy()
-    packed[..., case.options["group"] * 3 * case.points:] = np.nan  # never read
+    packed[..., case.options["group"] * 3 * case.points :] = np.nan  # never read
     out4 = dcnv4(arrays["input"], packed, **case.options)
     np.testing.assert_array_equal(out4, out)  # the same function, the same arithmetic
     grads4 = dcnv4_backward(grad, arrays["input"], packed, **case.options)
     assert isinstance(grads4, Dcnv4Grads)
-    _, expected4 = dcnv4_reference(arrays["input"], clean,
-                                   **case.options, grad_output=grad)
+    _, expected4 = dcnv4_reference(arrays["input"], clean, **case.options, grad_output=grad)
     _assert_grads(grads4, expected4, ("input", "offset_mask"))
-    assert not np.any(grads4.grad_offset_mask[..., case.options["group"] * 3 * case.points:])
+    assert not np.any(grads4.grad_offset_mask[..., case.options["group"] * 3 * case.points :])
 
 
 def test_kinks_follow_deform_conv2d_convention():
@@ -297,16 +362,20 @@ def test_every_dtype_against_float64(op, dtype_name):
         if op == "dcnv3":
             out = _dcnv3(arrays, case)
             grads = _dcnv3_backward(grad, arrays, case)
-            expected, expected_grads = dcnv3_reference(**exact, **case.options,
-                                                       grad_output=grad.astype(np.float64))
+            expected, expected_grads = dcnv3_reference(
+                **exact, **case.options, grad_output=grad.astype(np.float64)
+            )
             names = ("input", "offset", "mask")
         else:
             packed = _packed(arrays, case)
             out = dcnv4(arrays["input"], packed, **case.options)
             grads = dcnv4_backward(grad, arrays["input"], packed, **case.options)
             expected, expected_grads = dcnv4_reference(
-                exact["input"], packed.astype(np.float64), **case.options,
-                grad_output=grad.astype(np.float64))
+                exact["input"],
+                packed.astype(np.float64),
+                **case.options,
+                grad_output=grad.astype(np.float64),
+            )
             names = ("input", "offset_mask")
     assert out.dtype == dtype
     assert_close(out, expected, dtype_name, f"{op} output")
@@ -329,8 +398,7 @@ def _fd_check(loss_of, arrays, name, analytic, safe=None, eps=1e-6, samples=40, 
     base = arrays[name]
     candidates = np.argwhere(np.ones(base.shape, bool) if safe is None else safe)
     assert len(candidates) > 0
-    picks = candidates[rng.choice(len(candidates), min(samples, len(candidates)),
-                                  replace=False)]
+    picks = candidates[rng.choice(len(candidates), min(samples, len(candidates)), replace=False)]
     for index in map(tuple, picks):
         numeric = _central_difference(lambda a: loss_of({**arrays, name: a}), base, index, eps)
         assert abs(numeric - analytic[index]) <= 1e-6 * (1 + abs(numeric)), (name, index)
@@ -360,10 +428,20 @@ def test_msda_gradients_match_finite_differences():
 
 @pytest.mark.parametrize("op", ["dcnv3", "dcnv4"])
 def test_dcn_gradients_match_finite_differences(op):
-    case = replace(DCN_CASES["non_square_hw_options"], special=False, batch=1,
-                   options=_options(kernel_size=(3, 2), stride=(2, 1), padding=(2, 0),
-                                    dilation=(1, 2), group=3, group_channels=2,
-                                    offset_scale=0.8))
+    case = replace(
+        DCN_CASES["non_square_hw_options"],
+        special=False,
+        batch=1,
+        options=_options(
+            kernel_size=(3, 2),
+            stride=(2, 1),
+            padding=(2, 0),
+            dilation=(1, 2),
+            group=3,
+            group_channels=2,
+            offset_scale=0.8,
+        ),
+    )
     rng = seeded("fd", op)
     arrays = case.arrays(rng)
     grad = rng.standard_normal((case.batch, *case.out_size, 6))
@@ -372,16 +450,20 @@ def test_dcn_gradients_match_finite_differences(op):
 
         def loss(a):
             return float(np.sum(_dcnv3(a, case) * grad))
-        checks = (("offset", grads.grad_offset), ("mask", grads.grad_mask),
-                  ("input", grads.grad_input))
+
+        checks = (
+            ("offset", grads.grad_offset),
+            ("mask", grads.grad_mask),
+            ("input", grads.grad_input),
+        )
         fd_arrays = arrays
     else:
         fd_arrays = {"input": arrays["input"], "offset_mask": _packed(arrays, case)}
-        grads = dcnv4_backward(grad, fd_arrays["input"], fd_arrays["offset_mask"],
-                               **case.options)
+        grads = dcnv4_backward(grad, fd_arrays["input"], fd_arrays["offset_mask"], **case.options)
 
         def loss(a):
             return float(np.sum(dcnv4(a["input"], a["offset_mask"], **case.options) * grad))
+
         checks = (("offset_mask", grads.grad_offset_mask), ("input", grads.grad_input))
     for name, analytic in checks:
         # offsets move the points by offset_scale * offset: FD steps stay inside one cell
@@ -420,6 +502,7 @@ def test_every_wrt_subset(op):
 
             def call(wrt):
                 return dcnv4_backward(grad, arrays["input"], packed, **case.options, wrt=wrt)
+
     full = call(None)
     for size in range(len(names) + 1):
         for subset in itertools.combinations(names, size):
@@ -452,8 +535,9 @@ def test_empty_batches_queries_and_points():
     assert _dcnv3(arrays, case).shape == (0, 5, 6, 6)
     g = _dcnv3_backward(np.zeros((0, 5, 6, 6)), arrays, case)
     assert [a.shape for a in g] == [(0, 5, 6, 6), (0, 5, 6, 36), (0, 5, 6, 18)]
-    g4 = dcnv4_backward(np.zeros((0, 5, 6, 6)), arrays["input"], _packed(arrays, case),
-                        **case.options)
+    g4 = dcnv4_backward(
+        np.zeros((0, 5, 6, 6)), arrays["input"], _packed(arrays, case), **case.options
+    )
     assert g4.grad_offset_mask.shape == (0, 5, 6, 57)
 
 
@@ -468,8 +552,12 @@ def test_chunks_give_the_unchunked_results(monkeypatch):
     dgrad = rng.standard_normal((2, *dcase.out_size, 6))
 
     def run():
-        return (_msda(arrays, case), _msda_backward(grad, arrays, case),
-                _dcnv3(darrays, dcase), _dcnv3_backward(dgrad, darrays, dcase))
+        return (
+            _msda(arrays, case),
+            _msda_backward(grad, arrays, case),
+            _dcnv3(darrays, dcase),
+            _dcnv3_backward(dgrad, darrays, dcase),
+        )
 
     whole = run()
     monkeypatch.setattr(_backend, "_WORKSPACE_BYTES", 1)
@@ -496,8 +584,9 @@ def test_inputs_are_never_written_and_strided_inputs_work():
     strided = {k: strided_copy(np, v) for k, v in arrays.items()}
     copies = {k: v.copy() for k, v in strided.items()}
     np.testing.assert_array_equal(_msda(strided, case), _msda(arrays, case))
-    for a, b in zip(_msda_backward(strided_copy(np, grad), strided, case),
-                    _msda_backward(grad, arrays, case)):
+    for a, b in zip(
+        _msda_backward(strided_copy(np, grad), strided, case), _msda_backward(grad, arrays, case)
+    ):
         np.testing.assert_array_equal(a, b)
     for k in strided:
         np.testing.assert_array_equal(strided[k], copies[k])
@@ -508,16 +597,22 @@ def test_inputs_are_never_written_and_strided_inputs_work():
     dstrided = {k: strided_copy(np, v) for k, v in darrays.items()}
     dcopies = {k: v.copy() for k, v in dstrided.items()}
     np.testing.assert_array_equal(_dcnv3(dstrided, dcase), _dcnv3(darrays, dcase))
-    for a, b in zip(_dcnv3_backward(strided_copy(np, dgrad), dstrided, dcase),
-                    _dcnv3_backward(dgrad, darrays, dcase)):
+    for a, b in zip(
+        _dcnv3_backward(strided_copy(np, dgrad), dstrided, dcase),
+        _dcnv3_backward(dgrad, darrays, dcase),
+    ):
         np.testing.assert_array_equal(a, b)
     packed = _packed(darrays, dcase)
     packed_t = np.asfortranarray(packed)
     before = packed_t.copy()
-    np.testing.assert_array_equal(dcnv4(dstrided["input"], packed_t, **dcase.options),
-                                  dcnv4(darrays["input"], packed, **dcase.options))
-    for a, b in zip(dcnv4_backward(dgrad, dstrided["input"], packed_t, **dcase.options),
-                    dcnv4_backward(dgrad, darrays["input"], packed, **dcase.options)):
+    np.testing.assert_array_equal(
+        dcnv4(dstrided["input"], packed_t, **dcase.options),
+        dcnv4(darrays["input"], packed, **dcase.options),
+    )
+    for a, b in zip(
+        dcnv4_backward(dgrad, dstrided["input"], packed_t, **dcase.options),
+        dcnv4_backward(dgrad, darrays["input"], packed, **dcase.options),
+    ):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(packed_t, before)
     for k in dstrided:
@@ -532,14 +627,15 @@ def test_torch_round_trip_with_tensor_spatial_shapes():
     t = {k: torch.from_numpy(v) for k, v in arrays.items()}
     shapes = torch.tensor(case.shapes, dtype=torch.int64)
     starts = torch.tensor(case.starts, dtype=torch.int64)
-    out = multi_scale_deformable_attn(t["value"], shapes, starts, t["sampling_locations"],
-                                      t["attention_weights"])
+    out = multi_scale_deformable_attn(
+        t["value"], shapes, starts, t["sampling_locations"], t["attention_weights"]
+    )
     assert isinstance(out, torch.Tensor)
     np.testing.assert_array_equal(out.numpy(), expected)
     grad = torch.from_numpy(rng.standard_normal(tuple(out.shape)))
-    grads = multi_scale_deformable_attn_backward(grad, t["value"], shapes, starts,
-                                                 t["sampling_locations"],
-                                                 t["attention_weights"])
+    grads = multi_scale_deformable_attn_backward(
+        grad, t["value"], shapes, starts, t["sampling_locations"], t["attention_weights"]
+    )
     assert isinstance(grads, MsdaGrads) and all(isinstance(g, torch.Tensor) for g in grads)
     dcase = DCN_CASES["3x3_pad1"]
     darrays = dcase.arrays(rng)
@@ -547,8 +643,7 @@ def test_torch_round_trip_with_tensor_spatial_shapes():
     out = dcnv3(td["input"], td["offset"], td["mask"], **dcase.options)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
     np_bf16 = {k: v.astype(dtype_of("bfloat16")) for k, v in darrays.items()}
-    np.testing.assert_array_equal(out.float().numpy(),
-                                  _dcnv3(np_bf16, dcase).astype(np.float32))
+    np.testing.assert_array_equal(out.float().numpy(), _dcnv3(np_bf16, dcase).astype(np.float32))
 
 
 def test_jax_round_trip():
@@ -557,9 +652,13 @@ def test_jax_round_trip():
     case = MSDA_CASES["three_levels"]
     arrays = {k: v.astype(np.float32) for k, v in case.arrays(rng).items()}
     j = {k: jnp.asarray(v) for k, v in arrays.items()}
-    out = multi_scale_deformable_attn(j["value"], jnp.asarray(case.shapes, dtype=jnp.int32),
-                                      jnp.asarray(case.starts, dtype=jnp.int32),
-                                      j["sampling_locations"], j["attention_weights"])
+    out = multi_scale_deformable_attn(
+        j["value"],
+        jnp.asarray(case.shapes, dtype=jnp.int32),
+        jnp.asarray(case.starts, dtype=jnp.int32),
+        j["sampling_locations"],
+        j["attention_weights"],
+    )
     assert type(out).__module__.startswith("jax")
     np.testing.assert_array_equal(np.asarray(out), _msda(arrays, case))
     dcase = DCN_CASES["3x3_pad1"]
@@ -567,8 +666,9 @@ def test_jax_round_trip():
     packed = _packed(darrays, dcase)
     out4 = dcnv4(jnp.asarray(darrays["input"]), jnp.asarray(packed), **dcase.options)
     assert type(out4).__module__.startswith("jax")
-    np.testing.assert_array_equal(np.asarray(out4),
-                                  dcnv4(darrays["input"], packed, **dcase.options))
+    np.testing.assert_array_equal(
+        np.asarray(out4), dcnv4(darrays["input"], packed, **dcase.options)
+    )
 
 
 # ---------------------------------------------------------------------------- grid_sample
@@ -586,16 +686,31 @@ def msda_grid_sample(value, shapes, locations, weights):
     for level, (h, w) in enumerate(shapes):
         v = per_level[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # [N*M, D, Lq, P]
+        sampled.append(
+            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # [N*M, D, Lq, P]
     a = weights.transpose(1, 2).reshape(n * m, 1, q, lv * p)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * a).sum(-1).view(n, m * d, q)
     return out.transpose(1, 2).contiguous()
 
 
-def dcnv3_grid_sample(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                      pad_w, dilation_h, dilation_w, group, group_channels, offset_scale,
-                      remove_center):
+def dcnv3_grid_sample(
+    input,
+    offset,
+    mask,
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+):
     """InternImage's dcnv3_core_pytorch, from its math (in the input's dtype): pad the
     channels-last input (the pads as that reference applies them: W by pad_h, H by
     pad_w), reference points at the centred grid + 0.5 normalised by the padded size, the
@@ -611,23 +726,34 @@ def dcnv3_grid_sample(input, offset, mask, kernel_h, kernel_w, stride_h, stride_
     ref = torch.stack((rx, ry), -1).reshape(1, h_out, w_out, 1, 2)
     gx, gy = torch.meshgrid(  # x over the kernel width (outer), y over its height
         (-cw + torch.arange(kernel_w, dtype=dtype) * dilation_w) / w_in,
-        (-ch + torch.arange(kernel_h, dtype=dtype) * dilation_h) / h_in, indexing="ij")
+        (-ch + torch.arange(kernel_h, dtype=dtype) * dilation_h) / h_in,
+        indexing="ij",
+    )
     taps = torch.stack((gx, gy), -1).reshape(-1, 2)  # k = iw * kh + ih
     if remove_center:
-        taps = torch.cat([taps[:(kernel_h * kernel_w) // 2], taps[(kernel_h * kernel_w) // 2 + 1:]])
+        taps = torch.cat(
+            [taps[: (kernel_h * kernel_w) // 2], taps[(kernel_h * kernel_w) // 2 + 1 :]]
+        )
     points = taps.shape[0]
     grid = taps.repeat(group, 1).reshape(1, 1, 1, group * points, 2)
     norm = torch.tensor([w_in, h_in], dtype=dtype)
     loc = (ref + grid * offset_scale).expand(n, -1, -1, -1, -1)
     loc = loc + offset.reshape(n, h_out, w_out, group * points, 2) * offset_scale / norm
     grids = 2 * loc - 1
-    x_ = x.reshape(n, h_in * w_in, group * group_channels).transpose(1, 2).reshape(
-        n * group, group_channels, h_in, w_in)
+    x_ = (
+        x.reshape(n, h_in * w_in, group * group_channels)
+        .transpose(1, 2)
+        .reshape(n * group, group_channels, h_in, w_in)
+    )
     g_ = grids.reshape(n, h_out * w_out, group, points, 2).transpose(1, 2).flatten(0, 1)
-    sampled = F.grid_sample(x_, g_, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)  # [N*G, Cg, Ho*Wo, P]
-    m = mask.reshape(n, h_out * w_out, group, points).transpose(1, 2).reshape(
-        n * group, 1, h_out * w_out, points)
+    sampled = F.grid_sample(
+        x_, g_, mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # [N*G, Cg, Ho*Wo, P]
+    m = (
+        mask.reshape(n, h_out * w_out, group, points)
+        .transpose(1, 2)
+        .reshape(n * group, 1, h_out * w_out, points)
+    )
     out = (sampled * m).sum(-1).view(n, group * group_channels, h_out * w_out)
     return out.transpose(1, 2).reshape(n, h_out, w_out, -1).contiguous()
 
@@ -654,7 +780,11 @@ def test_msda_agrees_with_grid_sample(special):
     grad = rng.standard_normal(out.shape)
     expected, grads = _autograd(
         lambda value, sampling_locations, attention_weights: msda_grid_sample(
-            value, case.shapes, sampling_locations, attention_weights), arrays, grad)
+            value, case.shapes, sampling_locations, attention_weights
+        ),
+        arrays,
+        grad,
+    )
     assert_close(out, expected, "float64", "output vs grid_sample")
     ours = _msda_backward(grad, arrays, case)
     for name, got in zip(("value", "sampling_locations", "attention_weights"), ours):
@@ -664,15 +794,38 @@ def test_msda_agrees_with_grid_sample(special):
 @pytest.mark.parametrize("name", ["3x3_pad1", "remove_center_3x3", "hw_options"])
 def test_dcnv3_agrees_with_internimage_pytorch_reference(name):
     configs = {
-        "3x3_pad1": dict(kernel_size=3, stride=1, padding=1, dilation=1, group=2,
-                         group_channels=3, offset_scale=1.0, remove_center=False),
-        "remove_center_3x3": dict(kernel_size=3, stride=2, padding=1, dilation=2, group=1,
-                                  group_channels=4, offset_scale=0.6, remove_center=True),
+        "3x3_pad1": dict(
+            kernel_size=3,
+            stride=1,
+            padding=1,
+            dilation=1,
+            group=2,
+            group_channels=3,
+            offset_scale=1.0,
+            remove_center=False,
+        ),
+        "remove_center_3x3": dict(
+            kernel_size=3,
+            stride=2,
+            padding=1,
+            dilation=2,
+            group=1,
+            group_channels=4,
+            offset_scale=0.6,
+            remove_center=True,
+        ),
         # pad_h != pad_w: the PyTorch reference swaps them, so ours with (pad_h, pad_w) is
         # its call with (pad_w, pad_h)
-        "hw_options": dict(kernel_size=(3, 5), stride=(1, 2), padding=(2, 1),
-                           dilation=(2, 1), group=3, group_channels=2, offset_scale=1.3,
-                           remove_center=False),
+        "hw_options": dict(
+            kernel_size=(3, 5),
+            stride=(1, 2),
+            padding=(2, 1),
+            dilation=(2, 1),
+            group=3,
+            group_channels=2,
+            offset_scale=1.3,
+            remove_center=False,
+        ),
     }
     case = DcnCase(height=6, width=7, options=configs[name], special=False)
     rng = seeded("internimage", name)
@@ -684,8 +837,25 @@ def test_dcnv3_agrees_with_internimage_pytorch_reference(name):
     (ph, pw), (dh, dw) = _pairs(o["padding"]), _pairs(o["dilation"])
     expected, grads = _autograd(
         lambda input, offset, mask: dcnv3_grid_sample(
-            input, offset, mask, kh, kw, sh, sw, pw, ph, dh, dw, o["group"],
-            o["group_channels"], o["offset_scale"], o["remove_center"]), arrays, grad)
+            input,
+            offset,
+            mask,
+            kh,
+            kw,
+            sh,
+            sw,
+            pw,
+            ph,
+            dh,
+            dw,
+            o["group"],
+            o["group_channels"],
+            o["offset_scale"],
+            o["remove_center"],
+        ),
+        arrays,
+        grad,
+    )
     assert_close(out, expected, "float64", "output vs InternImage reference")
     for label, got in zip(("input", "offset", "mask"), _dcnv3_backward(grad, arrays, case)):
         assert_close(got, grads[label], "float64", f"grad_{label} vs InternImage reference")
@@ -706,17 +876,26 @@ def no_backend(monkeypatch):
         raise AssertionError("bad input reached a backend")
 
     for module in (_backend, cuda_backend):
-        for name in ("msda_forward", "msda_backward", "dcnv3_forward", "dcnv3_backward",
-                     "dcnv4_forward", "dcnv4_backward"):
+        for name in (
+            "msda_forward",
+            "msda_backward",
+            "dcnv3_forward",
+            "dcnv3_backward",
+            "dcnv4_forward",
+            "dcnv4_backward",
+        ):
             monkeypatch.setattr(module, name, fail)
 
 
 def _msda_args():
     case = MsdaCase(special=False)
     args = case.arrays(seeded("bad-msda"))
-    return {"value": args["value"], "spatial_shapes": [list(s) for s in case.shapes],
-            "level_start_index": case.starts, **{k: args[k] for k in
-                                                 ("sampling_locations", "attention_weights")}}
+    return {
+        "value": args["value"],
+        "spatial_shapes": [list(s) for s in case.shapes],
+        "level_start_index": case.starts,
+        **{k: args[k] for k in ("sampling_locations", "attention_weights")},
+    }
 
 
 def _dcn_args():
@@ -727,8 +906,16 @@ def _dcn_args():
 def _call(op, overrides):
     if op.startswith("msda"):
         a = {**_msda_args(), **overrides}
-        positional = [a.pop(k) for k in ("value", "spatial_shapes", "level_start_index",
-                                          "sampling_locations", "attention_weights")]
+        positional = [
+            a.pop(k)
+            for k in (
+                "value",
+                "spatial_shapes",
+                "level_start_index",
+                "sampling_locations",
+                "attention_weights",
+            )
+        ]
         if op == "msda":
             return multi_scale_deformable_attn(*positional, **a)
         grad = a.pop("grad_output", np.zeros((2, 4, 6)))
@@ -753,54 +940,130 @@ _DCN = _dcn_args()
 
 BAD = [
     # (op, overrides, error, fragment)
-    ("msda", {"spatial_shapes": [(4, 5), (2, 3), (1, 2)]}, CupydcnValueError,
-     "spatial_shapes [(4, 5), (2, 3), (1, 2)] has sum(H_l * W_l) = 28; expected value.shape[1]"),
+    (
+        "msda",
+        {"spatial_shapes": [(4, 5), (2, 3), (1, 2)]},
+        CupydcnValueError,
+        "spatial_shapes [(4, 5), (2, 3), (1, 2)] has sum(H_l * W_l) = 28; expected value.shape[1]",
+    ),
     ("msda", {"spatial_shapes": [(4, 5), (2, 3)]}, CupydcnValueError, "level_start_index has 3"),
-    ("msda", {"spatial_shapes": [(4, 5), (2, 3), (1, 1, 1)]}, CupydcnTypeError,
-     "spatial_shapes[2] must be a pair"),
-    ("msda", {"spatial_shapes": [(4, 5), (2, 3), (1.0, 1)]}, CupydcnTypeError,
-     "spatial_shapes[2] must be a pair"),
-    ("msda", {"spatial_shapes": [(4, 5), (2, 3), (0, 1)]}, CupydcnValueError,
-     "spatial_shapes[2] = (0, 1)"),
-    ("msda", {"spatial_shapes": np.array([[4, 5], [2, 3], [1, 1]], np.float32)},
-     CupydcnTypeError, "spatial_shapes must be an integer array"),
-    ("msda", {"spatial_shapes": np.array([4, 5, 2, 3, 1, 1])}, CupydcnValueError,
-     "spatial_shapes must have shape [L, 2]"),
+    (
+        "msda",
+        {"spatial_shapes": [(4, 5), (2, 3), (1, 1, 1)]},
+        CupydcnTypeError,
+        "spatial_shapes[2] must be a pair",
+    ),
+    (
+        "msda",
+        {"spatial_shapes": [(4, 5), (2, 3), (1.0, 1)]},
+        CupydcnTypeError,
+        "spatial_shapes[2] must be a pair",
+    ),
+    (
+        "msda",
+        {"spatial_shapes": [(4, 5), (2, 3), (0, 1)]},
+        CupydcnValueError,
+        "spatial_shapes[2] = (0, 1)",
+    ),
+    (
+        "msda",
+        {"spatial_shapes": np.array([[4, 5], [2, 3], [1, 1]], np.float32)},
+        CupydcnTypeError,
+        "spatial_shapes must be an integer array",
+    ),
+    (
+        "msda",
+        {"spatial_shapes": np.array([4, 5, 2, 3, 1, 1])},
+        CupydcnValueError,
+        "spatial_shapes must have shape [L, 2]",
+    ),
     ("msda", {"spatial_shapes": None}, CupydcnTypeError, "spatial_shapes must be"),
     ("msda", {"spatial_shapes": []}, CupydcnValueError, "at least one level"),
     ("msda", {"spatial_shapes": "4x5"}, CupydcnTypeError, "spatial_shapes must be"),
-    ("msda", {"level_start_index": [0, 20, 25]}, CupydcnValueError,
-     "level_start_index is [0, 20, 25]; expected [0, 20, 26]"),
+    (
+        "msda",
+        {"level_start_index": [0, 20, 25]},
+        CupydcnValueError,
+        "level_start_index is [0, 20, 25]; expected [0, 20, 26]",
+    ),
     ("msda", {"level_start_index": [0, 20]}, CupydcnValueError, "level_start_index has 2"),
-    ("msda", {"level_start_index": [0, 20.0, 26]}, CupydcnTypeError,
-     "level_start_index must be a sequence of ints"),
-    ("msda", {"level_start_index": torch.tensor([0, 20, 25])}, CupydcnTypeError,
-     "pass arrays of one library"),
-    ("msda", {"sampling_locations": _ARGS["sampling_locations"][..., :1]}, CupydcnValueError,
-     "sampling_locations must have a last dimension of 2"),
-    ("msda", {"sampling_locations": _ARGS["sampling_locations"][:, :, :, :1]},
-     CupydcnValueError, "sampling_locations has shape"),
-    ("msda", {"sampling_locations": _ARGS["sampling_locations"][:1]}, CupydcnValueError,
-     "sampling_locations has shape"),
-    ("msda", {"sampling_locations": _ARGS["sampling_locations"][0]}, CupydcnValueError,
-     "sampling_locations must be 6-D"),
-    ("msda", {"attention_weights": _ARGS["attention_weights"][:, :3]}, CupydcnValueError,
-     "attention_weights has shape"),
-    ("msda", {"attention_weights": _ARGS["attention_weights"].astype(np.float32)},
-     CupydcnTypeError, "attention_weights has dtype float32"),
+    (
+        "msda",
+        {"level_start_index": [0, 20.0, 26]},
+        CupydcnTypeError,
+        "level_start_index must be a sequence of ints",
+    ),
+    (
+        "msda",
+        {"level_start_index": torch.tensor([0, 20, 25])},
+        CupydcnTypeError,
+        "pass arrays of one library",
+    ),
+    (
+        "msda",
+        {"sampling_locations": _ARGS["sampling_locations"][..., :1]},
+        CupydcnValueError,
+        "sampling_locations must have a last dimension of 2",
+    ),
+    (
+        "msda",
+        {"sampling_locations": _ARGS["sampling_locations"][:, :, :, :1]},
+        CupydcnValueError,
+        "sampling_locations has shape",
+    ),
+    (
+        "msda",
+        {"sampling_locations": _ARGS["sampling_locations"][:1]},
+        CupydcnValueError,
+        "sampling_locations has shape",
+    ),
+    (
+        "msda",
+        {"sampling_locations": _ARGS["sampling_locations"][0]},
+        CupydcnValueError,
+        "sampling_locations must be 6-D",
+    ),
+    (
+        "msda",
+        {"attention_weights": _ARGS["attention_weights"][:, :3]},
+        CupydcnValueError,
+        "attention_weights has shape",
+    ),
+    (
+        "msda",
+        {"attention_weights": _ARGS["attention_weights"].astype(np.float32)},
+        CupydcnTypeError,
+        "attention_weights has dtype float32",
+    ),
     ("msda", {"value": _ARGS["value"][:, :-1]}, CupydcnValueError, "expected value.shape[1]"),
     ("msda", {"value": _ARGS["value"][0]}, CupydcnValueError, "value must be 4-D"),
     ("msda", {"value": _ARGS["value"].astype(np.int64)}, CupydcnTypeError, "value has dtype"),
     ("msda", {"value": None}, CupydcnTypeError, "value must be an array"),
-    ("msda_backward", {"grad_output": np.zeros((2, 4, 5))}, CupydcnValueError,
-     "grad_output has shape (2, 4, 5)"),
-    ("msda_backward", {"grad_output": np.zeros((2, 4, 6), np.float32)}, CupydcnTypeError,
-     "grad_output has dtype float32"),
+    (
+        "msda_backward",
+        {"grad_output": np.zeros((2, 4, 5))},
+        CupydcnValueError,
+        "grad_output has shape (2, 4, 5)",
+    ),
+    (
+        "msda_backward",
+        {"grad_output": np.zeros((2, 4, 6), np.float32)},
+        CupydcnTypeError,
+        "grad_output has dtype float32",
+    ),
     ("msda_backward", {"wrt": ("value", "offset")}, CupydcnValueError, "wrt names ['offset']"),
-    ("msda_backward", {"level_start_index": [1, 20, 26]}, CupydcnValueError,
-     "level_start_index is [1, 20, 26]"),
-    ("dcnv3", {"group": 3}, CupydcnValueError,
-     "input has 6 channels (shape (2, 5, 6, 6)); expected group * group_channels = 3 * 3"),
+    (
+        "msda_backward",
+        {"level_start_index": [1, 20, 26]},
+        CupydcnValueError,
+        "level_start_index is [1, 20, 26]",
+    ),
+    (
+        "dcnv3",
+        {"group": 3},
+        CupydcnValueError,
+        "input has 6 channels (shape (2, 5, 6, 6)); expected group * group_channels = 3 * 3",
+    ),
     ("dcnv3", {"group_channels": 2}, CupydcnValueError, "group * group_channels = 2 * 2"),
     ("dcnv3", {"group": 0}, CupydcnValueError, "group must be >= 1"),
     ("dcnv3", {"group": 2.0}, CupydcnTypeError, "group must be an int"),
@@ -810,41 +1073,80 @@ BAD = [
     ("dcnv3", {"dilation": (1, 0)}, CupydcnValueError, "dilation must be >= 1"),
     ("dcnv3", {"offset_scale": math.nan}, CupydcnValueError, "offset_scale must be finite"),
     ("dcnv3", {"offset_scale": "1"}, CupydcnTypeError, "offset_scale must be a real number"),
-    ("dcnv3", {"remove_center": True, "kernel_size": (3, 2)}, CupydcnValueError,
-     "remove_center needs odd kernel sizes"),
+    (
+        "dcnv3",
+        {"remove_center": True, "kernel_size": (3, 2)},
+        CupydcnValueError,
+        "remove_center needs odd kernel sizes",
+    ),
     ("dcnv3", {"remove_center": "yes"}, CupydcnTypeError, "remove_center must be a bool"),
-    ("dcnv3", {"remove_center": True}, CupydcnValueError, "offset has shape (2, 5, 6, 36); "
-     "expected (2, 5, 6, 32)"),
-    ("dcnv3", {"padding": 0}, CupydcnValueError, "offset has shape (2, 5, 6, 36); expected "
-     "(2, 3, 4, 36)"),
+    (
+        "dcnv3",
+        {"remove_center": True},
+        CupydcnValueError,
+        "offset has shape (2, 5, 6, 36); expected (2, 5, 6, 32)",
+    ),
+    (
+        "dcnv3",
+        {"padding": 0},
+        CupydcnValueError,
+        "offset has shape (2, 5, 6, 36); expected (2, 3, 4, 36)",
+    ),
     ("dcnv3", {"mask": _DCN["mask"][..., :-1]}, CupydcnValueError, "mask has shape"),
     ("dcnv3", {"offset": _DCN["offset"][..., :-1]}, CupydcnValueError, "offset has shape"),
     ("dcnv3", {"mask": None}, CupydcnTypeError, "mask must be an array"),
     ("dcnv3", {"input": _DCN["input"][0]}, CupydcnValueError, "input must be 4-D"),
     ("dcnv3", {"kernel_size": 9}, CupydcnValueError, "the output size would be"),
-    ("dcnv3", {"input": _DCN["input"].astype(np.float32)}, CupydcnTypeError,
-     "offset has dtype float64; expected float32"),
-    ("dcnv3_backward", {"grad_output": np.zeros((2, 5, 6, 5))}, CupydcnValueError,
-     "grad_output has shape (2, 5, 6, 5)"),
+    (
+        "dcnv3",
+        {"input": _DCN["input"].astype(np.float32)},
+        CupydcnTypeError,
+        "offset has dtype float64; expected float32",
+    ),
+    (
+        "dcnv3_backward",
+        {"grad_output": np.zeros((2, 5, 6, 5))},
+        CupydcnValueError,
+        "grad_output has shape (2, 5, 6, 5)",
+    ),
     ("dcnv3_backward", {"wrt": "offset_mask"}, CupydcnValueError, "wrt names"),
-    ("dcnv4", {"offset_mask": np.zeros((2, 5, 6, 53))}, CupydcnValueError,
-     "offset_mask has shape (2, 5, 6, 53); expected (2, 5, 6, D) with D >= group * 3 * P "
-     "= 2 * 3 * 9 = 54"),
-    ("dcnv4", {"offset_mask": np.zeros((2, 5, 5, 54))}, CupydcnValueError,
-     "offset_mask has shape (2, 5, 5, 54)"),
-    ("dcnv4", {"offset_mask": np.zeros((2, 5, 6, 54), np.float16)}, CupydcnTypeError,
-     "offset_mask has dtype float16"),
-    ("dcnv4_backward", {"grad_output": np.zeros((2, 5, 6))}, CupydcnValueError,
-     "grad_output has shape (2, 5, 6)"),
+    (
+        "dcnv4",
+        {"offset_mask": np.zeros((2, 5, 6, 53))},
+        CupydcnValueError,
+        "offset_mask has shape (2, 5, 6, 53); expected (2, 5, 6, D) with D >= group * 3 * P "
+        "= 2 * 3 * 9 = 54",
+    ),
+    (
+        "dcnv4",
+        {"offset_mask": np.zeros((2, 5, 5, 54))},
+        CupydcnValueError,
+        "offset_mask has shape (2, 5, 5, 54)",
+    ),
+    (
+        "dcnv4",
+        {"offset_mask": np.zeros((2, 5, 6, 54), np.float16)},
+        CupydcnTypeError,
+        "offset_mask has dtype float16",
+    ),
+    (
+        "dcnv4_backward",
+        {"grad_output": np.zeros((2, 5, 6))},
+        CupydcnValueError,
+        "grad_output has shape (2, 5, 6)",
+    ),
     ("dcnv4_backward", {"wrt": ["mask"]}, CupydcnValueError, "wrt names ['mask']"),
 ]
 
-_OP_NAMES = {"msda": "multi_scale_deformable_attn",
-             "msda_backward": "multi_scale_deformable_attn_backward"}
+_OP_NAMES = {
+    "msda": "multi_scale_deformable_attn",
+    "msda_backward": "multi_scale_deformable_attn_backward",
+}
 
 
-@pytest.mark.parametrize("op, overrides, error, fragment", BAD,
-                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "op, overrides, error, fragment", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_bad_input_is_refused_before_any_backend(op, overrides, error, fragment, no_backend):
     with pytest.raises(error) as info:
         _call(op, overrides)
@@ -854,8 +1156,9 @@ def test_bad_input_is_refused_before_any_backend(op, overrides, error, fragment,
     assert fragment in message, message
 
 
-@pytest.mark.parametrize("op", ["msda", "msda_backward", "dcnv3", "dcnv3_backward", "dcnv4",
-                                "dcnv4_backward"])
+@pytest.mark.parametrize(
+    "op", ["msda", "msda_backward", "dcnv3", "dcnv3_backward", "dcnv4", "dcnv4_backward"]
+)
 def test_the_guard_catches_a_valid_call(op, no_backend):
     with pytest.raises(AssertionError, match="reached a backend"):
         _call(op, {})
@@ -865,25 +1168,33 @@ def test_bad_level_arrays_of_the_callers_library_are_refused_before_any_backend(
     """spatial_shapes / level_start_index as tensors are read inside the dispatch (on the
     arrays' stream) and checked there, still before any backend."""
     a = _msda_args()
-    t = {k: torch.from_numpy(a[k]) for k in ("value", "sampling_locations",
-                                             "attention_weights")}
+    t = {k: torch.from_numpy(a[k]) for k in ("value", "sampling_locations", "attention_weights")}
     good_shapes = torch.tensor([[4, 5], [2, 3], [1, 1]])
     for shapes, starts, fragment in [
-            (torch.tensor([[4, 5], [2, 3], [1, 2]]), torch.tensor([0, 20, 26]),
-             "sum(H_l * W_l) = 28"),
-            (good_shapes, torch.tensor([0, 20, 25]), "level_start_index is [0, 20, 25]"),
-            (good_shapes, [0, 19, 26], "level_start_index is [0, 19, 26]"),
-            (torch.tensor([[4, 5], [2, 3], [1, 1]], dtype=torch.float32), None,
-             "spatial_shapes must be an integer array"),
-            (torch.tensor([4, 5, 2, 3, 1, 1]), None, "spatial_shapes must have shape [L, 2]"),
-            (good_shapes, torch.tensor([0, 20]), "level_start_index has 2 entries")]:
+        (torch.tensor([[4, 5], [2, 3], [1, 2]]), torch.tensor([0, 20, 26]), "sum(H_l * W_l) = 28"),
+        (good_shapes, torch.tensor([0, 20, 25]), "level_start_index is [0, 20, 25]"),
+        (good_shapes, [0, 19, 26], "level_start_index is [0, 19, 26]"),
+        (
+            torch.tensor([[4, 5], [2, 3], [1, 1]], dtype=torch.float32),
+            None,
+            "spatial_shapes must be an integer array",
+        ),
+        (torch.tensor([4, 5, 2, 3, 1, 1]), None, "spatial_shapes must have shape [L, 2]"),
+        (good_shapes, torch.tensor([0, 20]), "level_start_index has 2 entries"),
+    ]:
         with pytest.raises(CupydcnError) as info:
-            multi_scale_deformable_attn(t["value"], shapes, starts, t["sampling_locations"],
-                                        t["attention_weights"])
+            multi_scale_deformable_attn(
+                t["value"], shapes, starts, t["sampling_locations"], t["attention_weights"]
+            )
         assert fragment in str(info.value)
     with pytest.raises(AssertionError, match="reached a backend"):
-        multi_scale_deformable_attn(t["value"], good_shapes, torch.tensor([0, 20, 26]),
-                                    t["sampling_locations"], t["attention_weights"])
+        multi_scale_deformable_attn(
+            t["value"],
+            good_shapes,
+            torch.tensor([0, 20, 26]),
+            t["sampling_locations"],
+            t["attention_weights"],
+        )
 
 
 def test_level_arguments_in_every_form_give_the_same_result():
@@ -896,16 +1207,26 @@ def test_level_arguments_in_every_form_give_the_same_result():
         ([list(s) for s in case.shapes], tuple(np.int64(s) for s in case.starts)),
     ]
     for shapes, starts in forms:
-        got = multi_scale_deformable_attn(arrays["value"], shapes, starts,
-                                          arrays["sampling_locations"],
-                                          arrays["attention_weights"])
+        got = multi_scale_deformable_attn(
+            arrays["value"],
+            shapes,
+            starts,
+            arrays["sampling_locations"],
+            arrays["attention_weights"],
+        )
         np.testing.assert_array_equal(got, expected)
     # remove_center as upstream passes it (0 / 1)
     dcase = DCN_CASES["remove_center_3x5"]
     darrays = dcase.arrays(seeded("forms-dcn"))
     np.testing.assert_array_equal(
-        dcnv3(darrays["input"], darrays["offset"], darrays["mask"],
-              **{**dcase.options, "remove_center": 1}), _dcnv3(darrays, dcase))
+        dcnv3(
+            darrays["input"],
+            darrays["offset"],
+            darrays["mask"],
+            **{**dcase.options, "remove_center": 1},
+        ),
+        _dcnv3(darrays, dcase),
+    )
 
 
 def test_a_nan_pixel_read_with_weight_zero_makes_the_sample_nan():

@@ -20,9 +20,9 @@ jnp = jax.numpy
 
 import cupydcn  # noqa: E402
 import cupydcn.jax as cj  # noqa: E402
-from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool  # noqa: E402
 from cupydcn.deform_conv import numpy_backend as _numpy_conv
 from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
+from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool  # noqa: E402
 
 MODES = ["eager", "jit"]
 
@@ -41,6 +41,7 @@ def _maybe_jit(fn, mode):
 # Each problem: the differentiable arrays (float64 NumPy), the fixed arrays (rois), and
 # the op as functions of (differentiable..., fixed...) for cupydcn.jax and for cupydcn's
 # functional API with its backward.
+
 
 def _conv_problem(config: str, dtype=np.float64, seed=0):
     rng = np.random.default_rng(seed)
@@ -69,16 +70,19 @@ def _conv_problem(config: str, dtype=np.float64, seed=0):
         return cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask, **options)
 
     def reference_grads(grad_output, input, offset, weight, bias=None, mask=None):
-        g = cupydcn.deform_conv2d_backward(grad_output, input, offset, weight, mask,
-                                           **options)
-        return {"input": g.grad_input, "offset": g.grad_offset, "weight": g.grad_weight,
-                "bias": g.grad_bias, "mask": g.grad_mask}
+        g = cupydcn.deform_conv2d_backward(grad_output, input, offset, weight, mask, **options)
+        return {
+            "input": g.grad_input,
+            "offset": g.grad_offset,
+            "weight": g.grad_weight,
+            "bias": g.grad_bias,
+            "mask": g.grad_mask,
+        }
 
     return arrays, {}, op, reference, reference_grads
 
 
-ROIS = np.array([[0, 1.5, 2.0, 9.0, 8.5], [1, 0.5, 3.0, 12.0, 10.0],
-                 [1, 4.0, 1.0, 8.0, 11.0]])
+ROIS = np.array([[0, 1.5, 2.0, 9.0, 8.5], [1, 0.5, 3.0, 12.0, 10.0], [1, 4.0, 1.0, 8.0, 11.0]])
 
 
 def _roi_problem(config: str, dtype=np.float64, seed=0):
@@ -97,8 +101,7 @@ def _roi_problem(config: str, dtype=np.float64, seed=0):
         return cupydcn.deform_roi_pool(input, rois, offset, mask, **options)
 
     def reference_grads(grad_output, input, offset=None, mask=None, *, rois):
-        g = cupydcn.deform_roi_pool_backward(grad_output, input, rois, offset, mask,
-                                             **options)
+        g = cupydcn.deform_roi_pool_backward(grad_output, input, rois, offset, mask, **options)
         return {"input": g.grad_input, "offset": g.grad_offset, "mask": g.grad_mask}
 
     return arrays, {"rois": ROIS.astype(dtype)}, op, reference, reference_grads
@@ -110,8 +113,15 @@ def _psroi_problem(config: str, dtype=np.float64, seed=0):
     if config == "deformable":
         arrays["offset"] = 0.4 * rng.standard_normal((3, 2 * 2, 2, 2))  # 2 classes
     arrays = {k: v.astype(dtype) for k, v in arrays.items()}
-    options = dict(output_dim=4, group_size=3, pooled_size=3, part_size=2,
-                   sample_per_part=2, spatial_scale=0.9, trans_std=0.2)
+    options = dict(
+        output_dim=4,
+        group_size=3,
+        pooled_size=3,
+        part_size=2,
+        sample_per_part=2,
+        spatial_scale=0.9,
+        trans_std=0.2,
+    )
 
     def op(input, offset=None, *, rois):
         return cj.deform_psroi_pool(input, rois, offset, **options)[0]
@@ -138,8 +148,10 @@ PROBLEMS = {
 
 def _jax_loss(op, names, fixed, weights):
     """sum(op(...) * weights) as a function of the differentiable arrays, in order."""
+
     def loss(*values):
         return jnp.sum(op(**dict(zip(names, values)), **fixed) * weights)
+
     return loss
 
 
@@ -154,8 +166,9 @@ def test_forward_matches_functional_api(problem, mode, x64):
     def run(*values, **fixed):
         return op(**dict(zip(names, values)), **fixed)
 
-    out = _maybe_jit(run, mode)(*(jnp.asarray(a) for a in arrays.values()),
-                                **{k: jnp.asarray(v) for k, v in fixed.items()})
+    out = _maybe_jit(run, mode)(
+        *(jnp.asarray(a) for a in arrays.values()), **{k: jnp.asarray(v) for k, v in fixed.items()}
+    )
     assert isinstance(out, jax.Array) and out.dtype == jnp.float64
     np.testing.assert_array_equal(np.asarray(out), expected)
 
@@ -169,8 +182,7 @@ def test_grad_matches_backward_and_finite_differences(problem, mode, x64):
     rng = np.random.default_rng(1)
     out_shape = reference(**arrays, **fixed).shape
     weights = rng.standard_normal(out_shape)
-    loss = _jax_loss(op, names, {k: jnp.asarray(v) for k, v in fixed.items()},
-                     jnp.asarray(weights))
+    loss = _jax_loss(op, names, {k: jnp.asarray(v) for k, v in fixed.items()}, jnp.asarray(weights))
     grad_fn = _maybe_jit(jax.grad(loss, argnums=tuple(range(len(names)))), mode)
     grads = dict(zip(names, grad_fn(*(jnp.asarray(a) for a in arrays.values()))))
 
@@ -209,8 +221,15 @@ def test_check_grads(problem, mode, x64):
 
     # Reverse mode only: custom_vjp has no forward-mode rule. A small step keeps the
     # finite differences clear of the kinks of bilinear sampling.
-    check_grads(_maybe_jit(f, mode), tuple(jnp.asarray(a) for a in arrays.values()),
-                order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+    check_grads(
+        _maybe_jit(f, mode),
+        tuple(jnp.asarray(a) for a in arrays.values()),
+        order=1,
+        modes=["rev"],
+        eps=1e-6,
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -224,10 +243,9 @@ def test_rois_get_zero_gradient_and_count_no_cotangent(mode, x64):
         return jnp.sum(cj.deform_roi_pool(feat, rois, **options) ** 2)
 
     def psroi_loss(rois):
-        output, count = cj.deform_psroi_pool(feat, rois, output_dim=3, group_size=1,
-                                             pooled_size=2)
+        output, count = cj.deform_psroi_pool(feat, rois, output_dim=3, group_size=1, pooled_size=2)
         assert count.dtype == jnp.int32
-        return jnp.sum(output ** 2) + jnp.sum(count).astype(output.dtype)
+        return jnp.sum(output**2) + jnp.sum(count).astype(output.dtype)
 
     for loss in (roi_loss, psroi_loss):
         grad = _maybe_jit(jax.grad(loss), mode)(rois)
@@ -250,8 +268,11 @@ def test_only_the_gradients_jax_asks_for_are_computed(mode, monkeypatch):
     monkeypatch.setattr(cupydcn, "deform_conv2d_backward", spy)
     values = [jnp.asarray(a) for a in arrays.values()]
     loss = _jax_loss(op, names, {}, 1.0)
-    for argnums, expected in (((1,), ("offset",)), ((0, 2), ("input", "weight")),
-                              ((3, 4), ("bias", "mask"))):
+    for argnums, expected in (
+        ((1,), ("offset",)),
+        ((0, 2), ("input", "weight")),
+        ((3, 4), ("bias", "mask")),
+    ):
         calls.clear()
         grads = _maybe_jit(jax.grad(loss, argnums=argnums), mode)(*values)
         assert calls == [expected]
@@ -276,11 +297,13 @@ def test_vmap_conv_forward_and_grad(mode, x64):
         return jnp.sum(f(x, o, w) ** 2)
 
     out = _maybe_jit(jax.vmap(f, in_axes=(0, 0, None)), mode)(inputs, offsets, weight)
-    grads = _maybe_jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, 0, None)),
-                       mode)(inputs, offsets, weight)
+    grads = _maybe_jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, 0, None)), mode)(
+        inputs, offsets, weight
+    )
     for b in range(batch):
-        np.testing.assert_array_equal(np.asarray(out[b]), np.asarray(f(inputs[b], offsets[b],
-                                                                       weight)))
+        np.testing.assert_array_equal(
+            np.asarray(out[b]), np.asarray(f(inputs[b], offsets[b], weight))
+        )
         expected = jax.grad(loss, argnums=(0, 1, 2))(inputs[b], offsets[b], weight)
         for got, want in zip(grads, expected):
             np.testing.assert_array_equal(np.asarray(got[b]), np.asarray(want))
@@ -290,10 +313,12 @@ def test_vmap_roi_pool_under_jit(x64):
     arrays, fixed, op, reference, _ = PROBLEMS["roi-modulated"]()
     stacked = {k: np.stack([v, 2 * v]) for k, v in arrays.items()}
     out = jax.jit(jax.vmap(lambda a, o, m: op(a, o, m, rois=jnp.asarray(fixed["rois"]))))(
-        *(jnp.asarray(v) for v in stacked.values()))
+        *(jnp.asarray(v) for v in stacked.values())
+    )
     for b in range(2):
         np.testing.assert_array_equal(
-            np.asarray(out[b]), reference(**{k: v[b] for k, v in stacked.items()}, **fixed))
+            np.asarray(out[b]), reference(**{k: v[b] for k, v in stacked.items()}, **fixed)
+        )
 
 
 # ---------------------------------------------------------------------------- zero copy
@@ -302,7 +327,7 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
     without a copy only at that alignment, which NumPy's allocator does not promise."""
     raw = np.empty(array.nbytes + 64, dtype=np.uint8)
     start = -raw.ctypes.data % 64
-    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
     out[...] = array
     return out
 
@@ -323,11 +348,14 @@ def backend_results(monkeypatch):
                 result = _aligned_copy(result)
                 record.append(result)
             return result
+
         return wrapper
 
-    for module, names in ((_numpy_conv, ("conv_forward", "conv_backward")),
-                          (_numpy_roi_pool, ("roi_pool_forward", "roi_pool_backward")),
-                          (_numpy_psroi_pool, ("psroi_pool_forward", "psroi_pool_backward"))):
+    for module, names in (
+        (_numpy_conv, ("conv_forward", "conv_backward")),
+        (_numpy_roi_pool, ("roi_pool_forward", "roi_pool_backward")),
+        (_numpy_psroi_pool, ("psroi_pool_forward", "psroi_pool_backward")),
+    ):
         for name in names:
             monkeypatch.setattr(module, name, spy(getattr(module, name)))
     return record
@@ -354,8 +382,15 @@ def test_eager_results_are_the_buffers_the_backend_wrote(problem, backend_result
 def test_eager_psroi_count_is_zero_copy(backend_results):
     arrays, fixed, _, _, _ = PROBLEMS["psroi-deformable"](dtype=np.float32)
     output, count = cj.deform_psroi_pool(
-        jnp.asarray(arrays["input"]), jnp.asarray(fixed["rois"]), jnp.asarray(arrays["offset"]),
-        output_dim=4, group_size=3, pooled_size=3, part_size=2, sample_per_part=2)
+        jnp.asarray(arrays["input"]),
+        jnp.asarray(fixed["rois"]),
+        jnp.asarray(arrays["offset"]),
+        output_dim=4,
+        group_size=3,
+        pooled_size=3,
+        part_size=2,
+        sample_per_part=2,
+    )
     assert [_pointer(output), _pointer(count)] == [r.ctypes.data for r in backend_results]
 
 
@@ -365,16 +400,18 @@ def test_shape_errors_are_raised_at_trace_time():
     w = jnp.zeros((2, 4, 3, 3))
     with pytest.raises(cupydcn.CupydcnValueError, match="offset has shape"):
         jax.jit(lambda x, o, w: cj.deform_conv2d(x, o, w, padding=1)).trace(
-            x, jnp.zeros((1, 18, 5, 6)), w)
+            x, jnp.zeros((1, 18, 5, 6)), w
+        )
     with pytest.raises(cupydcn.CupydcnTypeError, match="weight has dtype"):
         jax.jit(lambda x, o, w: cj.deform_conv2d(x, o, w)).trace(
-            x, jnp.zeros((1, 18, 4, 4)), w.astype(jnp.bfloat16))
+            x, jnp.zeros((1, 18, 4, 4)), w.astype(jnp.bfloat16)
+        )
     with pytest.raises(cupydcn.CupydcnValueError, match="rois must have shape"):
-        jax.jit(lambda x, r: cj.deform_roi_pool(x, r, output_size=2)).trace(
-            x, jnp.zeros((3, 4)))
+        jax.jit(lambda x, r: cj.deform_roi_pool(x, r, output_size=2)).trace(x, jnp.zeros((3, 4)))
     with pytest.raises(cupydcn.CupydcnValueError, match="output_dim"):
-        jax.jit(lambda x, r: cj.deform_psroi_pool(x, r, output_dim=3, group_size=2,
-                                                  pooled_size=2)).trace(x, jnp.zeros((3, 5)))
+        jax.jit(
+            lambda x, r: cj.deform_psroi_pool(x, r, output_dim=3, group_size=2, pooled_size=2)
+        ).trace(x, jnp.zeros((3, 5)))
 
 
 def test_bad_roi_values_raise():
@@ -387,11 +424,14 @@ def test_bad_roi_values_raise():
         jax.jit(lambda x, r: cj.deform_roi_pool(x, r, output_size=2))(x, rois).block_until_ready()
 
 
-@pytest.mark.parametrize("options, name", [
-    ("cupydcn.deform_conv.spec.ConvOptions", "deform_conv2d"),
-    ("cupydcn.roi_pool.spec.RoiPoolOptions", "deform_roi_pool"),
-    ("cupydcn.psroi_pool.spec.PSRoiPoolOptions", "deform_psroi_pool"),
-])
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ("cupydcn.deform_conv.spec.ConvOptions", "deform_conv2d"),
+        ("cupydcn.roi_pool.spec.RoiPoolOptions", "deform_roi_pool"),
+        ("cupydcn.psroi_pool.spec.PSRoiPoolOptions", "deform_psroi_pool"),
+    ],
+)
 def test_signatures_take_every_option_with_its_declared_default(options, name):
     """The options dataclass is the one declaration: cupydcn.jax's functions and the
     functional API take each of its fields, with its default, and nothing else static."""
@@ -401,8 +441,10 @@ def test_signatures_take_every_option_with_its_declared_default(options, name):
 
     module, cls = options.rsplit(".", 1)
     fields = dataclasses.fields(getattr(importlib.import_module(module), cls))
-    declared = {f.name: inspect.Parameter.empty if f.default is dataclasses.MISSING
-                else f.default for f in fields}
+    declared = {
+        f.name: inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+        for f in fields
+    }
     for function in (getattr(cj, name), getattr(cupydcn, name)):
         parameters = inspect.signature(function).parameters
         options_taken = {n: p.default for n, p in parameters.items() if n in declared}
@@ -421,10 +463,20 @@ def test_options_reach_the_functional_api(monkeypatch):
 
     monkeypatch.setattr(cupydcn, "deform_conv2d", spy)
     x, w = jnp.zeros((1, 2, 5, 5)), jnp.zeros((3, 2, 3, 3))
-    cj.deform_conv2d(x, jnp.zeros((1, 18, 3, 5)), w, padding=(0, 1), padding_mode="border",
-                     workspace_bytes=4096)
-    assert seen == [dict(mask=None, stride=1, padding=(0, 1), dilation=1,
-                         padding_mode="border", workspace_bytes=4096)]
+    cj.deform_conv2d(
+        x, jnp.zeros((1, 18, 3, 5)), w, padding=(0, 1), padding_mode="border", workspace_bytes=4096
+    )
+    assert seen == [
+        dict(
+            mask=None,
+            stride=1,
+            padding=(0, 1),
+            dilation=1,
+            padding_mode="border",
+            workspace_bytes=4096,
+        )
+    ]
+
 
 # ---------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -438,8 +490,9 @@ def test_half_and_single_precision(dtype, mode):
     out = _maybe_jit(op, mode)(*values)
     assert out.dtype == jnp.dtype(dtype)
     np.testing.assert_array_equal(np.asarray(out), reference(*native))
-    grads = _maybe_jit(jax.grad(_jax_loss(op, names, {}, 1.0), argnums=(0, 1, 2, 3, 4)),
-                       mode)(*values)
+    grads = _maybe_jit(jax.grad(_jax_loss(op, names, {}, 1.0), argnums=(0, 1, 2, 3, 4)), mode)(
+        *values
+    )
     expected = reference_grads(np.ones(out.shape, dtype=native[0].dtype), *native)
     for name, grad in zip(names, grads):
         assert grad.dtype == jnp.dtype(dtype)
@@ -484,14 +537,17 @@ def test_padding_modes_pass_through(mode, x64):
     for padding_mode in PADDING_MODES:
         options = dict(padding=1, padding_mode=padding_mode)
 
-        def loss(input, offset, weight, bias, mask):
+        def loss(input, offset, weight, bias, mask, options=options):
             out = cj.deform_conv2d(input, offset, weight, bias, mask=mask, **options)
             return jnp.sum(out * weights)
 
         grads = _maybe_jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), mode)(*values)
         expected = cupydcn.deform_conv2d_backward(
-            weights, arrays["input"], arrays["offset"], arrays["weight"], arrays["mask"],
-            **options)
+            weights, arrays["input"], arrays["offset"], arrays["weight"], arrays["mask"], **options
+        )
         for name, grad in zip(names, grads):
-            np.testing.assert_array_equal(np.asarray(grad), getattr(expected, f"grad_{name}"),
-                                          err_msg=f"{padding_mode}: {name}")
+            np.testing.assert_array_equal(
+                np.asarray(grad),
+                getattr(expected, f"grad_{name}"),
+                err_msg=f"{padding_mode}: {name}",
+            )

@@ -59,14 +59,23 @@ def _conv_reference_grads(grad, input, offset, weight, bias, mask):
 
 
 def _roi_arrays(rng):
-    return {"input": rng.standard_normal((2, 3, 12, 14)),
-            "offset": 0.4 * rng.standard_normal((3, 2, 3, 3)),
-            "mask": rng.uniform(size=(3, 1, 3, 3))}
+    return {
+        "input": rng.standard_normal((2, 3, 12, 14)),
+        "offset": 0.4 * rng.standard_normal((3, 2, 3, 3)),
+        "mask": rng.uniform(size=(3, 1, 3, 3)),
+    }
 
 
 ROI_OPTIONS = dict(output_size=3, spatial_scale=0.9, sampling_ratio=2, gamma=0.2)
-PSROI_OPTIONS = dict(output_dim=4, group_size=3, pooled_size=3, part_size=2,
-                     sample_per_part=2, spatial_scale=0.9, trans_std=0.2)
+PSROI_OPTIONS = dict(
+    output_dim=4,
+    group_size=3,
+    pooled_size=3,
+    part_size=2,
+    sample_per_part=2,
+    spatial_scale=0.9,
+    trans_std=0.2,
+)
 
 
 def _on(device, arrays, dtype):
@@ -115,20 +124,26 @@ def test_jit_chain_on_gpu_is_ordered(gpu):
     result on XLA's stream."""
     arrays = _conv_arrays(np.random.default_rng(2))
     x, offset, _, _, mask = _on(gpu, list(arrays.values()), "float32")
-    weight = jax.device_put(jnp.asarray(
-        np.random.default_rng(3).standard_normal((4, 4, 3, 3), dtype=np.float32)), gpu)
+    weight = jax.device_put(
+        jnp.asarray(np.random.default_rng(3).standard_normal((4, 4, 3, 3), dtype=np.float32)), gpu
+    )
 
     def chain(x):
         for _ in range(4):
-            x = jnp.tanh(cj.deform_conv2d(x, offset[:, :18], weight, padding=1,
-                                          mask=mask[:, :9]) * 0.3)
+            x = jnp.tanh(
+                cj.deform_conv2d(x, offset[:, :18], weight, padding=1, mask=mask[:, :9]) * 0.3
+            )
         return x
 
     host = [np.asarray(jax.device_get(a)) for a in (x, offset, weight, mask)]
     expected = host[0]
     for _ in range(4):
-        expected = np.tanh(cupydcn.deform_conv2d(expected, host[1][:, :18], host[2], padding=1,
-                                                 mask=host[3][:, :9]) * 0.3)
+        expected = np.tanh(
+            cupydcn.deform_conv2d(
+                expected, host[1][:, :18], host[2], padding=1, mask=host[3][:, :9]
+            )
+            * 0.3
+        )
     _close(jax.jit(chain)(x), expected, "float32")
 
 
@@ -159,8 +174,10 @@ def test_roi_ops_jit_on_gpu(gpu, op, x64):
             g = cupydcn.deform_roi_pool_backward(grad, input, rois, offset, mask, **ROI_OPTIONS)
             return out, [g.grad_input, g.grad_offset, g.grad_mask]
     else:
-        arrays = {"input": rng.standard_normal((2, 36, 12, 14)),
-                  "offset": 0.4 * rng.standard_normal((3, 4, 2, 2))}
+        arrays = {
+            "input": rng.standard_normal((2, 36, 12, 14)),
+            "offset": 0.4 * rng.standard_normal((3, 4, 2, 2)),
+        }
 
         def f(input, offset, rois):
             return cj.deform_psroi_pool(input, rois, offset, **PSROI_OPTIONS)[0]
@@ -177,7 +194,8 @@ def test_roi_ops_jit_on_gpu(gpu, op, x64):
     _close(out, expected_out, "float64")
     n = len(arrays)
     grads = jax.jit(jax.grad(lambda *v: jnp.sum(f(*v) * weights), argnums=tuple(range(n + 1))))(
-        *values)
+        *values
+    )
     for got, want in zip(grads[:n], expected_grads):
         _close(got, want, "float64")
     np.testing.assert_array_equal(np.asarray(jax.device_get(grads[n])), 0.0)  # rois

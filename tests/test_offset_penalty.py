@@ -11,22 +11,22 @@ import math
 
 import numpy as np
 import pytest
-from support import DTYPE_NAMES, TOLERANCE, dtype_of, is_exact, on_device, seeded, to_numpy
 
 from cupydcn import CupydcnTypeError, CupydcnValueError
 from cupydcn.deform_conv.offset_penalty import (
+    PenaltyPlan,
     offset_l2_penalty,
     offset_l2_penalty_backward,
-    PenaltyPlan,
     penalty_backward,
     penalty_forward,
 )
+from support import DTYPE_NAMES, TOLERANCE, dtype_of, is_exact, on_device, seeded, to_numpy
 
 REDUCTIONS = ("mean", "sum", "none")
 SHAPES = {
-    "conv": (2, 18, 5, 6),      # [N, 2*G*kh*kw, H_out, W_out]
-    "roi": (7, 2, 3, 3),        # [K, 2, ph, pw]
-    "psroi": (4, 6, 2, 2),      # [K, 2*num_classes, part, part]
+    "conv": (2, 18, 5, 6),  # [N, 2*G*kh*kw, H_out, W_out]
+    "roi": (7, 2, 3, 3),  # [K, 2, ph, pw]
+    "psroi": (4, 6, 2, 2),  # [K, 2*num_classes, part, part]
     "vector": (5,),
     "scalar": (),
     "empty": (0, 2, 3, 3),
@@ -66,8 +66,9 @@ def test_values(shape, dtype_name, reduction):
     assert isinstance(result, np.ndarray) and result.dtype == offset.dtype
     assert result.shape == (shape if reduction == "none" else ())
     expected = exact_penalty(offset, weight, reduction)
-    np.testing.assert_allclose(result.astype(np.float64), expected,
-                               rtol=RTOL[dtype_name], atol=FLOOR[dtype_name])
+    np.testing.assert_allclose(
+        result.astype(np.float64), expected, rtol=RTOL[dtype_name], atol=FLOOR[dtype_name]
+    )
     assert offset.tobytes() == saved.tobytes()
 
 
@@ -101,9 +102,11 @@ def test_noncontiguous_offset():
     base = random_offset((4, 6, 5), "float32")
     view = base[:, ::2, ::-1].transpose(2, 0, 1)
     for reduction in REDUCTIONS:
-        np.testing.assert_allclose(offset_l2_penalty(view, reduction=reduction),
-                                   offset_l2_penalty(np.ascontiguousarray(view),
-                                                     reduction=reduction), rtol=1e-6)
+        np.testing.assert_allclose(
+            offset_l2_penalty(view, reduction=reduction),
+            offset_l2_penalty(np.ascontiguousarray(view), reduction=reduction),
+            rtol=1e-6,
+        )
     grad = offset_l2_penalty_backward(np.ones((), np.float32), view, reduction="sum")
     np.testing.assert_array_equal(grad, 2 * view)
 
@@ -112,8 +115,9 @@ def test_noncontiguous_offset():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("shape", [SHAPES["roi"], SHAPES["vector"], SHAPES["scalar"]],
-                         ids=["roi", "vector", "scalar"])
+@pytest.mark.parametrize(
+    "shape", [SHAPES["roi"], SHAPES["vector"], SHAPES["scalar"]], ids=["roi", "vector", "scalar"]
+)
 def test_gradient_matches_central_differences(shape, reduction):
     """float64; the penalty is quadratic, so central differences are exact up to rounding."""
     rng = seeded("fd", shape, reduction)
@@ -122,8 +126,9 @@ def test_gradient_matches_central_differences(shape, reduction):
     upstream = rng.normal(size=shape if reduction == "none" else ())
 
     def loss():
-        return float(np.sum(upstream * offset_l2_penalty(offset, weight=weight,
-                                                          reduction=reduction)))
+        return float(
+            np.sum(upstream * offset_l2_penalty(offset, weight=weight, reduction=reduction))
+        )
 
     expected = np.empty(shape)
     step = 1e-6
@@ -152,10 +157,16 @@ def test_low_precision_gradient(dtype_name, reduction):
     upstream = rng.normal(size=shape if reduction == "none" else ()).astype(offset.dtype)
     grad = offset_l2_penalty_backward(upstream, offset, weight=0.8, reduction=reduction)
     assert grad.dtype == offset.dtype and grad.shape == shape
-    expected = (2 * 0.8 * upstream.astype(np.float64) * offset.astype(np.float64)
-                / (offset.size if reduction == "mean" else 1))
-    np.testing.assert_allclose(grad.astype(np.float64), expected, rtol=RTOL[dtype_name],
-                               atol=FLOOR[dtype_name])
+    expected = (
+        2
+        * 0.8
+        * upstream.astype(np.float64)
+        * offset.astype(np.float64)
+        / (offset.size if reduction == "mean" else 1)
+    )
+    np.testing.assert_allclose(
+        grad.astype(np.float64), expected, rtol=RTOL[dtype_name], atol=FLOOR[dtype_name]
+    )
 
 
 # ---------------------------------------------------------------------------- libraries
@@ -180,11 +191,13 @@ def test_torch_round_trip_and_autograd(dtype_name, reduction):
     upstream = torch.ones_like(reference)
     reference.backward(upstream)
     rtol = RTOL[dtype_name]
-    np.testing.assert_allclose(result.to(torch.float64).numpy(), reference.detach().numpy(),
-                               rtol=rtol)
+    np.testing.assert_allclose(
+        result.to(torch.float64).numpy(), reference.detach().numpy(), rtol=rtol
+    )
     with torch.no_grad():
-        grad = offset_l2_penalty_backward(upstream.to(torch_dtype), tensor, weight=0.5,
-                                          reduction=reduction)
+        grad = offset_l2_penalty_backward(
+            upstream.to(torch_dtype), tensor, weight=0.5, reduction=reduction
+        )
     assert isinstance(grad, torch.Tensor) and grad.dtype == torch_dtype
     np.testing.assert_allclose(grad.to(torch.float64).numpy(), exact.grad.numpy(), rtol=rtol)
 
@@ -228,21 +241,26 @@ def _message(exc_type, call):
 @pytest.mark.parametrize("bad", ["max", "MEAN", None, 1])
 def test_invalid_reduction(bad):
     offset = np.ones((2, 2), np.float32)
-    message = _message(CupydcnValueError,
-                       lambda: offset_l2_penalty(offset, reduction=bad))
-    assert message == (f"offset_l2_penalty: reduction must be one of ('mean', 'sum', 'none'); "
-                       f"got {bad!r}")
-    message = _message(CupydcnValueError, lambda: offset_l2_penalty_backward(
-        np.ones((), np.float32), offset, reduction=bad))
+    message = _message(CupydcnValueError, lambda: offset_l2_penalty(offset, reduction=bad))
+    assert message == (
+        f"offset_l2_penalty: reduction must be one of ('mean', 'sum', 'none'); got {bad!r}"
+    )
+    message = _message(
+        CupydcnValueError,
+        lambda: offset_l2_penalty_backward(np.ones((), np.float32), offset, reduction=bad),
+    )
     assert message.startswith("offset_l2_penalty_backward: reduction must be one of")
 
 
-@pytest.mark.parametrize("bad, exc, fragment", [
-    (True, CupydcnTypeError, "weight must be a real number"),
-    ("1", CupydcnTypeError, "weight must be a real number"),
-    (np.inf, CupydcnValueError, "weight must be finite"),
-    (np.nan, CupydcnValueError, "weight must be finite"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, fragment",
+    [
+        (True, CupydcnTypeError, "weight must be a real number"),
+        ("1", CupydcnTypeError, "weight must be a real number"),
+        (np.inf, CupydcnValueError, "weight must be finite"),
+        (np.nan, CupydcnValueError, "weight must be finite"),
+    ],
+)
 def test_invalid_weight(bad, exc, fragment):
     message = _message(exc, lambda: offset_l2_penalty(np.ones(3), weight=bad))
     assert message.startswith("offset_l2_penalty: ") and fragment in message
@@ -257,19 +275,25 @@ def test_invalid_offset():
 
 def test_invalid_grad():
     offset = np.ones((2, 3), np.float32)
-    message = _message(CupydcnValueError, lambda: offset_l2_penalty_backward(
-        np.ones((1,), np.float32), offset, reduction="sum"))
-    assert message == ("offset_l2_penalty_backward: grad has shape (1,); expected () "
-                       "(a 0-d array for reduction='sum')")
-    message = _message(CupydcnValueError, lambda: offset_l2_penalty_backward(
-        np.ones((3, 2), np.float32), offset, reduction="none"))
+    message = _message(
+        CupydcnValueError,
+        lambda: offset_l2_penalty_backward(np.ones((1,), np.float32), offset, reduction="sum"),
+    )
+    assert message == (
+        "offset_l2_penalty_backward: grad has shape (1,); expected () "
+        "(a 0-d array for reduction='sum')"
+    )
+    message = _message(
+        CupydcnValueError,
+        lambda: offset_l2_penalty_backward(np.ones((3, 2), np.float32), offset, reduction="none"),
+    )
     assert "grad has shape (3, 2); expected (2, 3) (offset's shape" in message
-    message = _message(CupydcnTypeError, lambda: offset_l2_penalty_backward(
-        np.ones((), np.float64), offset))
+    message = _message(
+        CupydcnTypeError, lambda: offset_l2_penalty_backward(np.ones((), np.float64), offset)
+    )
     assert "grad has dtype float64; expected float32 like offset" in message
     torch = pytest.importorskip("torch")
-    message = _message(CupydcnTypeError, lambda: offset_l2_penalty_backward(
-        torch.ones(()), offset))
+    message = _message(CupydcnTypeError, lambda: offset_l2_penalty_backward(torch.ones(()), offset))
     assert "one library" in message
 
 
@@ -286,18 +310,26 @@ def test_cuda_path_conversions(launcher, dtype_name, reduction):
     offset = random_offset(SHAPES["conv"], dtype_name, "emulated")[:, ::2]  # strided
     upstream = np.ones(offset.shape if reduction == "none" else (), offset.dtype)
     plan = PenaltyPlan(dtype_name, 0.3, reduction)
-    compare = (np.testing.assert_array_equal if is_exact(launcher) else
-               lambda got, want: np.testing.assert_allclose(
-                   got.astype(np.float64), want.astype(np.float64), rtol=RTOL[dtype_name],
-                   atol=FLOOR[dtype_name]))
+    compare = (
+        np.testing.assert_array_equal
+        if is_exact(launcher)
+        else lambda got, want: np.testing.assert_allclose(
+            got.astype(np.float64),
+            want.astype(np.float64),
+            rtol=RTOL[dtype_name],
+            atol=FLOOR[dtype_name],
+        )
+    )
     device_offset = on_device(launcher, offset)
     got = to_numpy(penalty_forward(launcher.xp, launcher, device_offset, plan))
     want = penalty_forward(np, None, offset, plan)
     assert got.dtype == want.dtype and got.shape == want.shape
     compare(got, want)
-    got = to_numpy(penalty_backward(launcher.xp, launcher, on_device(launcher, upstream),
-                                    device_offset, plan))
+    got = to_numpy(
+        penalty_backward(launcher.xp, launcher, on_device(launcher, upstream), device_offset, plan)
+    )
     want = penalty_backward(np, None, upstream, offset, plan)
     compare(got, want)
     assert any(r.kernel == "widen_to_acc" for r in launcher.launches[start:]) == (
-        dtype_name in ("float16", "bfloat16"))
+        dtype_name in ("float16", "bfloat16")
+    )

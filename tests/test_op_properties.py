@@ -24,21 +24,21 @@ on every row that has what it needs:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pytest
+
+import cupydcn
+from cupydcn.deform_conv.offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
+from cupydcn.deform_conv.sampling import effective_dilation, sampling_locations
 from reference import ConvConfig
 from reference_psroi_pool import CONFIGS as PSROI_CONFIGS
 from reference_psroi_pool import options as psroi_options
 from reference_psroi_pool import problem as psroi_problem
 from reference_roi_pool import RoiCase
 from support import DTYPE_NAMES, assert_close, cast_arrays, dtype_of, seeded, to_numpy
-
-import cupydcn
-from cupydcn.deform_conv.offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
-from cupydcn.deform_conv.sampling import effective_dilation, sampling_locations
 
 # ---------------------------------------------------------------------------- the table
 
@@ -48,21 +48,22 @@ class Op:
     """One public function: how to make its inputs and call it, and what its results are."""
 
     name: str
-    make: Callable[[str], dict]      # dtype name -> NumPy inputs, by argument name
-    call: Callable[..., dict]        # (inputs, wrt) -> results by name (None: not computed)
-    grads: tuple[str, ...] = ()      # the names ``wrt`` takes (backward ops)
-    fixed: tuple[str, ...] = ()      # inputs whose dtype is not the op's (rois)
-    batch: tuple[str, ...] = ()      # inputs sliced to an empty batch along axis 0
-    per_item: tuple[str, ...] = ()   # results indexed by the batch item along axis 0
+    make: Callable[[str], dict]  # dtype name -> NumPy inputs, by argument name
+    call: Callable[..., dict]  # (inputs, wrt) -> results by name (None: not computed)
+    grads: tuple[str, ...] = ()  # the names ``wrt`` takes (backward ops)
+    fixed: tuple[str, ...] = ()  # inputs whose dtype is not the op's (rois)
+    batch: tuple[str, ...] = ()  # inputs sliced to an empty batch along axis 0
+    per_item: tuple[str, ...] = ()  # results indexed by the batch item along axis 0
     batch_free_zero: tuple[str, ...] = ()  # results that are zero for an empty batch
     finite_under_nan: tuple[str, ...] = ()  # results a NaN offset must not reach
-    nan_at: tuple = ()               # (input name, index) of the poisoned offset element
+    nan_at: tuple = ()  # (input name, index) of the poisoned offset element
     dtypes: tuple[str, ...] = DTYPE_NAMES
     keywords: dict = field(default_factory=dict)
 
 
-CONV = ConvConfig(batch=3, in_channels=4, out_channels=6, groups=2, offset_groups=2,
-                  padding=(1, 1), stride=(2, 1))
+CONV = ConvConfig(
+    batch=3, in_channels=4, out_channels=6, groups=2, offset_groups=2, padding=(1, 1), stride=(2, 1)
+)
 CONV_GRADS = ("input", "offset", "weight", "mask", "bias")
 
 
@@ -74,13 +75,17 @@ def _conv_inputs(dtype_name: str) -> dict:
 
 
 def _conv_forward(a, wrt=None):
-    return {"output": cupydcn.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"],
-                                            mask=a["mask"], **CONV.options)}
+    return {
+        "output": cupydcn.deform_conv2d(
+            a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **CONV.options
+        )
+    }
 
 
 def _conv_backward(a, wrt=None):
-    grads = cupydcn.deform_conv2d_backward(a["grad_output"], a["input"], a["offset"],
-                                           a["weight"], a["mask"], wrt=wrt, **CONV.options)
+    grads = cupydcn.deform_conv2d_backward(
+        a["grad_output"], a["input"], a["offset"], a["weight"], a["mask"], wrt=wrt, **CONV.options
+    )
     return dict(zip(CONV_GRADS, grads))
 
 
@@ -91,21 +96,26 @@ ROI_GRADS = ("input", "offset", "mask")
 def _roi_inputs(dtype_name: str) -> dict:
     rng = seeded("op properties", "roi", dtype_name)
     arrays = ROI.arrays(rng)
-    arrays["grad_output"] = rng.normal(size=(arrays["rois"].shape[0], ROI.channels,
-                                             *ROI.output_size))
+    arrays["grad_output"] = rng.normal(
+        size=(arrays["rois"].shape[0], ROI.channels, *ROI.output_size)
+    )
     cast = cast_arrays(arrays, dtype_of(dtype_name))
     cast["rois"] = arrays["rois"].astype(np.float64 if dtype_name == "float64" else np.float32)
     return cast
 
 
 def _roi_forward(a, wrt=None):
-    return {"output": cupydcn.deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"],
-                                              **ROI.options)}
+    return {
+        "output": cupydcn.deform_roi_pool(
+            a["input"], a["rois"], a["offset"], a["mask"], **ROI.options
+        )
+    }
 
 
 def _roi_backward(a, wrt=None):
-    grads = cupydcn.deform_roi_pool_backward(a["grad_output"], a["input"], a["rois"],
-                                             a["offset"], a["mask"], wrt=wrt, **ROI.options)
+    grads = cupydcn.deform_roi_pool_backward(
+        a["grad_output"], a["input"], a["rois"], a["offset"], a["mask"], wrt=wrt, **ROI.options
+    )
     return dict(zip(ROI_GRADS, grads))
 
 
@@ -119,22 +129,26 @@ def _psroi_inputs(dtype_name: str) -> dict:
 
 
 def _psroi_forward(a, wrt=None):
-    output, count = cupydcn.deform_psroi_pool(a["input"], a["rois"], a["offset"],
-                                              **psroi_options(PSROI))
+    output, count = cupydcn.deform_psroi_pool(
+        a["input"], a["rois"], a["offset"], **psroi_options(PSROI)
+    )
     return {"output": output, "count": count}
 
 
 def _psroi_backward(a, wrt=None):
-    grads = cupydcn.deform_psroi_pool_backward(a["grad_output"], a["input"], a["rois"],
-                                               a["offset"], wrt=wrt, **psroi_options(PSROI))
+    grads = cupydcn.deform_psroi_pool_backward(
+        a["grad_output"], a["input"], a["rois"], a["offset"], wrt=wrt, **psroi_options(PSROI)
+    )
     return dict(zip(PSROI_GRADS, grads))
 
 
 def _penalty_inputs(dtype_name: str) -> dict:
     rng = seeded("op properties", "penalty", dtype_name)
     dtype = dtype_of(dtype_name)
-    return {"offset": rng.normal(scale=2.0, size=(2, 18, 5, 6)).astype(dtype),
-            "grad": rng.normal(size=(2, 18, 5, 6)).astype(dtype)}
+    return {
+        "offset": rng.normal(scale=2.0, size=(2, 18, 5, 6)).astype(dtype),
+        "grad": rng.normal(size=(2, 18, 5, 6)).astype(dtype),
+    }
 
 
 def _penalty_forward(a, wrt=None):
@@ -142,8 +156,9 @@ def _penalty_forward(a, wrt=None):
 
 
 def _penalty_backward(a, wrt=None):
-    return {"grad": offset_l2_penalty_backward(a["grad"], a["offset"], weight=0.3,
-                                               reduction="none")}
+    return {
+        "grad": offset_l2_penalty_backward(a["grad"], a["offset"], weight=0.3, reduction="none")
+    }
 
 
 SAMPLING = dict(kernel_size=3, padding=1, stride=1, dilation=(1, 2))
@@ -162,38 +177,103 @@ def _effective_dilation(a, wrt=None):
     return {"dilation": effective_dilation(a["offset"], **SAMPLING)}
 
 
-OPS = {op.name: op for op in [
-    Op("deform_conv2d", _conv_inputs, _conv_forward,
-       batch=("input", "offset", "mask"), per_item=("output",),
-       nan_at=("offset", (0, 8, 1, 2))),
-    Op("deform_conv2d_backward", _conv_inputs, _conv_backward, grads=CONV_GRADS,
-       batch=("input", "offset", "mask", "grad_output"),
-       per_item=("input", "offset", "mask"), batch_free_zero=("weight", "bias"),
-       finite_under_nan=("input",), nan_at=("offset", (0, 8, 1, 2))),
-    Op("deform_roi_pool", _roi_inputs, _roi_forward, fixed=("rois",),
-       batch=("rois", "offset", "mask"), per_item=("output",),
-       nan_at=("offset", (0, 1, 2, 0))),
-    Op("deform_roi_pool_backward", _roi_inputs, _roi_backward, grads=ROI_GRADS,
-       fixed=("rois",), batch=("rois", "offset", "mask", "grad_output"),
-       per_item=("offset", "mask"), batch_free_zero=("input",),
-       finite_under_nan=("input",), nan_at=("offset", (0, 1, 2, 0))),
-    Op("deform_psroi_pool", _psroi_inputs, _psroi_forward, fixed=("rois",),
-       batch=("rois", "offset"), per_item=("output", "count"),
-       nan_at=("offset", (0, 0, 1, 2))),
-    Op("deform_psroi_pool_backward", _psroi_inputs, _psroi_backward, grads=PSROI_GRADS,
-       fixed=("rois",), batch=("rois", "offset", "grad_output"), per_item=("offset",),
-       batch_free_zero=("input",), finite_under_nan=("input",),
-       nan_at=("offset", (0, 0, 1, 2))),
-    Op("offset_l2_penalty", _penalty_inputs, _penalty_forward, batch=("offset",),
-       per_item=("penalty",), nan_at=("offset", (0, 3, 1, 1))),
-    Op("offset_l2_penalty_backward", _penalty_inputs, _penalty_backward,
-       batch=("offset", "grad"), per_item=("grad",), nan_at=("offset", (0, 3, 1, 1))),
-    # (sampling_locations and effective_dilation reject an empty batch: no ``batch``)
-    Op("sampling_locations", _sampling_inputs, _sampling_locations,
-       per_item=("locations",), nan_at=("offset", (0, 5, 2, 1))),
-    Op("effective_dilation", _sampling_inputs, _effective_dilation,
-       per_item=("dilation",), nan_at=("offset", (0, 5, 2, 1))),
-]}
+OPS = {
+    op.name: op
+    for op in [
+        Op(
+            "deform_conv2d",
+            _conv_inputs,
+            _conv_forward,
+            batch=("input", "offset", "mask"),
+            per_item=("output",),
+            nan_at=("offset", (0, 8, 1, 2)),
+        ),
+        Op(
+            "deform_conv2d_backward",
+            _conv_inputs,
+            _conv_backward,
+            grads=CONV_GRADS,
+            batch=("input", "offset", "mask", "grad_output"),
+            per_item=("input", "offset", "mask"),
+            batch_free_zero=("weight", "bias"),
+            finite_under_nan=("input",),
+            nan_at=("offset", (0, 8, 1, 2)),
+        ),
+        Op(
+            "deform_roi_pool",
+            _roi_inputs,
+            _roi_forward,
+            fixed=("rois",),
+            batch=("rois", "offset", "mask"),
+            per_item=("output",),
+            nan_at=("offset", (0, 1, 2, 0)),
+        ),
+        Op(
+            "deform_roi_pool_backward",
+            _roi_inputs,
+            _roi_backward,
+            grads=ROI_GRADS,
+            fixed=("rois",),
+            batch=("rois", "offset", "mask", "grad_output"),
+            per_item=("offset", "mask"),
+            batch_free_zero=("input",),
+            finite_under_nan=("input",),
+            nan_at=("offset", (0, 1, 2, 0)),
+        ),
+        Op(
+            "deform_psroi_pool",
+            _psroi_inputs,
+            _psroi_forward,
+            fixed=("rois",),
+            batch=("rois", "offset"),
+            per_item=("output", "count"),
+            nan_at=("offset", (0, 0, 1, 2)),
+        ),
+        Op(
+            "deform_psroi_pool_backward",
+            _psroi_inputs,
+            _psroi_backward,
+            grads=PSROI_GRADS,
+            fixed=("rois",),
+            batch=("rois", "offset", "grad_output"),
+            per_item=("offset",),
+            batch_free_zero=("input",),
+            finite_under_nan=("input",),
+            nan_at=("offset", (0, 0, 1, 2)),
+        ),
+        Op(
+            "offset_l2_penalty",
+            _penalty_inputs,
+            _penalty_forward,
+            batch=("offset",),
+            per_item=("penalty",),
+            nan_at=("offset", (0, 3, 1, 1)),
+        ),
+        Op(
+            "offset_l2_penalty_backward",
+            _penalty_inputs,
+            _penalty_backward,
+            batch=("offset", "grad"),
+            per_item=("grad",),
+            nan_at=("offset", (0, 3, 1, 1)),
+        ),
+        # (sampling_locations and effective_dilation reject an empty batch: no ``batch``)
+        Op(
+            "sampling_locations",
+            _sampling_inputs,
+            _sampling_locations,
+            per_item=("locations",),
+            nan_at=("offset", (0, 5, 2, 1)),
+        ),
+        Op(
+            "effective_dilation",
+            _sampling_inputs,
+            _effective_dilation,
+            per_item=("dilation",),
+            nan_at=("offset", (0, 5, 2, 1)),
+        ),
+    ]
+}
 
 BACKWARD_OPS = [name for name, op in OPS.items() if op.grads]
 
@@ -248,16 +328,17 @@ LIBRARY_DTYPES = {"jax": ("float32", "float16", "bfloat16")}
 
 
 def _library(name: str):
-    pytest.importorskip({"numpy": "numpy", "torch": "torch", "jax": "jax",
-                         "cupy": "cupy"}[name])
+    pytest.importorskip({"numpy": "numpy", "torch": "torch", "jax": "jax", "cupy": "cupy"}[name])
     return CONVERT[name]
 
 
 def _inputs(op: Op, dtype_name: str, library: str = "numpy") -> dict:
     inputs = op.make(dtype_name)
     if library == "jax":  # no float64 for JAX: rois in float32
-        inputs = {k: v.astype(np.float32) if k in op.fixed and v.dtype == np.float64 else v
-                  for k, v in inputs.items()}
+        inputs = {
+            k: v.astype(np.float32) if k in op.fixed and v.dtype == np.float64 else v
+            for k, v in inputs.items()
+        }
     return inputs
 
 
@@ -283,8 +364,9 @@ OP_DTYPES = [(name, dtype) for name, op in OPS.items() for dtype in op.dtypes]
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize(("op_name", "dtype_name"), OP_DTYPES,
-                         ids=[f"{n}-{d}" for n, d in OP_DTYPES])
+@pytest.mark.parametrize(
+    ("op_name", "dtype_name"), OP_DTYPES, ids=[f"{n}-{d}" for n, d in OP_DTYPES]
+)
 def test_array_library_round_trip(op_name, dtype_name, library):
     """The caller's array type out, in NumPy's result dtype, with NumPy's values."""
     convert = _library(library)
@@ -315,13 +397,17 @@ def test_array_library_round_trip(op_name, dtype_name, library):
             assert_close(got[name], expected[name], dtype_name, name)
 
 
-WRT_CASES = [(name, subset) for name in BACKWARD_OPS
-             for r in range(len(OPS[name].grads) + 1)
-             for subset in itertools.combinations(OPS[name].grads, r)]
+WRT_CASES = [
+    (name, subset)
+    for name in BACKWARD_OPS
+    for r in range(len(OPS[name].grads) + 1)
+    for subset in itertools.combinations(OPS[name].grads, r)
+]
 
 
-@pytest.mark.parametrize(("op_name", "wrt"), WRT_CASES,
-                         ids=[f"{n}-{'+'.join(s) or 'none'}" for n, s in WRT_CASES])
+@pytest.mark.parametrize(
+    ("op_name", "wrt"), WRT_CASES, ids=[f"{n}-{'+'.join(s) or 'none'}" for n, s in WRT_CASES]
+)
 def test_wrt_returns_exactly_the_requested_gradients(op_name, wrt):
     op = OPS[op_name]
     inputs = _inputs(op, "float32")

@@ -21,6 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+import cupydcn
+from cupydcn import PADDING_MODES
+from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
+from cupydcn.deform_conv.padding import PADDING_MODE_CODES, cell_floor, map_coordinates
+from cupydcn.deform_conv.spec import conv_geometry
 from reference import (
     ConvConfig,
     deform_conv2d_reference,
@@ -29,14 +35,16 @@ from reference import (
     offsets_for_points,
     sample_points_of,
 )
-from support import (DTYPE_NAMES, GRADS, LOW_PRECISION, assert_close, assert_close_to_sum,
-                     cast_arrays, dtype_of, seeded)
-
-import cupydcn
-from cupydcn import PADDING_MODES
-from cupydcn.deform_conv.spec import conv_geometry
-from cupydcn.deform_conv.numpy_backend import conv_backward, conv_forward
-from cupydcn.deform_conv.padding import PADDING_MODE_CODES, cell_floor, map_coordinates
+from support import (
+    DTYPE_NAMES,
+    GRADS,
+    LOW_PRECISION,
+    assert_close,
+    assert_close_to_sum,
+    cast_arrays,
+    dtype_of,
+    seeded,
+)
 
 GRADIENT_ORDER = GRADS
 ALL_GRADIENTS = frozenset(GRADIENT_ORDER)
@@ -47,20 +55,49 @@ PADDED_MODES = ("border", "reflection")
 # ---------------------------------------------------------------------------- problems
 
 CONFIGS = {
-    "k3x3_p1": ConvConfig(batch=2, in_channels=2, out_channels=3, height=5, width=6,
-                          padding=(1, 1)),
+    "k3x3_p1": ConvConfig(
+        batch=2, in_channels=2, out_channels=3, height=5, width=6, padding=(1, 1)
+    ),
     "k2x3_s2x1_p1x2_d1x2_groups2_offset_groups2": ConvConfig(
-        batch=1, in_channels=4, out_channels=4, groups=2, offset_groups=2, kernel=(2, 3),
-        stride=(2, 1), padding=(1, 2), dilation=(1, 2), height=6, width=7),
-    "k3x1_h2_no_mask": ConvConfig(batch=2, in_channels=2, out_channels=2, kernel=(3, 1),
-                                  padding=(1, 0), height=2, width=5, with_mask=False),
-    "h1_k1x3": ConvConfig(batch=2, in_channels=2, out_channels=2, height=1, width=6,
-                          kernel=(1, 3), padding=(0, 1)),
+        batch=1,
+        in_channels=4,
+        out_channels=4,
+        groups=2,
+        offset_groups=2,
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(1, 2),
+        dilation=(1, 2),
+        height=6,
+        width=7,
+    ),
+    "k3x1_h2_no_mask": ConvConfig(
+        batch=2,
+        in_channels=2,
+        out_channels=2,
+        kernel=(3, 1),
+        padding=(1, 0),
+        height=2,
+        width=5,
+        with_mask=False,
+    ),
+    "h1_k1x3": ConvConfig(
+        batch=2, in_channels=2, out_channels=2, height=1, width=6, kernel=(1, 3), padding=(0, 1)
+    ),
     "w1_k3x1_offset_groups3_no_bias": ConvConfig(
-        batch=1, in_channels=3, out_channels=2, height=5, width=1, kernel=(3, 1),
-        padding=(1, 0), offset_groups=3, with_bias=False),
-    "h1w1_k2x2": ConvConfig(batch=2, in_channels=2, out_channels=1, height=1, width=1,
-                            kernel=(2, 2), padding=(1, 1)),
+        batch=1,
+        in_channels=3,
+        out_channels=2,
+        height=5,
+        width=1,
+        kernel=(3, 1),
+        padding=(1, 0),
+        offset_groups=3,
+        with_bias=False,
+    ),
+    "h1w1_k2x2": ConvConfig(
+        batch=2, in_channels=2, out_channels=1, height=1, width=1, kernel=(2, 2), padding=(1, 1)
+    ),
 }
 
 
@@ -74,34 +111,69 @@ def problem(name: str, *key, away_from_kinks=False):
 
 
 def geometry(arrays: dict, config: ConvConfig, mode: str):
-    return conv_geometry(arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"],
-                         arrays["mask"], padding_mode=mode, **config.options)
+    return conv_geometry(
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
+        padding_mode=mode,
+        **config.options,
+    )
 
 
 def forward(arrays: dict, config: ConvConfig, mode: str, *, workspace_bytes=WORKSPACE):
-    return conv_forward(arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"],
-                        arrays["mask"], geometry(arrays, config, mode),
-                        workspace_bytes=workspace_bytes)
+    return conv_forward(
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
+        geometry(arrays, config, mode),
+        workspace_bytes=workspace_bytes,
+    )
 
 
-def backward(grad_output, arrays: dict, config: ConvConfig, mode: str, *, wrt=ALL_GRADIENTS,
-             workspace_bytes=WORKSPACE) -> dict:
-    grads = conv_backward(grad_output, arrays["input"], arrays["offset"], arrays["weight"],
-                          arrays["mask"], geometry(arrays, config, mode), wrt=frozenset(wrt),
-                          workspace_bytes=workspace_bytes)
+def backward(
+    grad_output,
+    arrays: dict,
+    config: ConvConfig,
+    mode: str,
+    *,
+    wrt=ALL_GRADIENTS,
+    workspace_bytes=WORKSPACE,
+) -> dict:
+    grads = conv_backward(
+        grad_output,
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["mask"],
+        geometry(arrays, config, mode),
+        wrt=frozenset(wrt),
+        workspace_bytes=workspace_bytes,
+    )
     return dict(zip(GRADIENT_ORDER, grads))
 
 
 def reference(arrays: dict, config: ConvConfig, mode: str) -> np.ndarray:
-    return deform_conv2d_reference(arrays["input"], arrays["offset"], arrays["weight"],
-                                   arrays["bias"], arrays["mask"], padding_mode=mode,
-                                   **config.options)
+    return deform_conv2d_reference(
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        arrays["mask"],
+        padding_mode=mode,
+        **config.options,
+    )
 
 
 def magnitude(arrays: dict, config: ConvConfig, mode: str) -> np.ndarray:
     """S: the reference on |input|, |weight|, |bias|, |mask| (bounds sum |term|)."""
-    absolute = {name: None if v is None or name == "offset" else np.abs(v.astype(np.float64))
-                for name, v in arrays.items()}
+    absolute = {
+        name: None if v is None or name == "offset" else np.abs(v.astype(np.float64))
+        for name, v in arrays.items()
+    }
     absolute["offset"] = arrays["offset"].astype(np.float64)
     return reference(absolute, config, mode)
 
@@ -110,15 +182,54 @@ def magnitude(arrays: dict, config: ConvConfig, mode: str) -> np.ndarray:
 # tests/test_conv_numpy.py.
 def assert_close_to_reference(output, arrays, config, mode, dtype_name) -> None:
     exact = cast_arrays(arrays, np.float64)
-    assert_close_to_sum(output, reference(exact, config, mode), magnitude(exact, config, mode),
-                        dtype_name, "output", roundings=2, dtype_checked=False)
+    assert_close_to_sum(
+        output,
+        reference(exact, config, mode),
+        magnitude(exact, config, mode),
+        dtype_name,
+        "output",
+        roundings=2,
+        dtype_checked=False,
+    )
 
 
 # ---------------------------------------------------------------------------- the mapping
 
-MAPPING_POINTS = [-np.inf, -1e30, -1e4, -37.25, -16.0, -9.0, -8.0, -7.5, -4.0, -3.0, -1.0,
-                  -0.5, -1e-9, -0.0, 0.0, 1e-9, 0.5, 1.0, 2.75, 3.0, 4.0, 4.5, 5.0, 7.0, 8.0,
-                  8.25, 12.0, 16.0, 17.0, 1e4 + 0.5, 1e30, np.inf, np.nan]
+MAPPING_POINTS = [
+    -np.inf,
+    -1e30,
+    -1e4,
+    -37.25,
+    -16.0,
+    -9.0,
+    -8.0,
+    -7.5,
+    -4.0,
+    -3.0,
+    -1.0,
+    -0.5,
+    -1e-9,
+    -0.0,
+    0.0,
+    1e-9,
+    0.5,
+    1.0,
+    2.75,
+    3.0,
+    4.0,
+    4.5,
+    5.0,
+    7.0,
+    8.0,
+    8.25,
+    12.0,
+    16.0,
+    17.0,
+    1e4 + 0.5,
+    1e30,
+    np.inf,
+    np.nan,
+]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -157,8 +268,9 @@ def test_map_coordinates_slope_at_the_kinks():
     mapped, slope = map_coordinates(np, p, 5, "reflection")
     np.testing.assert_array_equal(mapped, [0, 4, 0, 0, 4, 0, 4, 0, 4])
     np.testing.assert_array_equal(slope, [-1, -1, 1, 1, 1, 1, 1, 1, -1])
-    mapped, slope = map_coordinates(np, np.array([-1.0, 0.0, 2.0, 4.0, 4.5, -np.inf, np.inf]),
-                                    5, "border")
+    mapped, slope = map_coordinates(
+        np, np.array([-1.0, 0.0, 2.0, 4.0, 4.5, -np.inf, np.inf]), 5, "border"
+    )
     np.testing.assert_array_equal(mapped, [0, 0, 2, 4, 4, 0, 4])
     np.testing.assert_array_equal(slope, [0, 1, 1, 1, 0, 0, 0])
     for mode in PADDED_MODES:  # a 1-pixel dimension: constant
@@ -207,8 +319,9 @@ def test_forward_matches_reference(name, mode, dtype_name):
     config, arrays, _, _ = problem(name, "forward", dtype_name)
     dtype = dtype_of(dtype_name)
     arrays = cast_arrays(arrays, dtype)
-    output = forward(arrays, config, mode, workspace_bytes=1 if dtype_name == "float32"
-                     else WORKSPACE)
+    output = forward(
+        arrays, config, mode, workspace_bytes=1 if dtype_name == "float32" else WORKSPACE
+    )
     assert output.dtype == dtype
     assert_close_to_reference(output, arrays, config, mode, dtype_name)
 
@@ -217,15 +330,24 @@ def test_forward_matches_reference(name, mode, dtype_name):
 def test_points_outside_read_the_mapped_pixel(mode):
     """1x1 kernel, weight 1: the output is the input at the mapped point; far points read
     the edge (border) or the mirrored pixel (reflection), not 0."""
-    config = ConvConfig(batch=1, in_channels=1, out_channels=1, height=3, width=4,
-                        kernel=(1, 1), with_bias=False, with_mask=False)
+    config = ConvConfig(
+        batch=1,
+        in_channels=1,
+        out_channels=1,
+        height=3,
+        width=4,
+        kernel=(1, 1),
+        with_bias=False,
+        with_mask=False,
+    )
     arrays = config.arrays(np.random.default_rng(0))
     arrays["input"] = np.arange(12.0).reshape(1, 1, 3, 4)
     arrays["weight"] = np.ones((1, 1, 1, 1))
     py = np.array([-1.0, -5.0, 3.0, 7.0, 1.0, 1.0, 1.0, 1.0, -2.0, 2.0, 0.5, 13.0])
     px = np.array([1.0, 1.0, 1.0, 1.0, -1.0, -4.0, 4.0, 9.0, -3.0, 3.0, 6.5, 2.0])
-    arrays["offset"] = offsets_for_points(config, py.reshape(1, 1, 1, 3, 4),
-                                          px.reshape(1, 1, 1, 3, 4))
+    arrays["offset"] = offsets_for_points(
+        config, py.reshape(1, 1, 1, 3, 4), px.reshape(1, 1, 1, 3, 4)
+    )
     output = forward(arrays, config, mode).reshape(-1)
     if mode == "border":
         rows = np.clip(py, 0, 2)
@@ -243,13 +365,14 @@ def test_nonfinite_offsets(mode):
     config = CONFIGS["k3x3_p1"]
     _, arrays, projection, _ = problem("k3x3_p1", "nonfinite")
     offset = arrays["offset"]
-    offset[0, 0, 0, 0] = np.inf    # tap 0 dy
-    offset[0, 3, 1, 1] = -np.inf   # tap 1 dx
-    offset[1, 4, 2, 2] = np.nan    # tap 2 dy
+    offset[0, 0, 0, 0] = np.inf  # tap 0 dy
+    offset[0, 3, 1, 1] = -np.inf  # tap 1 dx
+    offset[1, 4, 2, 2] = np.nan  # tap 2 dy
     output = forward(arrays, config, mode)
     grads = backward(projection, arrays, config, mode)
-    np.testing.assert_allclose(output, reference(arrays, config, mode), rtol=1e-12,
-                               atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(
+        output, reference(arrays, config, mode), rtol=1e-12, atol=1e-12, equal_nan=True
+    )
     assert np.isnan(output[1, :, 2, 2]).all()
     infinite_is_nan = mode == "reflection"
     assert np.isnan(output[0, :, 0, 0]).all() == infinite_is_nan
@@ -271,16 +394,24 @@ def test_nonfinite_offsets(mode):
 
 @pytest.mark.parametrize("dtype_name", LOW_PRECISION)
 @pytest.mark.parametrize("mode", PADDED_MODES)
-@pytest.mark.parametrize("name", ["k3x3_p1", "k2x3_s2x1_p1x2_d1x2_groups2_offset_groups2",
-                                  "h1_k1x3", "w1_k3x1_offset_groups3_no_bias"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "k3x3_p1",
+        "k2x3_s2x1_p1x2_d1x2_groups2_offset_groups2",
+        "h1_k1x3",
+        "w1_k3x1_offset_groups3_no_bias",
+    ],
+)
 def test_low_precision_backward_matches_float64(name, mode, dtype_name):
     config, arrays, projection, _ = problem(name, "backward", dtype_name)
     dtype = dtype_of(dtype_name)
     arrays = cast_arrays(arrays, dtype)
     grad_output = projection.astype(dtype)
     grads = backward(grad_output, arrays, config, mode, workspace_bytes=1)
-    expected = backward(grad_output.astype(np.float64), cast_arrays(arrays, np.float64),
-                        config, mode)
+    expected = backward(
+        grad_output.astype(np.float64), cast_arrays(arrays, np.float64), config, mode
+    )
     for argument in GRADIENT_ORDER:
         if expected[argument] is None:
             assert grads[argument] is None
@@ -291,24 +422,32 @@ def test_low_precision_backward_matches_float64(name, mode, dtype_name):
 
 STEP = 1e-6
 RTOL = 1e-6
-GRADCHECK_CONFIGS = ("k3x3_p1", "k2x3_s2x1_p1x2_d1x2_groups2_offset_groups2", "h1_k1x3",
-                     "w1_k3x1_offset_groups3_no_bias")
+GRADCHECK_CONFIGS = (
+    "k3x3_p1",
+    "k2x3_s2x1_p1x2_d1x2_groups2_offset_groups2",
+    "h1_k1x3",
+    "w1_k3x1_offset_groups3_no_bias",
+)
 GRADCHECK_CASES = [
     (name, mode, argument)
-    for name in GRADCHECK_CONFIGS for mode in PADDED_MODES for argument in GRADIENT_ORDER
+    for name in GRADCHECK_CONFIGS
+    for mode in PADDED_MODES
+    for argument in GRADIENT_ORDER
     if (argument != "mask" or CONFIGS[name].with_mask)
     and (argument != "bias" or CONFIGS[name].with_bias)
 ]
 
 
 def projected(arrays, config, mode, projection, *, loop_reference=False) -> float:
-    output = (reference(arrays, config, mode) if loop_reference
-              else forward(arrays, config, mode))
+    output = reference(arrays, config, mode) if loop_reference else forward(arrays, config, mode)
     return float(np.sum(projection * output))
 
 
-@pytest.mark.parametrize(("name", "mode", "argument"), GRADCHECK_CASES,
-                         ids=[f"{n}-{m}-{a}" for n, m, a in GRADCHECK_CASES])
+@pytest.mark.parametrize(
+    ("name", "mode", "argument"),
+    GRADCHECK_CASES,
+    ids=[f"{n}-{m}-{a}" for n, m, a in GRADCHECK_CASES],
+)
 def test_gradient_matches_central_differences(name, mode, argument):
     """Every element of every input, float64; no sample point within 0.2 of an integer
     (the kinks of the bilinear weights and of both mappings are on integers)."""
@@ -373,8 +512,9 @@ def documented_side(p: float, size: int, mode: str) -> int:
     return -slope if mapped == last else slope
 
 
-KINK_CONFIG = ConvConfig(batch=1, in_channels=2, out_channels=2, height=5, width=4,
-                         kernel=(2, 2), padding=(0, 0))
+KINK_CONFIG = ConvConfig(
+    batch=1, in_channels=2, out_channels=2, height=5, width=4, kernel=(2, 2), padding=(0, 0)
+)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -392,8 +532,9 @@ def test_offset_gradient_at_kinks_is_the_documented_one_sided_derivative(mode):
     arrays["weight"] = rng.uniform(0.5, 1.5, size=arrays["weight"].shape)
     arrays["mask"] = rng.uniform(0.5, 1.5, size=arrays["mask"].shape)
     h, w = config.height - 1, config.width - 1  # reflection period halves
-    ys = np.array([-3 * h, -2 * h, -h, -3.0, -1.0, -0.5, 0.0, 1.0, 2.5, h, h + 1.0, 2 * h,
-                   3 * h, 4 * h + 1.5])
+    ys = np.array(
+        [-3 * h, -2 * h, -h, -3.0, -1.0, -0.5, 0.0, 1.0, 2.5, h, h + 1.0, 2 * h, 3 * h, 4 * h + 1.5]
+    )
     xs = np.array([-2 * w, -w, -1.0, 0.0, 1.0, 1.5, w, w + 1.0, 2 * w, 3 * w, 5 * w + 0.25])
     out_h, out_w = config.out_size
     shape = (1, 1, 4, out_h, out_w)
@@ -404,8 +545,13 @@ def test_offset_gradient_at_kinks_is_the_documented_one_sided_derivative(mode):
     grad_offset = backward(projection, arrays, config, mode)["offset"]
 
     offset = arrays["offset"]
-    sides = np.stack([np.vectorize(documented_side)(points_y, config.height, mode),
-                      np.vectorize(documented_side)(points_x, config.width, mode)], axis=3)
+    sides = np.stack(
+        [
+            np.vectorize(documented_side)(points_y, config.height, mode),
+            np.vectorize(documented_side)(points_x, config.width, mode),
+        ],
+        axis=3,
+    )
     sides = sides.reshape(offset.shape)
     base = projected(arrays, config, mode, projection, loop_reference=True)
     for index in np.ndindex(offset.shape):
@@ -436,8 +582,17 @@ def test_matches_torch_grid_sample(mode):
     H - 1 and W - 1 powers of two so the grid's normalisation is exact."""
     torch = pytest.importorskip("torch")
     functional = pytest.importorskip("torch.nn.functional")
-    config = ConvConfig(batch=2, in_channels=3, out_channels=3, height=9, width=5,
-                        kernel=(1, 1), groups=3, with_bias=False, with_mask=False)
+    config = ConvConfig(
+        batch=2,
+        in_channels=3,
+        out_channels=3,
+        height=9,
+        width=5,
+        kernel=(1, 1),
+        groups=3,
+        with_bias=False,
+        with_mask=False,
+    )
     for away_from_kinks in (False, True):
         rng = seeded("grid_sample", mode, away_from_kinks)
         arrays = config.arrays(rng)
@@ -451,17 +606,20 @@ def test_matches_torch_grid_sample(mode):
         grid = np.stack([2 * px[:, 0, 0] / 4 - 1, 2 * py[:, 0, 0] / 8 - 1], axis=-1)
         x = torch.tensor(arrays["input"], requires_grad=True)
         g = torch.tensor(grid, requires_grad=True)
-        sampled = functional.grid_sample(x, g, mode="bilinear", padding_mode=mode,
-                                         align_corners=True)
+        sampled = functional.grid_sample(
+            x, g, mode="bilinear", padding_mode=mode, align_corners=True
+        )
         (sampled * torch.tensor(projection)).sum().backward()
         np.testing.assert_allclose(output, sampled.detach().numpy(), rtol=0, atol=1e-12)
         np.testing.assert_allclose(grads["input"], x.grad.numpy(), rtol=0, atol=1e-12)
         if away_from_kinks:
             grid_grad = g.grad.numpy()  # d/d grid = d/dp * (size - 1) / 2
-            np.testing.assert_allclose(grads["offset"][:, 0], grid_grad[..., 1] * 2 / 8,
-                                       rtol=0, atol=1e-12)
-            np.testing.assert_allclose(grads["offset"][:, 1], grid_grad[..., 0] * 2 / 4,
-                                       rtol=0, atol=1e-12)
+            np.testing.assert_allclose(
+                grads["offset"][:, 0], grid_grad[..., 1] * 2 / 8, rtol=0, atol=1e-12
+            )
+            np.testing.assert_allclose(
+                grads["offset"][:, 1], grid_grad[..., 0] * 2 / 4, rtol=0, atol=1e-12
+            )
 
 
 # ---------------------------------------------------------------------------- public API
@@ -485,18 +643,31 @@ def test_public_api(library, mode):
     arrays = cast_arrays(arrays, np.float32)
     projection = projection.astype(np.float32)
     converted = {k: _to_library(library, v) for k, v in arrays.items()}
-    output = cupydcn.deform_conv2d(converted["input"], converted["offset"], converted["weight"],
-                                   converted["bias"], mask=converted["mask"], padding_mode=mode,
-                                   **config.options)
+    output = cupydcn.deform_conv2d(
+        converted["input"],
+        converted["offset"],
+        converted["weight"],
+        converted["bias"],
+        mask=converted["mask"],
+        padding_mode=mode,
+        **config.options,
+    )
     grads = cupydcn.deform_conv2d_backward(
-        _to_library(library, projection), converted["input"], converted["offset"],
-        converted["weight"], converted["mask"], padding_mode=mode, **config.options)
+        _to_library(library, projection),
+        converted["input"],
+        converted["offset"],
+        converted["weight"],
+        converted["mask"],
+        padding_mode=mode,
+        **config.options,
+    )
     assert type(output) is type(converted["input"])
     np.testing.assert_array_equal(np.asarray(output), forward(arrays, config, mode))
     expected = backward(projection, arrays, config, mode)
     for argument in GRADIENT_ORDER:
-        np.testing.assert_array_equal(np.asarray(getattr(grads, f"grad_{argument}")),
-                                      expected[argument], err_msg=argument)
+        np.testing.assert_array_equal(
+            np.asarray(getattr(grads, f"grad_{argument}")), expected[argument], err_msg=argument
+        )
 
 
 def test_modes_differ_where_points_leave_the_map():
@@ -512,12 +683,25 @@ def test_invalid_padding_mode(op, bad):
     config, arrays, projection, _ = problem("k3x3_p1", "invalid")
     with pytest.raises(cupydcn.CupydcnValueError) as info:
         if op == "deform_conv2d":
-            cupydcn.deform_conv2d(arrays["input"], arrays["offset"], arrays["weight"],
-                                  padding=1, mask=arrays["mask"], padding_mode=bad)
+            cupydcn.deform_conv2d(
+                arrays["input"],
+                arrays["offset"],
+                arrays["weight"],
+                padding=1,
+                mask=arrays["mask"],
+                padding_mode=bad,
+            )
         else:
-            cupydcn.deform_conv2d_backward(projection, arrays["input"], arrays["offset"],
-                                           arrays["weight"], arrays["mask"], padding=1,
-                                           padding_mode=bad)
+            cupydcn.deform_conv2d_backward(
+                projection,
+                arrays["input"],
+                arrays["offset"],
+                arrays["weight"],
+                arrays["mask"],
+                padding=1,
+                padding_mode=bad,
+            )
     message = str(info.value)
-    assert message.startswith(f"{op}: padding_mode must be one of ('zeros', 'border', "
-                              f"'reflection'); got {bad!r}"), message
+    assert message.startswith(
+        f"{op}: padding_mode must be one of ('zeros', 'border', 'reflection'); got {bad!r}"
+    ), message

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import ConvConfig, far_offsets, offsets_for_points
-from support import (DTYPE_NAMES, GRADS, assert_relative, dtype_of, on_device, seeded,
-                     to_numpy)
 
 from cupydcn.deform_conv import cuda_backend as _conv_kernels
-from cupydcn.deform_conv.spec import conv_geometry
 from cupydcn.deform_conv.numpy_backend import conv_backward as numpy_backward
 from cupydcn.deform_conv.numpy_backend import conv_forward as numpy_forward
-
+from cupydcn.deform_conv.spec import conv_geometry
 from emulator.host_launcher import HostLauncher
+from reference import ConvConfig, far_offsets, offsets_for_points
+from support import DTYPE_NAMES, GRADS, assert_relative, dtype_of, on_device, seeded, to_numpy
 
 # Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter; the
 # others carry the mark themselves.
@@ -34,25 +32,51 @@ WORKSPACE = 1 << 28
 # float32: 2u = 2**-10 resp. 2**-7).
 
 
-
-
 CONFIGS = {
     # 3x3, padding 1, points far beyond every side, on integers and halves
-    "far": ConvConfig(batch=2, in_channels=4, out_channels=3, height=5, width=6,
-                      padding=(1, 1)),
+    "far": ConvConfig(batch=2, in_channels=4, out_channels=3, height=5, width=6, padding=(1, 1)),
     # non-square kernel, stride / padding / dilation per axis, groups and offset groups
-    "grouped": ConvConfig(batch=3, in_channels=6, out_channels=4, groups=2, offset_groups=3,
-                          kernel=(2, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2),
-                          height=7, width=8, with_bias=False),
+    "grouped": ConvConfig(
+        batch=3,
+        in_channels=6,
+        out_channels=4,
+        groups=2,
+        offset_groups=3,
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(1, 2),
+        dilation=(1, 2),
+        height=7,
+        width=8,
+        with_bias=False,
+    ),
     # every sample point on a kink of some mode: 0, H-1, +-k(H-1), -1, H (and for x)
-    "kinks": ConvConfig(batch=2, in_channels=2, out_channels=2, height=5, width=4,
-                        kernel=(2, 2), padding=(1, 1)),
-    "h1": ConvConfig(batch=2, in_channels=2, out_channels=2, height=1, width=6, kernel=(1, 3),
-                     padding=(0, 1), with_mask=False),
-    "w1": ConvConfig(batch=1, in_channels=3, out_channels=2, height=5, width=1, kernel=(3, 1),
-                     padding=(1, 0), offset_groups=3),
-    "h1w1": ConvConfig(batch=2, in_channels=2, out_channels=1, height=1, width=1, kernel=(2, 2),
-                       padding=(1, 1)),
+    "kinks": ConvConfig(
+        batch=2, in_channels=2, out_channels=2, height=5, width=4, kernel=(2, 2), padding=(1, 1)
+    ),
+    "h1": ConvConfig(
+        batch=2,
+        in_channels=2,
+        out_channels=2,
+        height=1,
+        width=6,
+        kernel=(1, 3),
+        padding=(0, 1),
+        with_mask=False,
+    ),
+    "w1": ConvConfig(
+        batch=1,
+        in_channels=3,
+        out_channels=2,
+        height=5,
+        width=1,
+        kernel=(3, 1),
+        padding=(1, 0),
+        offset_groups=3,
+    ),
+    "h1w1": ConvConfig(
+        batch=2, in_channels=2, out_channels=1, height=1, width=1, kernel=(2, 2), padding=(1, 1)
+    ),
 }
 
 
@@ -77,33 +101,75 @@ class Problem:
         arrays["offset"] = offset
         dtype = dtype_of(dtype_name)
         self.dtype_name = dtype_name
-        self.arrays = {k: None if v is None else np.ascontiguousarray(v.astype(dtype))
-                       for k, v in arrays.items()}
-        self.grad_output = rng.normal(size=(config.batch, config.out_channels)
-                                      + config.out_size).astype(dtype)
+        self.arrays = {
+            k: None if v is None else np.ascontiguousarray(v.astype(dtype))
+            for k, v in arrays.items()
+        }
+        self.grad_output = rng.normal(
+            size=(config.batch, config.out_channels) + config.out_size
+        ).astype(dtype)
         a = self.arrays
-        self.geom = conv_geometry(a["input"], a["offset"], a["weight"], a["bias"], a["mask"],
-                                  padding_mode=mode, **config.options)
+        self.geom = conv_geometry(
+            a["input"],
+            a["offset"],
+            a["weight"],
+            a["bias"],
+            a["mask"],
+            padding_mode=mode,
+            **config.options,
+        )
 
     def run(self, launcher, index_bits=None):
         """(output, grads) of the kernels, in NumPy."""
         a = {k: on_device(launcher, v) for k, v in self.arrays.items()}
         output = _conv_kernels.conv_forward(
-            launcher, a["input"], a["offset"], a["weight"], a["bias"], a["mask"], self.geom,
-            dtype_name=self.dtype_name, workspace_bytes=WORKSPACE, index_bits=index_bits)
+            launcher,
+            a["input"],
+            a["offset"],
+            a["weight"],
+            a["bias"],
+            a["mask"],
+            self.geom,
+            dtype_name=self.dtype_name,
+            workspace_bytes=WORKSPACE,
+            index_bits=index_bits,
+        )
         grads = _conv_kernels.conv_backward(
-            launcher, on_device(launcher, self.grad_output), a["input"], a["offset"],
-            a["weight"], a["mask"], self.geom, dtype_name=self.dtype_name,
-            wrt=frozenset(GRADS), workspace_bytes=WORKSPACE, index_bits=index_bits)
+            launcher,
+            on_device(launcher, self.grad_output),
+            a["input"],
+            a["offset"],
+            a["weight"],
+            a["mask"],
+            self.geom,
+            dtype_name=self.dtype_name,
+            wrt=frozenset(GRADS),
+            workspace_bytes=WORKSPACE,
+            index_bits=index_bits,
+        )
         return to_numpy(output), [to_numpy(g) for g in grads]
 
     def expected(self):
         exact = {k: None if v is None else v.astype(np.float64) for k, v in self.arrays.items()}
-        output = numpy_forward(exact["input"], exact["offset"], exact["weight"], exact["bias"],
-                               exact["mask"], self.geom, workspace_bytes=WORKSPACE)
-        grads = numpy_backward(self.grad_output.astype(np.float64), exact["input"],
-                               exact["offset"], exact["weight"], exact["mask"], self.geom,
-                               wrt=frozenset(GRADS), workspace_bytes=WORKSPACE)
+        output = numpy_forward(
+            exact["input"],
+            exact["offset"],
+            exact["weight"],
+            exact["bias"],
+            exact["mask"],
+            self.geom,
+            workspace_bytes=WORKSPACE,
+        )
+        grads = numpy_backward(
+            self.grad_output.astype(np.float64),
+            exact["input"],
+            exact["offset"],
+            exact["weight"],
+            exact["mask"],
+            self.geom,
+            wrt=frozenset(GRADS),
+            workspace_bytes=WORKSPACE,
+        )
         return output, grads
 
 
@@ -152,11 +218,11 @@ def test_modes_reach_the_kernels(launcher):
 def _nonfinite_offset(mode: str) -> np.ndarray:
     config = CONFIGS["far"]
     offset = far_offsets(config, np.random.default_rng(5))
-    offset[0, 0, 0, 0] = np.inf     # tap 0 dy
-    offset[0, 3, 1, 1] = -np.inf    # tap 1 dx
-    offset[1, 4, 2, 2] = np.nan     # tap 2 dy
-    offset[1, 9, 3, 3] = 1e30       # tap 4 dx
-    offset[0, 16, 4, 5] = -1e30     # tap 8 dy
+    offset[0, 0, 0, 0] = np.inf  # tap 0 dy
+    offset[0, 3, 1, 1] = -np.inf  # tap 1 dx
+    offset[1, 4, 2, 2] = np.nan  # tap 2 dy
+    offset[1, 9, 3, 3] = 1e30  # tap 4 dx
+    offset[0, 16, 4, 5] = -1e30  # tap 8 dy
     return offset
 
 
@@ -179,7 +245,10 @@ def test_undefined_behaviour_sanitizer(mode):
     """Non-finite, huge and kink points under UBSan, both index widths."""
     sanitized = HostLauncher(sanitize="undefined")
     for bits in (None, 64):
-        for problem in (Problem("far", mode, "float32", offset=_nonfinite_offset(mode)),
-                        Problem("kinks", mode, "float32"), Problem("h1w1", mode, "float32")):
+        for problem in (
+            Problem("far", mode, "float32", offset=_nonfinite_offset(mode)),
+            Problem("kinks", mode, "float32"),
+            Problem("h1w1", mode, "float32"),
+        ):
             output, grads = problem.run(sanitized, bits)
             check(problem, output, grads)

@@ -8,16 +8,34 @@ import dataclasses
 
 import pytest
 
-from cupydcn.deform_conv.spec import ConvGeometry
-from cupydcn.deform_conv.cuda_backend import images_per_chunk, index_bits_for
 from cupydcn.cuda.kernel_source import KERNEL_TEMPLATES, module_source, name_expression
 from cupydcn.cuda.launch import BLOCK_SIZE, INT32_INDEX_LIMIT, MAX_BLOCKS, launch_config
+from cupydcn.deform_conv.cuda_backend import images_per_chunk, index_bits_for
+from cupydcn.deform_conv.spec import ConvGeometry
 
 
 def _geometry(**overrides) -> ConvGeometry:
-    base = dict(batch=8, in_channels=64, height=32, width=32, out_channels=64, groups=1,
-                offset_groups=1, kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1,
-                pad_w=1, dil_h=1, dil_w=1, out_h=32, out_w=32, has_mask=True, has_bias=True)
+    base = dict(
+        batch=8,
+        in_channels=64,
+        height=32,
+        width=32,
+        out_channels=64,
+        groups=1,
+        offset_groups=1,
+        kernel_h=3,
+        kernel_w=3,
+        stride_h=1,
+        stride_w=1,
+        pad_h=1,
+        pad_w=1,
+        dil_h=1,
+        dil_w=1,
+        out_h=32,
+        out_w=32,
+        has_mask=True,
+        has_bias=True,
+    )
     base.update(overrides)
     return ConvGeometry(**base)
 
@@ -32,8 +50,17 @@ def test_chunk_follows_budget():
 
 
 def test_index_bits_switch_at_int32_limit():
-    geom = _geometry(batch=1, in_channels=1, out_channels=1, height=1, width=1, out_h=1, out_w=1,
-                     kernel_h=1, kernel_w=1)
+    geom = _geometry(
+        batch=1,
+        in_channels=1,
+        out_channels=1,
+        height=1,
+        width=1,
+        out_h=1,
+        out_w=1,
+        kernel_h=1,
+        kernel_w=1,
+    )
     assert index_bits_for(geom, 1) == 32
     # A grid-stride loop adds blocks * threads to an index below the total, so 32-bit
     # indexing stops that far below 2^31 - 1.
@@ -43,8 +70,17 @@ def test_index_bits_switch_at_int32_limit():
     assert index_bits_for(dataclasses.replace(geom, height=limit + 1), 1) == 64
     assert index_bits_for(dataclasses.replace(geom, height=2**31), 1) == 64
     # the column buffer alone can force 64 bits: C*K*P*chunk
-    columns = _geometry(batch=64, in_channels=512, kernel_h=3, kernel_w=3, height=8, width=8,
-                        out_h=256, out_w=256, out_channels=8)
+    columns = _geometry(
+        batch=64,
+        in_channels=512,
+        kernel_h=3,
+        kernel_w=3,
+        height=8,
+        width=8,
+        out_h=256,
+        out_w=256,
+        out_channels=8,
+    )
     assert columns.in_channels * 9 * 256 * 256 * 1 < limit
     assert index_bits_for(columns, 1) == 32
     assert index_bits_for(columns, 8) == 64
@@ -52,12 +88,15 @@ def test_index_bits_switch_at_int32_limit():
     assert index_bits_for(dataclasses.replace(geom, out_channels=2**31, out_h=1), 1) == 64
 
 
-@pytest.mark.parametrize("total, expected", [
-    (1, (1, BLOCK_SIZE)),
-    (BLOCK_SIZE, (1, BLOCK_SIZE)),
-    (BLOCK_SIZE + 1, (2, BLOCK_SIZE)),
-    (10**12, (MAX_BLOCKS, BLOCK_SIZE)),
-])
+@pytest.mark.parametrize(
+    "total, expected",
+    [
+        (1, (1, BLOCK_SIZE)),
+        (BLOCK_SIZE, (1, BLOCK_SIZE)),
+        (BLOCK_SIZE + 1, (2, BLOCK_SIZE)),
+        (10**12, (MAX_BLOCKS, BLOCK_SIZE)),
+    ],
+)
 def test_launch_config(total, expected):
     assert launch_config(total) == expected
 
@@ -74,6 +113,10 @@ def test_module_source_inlines_headers_from_disk():
 
 
 def test_name_expression_spelling():
-    assert name_expression("deform_conv_im2col", "bfloat16", 64) == \
-        "cupydcn::deform_conv_im2col<__nv_bfloat16, long long>"
-    assert name_expression("round_to_output", "float16", 32) == "cupydcn::round_to_output<__half, int>"
+    assert (
+        name_expression("deform_conv_im2col", "bfloat16", 64)
+        == "cupydcn::deform_conv_im2col<__nv_bfloat16, long long>"
+    )
+    assert (
+        name_expression("round_to_output", "float16", 32) == "cupydcn::round_to_output<__half, int>"
+    )

@@ -56,8 +56,13 @@ def test_modules_of_ops_dtypes_and_index_widths():
     assert {s for s, _, _ in every} == set(KERNEL_TEMPLATES)
     assert pc.modules_for(["deform_conv2d", "deform_conv2d"], ["float16"], ["int64"]) == [
         (s, "float16", 64)
-        for s in ("deform_conv.cu", "convert.cu", "deform_conv_second_order.cu",
-                  "deform_conv_deterministic.cu", "segment_sum.cu")
+        for s in (
+            "deform_conv.cu",
+            "convert.cu",
+            "deform_conv_second_order.cu",
+            "deform_conv_deterministic.cu",
+            "segment_sum.cu",
+        )
     ]
 
 

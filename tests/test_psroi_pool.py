@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 
 import reference_psroi_pool as ref
-from reference_psroi_pool import CONFIGS, MIXED_ROIS, options, problem
-from support import LOW_PRECISION, as_float64, assert_relative, dtype_of
 from cupydcn import CupydcnTypeError, CupydcnValueError
 from cupydcn.psroi_pool import (
     PSRoiPoolGrads,
     deform_psroi_pool,
     deform_psroi_pool_backward,
 )
-from cupydcn.psroi_pool.spec import psroi_pool_geometry
 from cupydcn.psroi_pool.cuda_backend import index_bits_for
+from cupydcn.psroi_pool.spec import psroi_pool_geometry
+from reference_psroi_pool import CONFIGS, MIXED_ROIS, options, problem
+from support import LOW_PRECISION, as_float64, assert_relative, dtype_of
+
 
 def reference(input, rois, offset, grad_output, cfg):
     o = ref.Options(**options(cfg))
@@ -38,7 +39,8 @@ def test_numpy_matches_reference_float64(name):
     cfg = CONFIGS[name]
     input, rois, offset, grad_output = problem(cfg)
     expected_output, expected_count, expected_gi, expected_go = reference(
-        input, rois, offset, grad_output, cfg)
+        input, rois, offset, grad_output, cfg
+    )
 
     output, count = deform_psroi_pool(input, rois, offset, **options(cfg))
     assert output.dtype == np.float64 and count.dtype == np.int32
@@ -62,8 +64,8 @@ def test_configs_cover_the_edge_cases():
     input, rois, offset, _ = problem(cfg)
     _, count = deform_psroi_pool(input, rois, offset, **options(cfg))
     full = cfg["sample_per_part"] ** 2
-    assert (count[2] == 0).all()                         # RoI wholly outside the map
-    assert ((count[1] > 0) & (count[1] < full)).any()     # partly outside
+    assert (count[2] == 0).all()  # RoI wholly outside the map
+    assert ((count[1] > 0) & (count[1] < full)).any()  # partly outside
     assert (count[4] == full).any()
     cfg = CONFIGS["offsets_off_map"]
     input, rois, offset, _ = problem(cfg)
@@ -79,8 +81,12 @@ def test_dtypes_match_reference(name, dtype_name):
     cfg = CONFIGS[name]
     input, rois, offset, grad_output = problem(cfg, dtype_name, seed=3)
     expected_output, expected_count, expected_gi, expected_go = reference(
-        as_float64(input), rois, None if offset is None else as_float64(offset),
-        as_float64(grad_output), cfg)
+        as_float64(input),
+        rois,
+        None if offset is None else as_float64(offset),
+        as_float64(grad_output),
+        cfg,
+    )
 
     output, count = deform_psroi_pool(input, rois, offset, **options(cfg))
     assert output.dtype == input.dtype and count.dtype == np.int32
@@ -101,8 +107,7 @@ def test_rois_of_another_float_dtype():
     input, rois, offset, _ = problem(cfg)
     expected = deform_psroi_pool(input, rois, offset, **options(cfg))
     for rois_dtype in ("float32", "float16", "bfloat16"):
-        got = deform_psroi_pool(input, rois.astype(dtype_of(rois_dtype)), offset,
-                                **options(cfg))
+        got = deform_psroi_pool(input, rois.astype(dtype_of(rois_dtype)), offset, **options(cfg))
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
 
@@ -110,8 +115,9 @@ def test_rois_of_another_float_dtype():
 def test_part_cells_without_bins_get_zero_gradient():
     cfg = CONFIGS["parts_finer"]  # P = 2, S = 3: bins use cells 0 and 1 only
     input, rois, offset, grad_output = problem(cfg)
-    grad_offset = deform_psroi_pool_backward(grad_output, input, rois, offset,
-                                             **options(cfg)).grad_offset
+    grad_offset = deform_psroi_pool_backward(
+        grad_output, input, rois, offset, **options(cfg)
+    ).grad_offset
     assert (grad_offset[..., 2, :] == 0).all() and (grad_offset[..., :, 2] == 0).all()
     assert (grad_offset[..., :2, :2] != 0).any()
 
@@ -154,8 +160,10 @@ def test_gradients_match_finite_differences(name):
     # The first seed whose samples all keep 1e-5 from a kink (the steps below move them
     # by less than 4e-6).
     input, rois, offset, grad_output = next(
-        p for p in (problem(cfg, seed=seed, rois=rois) for seed in range(10, 30))
-        if _kink_margin(p[0], p[1], p[2], cfg) > 1e-5)
+        p
+        for p in (problem(cfg, seed=seed, rois=rois) for seed in range(10, 30))
+        if _kink_margin(p[0], p[1], p[2], cfg) > 1e-5
+    )
     grads = deform_psroi_pool_backward(grad_output, input, rois, offset, **options(cfg))
 
     def loss(x, off):
@@ -170,10 +178,12 @@ def test_gradients_match_finite_differences(name):
 
         direction = rng.standard_normal(offset.shape)
         step = 1e-7
-        numeric = (loss(input, offset + step * direction)
-                   - loss(input, offset - step * direction)) / (2 * step)
-        np.testing.assert_allclose((grads.grad_offset * direction).sum(), numeric,
-                                   rtol=1e-6, atol=1e-9)
+        numeric = (
+            loss(input, offset + step * direction) - loss(input, offset - step * direction)
+        ) / (2 * step)
+        np.testing.assert_allclose(
+            (grads.grad_offset * direction).sum(), numeric, rtol=1e-6, atol=1e-9
+        )
 
 
 def _single_sample(value_of_x, offset_x, roi, *, trans_std=0.1, spatial_scale=0.5):
@@ -182,8 +192,14 @@ def _single_sample(value_of_x, offset_x, roi, *, trans_std=0.1, spatial_scale=0.
     input = np.broadcast_to(value_of_x(np.arange(6.0)), (1, 1, 4, 6)).copy()
     rois = np.array([roi], dtype=np.float64)
     offset = np.array([offset_x, 0.0]).reshape(1, 2, 1, 1)
-    kw = dict(output_dim=1, group_size=1, pooled_size=1, sample_per_part=1,
-              spatial_scale=spatial_scale, trans_std=trans_std)
+    kw = dict(
+        output_dim=1,
+        group_size=1,
+        pooled_size=1,
+        sample_per_part=1,
+        spatial_scale=spatial_scale,
+        trans_std=trans_std,
+    )
     output, count = deform_psroi_pool(input, rois, offset, **kw)
     grads = deform_psroi_pool_backward(np.ones((1, 1, 1, 1)), input, rois, offset, **kw)
     return float(output[0, 0, 0, 0]), int(count[0, 0, 0, 0]), grads.grad_offset[0, :, 0, 0]
@@ -252,53 +268,162 @@ def _change(arrays: dict, key: str, value) -> dict:
 
 VALIDATION_CASES = [
     # (id, array changes, option changes, error type, substrings of the message)
-    ("input-3d", {"input": np.zeros((36, 9, 11))}, {}, CupydcnValueError,
-     ["input must be 4-D", "(36, 9, 11)"]),
-    ("channels", {"input": np.zeros((2, 35, 9, 11))}, {}, CupydcnValueError,
-     ["input has 35 channels", "output_dim * group_size**2 = 4 * 3**2 = 36"]),
-    ("empty-map", {"input": np.zeros((2, 36, 0, 11))}, {}, CupydcnValueError,
-     ["height and width", "(2, 36, 0, 11)"]),
-    ("input-int", {"input": np.zeros((2, 36, 9, 11), dtype=np.int64)}, {}, CupydcnTypeError,
-     ["input has dtype int64", "float64, float32"]),
-    ("offset-dtype", {"offset": np.zeros((7, 4, 3, 3), dtype=np.float32)}, {},
-     CupydcnTypeError, ["offset has dtype float32", "expected float64 like input"]),
-    ("rois-shape", {"rois": np.zeros((7, 4))}, {}, CupydcnValueError,
-     ["rois must have shape [K, 5]", "(7, 4)"]),
-    ("rois-dtype", {"rois": np.zeros((7, 5), dtype=np.int32)}, {}, CupydcnTypeError,
-     ["rois has dtype int32", "floating"]),
-    ("rois-batch", {"rois": np.array([[2.0, 0, 0, 1, 1]] * 7)}, {}, CupydcnValueError,
-     ["rois[0, 0] = 2", "[0, 2)"]),
-    ("rois-nan", {"rois": np.array([[0.0, 0, 0, 1, 1]] * 6 + [[0, np.nan, 0, 1, 1]])}, {},
-     CupydcnValueError, ["rois[6]", "non-finite"]),
-    ("offset-odd", {"offset": np.zeros((7, 3, 3, 3))}, {}, CupydcnValueError,
-     ["offset.shape[1] = 3", "2 * num_classes"]),
-    ("offset-3d", {"offset": np.zeros((7, 4, 3))}, {}, CupydcnValueError,
-     ["offset must be 4-D", "(7, 4, 3)"]),
-    ("classes", {"offset": np.zeros((7, 6, 3, 3))}, {}, CupydcnValueError,
-     ["output_dim = 4 must be divisible by num_classes = 3"]),
-    ("offset-parts", {"offset": np.zeros((7, 4, 2, 2))}, {}, CupydcnValueError,
-     ["offset has shape (7, 4, 2, 2); expected (7, 4, 3, 3)"]),
-    ("offset-rois", {"offset": np.zeros((6, 4, 3, 3))}, {}, CupydcnValueError,
-     ["offset has shape (6, 4, 3, 3); expected (7, 4, 3, 3)"]),
-    ("pooled-size", {}, {"pooled_size": 0}, CupydcnValueError,
-     ["pooled_size must be >= 1; got 0"]),
+    (
+        "input-3d",
+        {"input": np.zeros((36, 9, 11))},
+        {},
+        CupydcnValueError,
+        ["input must be 4-D", "(36, 9, 11)"],
+    ),
+    (
+        "channels",
+        {"input": np.zeros((2, 35, 9, 11))},
+        {},
+        CupydcnValueError,
+        ["input has 35 channels", "output_dim * group_size**2 = 4 * 3**2 = 36"],
+    ),
+    (
+        "empty-map",
+        {"input": np.zeros((2, 36, 0, 11))},
+        {},
+        CupydcnValueError,
+        ["height and width", "(2, 36, 0, 11)"],
+    ),
+    (
+        "input-int",
+        {"input": np.zeros((2, 36, 9, 11), dtype=np.int64)},
+        {},
+        CupydcnTypeError,
+        ["input has dtype int64", "float64, float32"],
+    ),
+    (
+        "offset-dtype",
+        {"offset": np.zeros((7, 4, 3, 3), dtype=np.float32)},
+        {},
+        CupydcnTypeError,
+        ["offset has dtype float32", "expected float64 like input"],
+    ),
+    (
+        "rois-shape",
+        {"rois": np.zeros((7, 4))},
+        {},
+        CupydcnValueError,
+        ["rois must have shape [K, 5]", "(7, 4)"],
+    ),
+    (
+        "rois-dtype",
+        {"rois": np.zeros((7, 5), dtype=np.int32)},
+        {},
+        CupydcnTypeError,
+        ["rois has dtype int32", "floating"],
+    ),
+    (
+        "rois-batch",
+        {"rois": np.array([[2.0, 0, 0, 1, 1]] * 7)},
+        {},
+        CupydcnValueError,
+        ["rois[0, 0] = 2", "[0, 2)"],
+    ),
+    (
+        "rois-nan",
+        {"rois": np.array([[0.0, 0, 0, 1, 1]] * 6 + [[0, np.nan, 0, 1, 1]])},
+        {},
+        CupydcnValueError,
+        ["rois[6]", "non-finite"],
+    ),
+    (
+        "offset-odd",
+        {"offset": np.zeros((7, 3, 3, 3))},
+        {},
+        CupydcnValueError,
+        ["offset.shape[1] = 3", "2 * num_classes"],
+    ),
+    (
+        "offset-3d",
+        {"offset": np.zeros((7, 4, 3))},
+        {},
+        CupydcnValueError,
+        ["offset must be 4-D", "(7, 4, 3)"],
+    ),
+    (
+        "classes",
+        {"offset": np.zeros((7, 6, 3, 3))},
+        {},
+        CupydcnValueError,
+        ["output_dim = 4 must be divisible by num_classes = 3"],
+    ),
+    (
+        "offset-parts",
+        {"offset": np.zeros((7, 4, 2, 2))},
+        {},
+        CupydcnValueError,
+        ["offset has shape (7, 4, 2, 2); expected (7, 4, 3, 3)"],
+    ),
+    (
+        "offset-rois",
+        {"offset": np.zeros((6, 4, 3, 3))},
+        {},
+        CupydcnValueError,
+        ["offset has shape (6, 4, 3, 3); expected (7, 4, 3, 3)"],
+    ),
+    ("pooled-size", {}, {"pooled_size": 0}, CupydcnValueError, ["pooled_size must be >= 1; got 0"]),
     ("part-size", {}, {"part_size": -1}, CupydcnValueError, ["part_size must be >= 1; got -1"]),
-    ("group-size-type", {}, {"group_size": 1.5}, CupydcnTypeError,
-     ["group_size must be an int; got 1.5"]),
-    ("output-dim-bool", {}, {"output_dim": True}, CupydcnTypeError,
-     ["output_dim must be an int; got True"]),
-    ("samples", {}, {"sample_per_part": 0}, CupydcnValueError,
-     ["sample_per_part must be >= 1; got 0"]),
-    ("samples-huge", {}, {"sample_per_part": 50_000}, CupydcnValueError,
-     ["sample_per_part must be at most 1024; got 50000"]),
-    ("scale-nan", {}, {"spatial_scale": float("nan")}, CupydcnValueError,
-     ["spatial_scale must be finite; got nan"]),
-    ("scale-zero", {}, {"spatial_scale": 0.0}, CupydcnValueError,
-     ["spatial_scale must be > 0; got 0.0"]),
-    ("trans-inf", {}, {"trans_std": float("inf")}, CupydcnValueError,
-     ["trans_std must be finite; got inf"]),
-    ("trans-str", {}, {"trans_std": "0.1"}, CupydcnTypeError,
-     ["trans_std must be a real number; got '0.1'"]),
+    (
+        "group-size-type",
+        {},
+        {"group_size": 1.5},
+        CupydcnTypeError,
+        ["group_size must be an int; got 1.5"],
+    ),
+    (
+        "output-dim-bool",
+        {},
+        {"output_dim": True},
+        CupydcnTypeError,
+        ["output_dim must be an int; got True"],
+    ),
+    (
+        "samples",
+        {},
+        {"sample_per_part": 0},
+        CupydcnValueError,
+        ["sample_per_part must be >= 1; got 0"],
+    ),
+    (
+        "samples-huge",
+        {},
+        {"sample_per_part": 50_000},
+        CupydcnValueError,
+        ["sample_per_part must be at most 1024; got 50000"],
+    ),
+    (
+        "scale-nan",
+        {},
+        {"spatial_scale": float("nan")},
+        CupydcnValueError,
+        ["spatial_scale must be finite; got nan"],
+    ),
+    (
+        "scale-zero",
+        {},
+        {"spatial_scale": 0.0},
+        CupydcnValueError,
+        ["spatial_scale must be > 0; got 0.0"],
+    ),
+    (
+        "trans-inf",
+        {},
+        {"trans_std": float("inf")},
+        CupydcnValueError,
+        ["trans_std must be finite; got inf"],
+    ),
+    (
+        "trans-str",
+        {},
+        {"trans_std": "0.1"},
+        CupydcnTypeError,
+        ["trans_std must be a real number; got '0.1'"],
+    ),
 ]
 
 
@@ -310,8 +435,10 @@ def test_validation(case):
     kw = {**options(BASE), **option_changes}
     for op, call in (
         ("deform_psroi_pool", lambda: deform_psroi_pool(**arrays, **kw)),
-        ("deform_psroi_pool_backward",
-         lambda: deform_psroi_pool_backward(grad_output, **arrays, **kw)),
+        (
+            "deform_psroi_pool_backward",
+            lambda: deform_psroi_pool_backward(grad_output, **arrays, **kw),
+        ),
     ):
         with pytest.raises(error) as raised:
             call()
@@ -321,14 +448,29 @@ def test_validation(case):
             assert fragment in message
 
 
-@pytest.mark.parametrize("grad_output, wrt, error, fragments", [
-    (np.zeros((7, 4, 3, 2)), None, CupydcnValueError,
-     ["grad_output has shape (7, 4, 3, 2); expected the output shape (7, 4, 3, 3)"]),
-    (np.zeros((7, 4, 3, 3), dtype=np.float32), None, CupydcnTypeError,
-     ["grad_output has dtype float32; expected float64 like input"]),
-    (np.zeros((7, 4, 3, 3)), ["input", "mask"], CupydcnValueError,
-     ["wrt names ['mask']", "['input', 'offset']"]),
-])
+@pytest.mark.parametrize(
+    "grad_output, wrt, error, fragments",
+    [
+        (
+            np.zeros((7, 4, 3, 2)),
+            None,
+            CupydcnValueError,
+            ["grad_output has shape (7, 4, 3, 2); expected the output shape (7, 4, 3, 3)"],
+        ),
+        (
+            np.zeros((7, 4, 3, 3), dtype=np.float32),
+            None,
+            CupydcnTypeError,
+            ["grad_output has dtype float32; expected float64 like input"],
+        ),
+        (
+            np.zeros((7, 4, 3, 3)),
+            ["input", "mask"],
+            CupydcnValueError,
+            ["wrt names ['mask']", "['input', 'offset']"],
+        ),
+    ],
+)
 def test_backward_validation(grad_output, wrt, error, fragments):
     arrays, _ = _valid_call()
     with pytest.raises(error) as raised:
@@ -340,16 +482,18 @@ def test_backward_validation(grad_output, wrt, error, fragments):
 def test_wrt_offset_without_offset():
     arrays, grad_output = _valid_call()
     with pytest.raises(CupydcnValueError, match="wrt names 'offset' but offset is None"):
-        deform_psroi_pool_backward(grad_output, **_change(arrays, "offset", None), wrt="offset",
-                                   **options(BASE))
+        deform_psroi_pool_backward(
+            grad_output, **_change(arrays, "offset", None), wrt="offset", **options(BASE)
+        )
 
 
 def test_mixed_array_libraries():
     torch = pytest.importorskip("torch")
     arrays, _ = _valid_call()
     with pytest.raises(CupydcnTypeError, match="pass arrays of one library"):
-        deform_psroi_pool(**_change(arrays, "rois", torch.from_numpy(arrays["rois"])),
-                          **options(BASE))
+        deform_psroi_pool(
+            **_change(arrays, "rois", torch.from_numpy(arrays["rois"])), **options(BASE)
+        )
 
 
 # ---------------------------------------------------------------------------- planning
@@ -361,7 +505,7 @@ def test_index_width_switches_past_2_to_the_31():
     geom = psroi_pool_geometry("test", input, rois, offset, **options(cfg))
     assert index_bits_for(geom) == 32
     assert index_bits_for(replace(geom, batch=2**31 // (36 * 9 * 11) + 1)) == 64  # input
-    assert index_bits_for(replace(geom, num_rois=2**31 // (4 * 9) + 1)) == 64     # output
+    assert index_bits_for(replace(geom, num_rois=2**31 // (4 * 9) + 1)) == 64  # output
     # offset [K, 4, 3, 3]: 36 K elements; 32-bit only up to the grid-stride-safe limit
     from cupydcn.cuda.launch import INT32_INDEX_LIMIT
 

@@ -11,20 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
-
 from cupydcn.psroi_pool import cuda_backend as _psroi_pool_kernels
+from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
 from cupydcn.psroi_pool.spec import psroi_pool_geometry
+from emulator.host_launcher import HostLauncher
 from reference_psroi_pool import CONFIGS, options, problem
 from support import DTYPE_NAMES, assert_relative, on_device, strided_copy, to_numpy
-
-from emulator.host_launcher import HostLauncher
 
 # Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter; the
 # others carry the mark themselves.
 BOTH = frozenset({"input", "offset"})
-
-
 
 
 def geometry(cfg, input, rois, offset):
@@ -37,10 +33,19 @@ def run_kernels(launcher, cfg, input, rois, offset, grad_output, *, wrt=BOTH, in
     dtype_name = input.dtype.name
     input, rois, offset, grad_output = on_device(launcher, input, rois, offset, grad_output)
     output, count = _psroi_pool_kernels.psroi_pool_forward(
-        launcher, input, rois, offset, geom, dtype_name=dtype_name, index_bits=index_bits)
+        launcher, input, rois, offset, geom, dtype_name=dtype_name, index_bits=index_bits
+    )
     grads = _psroi_pool_kernels.psroi_pool_backward(
-        launcher, grad_output, input, rois, offset, geom, dtype_name=dtype_name, wrt=wrt,
-        index_bits=index_bits)
+        launcher,
+        grad_output,
+        input,
+        rois,
+        offset,
+        geom,
+        dtype_name=dtype_name,
+        wrt=wrt,
+        index_bits=index_bits,
+    )
     return tuple(to_numpy(a) for a in (output, count, *grads))
 
 
@@ -104,16 +109,21 @@ def test_grid_stride_loop_and_thread_order(host_launcher):
         np.testing.assert_array_equal(grad_offset, expected[3])
 
 
-@pytest.mark.parametrize("wrt", [frozenset(), frozenset({"input"}), frozenset({"offset"}), BOTH],
-                         ids=["none", "input", "offset", "both"])
+@pytest.mark.parametrize(
+    "wrt",
+    [frozenset(), frozenset({"input"}), frozenset({"offset"}), BOTH],
+    ids=["none", "input", "offset", "both"],
+)
 def test_wrt_launches_only_what_is_needed(launcher, wrt):
     cfg = CONFIGS["basic"]
     arrays = problem(cfg, "float32")
     start = len(launcher.launches)
     got = run_kernels(launcher, cfg, *arrays, wrt=wrt)
     assert_agree(got, run_numpy(cfg, *arrays, wrt=wrt), "float32")
-    kernel_of = {"input": "deform_psroi_pool_backward_input",
-                 "offset": "deform_psroi_pool_backward_offset"}
+    kernel_of = {
+        "input": "deform_psroi_pool_backward_input",
+        "offset": "deform_psroi_pool_backward_offset",
+    }
     launched = {r.kernel for r in launcher.launches[start:]}
     assert launched == {"deform_psroi_pool_forward"} | {kernel_of[n] for n in wrt}
 
@@ -126,8 +136,9 @@ def test_empty_rois_launch_nothing(launcher, dtype_name):
     offset = np.zeros((0, 4, 3, 3), dtype=input.dtype)
     grad_output = np.zeros((0, 4, 3, 3), dtype=input.dtype)
     start = len(launcher.launches)
-    output, count, grad_input, grad_offset = run_kernels(launcher, cfg, input, rois, offset,
-                                                         grad_output)
+    output, count, grad_input, grad_offset = run_kernels(
+        launcher, cfg, input, rois, offset, grad_output
+    )
     assert output.shape == count.shape == (0, 4, 3, 3) and count.dtype == np.int32
     assert grad_input.shape == input.shape and grad_input.dtype == input.dtype
     assert not grad_input.astype(np.float64).any()
@@ -159,10 +170,14 @@ def test_samples_on_the_pixel_grid(launcher):
     MSRA's zero derivative in the kernels as in the NumPy backend."""
     cfg = dict(CONFIGS["parts_coarser"], spatial_scale=1.0, sample_per_part=4)
     input, rois, offset, grad_output = problem(
-        cfg, rois=[[0, 0, 0, 7, 7], [1, 2, 0, 9, 7], [0, -4, -4, 3, 3]])
+        cfg, rois=[[0, 0, 0, 7, 7], [1, 2, 0, 9, 7], [0, -4, -4, 3, 3]]
+    )
     offset[...] = 0
-    assert_agree(run_kernels(launcher, cfg, input, rois, offset, grad_output),
-                 run_numpy(cfg, input, rois, offset, grad_output), "float64")
+    assert_agree(
+        run_kernels(launcher, cfg, input, rois, offset, grad_output),
+        run_numpy(cfg, input, rois, offset, grad_output),
+        "float64",
+    )
 
 
 @pytest.mark.emulated

@@ -9,7 +9,8 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLES = [
-    block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    block
+    for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     if "import cupydcn" in block
 ]
 

@@ -19,6 +19,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
+from cupydcn.roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
+from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
 from reference_roi_pool import (
     ROI_KINDS,
     RoiCase,
@@ -27,9 +30,6 @@ from reference_roi_pool import (
     sample_points,
 )
 from support import DTYPE_NAMES, assert_close, dtype_of, seeded
-
-from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
-from cupydcn.roi_pool import RoiPoolGrads, deform_roi_pool, deform_roi_pool_backward
 
 # ---------------------------------------------------------------------------- problems
 
@@ -43,8 +43,9 @@ CASES = {
     "far_offsets": RoiCase(offset_scale=6.0, gamma=0.3, roi_kinds=("inside", "large")),
     "no_offset": RoiCase(with_offset=False),
     "no_mask": RoiCase(with_mask=False, roi_kinds=("inside", "reversed")),
-    "plain_roi_align": RoiCase(with_offset=False, with_mask=False, roi_kinds=ROI_KINDS,
-                               rois_per_kind=1),
+    "plain_roi_align": RoiCase(
+        with_offset=False, with_mask=False, roi_kinds=ROI_KINDS, rois_per_kind=1
+    ),
     "one_image_many_rois": RoiCase(batch=1, channels=2, rois_per_kind=4),
     "three_images_1x1_map": RoiCase(batch=3, height=1, width=1, channels=2),
     "one_row_map": RoiCase(height=1, width=6, output_size=(2, 3)),
@@ -53,23 +54,42 @@ CASES = {
 
 
 def _reference(arrays, case):
-    return deform_roi_pool_reference(arrays["input"], arrays["rois"], arrays["offset"],
-                                     arrays["mask"], **case.options)
+    return deform_roi_pool_reference(
+        arrays["input"], arrays["rois"], arrays["offset"], arrays["mask"], **case.options
+    )
 
 
 def _reference_grads(grad_output, arrays, case):
-    return deform_roi_pool_backward_reference(grad_output, arrays["input"], arrays["rois"],
-                                              arrays["offset"], arrays["mask"], **case.options)
+    return deform_roi_pool_backward_reference(
+        grad_output,
+        arrays["input"],
+        arrays["rois"],
+        arrays["offset"],
+        arrays["mask"],
+        **case.options,
+    )
 
 
 def _forward(arrays, case, **overrides):
-    return deform_roi_pool(arrays["input"], arrays["rois"], arrays["offset"], arrays["mask"],
-                           **{**case.options, **overrides})
+    return deform_roi_pool(
+        arrays["input"],
+        arrays["rois"],
+        arrays["offset"],
+        arrays["mask"],
+        **{**case.options, **overrides},
+    )
 
 
 def _backward(grad_output, arrays, case, **kwargs):
-    return deform_roi_pool_backward(grad_output, arrays["input"], arrays["rois"],
-                                    arrays["offset"], arrays["mask"], **case.options, **kwargs)
+    return deform_roi_pool_backward(
+        grad_output,
+        arrays["input"],
+        arrays["rois"],
+        arrays["offset"],
+        arrays["mask"],
+        **case.options,
+        **kwargs,
+    )
 
 
 def _cast(arrays, dtype_name):
@@ -77,8 +97,10 @@ def _cast(arrays, dtype_name):
     values for the reference."""
     dtype = dtype_of(dtype_name)
     rois_dtype = np.float64 if dtype_name == "float64" else np.float32
-    cast = {name: None if v is None else v.astype(rois_dtype if name == "rois" else dtype)
-            for name, v in arrays.items()}
+    cast = {
+        name: None if v is None else v.astype(rois_dtype if name == "rois" else dtype)
+        for name, v in arrays.items()
+    }
     exact = {name: None if v is None else v.astype(np.float64) for name, v in cast.items()}
     return cast, exact
 
@@ -155,8 +177,9 @@ def test_offset_gradient_matches_finite_differences(name):
         minus = _forward({**arrays, "offset": arrays["offset"] - step}, case)
         numeric = ((plus - minus) * grad_output).sum(axis=1) / (2 * eps)
         analytic = grads.grad_offset[:, channel]
-        np.testing.assert_allclose(analytic[safe], numeric[safe], rtol=1e-6,
-                                   atol=1e-7 * max(np.abs(numeric).max(), 1))
+        np.testing.assert_allclose(
+            analytic[safe], numeric[safe], rtol=1e-6, atol=1e-7 * max(np.abs(numeric).max(), 1)
+        )
 
 
 @pytest.mark.parametrize("name", ["mixed", "every_kind_ratio2", "one_row_map"])
@@ -171,14 +194,22 @@ def test_input_and_mask_gradients_match_finite_differences(name):
     grads = _backward(grad_output, arrays, case)
     for _ in range(3):
         direction = rng.normal(size=arrays["input"].shape)
-        numeric = ((_forward({**arrays, "input": arrays["input"] + direction}, case)
-                    - _forward({**arrays, "input": arrays["input"] - direction}, case))
-                   * grad_output).sum() / 2
+        numeric = (
+            (
+                _forward({**arrays, "input": arrays["input"] + direction}, case)
+                - _forward({**arrays, "input": arrays["input"] - direction}, case)
+            )
+            * grad_output
+        ).sum() / 2
         np.testing.assert_allclose((grads.grad_input * direction).sum(), numeric, rtol=1e-10)
     eps = 1e-3
-    numeric = ((_forward({**arrays, "mask": arrays["mask"] + eps}, case)
-                - _forward({**arrays, "mask": arrays["mask"] - eps}, case))
-               * grad_output).sum(axis=1, keepdims=True) / (2 * eps)
+    numeric = (
+        (
+            _forward({**arrays, "mask": arrays["mask"] + eps}, case)
+            - _forward({**arrays, "mask": arrays["mask"] - eps}, case)
+        )
+        * grad_output
+    ).sum(axis=1, keepdims=True) / (2 * eps)
     np.testing.assert_allclose(grads.grad_mask, numeric, rtol=1e-9, atol=1e-12)
 
 
@@ -205,21 +236,28 @@ def test_kink_conventions():
     plane = 10 * rows[:, None] + np.arange(width)[None, :]  # v(y, x) = 10 y^2 + x
     x = 2.25
     cases = [  # y, value, dv/dy, dv/dx
-        (-1.5, 0.0, 0.0, 0.0),          # outside
-        (-1.0, 0.0 + x, 0.0, 1.0),      # on -1: inside, clamped to row 0
-        (-0.5, 0.0 + x, 0.0, 1.0),      # clamped zone
-        (0.0, 0.0 + x, 10.0, 1.0),      # kink at 0: right-sided slope of cell [0, 1]
+        (-1.5, 0.0, 0.0, 0.0),  # outside
+        (-1.0, 0.0 + x, 0.0, 1.0),  # on -1: inside, clamped to row 0
+        (-0.5, 0.0 + x, 0.0, 1.0),  # clamped zone
+        (0.0, 0.0 + x, 10.0, 1.0),  # kink at 0: right-sided slope of cell [0, 1]
         (0.5, 5.0 + x, 10.0, 1.0),
-        (1.0, 10.0 + x, 30.0, 1.0),     # interior kink: right cell [1, 2] (left is 10)
+        (1.0, 10.0 + x, 30.0, 1.0),  # interior kink: right cell [1, 2] (left is 10)
         (2.0, 40.0 + x, 50.0, 1.0),
-        (3.0, 90.0 + x, 0.0, 1.0),      # on H - 1: clamped, x still interpolated
+        (3.0, 90.0 + x, 0.0, 1.0),  # on H - 1: clamped, x still interpolated
         (3.5, 90.0 + x, 0.0, 1.0),
-        (4.0, 90.0 + x, 0.0, 1.0),      # on H: still inside
-        (4.25, 0.0, 0.0, 0.0),          # outside
+        (4.0, 90.0 + x, 0.0, 1.0),  # on H: still inside
+        (4.25, 0.0, 0.0, 0.0),  # outside
     ]
     ys = [c[0] for c in cases]
-    case = RoiCase(batch=1, channels=1, height=height, width=width, output_size=(1, 1),
-                   sampling_ratio=1, gamma=0.5)
+    case = RoiCase(
+        batch=1,
+        channels=1,
+        height=height,
+        width=width,
+        output_size=(1, 1),
+        sampling_ratio=1,
+        gamma=0.5,
+    )
     arrays = _single_sample_problem(ys, [x] * len(ys), plane)
     output = _forward(arrays, case)
     np.testing.assert_array_equal(output[:, 0, 0, 0], [c[1] for c in cases])
@@ -236,8 +274,9 @@ def test_kink_conventions():
     xs = [-1.0, -0.25, 0.0, 3.0, 4.0, 5.0]
     arrays = _single_sample_problem([1.5] * len(xs), xs, plane)
     grads = _backward(np.ones((len(xs), 1, 1, 1)), arrays, case)
-    np.testing.assert_array_equal(grads.grad_offset[:, 0, 0, 0],
-                                  gamma_roi * np.array([0.0, 0.0, 1.0, 1.0, 0.0, 0.0]))
+    np.testing.assert_array_equal(
+        grads.grad_offset[:, 0, 0, 0], gamma_roi * np.array([0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    )
     np.testing.assert_array_equal(grads.grad_offset[:, 1, 0, 0], gamma_roi * 30.0)
 
 
@@ -265,13 +304,19 @@ def roi_align_torchvision_style(input, boxes, output_size, spatial_scale, sampli
         grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_width / pw)
         count = max(grid_h * grid_w, 1)
         # all sample coordinates of the RoI at once: yy [ph, grid_h], xx [pw, grid_w]
-        yy = (roi_start_h + np.arange(ph)[:, None] * bin_size_h
-              + (np.arange(max(grid_h, 0))[None, :] + 0.5) * bin_size_h / max(grid_h, 1))
-        xx = (roi_start_w + np.arange(pw)[:, None] * bin_size_w
-              + (np.arange(max(grid_w, 0))[None, :] + 0.5) * bin_size_w / max(grid_w, 1))
+        yy = (
+            roi_start_h
+            + np.arange(ph)[:, None] * bin_size_h
+            + (np.arange(max(grid_h, 0))[None, :] + 0.5) * bin_size_h / max(grid_h, 1)
+        )
+        xx = (
+            roi_start_w
+            + np.arange(pw)[:, None] * bin_size_w
+            + (np.arange(max(grid_w, 0))[None, :] + 0.5) * bin_size_w / max(grid_w, 1)
+        )
         feature = input[roi_batch]
-        for (a, b), y in np.ndenumerate(yy):
-            for (c, d), x in np.ndenumerate(xx):
+        for (a, _b), y in np.ndenumerate(yy):
+            for (c, _d), x in np.ndenumerate(xx):
                 if y < -1.0 or y > height or x < -1.0 or x > width:
                     continue
                 y, x = max(y, 0.0), max(x, 0.0)
@@ -288,22 +333,26 @@ def roi_align_torchvision_style(input, boxes, output_size, spatial_scale, sampli
                     x_high = x_low + 1
                 ly, lx = y - y_low, x - x_low
                 hy, hx = 1.0 - ly, 1.0 - lx
-                out[k, :, a, c] += (hy * hx * feature[:, y_low, x_low]
-                                    + hy * lx * feature[:, y_low, x_high]
-                                    + ly * hx * feature[:, y_high, x_low]
-                                    + ly * lx * feature[:, y_high, x_high])
+                out[k, :, a, c] += (
+                    hy * hx * feature[:, y_low, x_low]
+                    + hy * lx * feature[:, y_low, x_high]
+                    + ly * hx * feature[:, y_high, x_low]
+                    + ly * lx * feature[:, y_high, x_high]
+                )
         out[k] /= count
     return out
 
 
-@pytest.mark.parametrize("name", ["plain_roi_align", "scale_quarter", "every_kind_ratio2",
-                                  "one_row_map"])
+@pytest.mark.parametrize(
+    "name", ["plain_roi_align", "scale_quarter", "every_kind_ratio2", "one_row_map"]
+)
 def test_without_offset_and_mask_equals_roi_align(name):
     case = replace(CASES[name], with_offset=False, with_mask=False)
     arrays = case.arrays(seeded("roi_align", name))
     output = _forward(arrays, case)
-    expected = roi_align_torchvision_style(arrays["input"], arrays["rois"], case.output_size,
-                                           case.spatial_scale, case.sampling_ratio)
+    expected = roi_align_torchvision_style(
+        arrays["input"], arrays["rois"], case.output_size, case.spatial_scale, case.sampling_ratio
+    )
     assert_close(output, expected, "float64", "roi_align")
 
 
@@ -313,9 +362,14 @@ def test_without_offset_and_mask_equals_torchvision_roi_align(name):
     ops = pytest.importorskip("torchvision.ops")
     case = replace(CASES[name], with_offset=False, with_mask=False)
     arrays = case.arrays(seeded("torchvision", name))
-    expected = ops.roi_align(torch.from_numpy(arrays["input"]), torch.from_numpy(arrays["rois"]),
-                             case.output_size, case.spatial_scale, case.sampling_ratio,
-                             aligned=True).numpy()
+    expected = ops.roi_align(
+        torch.from_numpy(arrays["input"]),
+        torch.from_numpy(arrays["rois"]),
+        case.output_size,
+        case.spatial_scale,
+        case.sampling_ratio,
+        aligned=True,
+    ).numpy()
     assert_close(_forward(arrays, case), expected, "float64", "torchvision roi_align")
 
 
@@ -394,9 +448,16 @@ def test_int_output_size_and_numpy_scalars():
     case = replace(CASES["mixed"], output_size=(2, 2))
     arrays = case.arrays(seeded("scalars"))
     expected = _forward(arrays, case)
-    output = deform_roi_pool(arrays["input"], arrays["rois"], arrays["offset"], arrays["mask"],
-                             output_size=np.int64(2), spatial_scale=np.float32(1.0),
-                             sampling_ratio=np.int32(0), gamma=0.1)
+    output = deform_roi_pool(
+        arrays["input"],
+        arrays["rois"],
+        arrays["offset"],
+        arrays["mask"],
+        output_size=np.int64(2),
+        spatial_scale=np.float32(1.0),
+        sampling_ratio=np.int32(0),
+        gamma=0.1,
+    )
     np.testing.assert_array_equal(output, expected)
 
 
@@ -442,8 +503,10 @@ def no_compute(monkeypatch):
 
 
 def _valid(dtype=np.float32):
-    arrays = {name: None if v is None else v.astype(dtype)
-              for name, v in CASES["mixed"].arrays(seeded("valid")).items()}
+    arrays = {
+        name: None if v is None else v.astype(dtype)
+        for name, v in CASES["mixed"].arrays(seeded("valid")).items()
+    }
     return arrays, dict(output_size=(3, 2))
 
 
@@ -456,11 +519,18 @@ def _raises(exc, fragments, *, backward=False, **changes):
     with pytest.raises(exc) as info:
         if backward:
             grad_output = options.pop("grad_output", np.ones((6, 3, 3, 2), np.float32))
-            deform_roi_pool_backward(grad_output, arrays["input"], arrays["rois"],
-                                     arrays["offset"], arrays["mask"], **options)
+            deform_roi_pool_backward(
+                grad_output,
+                arrays["input"],
+                arrays["rois"],
+                arrays["offset"],
+                arrays["mask"],
+                **options,
+            )
         else:
-            deform_roi_pool(arrays["input"], arrays["rois"], arrays["offset"], arrays["mask"],
-                            **options)
+            deform_roi_pool(
+                arrays["input"], arrays["rois"], arrays["offset"], arrays["mask"], **options
+            )
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -471,55 +541,89 @@ K = 6  # RoIs of the valid problem
 
 
 @pytest.mark.usefixtures("no_compute")
-@pytest.mark.parametrize("changes, exc, fragments", [
-    (dict(input=np.zeros((2, 3, 7), np.float32)), ValueError, ["input", "4-D", "(2, 3, 7)"]),
-    (dict(input=np.zeros((2, 3, 0, 9), np.float32)), ValueError,
-     ["input", "1 x 1", "(2, 3, 0, 9)"]),
-    (dict(input=np.zeros((2, 3, 7, 9), np.int32)), TypeError, ["input", "int32", "float64"]),
-    (dict(rois=np.zeros((K, 4), np.float32)), ValueError, ["rois", "[K, 5]", f"({K}, 4)"]),
-    (dict(rois=np.zeros((K, 5), np.int64)), TypeError, ["rois", "int64", "floating"]),
-    (dict(rois=np.array([[2, 0, 0, 1, 1]], np.float32), offset=None, mask=None),
-     ValueError,
-     ["rois[0, 0]", "2", "[0, 2)"]),
-    (dict(rois=np.array([[0.5, 0, 0, 1, 1]], np.float32), offset=None, mask=None),
-     ValueError,
-     ["rois[0, 0]", "0.5", "integer"]),
-    (dict(rois=np.array([[0, 0, np.nan, 1, 1]], np.float32), offset=None, mask=None),
-     ValueError,
-     ["rois[0]", "non-finite"]),
-    (dict(offset=np.zeros((K, 2, 2, 3), np.float32)), ValueError,
-     ["offset", "(6, 2, 2, 3)", "expected (6, 2, 3, 2)"]),
-    (dict(offset=np.zeros((K + 1, 2, 3, 2), np.float32)), ValueError,
-     ["offset", "(7, 2, 3, 2)", "expected (6, 2, 3, 2)"]),
-    (dict(mask=np.zeros((K, 2, 3, 2), np.float32)), ValueError,
-     ["mask", "(6, 2, 3, 2)", "expected (6, 1, 3, 2)"]),
-    (dict(offset=np.zeros((K, 2, 3, 2), np.float64)), TypeError, ["offset", "float64", "float32"]),
-    (dict(mask=np.zeros((K, 1, 3, 2), np.float16)), TypeError, ["mask", "float16", "float32"]),
-    (dict(output_size=0), ValueError, ["output_size", ">= 1", "0"]),
-    (dict(output_size=(3, -2)), ValueError, ["output_size[1]", ">= 1", "-2"]),
-    (dict(output_size=(3, 2, 1)), TypeError, ["output_size", "pair", "(3, 2, 1)"]),
-    (dict(output_size=2.0), TypeError, ["output_size", "2.0"]),
-    (dict(output_size=True), TypeError, ["output_size", "True"]),
-    (dict(sampling_ratio=-1), ValueError, ["sampling_ratio", ">= 0", "-1"]),
-    (dict(sampling_ratio=1.5), TypeError, ["sampling_ratio", "int", "1.5"]),
-    (dict(spatial_scale=float("nan")), ValueError, ["spatial_scale", "finite", "nan"]),
-    (dict(spatial_scale="1"), TypeError, ["spatial_scale", "real number", "'1'"]),
-    (dict(gamma=float("inf")), ValueError, ["gamma", "finite", "inf"]),
-    (dict(input=[[1.0]]), TypeError, ["input", "DLPack", "list"]),
-])
+@pytest.mark.parametrize(
+    "changes, exc, fragments",
+    [
+        (dict(input=np.zeros((2, 3, 7), np.float32)), ValueError, ["input", "4-D", "(2, 3, 7)"]),
+        (
+            dict(input=np.zeros((2, 3, 0, 9), np.float32)),
+            ValueError,
+            ["input", "1 x 1", "(2, 3, 0, 9)"],
+        ),
+        (dict(input=np.zeros((2, 3, 7, 9), np.int32)), TypeError, ["input", "int32", "float64"]),
+        (dict(rois=np.zeros((K, 4), np.float32)), ValueError, ["rois", "[K, 5]", f"({K}, 4)"]),
+        (dict(rois=np.zeros((K, 5), np.int64)), TypeError, ["rois", "int64", "floating"]),
+        (
+            dict(rois=np.array([[2, 0, 0, 1, 1]], np.float32), offset=None, mask=None),
+            ValueError,
+            ["rois[0, 0]", "2", "[0, 2)"],
+        ),
+        (
+            dict(rois=np.array([[0.5, 0, 0, 1, 1]], np.float32), offset=None, mask=None),
+            ValueError,
+            ["rois[0, 0]", "0.5", "integer"],
+        ),
+        (
+            dict(rois=np.array([[0, 0, np.nan, 1, 1]], np.float32), offset=None, mask=None),
+            ValueError,
+            ["rois[0]", "non-finite"],
+        ),
+        (
+            dict(offset=np.zeros((K, 2, 2, 3), np.float32)),
+            ValueError,
+            ["offset", "(6, 2, 2, 3)", "expected (6, 2, 3, 2)"],
+        ),
+        (
+            dict(offset=np.zeros((K + 1, 2, 3, 2), np.float32)),
+            ValueError,
+            ["offset", "(7, 2, 3, 2)", "expected (6, 2, 3, 2)"],
+        ),
+        (
+            dict(mask=np.zeros((K, 2, 3, 2), np.float32)),
+            ValueError,
+            ["mask", "(6, 2, 3, 2)", "expected (6, 1, 3, 2)"],
+        ),
+        (
+            dict(offset=np.zeros((K, 2, 3, 2), np.float64)),
+            TypeError,
+            ["offset", "float64", "float32"],
+        ),
+        (dict(mask=np.zeros((K, 1, 3, 2), np.float16)), TypeError, ["mask", "float16", "float32"]),
+        (dict(output_size=0), ValueError, ["output_size", ">= 1", "0"]),
+        (dict(output_size=(3, -2)), ValueError, ["output_size[1]", ">= 1", "-2"]),
+        (dict(output_size=(3, 2, 1)), TypeError, ["output_size", "pair", "(3, 2, 1)"]),
+        (dict(output_size=2.0), TypeError, ["output_size", "2.0"]),
+        (dict(output_size=True), TypeError, ["output_size", "True"]),
+        (dict(sampling_ratio=-1), ValueError, ["sampling_ratio", ">= 0", "-1"]),
+        (dict(sampling_ratio=1.5), TypeError, ["sampling_ratio", "int", "1.5"]),
+        (dict(spatial_scale=float("nan")), ValueError, ["spatial_scale", "finite", "nan"]),
+        (dict(spatial_scale="1"), TypeError, ["spatial_scale", "real number", "'1'"]),
+        (dict(gamma=float("inf")), ValueError, ["gamma", "finite", "inf"]),
+        (dict(input=[[1.0]]), TypeError, ["input", "DLPack", "list"]),
+    ],
+)
 def test_forward_validation(changes, exc, fragments):
     _raises(exc, fragments, **changes)
 
 
 @pytest.mark.usefixtures("no_compute")
-@pytest.mark.parametrize("changes, exc, fragments", [
-    (dict(grad_output=np.ones((K, 3, 2, 3), np.float32)), ValueError,
-     ["grad_output", "(6, 3, 2, 3)", "(6, 3, 3, 2)"]),
-    (dict(grad_output=np.ones((K, 3, 3, 2), np.float64)), TypeError,
-     ["grad_output", "float64", "float32"]),
-    (dict(wrt=("input", "rois")), ValueError, ["wrt", "rois", "input"]),
-    (dict(wrt="offset", offset=None), ValueError, ["wrt", "offset", "None"]),
-    (dict(wrt=("mask",), mask=None), ValueError, ["wrt", "mask", "None"]),
-])
+@pytest.mark.parametrize(
+    "changes, exc, fragments",
+    [
+        (
+            dict(grad_output=np.ones((K, 3, 2, 3), np.float32)),
+            ValueError,
+            ["grad_output", "(6, 3, 2, 3)", "(6, 3, 3, 2)"],
+        ),
+        (
+            dict(grad_output=np.ones((K, 3, 3, 2), np.float64)),
+            TypeError,
+            ["grad_output", "float64", "float32"],
+        ),
+        (dict(wrt=("input", "rois")), ValueError, ["wrt", "rois", "input"]),
+        (dict(wrt="offset", offset=None), ValueError, ["wrt", "offset", "None"]),
+        (dict(wrt=("mask",), mask=None), ValueError, ["wrt", "mask", "None"]),
+    ],
+)
 def test_backward_validation(changes, exc, fragments):
     _raises(exc, fragments, backward=True, **changes)

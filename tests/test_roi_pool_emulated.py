@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import contextlib
 
-
 import numpy as np
 import pytest
-from reference_roi_pool import ROI_KINDS, RoiCase
-from support import DTYPE_NAMES, assert_close, dtype_of, is_exact, on_device, seeded, to_numpy
 
 from cupydcn.core import arrays as _arrays
-
-from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
-
 from cupydcn.roi_pool import cuda_backend as _roi_pool_kernels
+from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool
 from cupydcn.roi_pool.spec import OP, roi_pool_geometry
 from emulator.host_launcher import HostLauncher
+from reference_roi_pool import ROI_KINDS, RoiCase
+from support import DTYPE_NAMES, assert_close, dtype_of, is_exact, on_device, seeded, to_numpy
 
 # Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter.
 INDEX_BITS = (32, 64)
@@ -43,13 +40,21 @@ GRADIENTS = frozenset({"input", "offset", "mask"})
 
 CASES = {
     "every_kind_adaptive": RoiCase(roi_kinds=ROI_KINDS, rois_per_kind=1, output_size=(3, 2)),
-    "ratio2_far_offsets": RoiCase(sampling_ratio=2, offset_scale=4.0, gamma=0.2,
-                                  roi_kinds=("inside", "partly_outside", "reversed")),
-    "roi_align_1x1_map": RoiCase(height=1, width=1, with_offset=False, with_mask=False,
-                                 roi_kinds=("inside", "large"), output_size=(2, 1)),
+    "ratio2_far_offsets": RoiCase(
+        sampling_ratio=2,
+        offset_scale=4.0,
+        gamma=0.2,
+        roi_kinds=("inside", "partly_outside", "reversed"),
+    ),
+    "roi_align_1x1_map": RoiCase(
+        height=1,
+        width=1,
+        with_offset=False,
+        with_mask=False,
+        roi_kinds=("inside", "large"),
+        output_size=(2, 1),
+    ),
 }
-
-
 
 
 def _problem(case: RoiCase, dtype_name: str, seed) -> dict:
@@ -57,8 +62,10 @@ def _problem(case: RoiCase, dtype_name: str, seed) -> dict:
     rng = seeded(seed)
     dtype = dtype_of(dtype_name)
     rois_dtype = np.float64 if dtype_name == "float64" else np.float32
-    arrays = {name: None if v is None else v.astype(rois_dtype if name == "rois" else dtype)
-              for name, v in case.arrays(rng).items()}
+    arrays = {
+        name: None if v is None else v.astype(rois_dtype if name == "rois" else dtype)
+        for name, v in case.arrays(rng).items()
+    }
     ph, pw = case.output_size
     shape = (arrays["rois"].shape[0], case.channels, ph, pw)
     arrays["grad_output"] = rng.normal(size=shape).astype(dtype)
@@ -90,8 +97,9 @@ def _compare_with_numpy(launcher, arrays, case, dtype_name, index_bits, *, wrt=G
     geom = _geometry(arrays, case)
     inputs = (arrays["input"], arrays["rois"], arrays["offset"], arrays["mask"])
     device = on_device(launcher, *inputs)
-    output = to_numpy(_roi_pool_kernels.roi_pool_forward(launcher, *device, geom,
-                                                         index_bits=index_bits))
+    output = to_numpy(
+        _roi_pool_kernels.roi_pool_forward(launcher, *device, geom, index_bits=index_bits)
+    )
     # The backend's per-sample forward sums the samples in the kernels' order with the
     # same operations (the host build does not contract into FMAs): equal to the last bit,
     # NaNs included. Its default (factorised) forward sums per bin row and column: equal to
@@ -100,12 +108,16 @@ def _compare_with_numpy(launcher, arrays, case, dtype_name, index_bits, *, wrt=G
     assert output.dtype == expected_output.dtype
     if is_exact(launcher):
         with _per_sample_numpy_forward():
-            np.testing.assert_array_equal(
-                output, _numpy_roi_pool.roi_pool_forward(*inputs, geom))
+            np.testing.assert_array_equal(output, _numpy_roi_pool.roi_pool_forward(*inputs, geom))
     _assert_close(output, expected_output, dtype_name, "output")
     grads = _roi_pool_kernels.roi_pool_backward(
-        launcher, on_device(launcher, arrays["grad_output"]), *device, geom, wrt=wrt,
-        index_bits=index_bits)
+        launcher,
+        on_device(launcher, arrays["grad_output"]),
+        *device,
+        geom,
+        wrt=wrt,
+        index_bits=index_bits,
+    )
     grads = type(grads)(*(to_numpy(g) for g in grads))
     expected = _numpy_roi_pool.roi_pool_backward(arrays["grad_output"], *inputs, geom, wrt=wrt)
     for label, actual, wanted in zip(("input", "offset", "mask"), grads, expected):
@@ -139,11 +151,22 @@ def test_wrt_subsets_launch_only_what_they_need(launcher, wrt):
     geom = _geometry(arrays, case)
     first = len(launcher.launches)
     grads = _roi_pool_kernels.roi_pool_backward(
-        launcher, *on_device(launcher, arrays["grad_output"], arrays["input"], arrays["rois"],
-                             arrays["offset"], arrays["mask"]), geom, wrt=frozenset(wrt))
+        launcher,
+        *on_device(
+            launcher,
+            arrays["grad_output"],
+            arrays["input"],
+            arrays["rois"],
+            arrays["offset"],
+            arrays["mask"],
+        ),
+        geom,
+        wrt=frozenset(wrt),
+    )
     kernels = [r.kernel for r in launcher.launches[first:]]
-    expected_kernel = ("deform_roi_pool_backward_input" if wrt == ("input",)
-                       else "deform_roi_pool_backward_coord")
+    expected_kernel = (
+        "deform_roi_pool_backward_input" if wrt == ("input",) else "deform_roi_pool_backward_coord"
+    )
     assert kernels == [expected_kernel]
     for label, grad in zip(("input", "offset", "mask"), grads):
         assert (grad is None) == (label not in wrt)
@@ -165,16 +188,31 @@ def test_kink_points_and_nan_offsets_follow_the_numpy_conventions(launcher):
     coordinates are computed identically, so both see the same kinks), and a NaN offset."""
     height, width = 4, 5
     plane = 10 * np.arange(height, dtype=np.float64)[:, None] ** 2 + np.arange(width)
-    points = [(y, x) for y in (-1.5, -1.0, -0.5, 0.0, 1.0, 3.0, 3.5, 4.0, 4.25)
-              for x in (-1.0, 0.0, 2.25, 4.0, 5.0)]
+    points = [
+        (y, x)
+        for y in (-1.5, -1.0, -0.5, 0.0, 1.0, 3.0, 3.5, 4.0, 4.25)
+        for x in (-1.0, 0.0, 2.25, 4.0, 5.0)
+    ]
     rois = np.array([[0, x - 0.5, y - 0.5, x + 1.5, y + 1.5] for y, x in points])
-    case = RoiCase(batch=1, channels=1, height=height, width=width, output_size=(1, 1),
-                   sampling_ratio=1, gamma=0.5, with_mask=True)
+    case = RoiCase(
+        batch=1,
+        channels=1,
+        height=height,
+        width=width,
+        output_size=(1, 1),
+        sampling_ratio=1,
+        gamma=0.5,
+        with_mask=True,
+    )
     offset = np.zeros((len(rois), 2, 1, 1))
     offset[-1, 0] = np.nan
-    arrays = {"input": plane[None, None], "rois": rois, "offset": offset,
-              "mask": np.full((len(rois), 1, 1, 1), 0.75),
-              "grad_output": np.ones((len(rois), 1, 1, 1))}
+    arrays = {
+        "input": plane[None, None],
+        "rois": rois,
+        "offset": offset,
+        "mask": np.full((len(rois), 1, 1, 1), 0.75),
+        "grad_output": np.ones((len(rois), 1, 1, 1)),
+    }
     output, grads = _compare_with_numpy(launcher, arrays, case, "float64", 32)
     assert np.isnan(output[-1]).all() and np.isnan(grads.grad_offset[-1]).all()
     assert np.isfinite(grads.grad_input).all()
@@ -190,8 +228,9 @@ def test_no_rois_and_no_channels(launcher):
     assert not np.any(grads.grad_input)
     assert all(r.total == 0 for r in launcher.launches[first:])
 
-    no_channels = dict(arrays, input=arrays["input"][:, :0],
-                       grad_output=arrays["grad_output"][:, :0])
+    no_channels = dict(
+        arrays, input=arrays["input"][:, :0], grad_output=arrays["grad_output"][:, :0]
+    )
     output, grads = _compare_with_numpy(launcher, no_channels, case, "float32", 32)
     assert output.size == 0 and not np.any(grads.grad_offset) and not np.any(grads.grad_mask)
 
@@ -200,8 +239,9 @@ def test_overflowing_boxes_sample_nothing(launcher):
     """Finite rois whose scaled corners overflow float32 (roi size inf - inf = NaN) get
     an empty sampling grid, not an undefined float -> int conversion (run with
     CUPYDCN_EMULATOR_SANITIZE=undefined to check the latter)."""
-    case = RoiCase(batch=1, channels=2, output_size=(2, 2), spatial_scale=10.0,
-                   roi_kinds=("inside",))
+    case = RoiCase(
+        batch=1, channels=2, output_size=(2, 2), spatial_scale=10.0, roi_kinds=("inside",)
+    )
     arrays = _problem(case, "float32", "overflow")
     arrays["rois"][0, 1:] = [3e38, 3e38, 3e38, 3e38]
     arrays["rois"] = arrays["rois"][:1]

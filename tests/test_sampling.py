@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 import cupydcn
-from cupydcn.deform_conv.sampling import effective_dilation, sampling_locations, stacked_sampling_locations
+from cupydcn.deform_conv.sampling import (
+    effective_dilation,
+    sampling_locations,
+    stacked_sampling_locations,
+)
 
 # ---------------------------------------------------------------------------- references
 
@@ -30,8 +34,9 @@ def loop_locations(offset, kh, kw, stride, padding, dilation):
     n, channels, out_h, out_w = offset.shape
     groups = channels // (2 * kh * kw)
     result = np.zeros((n, groups, kh * kw, 2, out_h, out_w))
-    for b, g, i, j, oy, ox in itertools.product(range(n), range(groups), range(kh), range(kw),
-                                                range(out_h), range(out_w)):
+    for b, g, i, j, oy, ox in itertools.product(
+        range(n), range(groups), range(kh), range(kw), range(out_h), range(out_w)
+    ):
         k = i * kw + j
         dy = offset[b, g * 2 * kh * kw + 2 * k, oy, ox]
         dx = offset[b, g * 2 * kh * kw + 2 * k + 1, oy, ox]
@@ -73,8 +78,17 @@ def _read(field, y, x, interpolation):
     return value
 
 
-def loop_stack(offsets, points, kernels, strides, paddings, dilations, masks=None, groups=None,
-               interpolation="bilinear"):
+def loop_stack(
+    offsets,
+    points,
+    kernels,
+    strides,
+    paddings,
+    dilations,
+    masks=None,
+    groups=None,
+    interpolation="bilinear",
+):
     """locations [N, P, T, 2] and weights [N, P, T] by recursion, one point at a time."""
     layers = len(offsets)
     groups = groups or [0] * layers
@@ -87,11 +101,11 @@ def loop_stack(offsets, points, kernels, strides, paddings, dilations, masks=Non
         (ph, pw), (dh, dw) = paddings[layer], dilations[layer]
         taps = kh * kw
         g = groups[layer]
-        field = offsets[layer][b, g * 2 * taps:(g + 1) * 2 * taps]
+        field = offsets[layer][b, g * 2 * taps : (g + 1) * 2 * taps]
         read = _read(field, y, x, interpolation)
         mread = None
         if masks[layer] is not None:
-            mread = _read(masks[layer][b, g * taps:(g + 1) * taps], y, x, interpolation)
+            mread = _read(masks[layer][b, g * taps : (g + 1) * taps], y, x, interpolation)
         out = []
         for i, j in itertools.product(range(kh), range(kw)):
             k = i * kw + j
@@ -102,8 +116,9 @@ def loop_stack(offsets, points, kernels, strides, paddings, dilations, masks=Non
         return out
 
     n = offsets[0].shape[0]
-    all_points = [[expand(b, layers - 1, float(py), float(px), 1.0) for py, px in points]
-                  for b in range(n)]
+    all_points = [
+        [expand(b, layers - 1, float(py), float(px), 1.0) for py, px in points] for b in range(n)
+    ]
     locations = np.array([[[p for p, _ in pts] for pts in row] for row in all_points])
     weights = np.array([[[w for _, w in pts] for pts in row] for row in all_points])
     return locations, weights
@@ -114,8 +129,12 @@ def loop_stack(offsets, points, kernels, strides, paddings, dilations, masks=Non
 
 @pytest.mark.parametrize(
     "kh, kw, stride, padding, dilation, groups",
-    [(3, 3, (1, 1), (1, 1), (1, 1), 1), (3, 2, (2, 1), (0, 2), (1, 3), 2),
-     (1, 4, (1, 3), (2, 0), (2, 1), 1), (5, 5, (2, 2), (3, 3), (2, 2), 3)],
+    [
+        (3, 3, (1, 1), (1, 1), (1, 1), 1),
+        (3, 2, (2, 1), (0, 2), (1, 3), 2),
+        (1, 4, (1, 3), (2, 0), (2, 1), 1),
+        (5, 5, (2, 2), (3, 3), (2, 2), 3),
+    ],
 )
 def test_locations_match_loop_reference(kh, kw, stride, padding, dilation, groups):
     rng = np.random.default_rng(0)
@@ -123,11 +142,13 @@ def test_locations_match_loop_reference(kh, kw, stride, padding, dilation, group
     out_h = _out_size(h, kh, stride[0], padding[0], dilation[0])
     out_w = _out_size(w, kw, stride[1], padding[1], dilation[1])
     offset = _offsets(rng, 2, groups, kh, kw, out_h, out_w)
-    result = sampling_locations(offset, kernel_size=(kh, kw), stride=stride, padding=padding,
-                                dilation=dilation)
+    result = sampling_locations(
+        offset, kernel_size=(kh, kw), stride=stride, padding=padding, dilation=dilation
+    )
     assert result.shape == (2, groups, kh * kw, 2, out_h, out_w) and result.dtype == np.float64
-    np.testing.assert_allclose(result, loop_locations(offset, kh, kw, stride, padding, dilation),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        result, loop_locations(offset, kh, kw, stride, padding, dilation), rtol=0, atol=1e-12
+    )
 
 
 def test_locations_are_where_deform_conv2d_reads():
@@ -172,8 +193,9 @@ def test_effective_dilation_of_zero_offsets_is_the_dilation(d, kernel):
 
 def test_effective_dilation_of_an_anisotropic_dilation_is_the_pair_weighted_mean():
     kh, kw, dh, dw = 3, 4, 2, 5
-    result = effective_dilation(np.zeros((1, 2 * kh * kw, 2, 2)), kernel_size=(kh, kw),
-                                dilation=(dh, dw))
+    result = effective_dilation(
+        np.zeros((1, 2 * kh * kw, 2, 2)), kernel_size=(kh, kw), dilation=(dh, dw)
+    )
     expected = (kh * (kw - 1) * dw + (kh - 1) * kw * dh) / (kh * (kw - 1) + (kh - 1) * kw)
     np.testing.assert_allclose(result, expected, rtol=1e-14)
 
@@ -219,8 +241,12 @@ def test_stack_of_zero_offsets_is_the_regular_receptive_field():
     result = stacked_sampling_locations([zeros, zeros], [[3, 2]], kernel_size=3, padding=1)
     assert result.locations.shape == (1, 1, 81, 2) and result.weights is None
     points, counts = np.unique(result.locations[0, 0], axis=0, return_counts=True)
-    expected = {(y, x): a * b for (y, a), (x, b) in itertools.product(
-        zip(range(1, 6), (1, 2, 3, 2, 1)), zip(range(0, 5), (1, 2, 3, 2, 1)))}
+    expected = {
+        (y, x): a * b
+        for (y, a), (x, b) in itertools.product(
+            zip(range(1, 6), (1, 2, 3, 2, 1)), zip(range(0, 5), (1, 2, 3, 2, 1))
+        )
+    }
     assert {tuple(p): c for p, c in zip(points.astype(int).tolist(), counts)} == expected
 
 
@@ -230,8 +256,9 @@ def test_stack_with_stride_of_zero_offsets():
     image rows 2p - 1 + {0, 1, 2}."""
     l1 = np.zeros((1, 18, 5, 5))
     l2 = np.zeros((1, 18, 3, 3))
-    result = stacked_sampling_locations([l1, l2], np.array([[1, 1]]), kernel_size=3,
-                                        stride=[2, 1], padding=[1, 0])
+    result = stacked_sampling_locations(
+        [l1, l2], np.array([[1, 1]]), kernel_size=3, stride=[2, 1], padding=[1, 0]
+    )
     ys = sorted(set(result.locations[0, 0, :, 0].tolist()))
     assert ys == list(range(1, 8))  # rows 2p - 1 + {0, 1, 2} for p in 1, 2, 3
     # the tap order: the last layer's tap is the most significant index
@@ -244,12 +271,14 @@ def test_one_layer_stack_at_grid_points_is_sampling_locations():
     rng = np.random.default_rng(4)
     offset = _offsets(rng, 2, 2, 3, 3, 5, 6)
     points = np.array([[0, 0], [2, 3], [4, 5]])
-    stacked = stacked_sampling_locations([offset], points, kernel_size=3, stride=2, padding=1,
-                                         offset_group=1)
+    stacked = stacked_sampling_locations(
+        [offset], points, kernel_size=3, stride=2, padding=1, offset_group=1
+    )
     direct = sampling_locations(offset, kernel_size=3, stride=2, padding=1)
     for index, (oy, ox) in enumerate(points):
-        np.testing.assert_allclose(stacked.locations[:, index], direct[:, 1, :, :, oy, ox],
-                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            stacked.locations[:, index], direct[:, 1, :, :, oy, ox], rtol=0, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
@@ -265,17 +294,38 @@ def test_stack_matches_loop_reference(interpolation):
     for k, s, p, d in zip(kernels, strides, paddings, dilations):
         sizes.append(tuple(_out_size(sizes[-1][a], k[a], s[a], p[a], d[a]) for a in range(2)))
     groups = [2, 1, 2]
-    offsets = [_offsets(rng, 2, g, k[0], k[1], *size, scale=1.2)
-               for g, k, size in zip(groups, kernels, sizes[1:])]
-    masks = [rng.uniform(size=(2, g * k[0] * k[1]) + size)
-             for g, k, size in zip(groups, kernels, sizes[1:])]
+    offsets = [
+        _offsets(rng, 2, g, k[0], k[1], *size, scale=1.2)
+        for g, k, size in zip(groups, kernels, sizes[1:])
+    ]
+    masks = [
+        rng.uniform(size=(2, g * k[0] * k[1]) + size)
+        for g, k, size in zip(groups, kernels, sizes[1:])
+    ]
     masks[1] = None
     points = np.array([[0.0, 0.0], [2.0, 1.0], [4.0, 3.0], [1.5, 2.25]])
     result = stacked_sampling_locations(
-        offsets, points, kernel_size=kernels, stride=strides, padding=paddings,
-        dilation=dilations, masks=masks, offset_group=[1, 0, 1], interpolation=interpolation)
-    ref_loc, ref_w = loop_stack(offsets, points, kernels, strides, paddings, dilations,
-                                masks=masks, groups=[1, 0, 1], interpolation=interpolation)
+        offsets,
+        points,
+        kernel_size=kernels,
+        stride=strides,
+        padding=paddings,
+        dilation=dilations,
+        masks=masks,
+        offset_group=[1, 0, 1],
+        interpolation=interpolation,
+    )
+    ref_loc, ref_w = loop_stack(
+        offsets,
+        points,
+        kernels,
+        strides,
+        paddings,
+        dilations,
+        masks=masks,
+        groups=[1, 0, 1],
+        interpolation=interpolation,
+    )
     assert result.locations.shape == (2, 4, 9 * 6 * 3, 2)
     np.testing.assert_allclose(result.locations, ref_loc, rtol=0, atol=1e-10)
     np.testing.assert_allclose(result.weights, ref_w, rtol=0, atol=1e-12)
@@ -285,11 +335,13 @@ def test_stack_weights_are_products_of_masks():
     zeros = np.zeros((1, 18, 4, 4))
     m1 = np.full((1, 9, 4, 4), 0.5)
     m2 = np.full((1, 9, 4, 4), 0.25)
-    result = stacked_sampling_locations([zeros, zeros], [[1, 1]], kernel_size=3, padding=1,
-                                        masks=[m1, m2])
+    result = stacked_sampling_locations(
+        [zeros, zeros], [[1, 1]], kernel_size=3, padding=1, masks=[m1, m2]
+    )
     np.testing.assert_allclose(result.weights, 0.125)
-    only_first = stacked_sampling_locations([zeros, zeros], [[1, 1]], kernel_size=3, padding=1,
-                                            masks=[m1, None])
+    only_first = stacked_sampling_locations(
+        [zeros, zeros], [[1, 1]], kernel_size=3, padding=1, masks=[m1, None]
+    )
     np.testing.assert_allclose(only_first.weights, 0.5)
 
 
@@ -306,8 +358,9 @@ def _all_three(offset, mask, points):
     return (
         sampling_locations(offset, kernel_size=3, padding=1),
         effective_dilation(offset, kernel_size=3, padding=1),
-        *stacked_sampling_locations([offset, offset], points, kernel_size=3, padding=1,
-                                    masks=[mask, mask]),
+        *stacked_sampling_locations(
+            [offset, offset], points, kernel_size=3, padding=1, masks=[mask, mask]
+        ),
     )
 
 
@@ -329,16 +382,18 @@ def test_torch_half_types_give_float32():
         result = sampling_locations(torch.from_numpy(offset).to(dtype), kernel_size=3, padding=1)
         assert result.dtype == torch.float32
         rounded = torch.from_numpy(offset).to(dtype).to(torch.float64).numpy()
-        np.testing.assert_allclose(result.numpy(),
-                                   sampling_locations(rounded, kernel_size=3, padding=1), rtol=1e-6)
+        np.testing.assert_allclose(
+            result.numpy(), sampling_locations(rounded, kernel_size=3, padding=1), rtol=1e-6
+        )
 
 
 def test_jax_cpu():
     jax = pytest.importorskip("jax")
     offset, mask = _problem()
     expected = _all_three(offset, mask, np.array([[2, 2]]))
-    results = _all_three(jax.numpy.asarray(offset), jax.numpy.asarray(mask),
-                         jax.numpy.asarray([[2, 2]]))
+    results = _all_three(
+        jax.numpy.asarray(offset), jax.numpy.asarray(mask), jax.numpy.asarray([[2, 2]])
+    )
     for got, want in zip(results, expected):
         assert isinstance(got, jax.Array) and got.dtype == jax.numpy.float32
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
@@ -380,25 +435,50 @@ def _raises(exc_type, op, fragment, call):
 def test_validation_of_one_layer(function):
     op = function.__name__
     good = np.zeros((1, 18, 4, 4), np.float32)
-    _raises(ValueError, op, "must be a positive multiple of 2 * kh * kw = 18",
-            lambda: function(np.zeros((1, 17, 4, 4), np.float32), kernel_size=3))
-    _raises(ValueError, op, "offset must be 4-D",
-            lambda: function(np.zeros((18, 4, 4), np.float32), kernel_size=3))
-    _raises(TypeError, op, "kernel_size must be an int or a pair",
-            lambda: function(good, kernel_size="3"))
+    _raises(
+        ValueError,
+        op,
+        "must be a positive multiple of 2 * kh * kw = 18",
+        lambda: function(np.zeros((1, 17, 4, 4), np.float32), kernel_size=3),
+    )
+    _raises(
+        ValueError,
+        op,
+        "offset must be 4-D",
+        lambda: function(np.zeros((18, 4, 4), np.float32), kernel_size=3),
+    )
+    _raises(
+        TypeError,
+        op,
+        "kernel_size must be an int or a pair",
+        lambda: function(good, kernel_size="3"),
+    )
     _raises(ValueError, op, "stride must be >= 1", lambda: function(good, kernel_size=3, stride=0))
-    _raises(ValueError, op, "padding must be >= 0",
-            lambda: function(good, kernel_size=3, padding=-1))
-    _raises(ValueError, op, "dilation must be >= 1",
-            lambda: function(good, kernel_size=3, dilation=(1, 0)))
-    _raises(TypeError, op, "offset has dtype int32",
-            lambda: function(good.astype(np.int32), kernel_size=3))
+    _raises(
+        ValueError, op, "padding must be >= 0", lambda: function(good, kernel_size=3, padding=-1)
+    )
+    _raises(
+        ValueError,
+        op,
+        "dilation must be >= 1",
+        lambda: function(good, kernel_size=3, dilation=(1, 0)),
+    )
+    _raises(
+        TypeError,
+        op,
+        "offset has dtype int32",
+        lambda: function(good.astype(np.int32), kernel_size=3),
+    )
     _raises(TypeError, op, "offset must be an array", lambda: function([[0.0]], kernel_size=3))
 
 
 def test_effective_dilation_needs_two_taps():
-    _raises(ValueError, "effective_dilation", "at least two taps",
-            lambda: effective_dilation(np.zeros((1, 2, 3, 3)), kernel_size=1))
+    _raises(
+        ValueError,
+        "effective_dilation",
+        "at least two taps",
+        lambda: effective_dilation(np.zeros((1, 2, 3, 3)), kernel_size=1),
+    )
 
 
 def test_validation_of_stacks():
@@ -406,31 +486,66 @@ def test_validation_of_stacks():
     l1 = np.zeros((1, 18, 8, 8))
     l2 = np.zeros((1, 18, 4, 4))
     call = stacked_sampling_locations
-    _raises(ValueError, op, "offsets[1] has output size 4 x 4",
-            lambda: call([l1, l2], [[0, 0]], kernel_size=3, padding=1))
+    _raises(
+        ValueError,
+        op,
+        "offsets[1] has output size 4 x 4",
+        lambda: call([l1, l2], [[0, 0]], kernel_size=3, padding=1),
+    )
     call([l1, l2], [[0, 0]], kernel_size=3, padding=1, stride=[1, 2])  # consistent
     _raises(TypeError, op, "non-empty list", lambda: call([], [[0, 0]], kernel_size=3))
     _raises(TypeError, op, "non-empty list", lambda: call(l1, [[0, 0]], kernel_size=3))
-    _raises(ValueError, op, "stride is a list of 3 entries",
-            lambda: call([l1, l2], [[0, 0]], kernel_size=3, stride=[1, 2, 1]))
-    _raises(ValueError, op, "offset_group for layer 0",
-            lambda: call([l1], [[0, 0]], kernel_size=3, offset_group=1))
-    _raises(ValueError, op, "interpolation must be one of",
-            lambda: call([l1], [[0, 0]], kernel_size=3, interpolation="cubic"))
-    _raises(ValueError, op, "points must have shape [P, 2]",
-            lambda: call([l1], [0, 0], kernel_size=3))
-    _raises(ValueError, op, "points must be finite",
-            lambda: call([l1], [[0, np.nan]], kernel_size=3))
-    _raises(ValueError, op, "masks[0] has shape",
-            lambda: call([l1], [[0, 0]], kernel_size=3, masks=[np.zeros((1, 8, 8, 8))]))
-    _raises(ValueError, op, "masks must be None or a list of 1",
-            lambda: call([l1], [[0, 0]], kernel_size=3, masks=[None, None]))
-    _raises(ValueError, op, "offsets[1] has batch 2",
-            lambda: call([l1, np.zeros((2, 18, 8, 8))], [[0, 0]], kernel_size=3, padding=1))
+    _raises(
+        ValueError,
+        op,
+        "stride is a list of 3 entries",
+        lambda: call([l1, l2], [[0, 0]], kernel_size=3, stride=[1, 2, 1]),
+    )
+    _raises(
+        ValueError,
+        op,
+        "offset_group for layer 0",
+        lambda: call([l1], [[0, 0]], kernel_size=3, offset_group=1),
+    )
+    _raises(
+        ValueError,
+        op,
+        "interpolation must be one of",
+        lambda: call([l1], [[0, 0]], kernel_size=3, interpolation="cubic"),
+    )
+    _raises(
+        ValueError, op, "points must have shape [P, 2]", lambda: call([l1], [0, 0], kernel_size=3)
+    )
+    _raises(
+        ValueError, op, "points must be finite", lambda: call([l1], [[0, np.nan]], kernel_size=3)
+    )
+    _raises(
+        ValueError,
+        op,
+        "masks[0] has shape",
+        lambda: call([l1], [[0, 0]], kernel_size=3, masks=[np.zeros((1, 8, 8, 8))]),
+    )
+    _raises(
+        ValueError,
+        op,
+        "masks must be None or a list of 1",
+        lambda: call([l1], [[0, 0]], kernel_size=3, masks=[None, None]),
+    )
+    _raises(
+        ValueError,
+        op,
+        "offsets[1] has batch 2",
+        lambda: call([l1, np.zeros((2, 18, 8, 8))], [[0, 0]], kernel_size=3, padding=1),
+    )
 
 
 def test_mixed_libraries_are_rejected():
     torch = pytest.importorskip("torch")
-    _raises(TypeError, "stacked_sampling_locations", "pass arrays of one library",
-            lambda: stacked_sampling_locations([np.zeros((1, 18, 4, 4)), torch.zeros(1, 18, 4, 4)],
-                                               [[0, 0]], kernel_size=3, padding=1))
+    _raises(
+        TypeError,
+        "stacked_sampling_locations",
+        "pass arrays of one library",
+        lambda: stacked_sampling_locations(
+            [np.zeros((1, 18, 4, 4)), torch.zeros(1, 18, 4, 4)], [[0, 0]], kernel_size=3, padding=1
+        ),
+    )

@@ -42,14 +42,50 @@ def _out(size, k, s, p, d):
 
 CONFIGS = {
     # DCNv2: 2 groups, 2 offset groups, geometric options differing in H and W
-    "dcnv2": dict(n=2, c=4, h=5, w=6, c_out=6, k=(2, 3), groups=2, offset_groups=2,
-                  stride=(2, 1), padding=(1, 2), dilation=(1, 2), mask=True),
+    "dcnv2": dict(
+        n=2,
+        c=4,
+        h=5,
+        w=6,
+        c_out=6,
+        k=(2, 3),
+        groups=2,
+        offset_groups=2,
+        stride=(2, 1),
+        padding=(1, 2),
+        dilation=(1, 2),
+        mask=True,
+    ),
     # DCNv1, one group, 3 channels per offset group
-    "dcnv1": dict(n=1, c=3, h=4, w=5, c_out=2, k=(3, 2), groups=1, offset_groups=1,
-                  stride=(1, 2), padding=(2, 0), dilation=(2, 1), mask=False),
+    "dcnv1": dict(
+        n=1,
+        c=3,
+        h=4,
+        w=5,
+        c_out=2,
+        k=(3, 2),
+        groups=1,
+        offset_groups=1,
+        stride=(1, 2),
+        padding=(2, 0),
+        dilation=(2, 1),
+        mask=False,
+    ),
     # 1x1 kernel, 4 offset groups of one channel, mask
-    "pointwise": dict(n=1, c=4, h=3, w=3, c_out=4, k=(1, 1), groups=4, offset_groups=4,
-                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=True),
+    "pointwise": dict(
+        n=1,
+        c=4,
+        h=3,
+        w=3,
+        c_out=4,
+        k=(1, 1),
+        groups=4,
+        offset_groups=4,
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        mask=True,
+    ),
 }
 
 
@@ -63,24 +99,39 @@ def _offsets(r, cfg, shape):
     base = np.empty(shape)
     tap = np.arange(two_taps) // 2 % taps
     for axis, (_size_name, s, p, d, ki) in enumerate(
-        (("h", cfg["stride"][0], cfg["padding"][0], cfg["dilation"][0], tap // kw),
-         ("w", cfg["stride"][1], cfg["padding"][1], cfg["dilation"][1], tap % kw))
+        (
+            ("h", cfg["stride"][0], cfg["padding"][0], cfg["dilation"][0], tap // kw),
+            ("w", cfg["stride"][1], cfg["padding"][1], cfg["dilation"][1], tap % kw),
+        )
     ):
         out = np.arange(oh if axis == 0 else ow) * s - p
         grid = out[:, None] if axis == 0 else out[None, :]
         rows = (np.arange(two_taps) % 2) == axis
-        base[:, rows] = (grid[None, None] + (ki[rows] * d)[None, :, None, None])
+        base[:, rows] = grid[None, None] + (ki[rows] * d)[None, :, None, None]
     size = np.where((np.arange(two_taps) % 2) == 0, cfg["h"], cfg["w"])[None, :, None, None]
     kind = r.integers(0, 10, shape)
     fraction = r.integers(-2, 2, shape) + r.integers(1, 1024, shape) / 1024.0
-    edge_target = np.choose(r.integers(0, 6, shape),
-                            [-1.0, 0.0, size - 1.0 + 0 * base, size + 0.0 * base,
-                             -0.5 + 0 * base, size - 0.5 + 0 * base])
+    edge_target = np.choose(
+        r.integers(0, 6, shape),
+        [
+            -1.0,
+            0.0,
+            size - 1.0 + 0 * base,
+            size + 0.0 * base,
+            -0.5 + 0 * base,
+            size - 0.5 + 0 * base,
+        ],
+    )
     offset = np.select(
         [kind < 4, kind == 4, kind == 5, kind == 6, kind == 7, kind == 8],
-        [fraction, r.integers(-2, 3, shape).astype(float), edge_target - base,
-         r.choice([-40.0, -3.0, 8.0, 50.0], shape), np.full(shape, np.nan),
-         r.choice([-np.inf, np.inf], shape)],
+        [
+            fraction,
+            r.integers(-2, 3, shape).astype(float),
+            edge_target - base,
+            r.choice([-40.0, -3.0, 8.0, 50.0], shape),
+            np.full(shape, np.nan),
+            r.choice([-np.inf, np.inf], shape),
+        ],
         default=fraction,
     )
     return offset
@@ -129,8 +180,7 @@ def test_kernels_match_numpy(launcher, name, dtype_name, index_bits):
         assert np.abs(value.astype(np.float64)).max() > 0, term
     device = on_device(launcher, *arrays.values())
     start = len(getattr(launcher, "launches", []))
-    got = second_order_cuda.offset_second_order(launcher, *device, **opts,
-                                                index_bits=index_bits)
+    got = second_order_cuda.offset_second_order(launcher, *device, **opts, index_bits=index_bits)
     _compare(got, expected, dtype_name, f"{name}")
     launches = getattr(launcher, "launches", [])[start:]
     ours = [rec for rec in launches if rec.kernel in SECOND_ORDER_KERNELS]
@@ -143,15 +193,23 @@ def test_kernels_match_numpy(launcher, name, dtype_name, index_bits):
 
 @pytest.mark.parametrize(
     "wrt",
-    [("grad_output",), ("weight",), ("input",), ("offset",), ("mask",), ("offset", "mask"),
-     ("grad_output", "input", "weight")],
+    [
+        ("grad_output",),
+        ("weight",),
+        ("input",),
+        ("offset",),
+        ("mask",),
+        ("offset", "mask"),
+        ("grad_output", "input", "weight"),
+    ],
 )
 def test_subsets_of_terms(launcher, wrt):
     arrays, opts = problem("dcnv2", "float32")
     expected = offset_second_order(*arrays.values(), **opts, wrt=wrt)
     start = len(getattr(launcher, "launches", []))
     got = second_order_cuda.offset_second_order(
-        launcher, *on_device(launcher, *arrays.values()), **opts, wrt=wrt)
+        launcher, *on_device(launcher, *arrays.values()), **opts, wrt=wrt
+    )
     _compare(got, expected, "float32", f"wrt={wrt}")
     launched = {rec.kernel for rec in getattr(launcher, "launches", [])[start:]}
     needed = {
@@ -159,8 +217,7 @@ def test_subsets_of_terms(launcher, wrt):
         "deform_conv_second_order_coord": {"offset", "mask"},
         "deform_conv_second_order_input": {"input"},
     }
-    assert launched & SECOND_ORDER_KERNELS == {k for k, names in needed.items()
-                                               if names & set(wrt)}
+    assert launched & SECOND_ORDER_KERNELS == {k for k, names in needed.items() if names & set(wrt)}
 
 
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
@@ -168,7 +225,8 @@ def test_batch_zero(launcher, dtype_name):
     arrays, opts = problem("dcnv2", dtype_name, batch=0)
     expected = offset_second_order(*arrays.values(), **opts)
     got = second_order_cuda.offset_second_order(
-        launcher, *on_device(launcher, *arrays.values()), **opts)
+        launcher, *on_device(launcher, *arrays.values()), **opts
+    )
     assert list(got) == list(expected)
     for term, value in expected.items():
         actual = to_numpy(got[term])
@@ -180,11 +238,13 @@ def test_points_all_invalid_contribute_nothing(launcher):
     """NaN, infinite and far sample points only: every term is zero."""
     arrays, opts = problem("dcnv1", "float32")
     offset = arrays["offset"]
-    offset[...] = np.resize(np.array([np.nan, np.inf, -np.inf, 1e30, -60.0], np.float32),
-                            offset.shape)
+    offset[...] = np.resize(
+        np.array([np.nan, np.inf, -np.inf, 1e30, -60.0], np.float32), offset.shape
+    )
     expected = offset_second_order(*arrays.values(), **opts)
     got = second_order_cuda.offset_second_order(
-        launcher, *on_device(launcher, *arrays.values()), **opts)
+        launcher, *on_device(launcher, *arrays.values()), **opts
+    )
     for term, value in expected.items():
         assert not np.any(value), term
         np.testing.assert_array_equal(to_numpy(got[term]), value, err_msg=term)
@@ -219,8 +279,9 @@ def test_public_function_runs_cupy_arrays_on_the_kernels(dtype_name):
     cupy = pytest.importorskip("cupy")
     arrays, opts = problem("dcnv2", dtype_name)
     expected = offset_second_order(*arrays.values(), **opts)
-    got = offset_second_order(*(None if a is None else cupy.asarray(a)
-                                for a in arrays.values()), **opts)
+    got = offset_second_order(
+        *(None if a is None else cupy.asarray(a) for a in arrays.values()), **opts
+    )
     assert all(isinstance(v, cupy.ndarray) for v in got.values())
     _compare(got, expected, dtype_name, "cupy")
 
@@ -236,13 +297,19 @@ def test_torch_op_runs_on_cuda():
     expected = offset_second_order(*arrays.values(), **opts)
     tensors = [torch.from_numpy(a).cuda() for a in arrays.values()]
     option_args = [list(opts["stride"]), list(opts["padding"]), list(opts["dilation"]), "zeros"]
-    got = torch.ops.cupydcn.deform_conv2d_offset_second_order(*tensors, *option_args,
-                                                              [True] * 5)
+    got = torch.ops.cupydcn.deform_conv2d_offset_second_order(*tensors, *option_args, [True] * 5)
     _compare(dict(zip(TERM_NAMES, got)), expected, "float32", "torch cuda")
 
 
 def test_geometry_of_problems_is_valid():
     for name in CONFIGS:
         arrays, opts = problem(name, "float32")
-        conv_geometry(arrays["input"], arrays["offset"], arrays["weight"], None, arrays["mask"],
-                      **opts, grad_output=arrays["grad_output"])
+        conv_geometry(
+            arrays["input"],
+            arrays["offset"],
+            arrays["weight"],
+            None,
+            arrays["mask"],
+            **opts,
+            grad_output=arrays["grad_output"],
+        )

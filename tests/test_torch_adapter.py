@@ -17,11 +17,11 @@ nn = torch.nn
 
 import cupydcn  # noqa: E402
 import cupydcn.torch as ct  # noqa: E402
-from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool  # noqa: E402
 from cupydcn.deform_conv import numpy_backend as _numpy_conv
-from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
 from cupydcn.deform_conv.spec import ConvOptions
+from cupydcn.psroi_pool import numpy_backend as _numpy_psroi_pool
 from cupydcn.psroi_pool.spec import PSRoiPoolOptions
+from cupydcn.roi_pool import numpy_backend as _numpy_roi_pool  # noqa: E402
 from cupydcn.roi_pool.spec import RoiPoolOptions
 
 F64 = torch.float64
@@ -34,12 +34,37 @@ def _generator(seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------- problems
 CONV_CONFIGS = {
     # DCNv2 with bias, two groups and two offset groups, "same" padding
-    "dcnv2-groups": dict(n=2, c=4, h=4, w=5, c_out=2, k=(3, 3), groups=2, offset_groups=2,
-                         stride=(1, 1), padding=(1, 1), dilation=(1, 1), mask=True, bias=True),
+    "dcnv2-groups": dict(
+        n=2,
+        c=4,
+        h=4,
+        w=5,
+        c_out=2,
+        k=(3, 3),
+        groups=2,
+        offset_groups=2,
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        mask=True,
+        bias=True,
+    ),
     # DCNv1 without bias, strided, dilated, non-square kernel
-    "dcnv1-strided": dict(n=1, c=3, h=7, w=6, c_out=2, k=(2, 3), groups=1, offset_groups=1,
-                          stride=(2, 1), padding=(1, 2), dilation=(2, 1), mask=False,
-                          bias=False),
+    "dcnv1-strided": dict(
+        n=1,
+        c=3,
+        h=7,
+        w=6,
+        c_out=2,
+        k=(2, 3),
+        groups=1,
+        offset_groups=1,
+        stride=(2, 1),
+        padding=(1, 2),
+        dilation=(2, 1),
+        mask=False,
+        bias=False,
+    ),
 }
 
 
@@ -63,11 +88,11 @@ def conv_problem(cfg: dict, dtype=F64, seed: int = 0) -> dict:
     args = dict(
         input=torch.randn(cfg["n"], cfg["c"], cfg["h"], cfg["w"], generator=g, dtype=F64),
         offset=whole + sign * fraction,
-        weight=torch.randn(cfg["c_out"], cfg["c"] // cfg["groups"], kh, kw, generator=g,
-                           dtype=F64),
+        weight=torch.randn(cfg["c_out"], cfg["c"] // cfg["groups"], kh, kw, generator=g, dtype=F64),
         bias=torch.randn(cfg["c_out"], generator=g, dtype=F64) if cfg["bias"] else None,
         mask=(0.2 + 0.8 * torch.rand(cfg["n"], taps, out_h, out_w, generator=g, dtype=F64))
-        if cfg["mask"] else None,
+        if cfg["mask"]
+        else None,
     )
     return {k: None if v is None else v.to(dtype) for k, v in args.items()}
 
@@ -80,8 +105,15 @@ def conv_options(cfg: dict) -> dict:
 # sample stays inside it, so no sample is clamped and the counts are constant.
 ROIS = [[0, 4.3, 3.1, 13.7, 12.9], [1, 2.6, 5.2, 9.1, 14.3], [0, 6.2, 2.4, 16.8, 8.9]]
 ROI_OPTIONS = dict(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=2, gamma=0.1)
-PSROI_OPTIONS = dict(output_dim=4, group_size=2, pooled_size=2, part_size=2,
-                     sample_per_part=2, spatial_scale=0.5, trans_std=0.1)
+PSROI_OPTIONS = dict(
+    output_dim=4,
+    group_size=2,
+    pooled_size=2,
+    part_size=2,
+    sample_per_part=2,
+    spatial_scale=0.5,
+    trans_std=0.1,
+)
 
 
 def roi_problem(dtype=F64, seed: int = 0, offset=True, mask=True) -> dict:
@@ -111,19 +143,30 @@ def psroi_problem(dtype=F64, seed: int = 0, offset=True) -> dict:
 
 
 def _leaves(args: dict, names) -> dict:
-    return {k: v.clone().requires_grad_(k in names) if v is not None else None
-            for k, v in args.items()}
+    return {
+        k: v.clone().requires_grad_(k in names) if v is not None else None for k, v in args.items()
+    }
 
 
 # ---------------------------------------------------------------------------- registration
 def test_public_names():
     assert set(ct.__all__) == {
-        "deform_conv2d", "deform_roi_pool", "deform_psroi_pool",
-        "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack",
-        "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack",
+        "deform_conv2d",
+        "deform_roi_pool",
+        "deform_psroi_pool",
+        "DeformConv2d",
+        "DeformConv2dPack",
+        "ModulatedDeformConv2dPack",
+        "DeformRoIPool",
+        "DeformRoIPoolPack",
+        "ModulatedDeformRoIPoolPack",
         "DeformPSRoIPool",
-        "multi_scale_deformable_attn", "dcnv3", "dcnv4",
-        "MultiScaleDeformableAttention", "DCNv3", "DCNv4",
+        "multi_scale_deformable_attn",
+        "dcnv3",
+        "dcnv4",
+        "MultiScaleDeformableAttention",
+        "DCNv3",
+        "DCNv4",
     }
     for name in ct.__all__:
         assert getattr(ct, name).__doc__
@@ -136,15 +179,26 @@ def test_import_cupydcn_does_not_import_torch():
 
 def test_schemas():
     ops = torch.ops.cupydcn
-    schemas = {name: str(getattr(ops, name).default._schema) for name in (
-        "deform_conv2d", "deform_conv2d_backward", "deform_roi_pool",
-        "deform_roi_pool_backward", "deform_psroi_pool", "deform_psroi_pool_backward")}
+    schemas = {
+        name: str(getattr(ops, name).default._schema)
+        for name in (
+            "deform_conv2d",
+            "deform_conv2d_backward",
+            "deform_roi_pool",
+            "deform_roi_pool_backward",
+            "deform_psroi_pool",
+            "deform_psroi_pool_backward",
+        )
+    }
     assert "Tensor? bias, Tensor? mask" in schemas["deform_conv2d"]
     assert "Tensor? offset, Tensor? mask" in schemas["deform_roi_pool"]
     assert "Tensor? offset" in schemas["deform_psroi_pool"]
     assert schemas["deform_psroi_pool"].endswith("-> (Tensor, Tensor)")
-    for name in ("deform_conv2d_backward", "deform_roi_pool_backward",
-                 "deform_psroi_pool_backward"):
+    for name in (
+        "deform_conv2d_backward",
+        "deform_roi_pool_backward",
+        "deform_psroi_pool_backward",
+    ):
         assert "bool[] output_mask" in schemas[name] and schemas[name].endswith("-> Tensor[]")
 
 
@@ -171,14 +225,17 @@ def test_op_schemas_and_signatures_follow_the_options(name):
         names = [a.name for a in arguments if "Tensor" not in str(a.type)]
         assert names == in_schema + (["output_mask"] if op_name.endswith("_backward") else [])
     assert "workspace_bytes" not in str(torch.ops.cupydcn.deform_conv2d.default._schema)
-    for function in (getattr(cupydcn, name), getattr(cupydcn, f"{name}_backward"),
-                     getattr(ct, name)):
+    for function in (
+        getattr(cupydcn, name),
+        getattr(cupydcn, f"{name}_backward"),
+        getattr(ct, name),
+    ):
         parameters = inspect.signature(function).parameters
         for f in fields:
             if f.name in parameters:
                 assert parameters[f.name].default == (
-                    inspect.Parameter.empty if f.default is dataclasses.MISSING
-                    else f.default), (function, f.name)
+                    inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+                ), (function, f.name)
     functional = set(inspect.signature(getattr(cupydcn, name)).parameters)
     assert {f.name for f in fields} <= functional
 
@@ -187,16 +244,31 @@ def test_op_schemas_and_signatures_follow_the_options(name):
 def _conv_fn(cfg, names, args):
     def fn(*tensors):
         a = dict(args, **dict(zip(names, tensors)))
-        return ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"],
-                                mask=a["mask"], **conv_options(cfg))
+        return ct.deform_conv2d(
+            a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+        )
+
     return fn
 
 
 # gradcheck's fast mode compares a random projection of the whole Jacobian of every
 # (output, input) pair, numerically against analytically, in a few evaluations; the full
 # Jacobian is checked element by element on one problem small enough for it.
-TINY_CONV = dict(n=1, c=2, h=3, w=3, c_out=2, k=(2, 2), groups=1, offset_groups=1,
-                 stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=True, bias=True)
+TINY_CONV = dict(
+    n=1,
+    c=2,
+    h=3,
+    w=3,
+    c_out=2,
+    k=(2, 2),
+    groups=1,
+    offset_groups=1,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    mask=True,
+    bias=True,
+)
 
 
 def test_conv_gradcheck_full_jacobian():
@@ -224,8 +296,11 @@ def test_conv_gradcheck_subsets(names):
     assert torch.autograd.gradcheck(_conv_fn(cfg, names, args), leaves, fast_mode=True)
 
 
-@pytest.mark.parametrize("present", [("offset", "mask"), ("offset",), ("mask",), ()],
-                         ids=["offset-mask", "offset", "mask", "plain"])
+@pytest.mark.parametrize(
+    "present",
+    [("offset", "mask"), ("offset",), ("mask",), ()],
+    ids=["offset-mask", "offset", "mask", "plain"],
+)
 def test_roi_pool_gradcheck(present):
     args = roi_problem(offset="offset" in present, mask="mask" in present)
     names = ["input", *present]
@@ -245,8 +320,7 @@ def test_psroi_pool_gradcheck(with_offset):
 
     def fn(*tensors):
         a = dict(args, **dict(zip(names, tensors)))
-        output, count = ct.deform_psroi_pool(a["input"], a["rois"], a["offset"],
-                                             **PSROI_OPTIONS)
+        output, count = ct.deform_psroi_pool(a["input"], a["rois"], a["offset"], **PSROI_OPTIONS)
         assert not count.requires_grad and count.dtype == torch.int32
         return output
 
@@ -268,8 +342,11 @@ def test_rois_get_no_gradient():
 def requested(monkeypatch):
     """Records the ``wrt`` of every explicit backward call."""
     record = []
-    for name in ("deform_conv2d_backward", "deform_roi_pool_backward",
-                 "deform_psroi_pool_backward"):
+    for name in (
+        "deform_conv2d_backward",
+        "deform_roi_pool_backward",
+        "deform_psroi_pool_backward",
+    ):
         original = getattr(cupydcn, name)
 
         def spy(*args, _original=original, **kwargs):
@@ -280,13 +357,21 @@ def requested(monkeypatch):
     return record
 
 
-@pytest.mark.parametrize("names", [("offset",), ("input", "mask"), ("weight", "bias"),
-                                   ("input", "offset", "weight", "mask", "bias")])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("offset",),
+        ("input", "mask"),
+        ("weight", "bias"),
+        ("input", "offset", "weight", "mask", "bias"),
+    ],
+)
 def test_conv_backward_computes_only_what_autograd_needs(requested, names):
     cfg = CONV_CONFIGS["dcnv2-groups"]
     a = _leaves(conv_problem(cfg, dtype=torch.float32), names)
-    out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                           **conv_options(cfg))
+    out = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+    )
     out.sum().backward()
     assert requested == [sorted(names)]
     for k, v in a.items():
@@ -312,13 +397,20 @@ def test_psroi_pool_backward_computes_only_what_autograd_needs(requested, names)
 def test_no_graph_without_requires_grad(requested):
     cfg = CONV_CONFIGS["dcnv2-groups"]
     a = conv_problem(cfg, dtype=torch.float32)
-    out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                           **conv_options(cfg))
+    out = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+    )
     assert out.grad_fn is None and not out.requires_grad
     leaves = _leaves(a, ("weight",))
     with torch.no_grad():
-        out = ct.deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"],
-                               leaves["bias"], mask=leaves["mask"], **conv_options(cfg))
+        out = ct.deform_conv2d(
+            leaves["input"],
+            leaves["offset"],
+            leaves["weight"],
+            leaves["bias"],
+            mask=leaves["mask"],
+            **conv_options(cfg),
+        )
     assert out.grad_fn is None and requested == []
 
 
@@ -326,14 +418,22 @@ def test_no_graph_without_requires_grad(requested):
 def test_conv_matches_functional_api_bitwise():
     cfg = CONV_CONFIGS["dcnv2-groups"]
     a = conv_problem(cfg, dtype=torch.float32)
-    expected = cupydcn.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"],
-                                     mask=a["mask"], **conv_options(cfg))
+    expected = cupydcn.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+    )
     grad = torch.randn(expected.shape, generator=_generator(3))
-    expected_grads = cupydcn.deform_conv2d_backward(grad, a["input"], a["offset"], a["weight"],
-                                                    a["mask"], **conv_options(cfg))
+    expected_grads = cupydcn.deform_conv2d_backward(
+        grad, a["input"], a["offset"], a["weight"], a["mask"], **conv_options(cfg)
+    )
     leaves = _leaves(a, ("input", "offset", "weight", "bias", "mask"))
-    out = ct.deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"],
-                           mask=leaves["mask"], **conv_options(cfg))
+    out = ct.deform_conv2d(
+        leaves["input"],
+        leaves["offset"],
+        leaves["weight"],
+        leaves["bias"],
+        mask=leaves["mask"],
+        **conv_options(cfg),
+    )
     out.backward(grad)
     assert torch.equal(out.detach(), expected)
     for name in ("input", "offset", "weight", "mask", "bias"):
@@ -342,10 +442,10 @@ def test_conv_matches_functional_api_bitwise():
 
 def test_roi_pools_match_functional_api_bitwise():
     a = roi_problem(dtype=torch.float32)
-    expected = cupydcn.deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"],
-                                       **ROI_OPTIONS)
-    assert torch.equal(ct.deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"],
-                                          **ROI_OPTIONS), expected)
+    expected = cupydcn.deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"], **ROI_OPTIONS)
+    assert torch.equal(
+        ct.deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"], **ROI_OPTIONS), expected
+    )
     p = psroi_problem(dtype=torch.float32)
     expected = cupydcn.deform_psroi_pool(p["input"], p["rois"], p["offset"], **PSROI_OPTIONS)
     got = ct.deform_psroi_pool(p["input"], p["rois"], p["offset"], **PSROI_OPTIONS)
@@ -369,8 +469,11 @@ def written(monkeypatch):
 
         monkeypatch.setattr(module, name, wrapper)
 
-    for module, prefix in ((_numpy_conv, "conv"), (_numpy_roi_pool, "roi_pool"),
-                           (_numpy_psroi_pool, "psroi_pool")):
+    for module, prefix in (
+        (_numpy_conv, "conv"),
+        (_numpy_roi_pool, "roi_pool"),
+        (_numpy_psroi_pool, "psroi_pool"),
+    ):
         spy(module, prefix + "_forward")
         spy(module, prefix + "_backward")
     return record
@@ -380,18 +483,21 @@ def test_results_are_the_buffers_the_backend_wrote(written):
     """Forward outputs, autograd gradients (torch.autograd.grad) and accumulated .grad are
     the arrays the NumPy backend returned: no copy on the way back to PyTorch."""
     cfg = CONV_CONFIGS["dcnv2-groups"]
-    a = _leaves(conv_problem(cfg, dtype=torch.float32), ("input", "offset", "weight", "mask",
-                                                        "bias"))
-    out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                           **conv_options(cfg))
+    a = _leaves(
+        conv_problem(cfg, dtype=torch.float32), ("input", "offset", "weight", "mask", "bias")
+    )
+    out = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+    )
     assert out.data_ptr() in written
     names = ("input", "offset", "weight", "mask", "bias")
     grads = torch.autograd.grad(out, [a[k] for k in names], torch.ones_like(out))
     for name, grad in zip(names, grads):
         assert grad.data_ptr() in written, name
     written.clear()
-    ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                     **conv_options(cfg)).backward(torch.ones_like(out))
+    ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+    ).backward(torch.ones_like(out))
     for name in names:
         assert a[name].grad.data_ptr() in written, name
 
@@ -411,8 +517,14 @@ def test_errors_pass_through_the_operator():
     cfg = CONV_CONFIGS["dcnv2-groups"]
     a = conv_problem(cfg, dtype=torch.float32)
     with pytest.raises(cupydcn.CupydcnValueError, match="offset has shape"):
-        ct.deform_conv2d(a["input"], a["offset"][:, :, :-1], a["weight"], a["bias"],
-                         mask=a["mask"], **conv_options(cfg))
+        ct.deform_conv2d(
+            a["input"],
+            a["offset"][:, :, :-1],
+            a["weight"],
+            a["bias"],
+            mask=a["mask"],
+            **conv_options(cfg),
+        )
     with pytest.raises(cupydcn.CupydcnValueError, match="stride must be >= 1"):
         ct.deform_conv2d(a["input"], a["offset"], a["weight"], stride=0)
     with pytest.raises(cupydcn.CupydcnTypeError, match="padding must be an int or a pair"):
@@ -428,8 +540,9 @@ def test_errors_pass_through_the_operator():
     with pytest.raises(cupydcn.CupydcnValueError, match="group_size"):
         ct.deform_psroi_pool(p["input"], p["rois"], output_dim=4, group_size=0, pooled_size=2)
     with pytest.raises(cupydcn.CupydcnValueError, match="spatial_scale must be > 0"):
-        ct.deform_psroi_pool(p["input"], p["rois"], output_dim=4, group_size=2, pooled_size=2,
-                             spatial_scale=0.0)
+        ct.deform_psroi_pool(
+            p["input"], p["rois"], output_dim=4, group_size=2, pooled_size=2, spatial_scale=0.0
+        )
     with pytest.raises(cupydcn.CupydcnTypeError, match="sampling_ratio must be an int"):
         ct.deform_roi_pool(r["input"], r["rois"], output_size=2, sampling_ratio=1.5)
 
@@ -442,16 +555,35 @@ def _functional_calls():
     roi = roi_problem(dtype=torch.float32)
     ps = psroi_problem(dtype=torch.float32)
     return {
-        "deform_conv2d": (conv, lambda a: cupydcn.deform_conv2d(
-            a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-            **conv_options(cfg))),
-        "deform_conv2d_backward": (conv, lambda a: cupydcn.deform_conv2d_backward(
-            torch.ones(2, 2, 4, 5), a["input"], a["offset"], a["weight"], a["mask"],
-            **conv_options(cfg))),
-        "deform_roi_pool": (roi, lambda a: cupydcn.deform_roi_pool(
-            a["input"], a["rois"], a["offset"], a["mask"], **ROI_OPTIONS)),
-        "deform_psroi_pool": (ps, lambda a: cupydcn.deform_psroi_pool(
-            a["input"], a["rois"], a["offset"], **PSROI_OPTIONS)),
+        "deform_conv2d": (
+            conv,
+            lambda a: cupydcn.deform_conv2d(
+                a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+            ),
+        ),
+        "deform_conv2d_backward": (
+            conv,
+            lambda a: cupydcn.deform_conv2d_backward(
+                torch.ones(2, 2, 4, 5),
+                a["input"],
+                a["offset"],
+                a["weight"],
+                a["mask"],
+                **conv_options(cfg),
+            ),
+        ),
+        "deform_roi_pool": (
+            roi,
+            lambda a: cupydcn.deform_roi_pool(
+                a["input"], a["rois"], a["offset"], a["mask"], **ROI_OPTIONS
+            ),
+        ),
+        "deform_psroi_pool": (
+            ps,
+            lambda a: cupydcn.deform_psroi_pool(
+                a["input"], a["rois"], a["offset"], **PSROI_OPTIONS
+            ),
+        ),
         "offset_l2_penalty": (conv, lambda a: cupydcn.offset_l2_penalty(a["offset"])),
     }
 
@@ -461,10 +593,13 @@ def test_functional_api_refuses_tensors_that_require_grad(name):
     arrays, call = _functional_calls()[name]
     arrays = dict(arrays, offset=arrays["offset"].clone().requires_grad_(True))
     forward = name.removesuffix("_backward")
-    alternative = (f"use cupydcn.torch.{forward}" if hasattr(ct, forward)
-                   else "call it under torch.no_grad")
-    with pytest.raises(cupydcn.CupydcnTypeError,
-                       match=rf"offset requires grad, .*not differentiable.*{alternative}"):
+    alternative = (
+        f"use cupydcn.torch.{forward}" if hasattr(ct, forward) else "call it under torch.no_grad"
+    )
+    with pytest.raises(
+        cupydcn.CupydcnTypeError,
+        match=rf"offset requires grad, .*not differentiable.*{alternative}",
+    ):
         call(arrays)
     with torch.no_grad():  # no graph is being built: fine
         call(arrays)
@@ -479,8 +614,12 @@ def test_torch_functions_refuse_other_arrays_briefly():
     with pytest.raises(cupydcn.CupydcnTypeError) as info:
         ct.deform_conv2d(big, a["offset"], a["weight"])
     message = str(info.value)
-    assert message.startswith("cupydcn.torch.deform_conv2d: input must be a torch.Tensor; got "
-                              "numpy.ndarray") and len(message) < 200, message
+    assert (
+        message.startswith(
+            "cupydcn.torch.deform_conv2d: input must be a torch.Tensor; got numpy.ndarray"
+        )
+        and len(message) < 200
+    ), message
     with pytest.raises(cupydcn.CupydcnTypeError, match="mask must be a torch.Tensor"):
         ct.deform_conv2d(a["input"], a["offset"], a["weight"], mask=a["mask"].numpy())
     with pytest.raises(cupydcn.CupydcnTypeError, match="weight must be a torch.Tensor; got None"):
@@ -499,37 +638,74 @@ BAD_LAYERS = [
     ("DeformConv2d", (4, 4, 3), dict(padding=-1), "Value", "padding must be >= 0"),
     ("DeformConv2d", (4, 4, 3), dict(stride=0), "Value", "stride must be >= 1"),
     ("DeformConv2d", (4, 4, 3), dict(dilation=(1, 2, 3)), "Type", "dilation must be an int"),
-    ("DeformConv2d", (3, 4, 3), dict(groups=2), "Value",
-     r"in_channels \(3\) must be divisible by groups \(2\)"),
-    ("DeformConv2d", (4, 3, 3), dict(groups=2), "Value",
-     r"out_channels \(3\) must be divisible by groups"),
+    (
+        "DeformConv2d",
+        (3, 4, 3),
+        dict(groups=2),
+        "Value",
+        r"in_channels \(3\) must be divisible by groups \(2\)",
+    ),
+    (
+        "DeformConv2d",
+        (4, 3, 3),
+        dict(groups=2),
+        "Value",
+        r"out_channels \(3\) must be divisible by groups",
+    ),
     ("DeformConv2d", (4, 4, 3), dict(groups=0), "Value", "groups must be >= 1"),
     ("DeformConv2d", (0, 4, 3), {}, "Value", "in_channels must be >= 1"),
     ("DeformConv2d", (4, 4.0, 3), {}, "Type", "out_channels must be an int"),
     ("DeformConv2d", (4, 4, 3), dict(padding_mode="circular"), "Value", "padding_mode"),
-    ("DeformConv2dPack", (4, 4, 3), dict(deform_groups=3), "Value",
-     r"in_channels \(4\) must be divisible by deform_groups \(3\)"),
-    ("ModulatedDeformConv2dPack", (4, 4, 3), dict(padding=(1, -1)), "Value",
-     "padding must be >= 0"),
-    ("ModulatedDeformConv2dPack", (4, 4, 3), dict(deform_groups=0), "Value",
-     "deform_groups must be >= 1"),
+    (
+        "DeformConv2dPack",
+        (4, 4, 3),
+        dict(deform_groups=3),
+        "Value",
+        r"in_channels \(4\) must be divisible by deform_groups \(3\)",
+    ),
+    (
+        "ModulatedDeformConv2dPack",
+        (4, 4, 3),
+        dict(padding=(1, -1)),
+        "Value",
+        "padding must be >= 0",
+    ),
+    (
+        "ModulatedDeformConv2dPack",
+        (4, 4, 3),
+        dict(deform_groups=0),
+        "Value",
+        "deform_groups must be >= 1",
+    ),
     ("DeformRoIPool", (0,), {}, "Value", "output_size must be >= 1"),
     ("DeformRoIPool", (2,), dict(sampling_ratio=-1), "Value", "sampling_ratio must be >= 0"),
     ("DeformRoIPool", (2,), dict(sampling_ratio=1.5), "Type", "sampling_ratio must be an int"),
-    ("DeformRoIPool", (2,), dict(spatial_scale=float("inf")), "Value",
-     "spatial_scale must be finite"),
+    (
+        "DeformRoIPool",
+        (2,),
+        dict(spatial_scale=float("inf")),
+        "Value",
+        "spatial_scale must be finite",
+    ),
     ("DeformRoIPoolPack", (2, 0), {}, "Value", "output_channels must be >= 1"),
-    ("ModulatedDeformRoIPoolPack", (2, 4), dict(deform_fc_channels=0), "Value",
-     "deform_fc_channels must be >= 1"),
+    (
+        "ModulatedDeformRoIPoolPack",
+        (2, 4),
+        dict(deform_fc_channels=0),
+        "Value",
+        "deform_fc_channels must be >= 1",
+    ),
     ("DeformPSRoIPool", (4, 0, 2), {}, "Value", "group_size must be >= 1"),
-    ("DeformPSRoIPool", (4, 2, 2), dict(spatial_scale=0.0), "Value",
-     "spatial_scale must be > 0"),
+    ("DeformPSRoIPool", (4, 2, 2), dict(spatial_scale=0.0), "Value", "spatial_scale must be > 0"),
     ("DeformPSRoIPool", (4, 2, 2), dict(part_size=2.5), "Type", "part_size must be an int"),
 ]
 
 
-@pytest.mark.parametrize("layer, args, kwargs, error, message", BAD_LAYERS,
-                         ids=[f"{b[0]}-{b[4][:24]}" for b in BAD_LAYERS])
+@pytest.mark.parametrize(
+    "layer, args, kwargs, error, message",
+    BAD_LAYERS,
+    ids=[f"{b[0]}-{b[4][:24]}" for b in BAD_LAYERS],
+)
 def test_layer_constructors_check_their_arguments(layer, args, kwargs, error, message):
     with pytest.raises(getattr(cupydcn, f"Cupydcn{error}Error"), match=f"{layer}: {message}"):
         getattr(ct, layer)(*args, **kwargs)
@@ -555,17 +731,20 @@ def test_roi_pools_take_torchvisions_list_of_boxes():
     assert torch.equal(grad, expected_grad)
 
     opts = {k: ROI_OPTIONS[k] for k in ("spatial_scale", "sampling_ratio", "gamma")}
-    for layer in (ct.DeformRoIPool(ROI_OPTIONS["output_size"], **opts),
-                  ct.DeformRoIPoolPack(ROI_OPTIONS["output_size"], 3, 8, **opts),
-                  ct.ModulatedDeformRoIPoolPack(ROI_OPTIONS["output_size"], 3, 8, **opts)):
+    for layer in (
+        ct.DeformRoIPool(ROI_OPTIONS["output_size"], **opts),
+        ct.DeformRoIPoolPack(ROI_OPTIONS["output_size"], 3, 8, **opts),
+        ct.ModulatedDeformRoIPoolPack(ROI_OPTIONS["output_size"], 3, 8, **opts),
+    ):
         assert torch.equal(layer(r["input"], boxes), layer(r["input"], rois)), layer
 
     p = psroi_problem(dtype=torch.float32)
     ps_rois = p["rois"][order]
     ps_boxes = _boxes_per_image(ps_rois, 2)
     out, count = ct.deform_psroi_pool(p["input"], ps_boxes, p["offset"][order], **PSROI_OPTIONS)
-    expected_out, expected_count = ct.deform_psroi_pool(p["input"], ps_rois, p["offset"][order],
-                                                        **PSROI_OPTIONS)
+    expected_out, expected_count = ct.deform_psroi_pool(
+        p["input"], ps_rois, p["offset"][order], **PSROI_OPTIONS
+    )
     assert torch.equal(out, expected_out) and torch.equal(count, expected_count)
     layer = ct.DeformPSRoIPool(**PSROI_OPTIONS)
     assert torch.equal(layer(p["input"], ps_boxes), layer(p["input"], ps_rois))
@@ -589,27 +768,44 @@ def test_roi_pools_take_torchvisions_list_of_boxes():
 # torch.ops.aten.sin.default on a requires_grad tensor fails the same way.
 TORCH_OPCHECK_NON_LEAF_GRAD = pytest.mark.filterwarnings(
     r"ignore:The \.grad attribute of a Tensor that is not a leaf Tensor is being "
-    r"accessed:UserWarning")
+    r"accessed:UserWarning"
+)
 
 
 def _conv_op_args(cfg, a):
-    return (a["input"], a["offset"], a["weight"], a["bias"], a["mask"], list(cfg["stride"]),
-            list(cfg["padding"]), list(cfg["dilation"]), "zeros")
+    return (
+        a["input"],
+        a["offset"],
+        a["weight"],
+        a["bias"],
+        a["mask"],
+        list(cfg["stride"]),
+        list(cfg["padding"]),
+        list(cfg["dilation"]),
+        "zeros",
+    )
 
 
 @TORCH_OPCHECK_NON_LEAF_GRAD
 @pytest.mark.parametrize("cfg_name", ["dcnv2-groups"])
 def test_opcheck_deform_conv2d(cfg_name):
     cfg = CONV_CONFIGS[cfg_name]
-    a = _leaves(conv_problem(cfg, dtype=torch.float32), ("input", "offset", "weight", "bias",
-                                                        "mask"))
+    a = _leaves(
+        conv_problem(cfg, dtype=torch.float32), ("input", "offset", "weight", "bias", "mask")
+    )
     torch.library.opcheck(torch.ops.cupydcn.deform_conv2d.default, _conv_op_args(cfg, a))
-    out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                           **conv_options(cfg)).detach()
+    out = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+    ).detach()
     output_mask = [True, False, True, cfg["mask"], cfg["bias"]]
     plain = {k: None if v is None else v.detach() for k, v in a.items()}
-    args = (torch.randn_like(out), *_conv_op_args(cfg, plain)[:3], plain["mask"],
-            *_conv_op_args(cfg, plain)[5:], output_mask)
+    args = (
+        torch.randn_like(out),
+        *_conv_op_args(cfg, plain)[:3],
+        plain["mask"],
+        *_conv_op_args(cfg, plain)[5:],
+        output_mask,
+    )
     torch.library.opcheck(torch.ops.cupydcn.deform_conv2d_backward.default, args)
 
 
@@ -619,27 +815,63 @@ def test_opcheck_roi_pools():
     for offset, mask in ((True, True), (False, False)):
         names = ["input"] + ["offset"] * offset + ["mask"] * mask
         a = _leaves(roi_problem(dtype=torch.float32, offset=offset, mask=mask), names)
-        torch.library.opcheck(torch.ops.cupydcn.deform_roi_pool.default, (
-            a["input"], a["rois"], a["offset"], a["mask"], list(opts["output_size"]),
-            opts["spatial_scale"], opts["sampling_ratio"], opts["gamma"]))
+        torch.library.opcheck(
+            torch.ops.cupydcn.deform_roi_pool.default,
+            (
+                a["input"],
+                a["rois"],
+                a["offset"],
+                a["mask"],
+                list(opts["output_size"]),
+                opts["spatial_scale"],
+                opts["sampling_ratio"],
+                opts["gamma"],
+            ),
+        )
     b = roi_problem(dtype=torch.float32)
     grad = torch.randn(len(ROIS), 3, *opts["output_size"], generator=_generator(5))
-    torch.library.opcheck(torch.ops.cupydcn.deform_roi_pool_backward.default, (
-        grad, b["input"], b["rois"], b["offset"], b["mask"], list(opts["output_size"]),
-        opts["spatial_scale"], opts["sampling_ratio"], opts["gamma"], [False, True, True]))
+    torch.library.opcheck(
+        torch.ops.cupydcn.deform_roi_pool_backward.default,
+        (
+            grad,
+            b["input"],
+            b["rois"],
+            b["offset"],
+            b["mask"],
+            list(opts["output_size"]),
+            opts["spatial_scale"],
+            opts["sampling_ratio"],
+            opts["gamma"],
+            [False, True, True],
+        ),
+    )
 
     o = PSROI_OPTIONS
-    sizes = [o[k] for k in ("output_dim", "group_size", "pooled_size", "part_size",
-                            "sample_per_part")]
+    sizes = [
+        o[k] for k in ("output_dim", "group_size", "pooled_size", "part_size", "sample_per_part")
+    ]
     p = _leaves(psroi_problem(dtype=torch.float32), ("input", "offset"))
-    torch.library.opcheck(torch.ops.cupydcn.deform_psroi_pool.default, (
-        p["input"], p["rois"], p["offset"], *sizes, o["spatial_scale"], o["trans_std"]))
+    torch.library.opcheck(
+        torch.ops.cupydcn.deform_psroi_pool.default,
+        (p["input"], p["rois"], p["offset"], *sizes, o["spatial_scale"], o["trans_std"]),
+    )
     q = psroi_problem(dtype=torch.float32)
-    grad = torch.randn(len(ROIS), o["output_dim"], o["pooled_size"], o["pooled_size"],
-                       generator=_generator(6))
-    torch.library.opcheck(torch.ops.cupydcn.deform_psroi_pool_backward.default, (
-        grad, q["input"], q["rois"], q["offset"], *sizes, o["spatial_scale"], o["trans_std"],
-        [True, True]))
+    grad = torch.randn(
+        len(ROIS), o["output_dim"], o["pooled_size"], o["pooled_size"], generator=_generator(6)
+    )
+    torch.library.opcheck(
+        torch.ops.cupydcn.deform_psroi_pool_backward.default,
+        (
+            grad,
+            q["input"],
+            q["rois"],
+            q["offset"],
+            *sizes,
+            o["spatial_scale"],
+            o["trans_std"],
+            [True, True],
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------- autocast
@@ -648,12 +880,19 @@ def test_autocast_runs_in_the_autocast_dtype(dtype):
     pytest.importorskip("ml_dtypes")  # bfloat16 arrays on the NumPy backend
     cfg = CONV_CONFIGS["dcnv2-groups"]
     a64 = conv_problem(cfg)
-    expected = cupydcn.deform_conv2d(a64["input"], a64["offset"], a64["weight"], a64["bias"],
-                                     mask=a64["mask"], **conv_options(cfg))
+    expected = cupydcn.deform_conv2d(
+        a64["input"],
+        a64["offset"],
+        a64["weight"],
+        a64["bias"],
+        mask=a64["mask"],
+        **conv_options(cfg),
+    )
     a = _leaves(conv_problem(cfg, dtype=torch.float32), ("weight", "bias", "offset"))
     with torch.autocast("cpu", dtype=dtype):
-        out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                               **conv_options(cfg))
+        out = ct.deform_conv2d(
+            a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+        )
     assert out.dtype == dtype  # not upcast to float32
     tolerance = 2e-2 if dtype == torch.bfloat16 else 3e-3
     scale = expected.abs().max()
@@ -666,8 +905,9 @@ def test_autocast_runs_in_the_autocast_dtype(dtype):
     rois = r["rois"]  # float64 RoIs: coordinates keep their precision under autocast
     with torch.autocast("cpu", dtype=dtype):
         pooled = ct.deform_roi_pool(r["input"], rois, r["offset"], r["mask"], **ROI_OPTIONS)
-        ps, count = ct.deform_psroi_pool(psroi_problem(dtype=torch.float32)["input"], rois,
-                                         **PSROI_OPTIONS)
+        ps, count = ct.deform_psroi_pool(
+            psroi_problem(dtype=torch.float32)["input"], rois, **PSROI_OPTIONS
+        )
     assert pooled.dtype == dtype and ps.dtype == dtype and count.dtype == torch.int32
 
 
@@ -683,8 +923,9 @@ def test_bfloat16_tensors():
     pytest.importorskip("ml_dtypes")
     cfg = CONV_CONFIGS["dcnv2-groups"]
     a = _leaves(conv_problem(cfg, dtype=torch.bfloat16), ("input", "offset", "weight"))
-    out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                           **conv_options(cfg))
+    out = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(cfg)
+    )
     assert out.dtype == torch.bfloat16
     out.sum().backward()
     assert a["offset"].grad.dtype == torch.bfloat16
@@ -721,8 +962,9 @@ def test_layers_pass_the_padding_mode_on():
     offset = 3 * torch.randn(1, 18, 5, 4, generator=g)
     for mode in PADDING_MODES:
         layer = ct.DeformConv2d(2, 3, 3, padding=1, padding_mode=mode)
-        expected = cupydcn.deform_conv2d(x, offset, layer.weight.detach(), layer.bias.detach(),
-                                         padding=1, padding_mode=mode)
+        expected = cupydcn.deform_conv2d(
+            x, offset, layer.weight.detach(), layer.bias.detach(), padding=1, padding_mode=mode
+        )
         assert torch.equal(layer(x, offset).detach(), expected), mode
         pack = ct.ModulatedDeformConv2dPack(2, 3, 3, padding=1, padding_mode=mode)
         assert pack.padding_mode == mode
@@ -740,8 +982,9 @@ def test_torchvision_state_dict_loads_and_gives_identical_outputs():
     offset = torch.randn(2, 2 * 2 * 9, 7, 5, generator=g)
     mask = torch.rand(2, 2 * 9, 7, 5, generator=g)
     for m in (None, mask):
-        expected = cupydcn.deform_conv2d(x, offset, state["weight"], state["bias"], padding=1,
-                                         mask=m)
+        expected = cupydcn.deform_conv2d(
+            x, offset, state["weight"], state["bias"], padding=1, mask=m
+        )
         assert torch.equal(layer(x, offset, m), expected)
 
 
@@ -773,8 +1016,7 @@ def test_deform_conv2d_pack_starts_as_a_plain_convolution():
     weight = nn.init.kaiming_uniform_(torch.empty(6, 2, 3, 3), nonlinearity="relu")
     assert torch.equal(layer.weight.detach(), weight)
     x = torch.randn(2, 4, 9, 8, generator=_generator(1))
-    torch.testing.assert_close(layer(x), nn.functional.conv2d(x, layer.weight, None, 2, 1,
-                                                              1, 2))
+    torch.testing.assert_close(layer(x), nn.functional.conv2d(x, layer.weight, None, 2, 1, 1, 2))
     layer(x).square().sum().backward()
     assert layer.conv_offset.weight.grad.abs().sum() > 0  # the offsets learn
     assert ct.DeformConv2dPack(4, 6, 3, bias=True).bias is not None
@@ -783,8 +1025,7 @@ def test_deform_conv2d_pack_starts_as_a_plain_convolution():
 def test_modulated_deform_conv2d_pack_starts_as_half_a_convolution():
     torch.manual_seed(0)
     layer = ct.ModulatedDeformConv2dPack(4, 6, 3, padding=1, deform_groups=2)
-    assert set(layer.state_dict()) == {"weight", "bias", "conv_offset.weight",
-                                       "conv_offset.bias"}
+    assert set(layer.state_dict()) == {"weight", "bias", "conv_offset.weight", "conv_offset.bias"}
     assert layer.conv_offset.out_channels == 3 * 2 * 9
     stdv = 1 / math.sqrt(4 * 9)  # mmcv: uniform in +-1/sqrt(in_channels * kh * kw)
     assert layer.weight.abs().max() <= stdv and not layer.bias.any()
@@ -804,13 +1045,17 @@ def test_deform_roi_pool_layers():
     opts = dict(spatial_scale=0.5, sampling_ratio=2, gamma=0.1)
     plain = ct.deform_roi_pool(a["input"], a["rois"], output_size=(2, 3), **opts)
     pool = ct.DeformRoIPool((2, 3), **opts)
-    assert torch.equal(pool(a["input"], a["rois"], a["offset"], a["mask"]),
-                       ct.deform_roi_pool(a["input"], a["rois"], a["offset"], a["mask"],
-                                          output_size=(2, 3), **opts))
+    assert torch.equal(
+        pool(a["input"], a["rois"], a["offset"], a["mask"]),
+        ct.deform_roi_pool(
+            a["input"], a["rois"], a["offset"], a["mask"], output_size=(2, 3), **opts
+        ),
+    )
 
     pack = ct.DeformRoIPoolPack((2, 3), 3, deform_fc_channels=16, **opts)
-    assert list(pack.state_dict()) == [f"offset_fc.{i}.{p}" for i in (0, 2, 4)
-                                       for p in ("weight", "bias")]  # mmcv's names
+    assert list(pack.state_dict()) == [
+        f"offset_fc.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")
+    ]  # mmcv's names
     x = a["input"].clone().requires_grad_(True)
     out = pack(x, a["rois"])
     torch.testing.assert_close(out, plain)  # the last FC layer starts at zero
@@ -819,7 +1064,8 @@ def test_deform_roi_pool_layers():
 
     mpack = ct.ModulatedDeformRoIPoolPack((2, 3), 3, deform_fc_channels=16, **opts)
     assert set(mpack.state_dict()) == set(pack.state_dict()) | {
-        f"mask_fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+        f"mask_fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")
+    }
     out = mpack(a["input"], a["rois"])
     torch.testing.assert_close(out, 0.5 * plain)  # sigmoid(0) = 0.5
     out.square().sum().backward()
@@ -846,10 +1092,12 @@ class _Detector(nn.Module):
         self.down = ct.DeformConv2dPack(8, 8, 3, stride=2, padding=1)
         self.offset = nn.Conv2d(8, 18, 3, padding=1)
         self.conv = ct.DeformConv2d(8, 8, 3, padding=1)
-        self.pool = ct.DeformRoIPoolPack(3, 8, deform_fc_channels=8, spatial_scale=0.5,
-                                         sampling_ratio=2)
-        self.mpool = ct.ModulatedDeformRoIPoolPack(3, 8, deform_fc_channels=8,
-                                                   spatial_scale=0.5, sampling_ratio=2)
+        self.pool = ct.DeformRoIPoolPack(
+            3, 8, deform_fc_channels=8, spatial_scale=0.5, sampling_ratio=2
+        )
+        self.mpool = ct.ModulatedDeformRoIPoolPack(
+            3, 8, deform_fc_channels=8, spatial_scale=0.5, sampling_ratio=2
+        )
         self.psroi = ct.DeformPSRoIPool(2, 2, 2, spatial_scale=0.5)
         self.psroi_offset = nn.Linear(8 * 9, 2 * 2 * 2)
 
@@ -939,7 +1187,11 @@ def test_compile_inductor():
     results = []
     for module in (layer, compiled):
         out = module(x, offset)
-        results.append((out.detach(), *torch.autograd.grad(
-            out, [offset, layer.weight, layer.bias], torch.ones_like(out))))
+        results.append(
+            (
+                out.detach(),
+                *torch.autograd.grad(out, [offset, layer.weight, layer.bias], torch.ones_like(out)),
+            )
+        )
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected)

@@ -37,12 +37,15 @@ CONV = CONV_CONFIGS["dcnv2-groups"]
 
 def _all_ops(a: dict, r: dict, p: dict):
     """Outputs of the three ops and autograd gradients of a fixed projection of them."""
-    out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                           **conv_options(CONV))
+    out = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(CONV)
+    )
     pooled = ct.deform_roi_pool(r["input"], r["rois"], r["offset"], r["mask"], **ROI_OPTIONS)
     ps, count = ct.deform_psroi_pool(p["input"], p["rois"], p["offset"], **PSROI_OPTIONS)
-    loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype, device=t.device)
-                .view(t.shape)).sum() for t in (out, pooled, ps))
+    loss = sum(
+        (t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype, device=t.device).view(t.shape)).sum()
+        for t in (out, pooled, ps)
+    )
     leaves = [t for d in (a, r, p) for t in d.values() if t is not None and t.requires_grad]
     grads = torch.autograd.grad(loss, leaves)
     return [out, pooled, ps, count, *grads]
@@ -50,11 +53,16 @@ def _all_ops(a: dict, r: dict, p: dict):
 
 def _problems(dtype, device):
     def leaves(args):
-        return {k: None if v is None else v.to(device).requires_grad_(k != "rois")
-                for k, v in args.items()}
+        return {
+            k: None if v is None else v.to(device).requires_grad_(k != "rois")
+            for k, v in args.items()
+        }
 
-    return (leaves(conv_problem(CONV, dtype=dtype)), leaves(roi_problem(dtype=dtype)),
-            leaves(psroi_problem(dtype=dtype)))
+    return (
+        leaves(conv_problem(CONV, dtype=dtype)),
+        leaves(roi_problem(dtype=dtype)),
+        leaves(psroi_problem(dtype=dtype)),
+    )
 
 
 def _assert_close(got, expected, dtype):
@@ -96,8 +104,13 @@ def test_ordered_with_pytorch_work_on_a_non_default_stream():
 
 
 def _second_device_results(dtype):
-    problems = [{k: None if v is None else v.detach().to("cuda:1").requires_grad_(k != "rois")
-                 for k, v in d.items()} for d in _problems(dtype, "cpu")]
+    problems = [
+        {
+            k: None if v is None else v.detach().to("cuda:1").requires_grad_(k != "rois")
+            for k, v in d.items()
+        }
+        for d in _problems(dtype, "cpu")
+    ]
     return _all_ops(*problems)
 
 
@@ -134,12 +147,14 @@ def test_compile_on_cuda_matches_eager():
 
 def test_autocast_float16_on_cuda():
     a = {k: None if v is None else v.cuda() for k, v in conv_problem(CONV).items()}
-    expected = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                                **conv_options(CONV))
+    expected = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(CONV)
+    )
     f = {k: None if v is None else v.float().requires_grad_(True) for k, v in a.items()}
     with torch.autocast("cuda", dtype=torch.float16):
-        out = ct.deform_conv2d(f["input"], f["offset"], f["weight"], f["bias"], mask=f["mask"],
-                               **conv_options(CONV))
+        out = ct.deform_conv2d(
+            f["input"], f["offset"], f["weight"], f["bias"], mask=f["mask"], **conv_options(CONV)
+        )
     assert out.dtype == torch.float16
     assert (out.double() - expected).abs().max() <= 3e-3 * expected.abs().max()
     out.float().sum().backward()
@@ -160,9 +175,12 @@ def test_results_are_the_buffers_the_kernels_wrote(monkeypatch):
             return result
 
         monkeypatch.setattr(_conv_kernels, name, spy)
-    a = {k: None if v is None else v.cuda().requires_grad_(True)
-         for k, v in conv_problem(CONV, dtype=torch.float32).items()}
-    out = ct.deform_conv2d(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"],
-                           **conv_options(CONV))
+    a = {
+        k: None if v is None else v.cuda().requires_grad_(True)
+        for k, v in conv_problem(CONV, dtype=torch.float32).items()
+    }
+    out = ct.deform_conv2d(
+        a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], **conv_options(CONV)
+    )
     grads = torch.autograd.grad(out, list(a.values()), torch.ones_like(out))
     assert all(t.data_ptr() in written for t in (out, *grads))

@@ -9,8 +9,22 @@ import cupydcn
 from cupydcn.deform_conv import numpy_backend as _numpy_conv
 
 
-def _args(n=2, c=4, h=7, w=6, c_out=6, kh=3, kw=2, groups=2, offset_groups=2, mask=True,
-          dtype=np.float32, stride=1, padding=1, dilation=1):
+def _args(
+    n=2,
+    c=4,
+    h=7,
+    w=6,
+    c_out=6,
+    kh=3,
+    kw=2,
+    groups=2,
+    offset_groups=2,
+    mask=True,
+    dtype=np.float32,
+    stride=1,
+    padding=1,
+    dilation=1,
+):
     rng = np.random.default_rng(0)
     out_h = (h + 2 * padding - (dilation * (kh - 1) + 1)) // stride + 1
     out_w = (w + 2 * padding - (dilation * (kw - 1) + 1)) // stride + 1
@@ -20,8 +34,12 @@ def _args(n=2, c=4, h=7, w=6, c_out=6, kh=3, kw=2, groups=2, offset_groups=2, ma
         offset=rng.standard_normal((n, 2 * offset_groups * taps, out_h, out_w)).astype(dtype),
         weight=rng.standard_normal((c_out, c // groups, kh, kw)).astype(dtype),
         bias=rng.standard_normal((c_out,)).astype(dtype),
-        mask=rng.uniform(size=(n, offset_groups * taps, out_h, out_w)).astype(dtype) if mask else None,
-        stride=stride, padding=padding, dilation=dilation,
+        mask=rng.uniform(size=(n, offset_groups * taps, out_h, out_w)).astype(dtype)
+        if mask
+        else None,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
     )
 
 
@@ -63,39 +81,67 @@ def test_weight_ndim():
 
 
 def test_weight_channels_do_not_divide_input():
-    _raises(ValueError, "weight.shape[1] = 3", "input channels 4", weight=np.zeros((6, 3, 3, 2), np.float32))
+    _raises(
+        ValueError,
+        "weight.shape[1] = 3",
+        "input channels 4",
+        weight=np.zeros((6, 3, 3, 2), np.float32),
+    )
 
 
 def test_out_channels_not_divisible_by_groups():
-    _raises(ValueError, "weight.shape[0] = 5", "groups = 2", weight=np.zeros((5, 2, 3, 2), np.float32))
+    _raises(
+        ValueError, "weight.shape[0] = 5", "groups = 2", weight=np.zeros((5, 2, 3, 2), np.float32)
+    )
 
 
 def test_offset_channels_not_multiple_of_taps():
-    _raises(ValueError, "offset.shape[1] = 13", "2 * kh * kw = 12",
-            offset=np.zeros((2, 13, 7, 7), np.float32))
+    _raises(
+        ValueError,
+        "offset.shape[1] = 13",
+        "2 * kh * kw = 12",
+        offset=np.zeros((2, 13, 7, 7), np.float32),
+    )
 
 
 def test_offset_groups_do_not_divide_channels():
     args = _args()
     # 3 offset groups do not divide 4 channels
-    _raises(ValueError, "offset groups = 3", "input channels 4",
-            offset=np.zeros((2, 36, 7, 7), np.float32), mask=None)
+    _raises(
+        ValueError,
+        "offset groups = 3",
+        "input channels 4",
+        offset=np.zeros((2, 36, 7, 7), np.float32),
+        mask=None,
+    )
     del args
 
 
 def test_offset_spatial_size_differs_from_output():
-    _raises(ValueError, "offset has shape (2, 24, 6, 7)", "expected (2, 24, 7, 7)",
-            offset=np.zeros((2, 24, 6, 7), np.float32))
+    _raises(
+        ValueError,
+        "offset has shape (2, 24, 6, 7)",
+        "expected (2, 24, 7, 7)",
+        offset=np.zeros((2, 24, 6, 7), np.float32),
+    )
 
 
 def test_offset_batch_differs():
-    _raises(ValueError, "offset has shape (3, 24, 7, 7)", "expected (2, 24, 7, 7)",
-            offset=np.zeros((3, 24, 7, 7), np.float32))
+    _raises(
+        ValueError,
+        "offset has shape (3, 24, 7, 7)",
+        "expected (2, 24, 7, 7)",
+        offset=np.zeros((3, 24, 7, 7), np.float32),
+    )
 
 
 def test_mask_shape():
-    _raises(ValueError, "mask has shape (2, 11, 7, 7)", "expected (2, 12, 7, 7)",
-            mask=np.zeros((2, 11, 7, 7), np.float32))
+    _raises(
+        ValueError,
+        "mask has shape (2, 11, 7, 7)",
+        "expected (2, 12, 7, 7)",
+        mask=np.zeros((2, 11, 7, 7), np.float32),
+    )
 
 
 def test_bias_shape():
@@ -103,17 +149,25 @@ def test_bias_shape():
 
 
 def test_output_smaller_than_one():
-    message = _raises(ValueError, "output size would be", "at least 1 x 1",
-                      input=np.zeros((2, 4, 1, 6), np.float32), padding=0)
+    message = _raises(
+        ValueError,
+        "output size would be",
+        "at least 1 x 1",
+        input=np.zeros((2, 4, 1, 6), np.float32),
+        padding=0,
+    )
     assert "input 1 x 6" in message
 
 
-@pytest.mark.parametrize("name, value, fragment", [
-    ("stride", 0, "stride must be >= 1"),
-    ("stride", (1, 0), "stride must be >= 1"),
-    ("dilation", (0, 1), "dilation must be >= 1"),
-    ("padding", -1, "padding must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "name, value, fragment",
+    [
+        ("stride", 0, "stride must be >= 1"),
+        ("stride", (1, 0), "stride must be >= 1"),
+        ("dilation", (0, 1), "dilation must be >= 1"),
+        ("padding", -1, "padding must be >= 0"),
+    ],
+)
 def test_bad_hyperparameters(name, value, fragment):
     _raises(ValueError, fragment, str(value) if isinstance(value, tuple) else "", **{name: value})
 
@@ -125,19 +179,26 @@ def test_hyperparameter_types(value):
 
 def test_integer_dtype():
     args = _args()
-    _raises(TypeError, "input has dtype int64", "expected one of float64, float32",
-            input=args["input"].astype(np.int64))
+    _raises(
+        TypeError,
+        "input has dtype int64",
+        "expected one of float64, float32",
+        input=args["input"].astype(np.int64),
+    )
 
 
 def test_mismatched_dtypes():
     args = _args()
-    _raises(TypeError, "offset has dtype float64", "expected float32 like input",
-            offset=args["offset"].astype(np.float64))
+    _raises(
+        TypeError,
+        "offset has dtype float64",
+        "expected float32 like input",
+        offset=args["offset"].astype(np.float64),
+    )
 
 
 def test_non_array_argument():
-    _raises(TypeError, "weight must be an array supporting DLPack", "list",
-            weight=[[1.0]])
+    _raises(TypeError, "weight must be an array supporting DLPack", "list", weight=[[1.0]])
 
 
 def test_padding_mode():
@@ -152,8 +213,12 @@ def test_workspace_bytes(value, exc):
 def test_mixed_array_libraries():
     torch = pytest.importorskip("torch")
     args = _args()
-    _raises(TypeError, "input is a numpy.ndarray but offset is a torch.Tensor",
-            "one library", offset=torch.from_numpy(args["offset"]))
+    _raises(
+        TypeError,
+        "input is a numpy.ndarray but offset is a torch.Tensor",
+        "one library",
+        offset=torch.from_numpy(args["offset"]),
+    )
 
 
 def _backward(**overrides):
@@ -162,13 +227,20 @@ def _backward(**overrides):
     grad_output = np.ones((2, 6, 7, 7), np.float32)
     args.update(overrides)
     return cupydcn.deform_conv2d_backward(
-        args.pop("grad_output", grad_output), args.pop("input"), args.pop("offset"),
-        args.pop("weight"), **args)
+        args.pop("grad_output", grad_output),
+        args.pop("input"),
+        args.pop("offset"),
+        args.pop("weight"),
+        **args,
+    )
 
 
 def test_backward_grad_output_shape():
-    with pytest.raises(ValueError, match=r"deform_conv2d_backward: grad_output has shape "
-                                          r"\(2, 6, 7, 6\); expected the output shape \(2, 6, 7, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"deform_conv2d_backward: grad_output has shape "
+        r"\(2, 6, 7, 6\); expected the output shape \(2, 6, 7, 7\)",
+    ):
         _backward(grad_output=np.ones((2, 6, 7, 6), np.float32))
 
 

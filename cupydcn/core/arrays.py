@@ -12,9 +12,9 @@ by ``array_api_compat`` without importing them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterator
 
 import numpy as np
 
@@ -121,8 +121,9 @@ def resolve_placement(op: str, arrays: dict[str, object]) -> Placement:
             namespace = compat.array_namespace(present[first])
         except TypeError:
             namespace = None
-    return Placement(library, device_type == _DL_CUDA, device_id if device_type == _DL_CUDA else 0,
-                     namespace)
+    return Placement(
+        library, device_type == _DL_CUDA, device_id if device_type == _DL_CUDA else 0, namespace
+    )
 
 
 def _device_name(device: tuple[int, int]) -> str:
@@ -133,8 +134,14 @@ def _device_name(device: tuple[int, int]) -> str:
 # ------------------------------------------------------------------ into the backend
 # The ops with a differentiable counterpart in cupydcn.torch (a backward op's is its
 # forward's).
-_TORCH_DIFFERENTIABLE = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool",
-                         "multi_scale_deformable_attn", "dcnv3", "dcnv4")
+_TORCH_DIFFERENTIABLE = (
+    "deform_conv2d",
+    "deform_roi_pool",
+    "deform_psroi_pool",
+    "multi_scale_deformable_attn",
+    "dcnv3",
+    "dcnv4",
+)
 
 
 def refuse_torch_autograd(op: str, arrays: dict[str, object]) -> None:
@@ -146,17 +153,23 @@ def refuse_torch_autograd(op: str, arrays: dict[str, object]) -> None:
 
     if not torch.is_grad_enabled():
         return
-    wanting = [name for name, a in arrays.items()
-               if isinstance(a, torch.Tensor) and a.requires_grad]
+    wanting = [
+        name for name, a in arrays.items() if isinstance(a, torch.Tensor) and a.requires_grad
+    ]
     if not wanting:
         return
     forward = op.removesuffix("_backward")
-    alternative = (f"use cupydcn.torch.{forward}, which is differentiable, or "
-                   if forward in _TORCH_DIFFERENTIABLE else "")
+    alternative = (
+        f"use cupydcn.torch.{forward}, which is differentiable, or "
+        if forward in _TORCH_DIFFERENTIABLE
+        else ""
+    )
     raise type_error(
-        op, f"{', '.join(wanting)} {'requires' if len(wanting) == 1 else 'require'} grad, "
+        op,
+        f"{', '.join(wanting)} {'requires' if len(wanting) == 1 else 'require'} grad, "
         f"but cupydcn.{op} is not differentiable (its result would have no grad_fn): "
-        f"{alternative}call it under torch.no_grad() or on detached tensors")
+        f"{alternative}call it under torch.no_grad() or on detached tensors",
+    )
 
 
 def _torch_exportable(tensor):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -73,8 +73,9 @@ def require_arrays(op: str, arrays: Mapping[str, object], *names: str) -> None:
             raise type_error(op, f"{name} must be an array; got None")
 
 
-def check_positive(op: str, name: str, value, *, minimum: int = 1,
-                   maximum: int = MAX_OPTION_VALUE) -> int:
+def check_positive(
+    op: str, name: str, value, *, minimum: int = 1, maximum: int = MAX_OPTION_VALUE
+) -> int:
     """An int in [``minimum``, ``maximum``] (bools and arrays rejected) as a Python int."""
     if not is_int(value):
         raise type_error(op, f"{name} must be an int; got {_short(value)}")
@@ -86,17 +87,21 @@ def check_positive(op: str, name: str, value, *, minimum: int = 1,
     return value
 
 
-def int_pair(op: str, name: str, value, *, minimum: int,
-             maximum: int = MAX_OPTION_VALUE) -> tuple[int, int]:
+def int_pair(
+    op: str, name: str, value, *, minimum: int, maximum: int = MAX_OPTION_VALUE
+) -> tuple[int, int]:
     """An int or an (h, w) pair of ints, each in [minimum, maximum], as two Python ints."""
     if is_int(value):
         pair = (operator.index(value), operator.index(value))
-    elif (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-          and all(is_int(v) for v in value)):
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(is_int(v) for v in value)
+    ):
         pair = (operator.index(value[0]), operator.index(value[1]))
     else:
-        raise type_error(op, f"{name} must be an int or a pair (h, w) of ints; got "
-                             f"{_short(value)}")
+        raise type_error(op, f"{name} must be an int or a pair (h, w) of ints; got {_short(value)}")
     for axis, v in enumerate(pair):
         if not minimum <= v <= maximum:
             bound = f">= {minimum}" if v < minimum else f"at most {maximum}"
@@ -105,8 +110,7 @@ def int_pair(op: str, name: str, value, *, minimum: int,
     return pair
 
 
-def conv_output_size(size: int, kernel: int, *, stride: int, padding: int,
-                     dilation: int) -> int:
+def conv_output_size(size: int, kernel: int, *, stride: int, padding: int, dilation: int) -> int:
     """The output length of a convolution along one axis (torchvision's formula):
     (size + 2 padding - (dilation (kernel - 1) + 1)) // stride + 1."""
     return (size + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1
@@ -132,8 +136,9 @@ def finite_scalar(op: str, name: str, value, *, positive: bool = False) -> float
     return value
 
 
-def wanted_gradients(op: str, wrt: Iterable[str] | str | None,
-                     available: Mapping[str, bool]) -> frozenset[str]:
+def wanted_gradients(
+    op: str, wrt: Iterable[str] | str | None, available: Mapping[str, bool]
+) -> frozenset[str]:
     """The gradients a backward call computes.
 
     ``available`` maps every gradient name of the op, in order, to whether it can be
@@ -149,8 +154,11 @@ def wanted_gradients(op: str, wrt: Iterable[str] | str | None,
     except TypeError:
         wanted = None
     if wanted is None or not all(isinstance(name, str) for name in wanted):
-        raise type_error(op, f"wrt must be None, a gradient name or an iterable of names "
-                             f"from {list(available)}; got {_short(wrt)}")
+        raise type_error(
+            op,
+            f"wrt must be None, a gradient name or an iterable of names "
+            f"from {list(available)}; got {_short(wrt)}",
+        )
     unknown = sorted(wanted - set(available))
     if unknown:
         raise value_error(op, f"wrt names {unknown}; expected a subset of {list(available)}")

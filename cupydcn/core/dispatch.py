@@ -17,9 +17,10 @@ function takes a :class:`~cupydcn.cuda.launch.KernelLauncher` first and otherwis
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,7 @@ class Backends:
     cuda: Callable[..., Any]
 
     @classmethod
-    def of_modules(cls, numpy_module: ModuleType, cuda_module: ModuleType,
-                   name: str) -> "Backends":
+    def of_modules(cls, numpy_module: ModuleType, cuda_module: ModuleType, name: str) -> Backends:
         """The function ``name`` of each backend module (every backend module of an op
         family defines the same names), looked up at each call."""
 
@@ -52,7 +52,7 @@ class Backends:
         return cls(numpy=on_numpy, cuda=on_cuda)
 
     @classmethod
-    def array_api(cls, function: Callable[..., Any]) -> "Backends":
+    def array_api(cls, function: Callable[..., Any]) -> Backends:
         """One function written against an array module for both backends:
         ``function(xp, launcher, *arrays, plan, **options)`` with ``xp`` NumPy and
         ``launcher`` None on the CPU, CuPy and the CUDA launcher on a GPU."""
@@ -99,8 +99,9 @@ def dispatch(
             check_values(_arrays.array_module(placement), native, prepared.plan)
         args = tuple(native.values())
         if placement.on_cuda:
-            result = backends.cuda(_arrays.kernel_launcher(placement), *args, prepared.plan,
-                                   **prepared.options)
+            result = backends.cuda(
+                _arrays.kernel_launcher(placement), *args, prepared.plan, **prepared.options
+            )
         else:
             result = backends.numpy(*args, prepared.plan, **prepared.options)
         return _results_to_caller(placement, result)

@@ -14,10 +14,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class DtypeInfo:
-    name: str          # numpy dtype name
-    c_type: str        # C++ spelling in the cupydcn/cuda/kernels/ templates
-    acc_name: str      # dtype the kernels and GEMMs accumulate in
-    eps: float         # unit roundoff, used by callers choosing tolerances
+    name: str  # numpy dtype name
+    c_type: str  # C++ spelling in the cupydcn/cuda/kernels/ templates
+    acc_name: str  # dtype the kernels and GEMMs accumulate in
+    eps: float  # unit roundoff, used by callers choosing tolerances
 
 
 DTYPES: dict[str, DtypeInfo] = {

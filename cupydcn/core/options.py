@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Any, Mapping, TypeVar, Union
+from collections.abc import Mapping
+from typing import Any, TypeVar, Union
 
 # An int (both dimensions) or an (h, w) pair of ints.
-IntPair = Union[int, tuple[int, int]]
+IntPair = Union[int, tuple[int, int]]  # noqa: UP007 (a runtime value: schemas read it)
 
 # Field metadata of an option that changes how the work is done (memory, chunking), never
 # the result. cupydcn.torch leaves tuning options out of its custom ops' schemas.
@@ -51,8 +52,9 @@ class Options:
         """The options among a call's ``arguments`` (e.g. the function's ``locals()``), by
         field name; a field that is not among them takes its default, other names are
         ignored."""
-        return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)
-                      if f.name in arguments})
+        return cls(
+            **{f.name: arguments[f.name] for f in dataclasses.fields(cls) if f.name in arguments}
+        )
 
     def as_kwargs(self, *, tuning: bool = True) -> dict[str, Any]:
         """The options as keyword arguments of the functional API (without the tuning
@@ -65,8 +67,11 @@ class Options:
         return tuple(self.as_kwargs(tuning=tuning).values())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types(cls: type, tuning: bool) -> tuple[tuple[str, Any], ...]:
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls)
-                 if tuning or not f.metadata.get("tuning", False))
+    return tuple(
+        (f.name, hints[f.name])
+        for f in dataclasses.fields(cls)
+        if tuning or not f.metadata.get("tuning", False)
+    )

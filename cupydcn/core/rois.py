@@ -10,7 +10,7 @@ runs inside the dispatch, on the arrays' device and stream, before any kernel.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,14 +31,16 @@ def check_rois_shape(op: str, rois) -> int:
         )
     if dtype_info(rois.dtype) is None:
         raise type_error(
-            op, f"rois has dtype {rois.dtype}; expected a floating dtype (float64, float32, "
-            "float16, bfloat16)"
+            op,
+            f"rois has dtype {rois.dtype}; expected a floating dtype (float64, float32, "
+            "float16, bfloat16)",
         )
     return shape_of(rois)[0]
 
 
-def check_roi_values(op: str, xp, rois, batch: int, *,
-                     samples_per_bin: Callable[[object], object] | None = None) -> None:
+def check_roi_values(
+    op: str, xp, rois, batch: int, *, samples_per_bin: Callable[[object], object] | None = None
+) -> None:
     """Every row of ``rois`` is finite with an integer batch index in [0, batch); and,
     when ``samples_per_bin(values)`` is given (``values``: rois as float64 [K, 5] of
     ``xp``; returns [K] sample counts), no bin averages more than MAX_SAMPLES_PER_BIN."""
@@ -59,7 +61,8 @@ def check_roi_values(op: str, xp, rois, batch: int, *,
         counts.append(samples.max())
     # One device-to-host transfer for every count.
     bad_finite, bad_integral, bad_range, *most = (
-        float(x) for x in xp.stack([xp.asarray(c, dtype=xp.float64) for c in counts]).tolist())
+        float(x) for x in xp.stack([xp.asarray(c, dtype=xp.float64) for c in counts]).tolist()
+    )
     if bad_finite:
         row = int(xp.argmin(finite))
         raise value_error(op, f"rois[{row}] = {_row(values, row)} has a non-finite value")
@@ -76,10 +79,12 @@ def check_roi_values(op: str, xp, rois, batch: int, *,
     if most and most[0] > MAX_SAMPLES_PER_BIN:
         row = int(xp.argmax(samples))
         raise value_error(
-            op, f"rois[{row}] = {_row(values, row)} needs {_count(most[0])} samples per output "
+            op,
+            f"rois[{row}] = {_row(values, row)} needs {_count(most[0])} samples per output "
             f"bin with sampling_ratio=0 (ceil(RoI size * spatial_scale / output size) per "
             f"axis); the limit is {MAX_SAMPLES_PER_BIN}: pass a sampling_ratio, a larger "
-            f"output_size or a smaller RoI")
+            f"output_size or a smaller RoI",
+        )
 
 
 def _count(samples: float) -> str:

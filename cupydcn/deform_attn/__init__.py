@@ -15,8 +15,8 @@ stream). CPU arrays run on the NumPy backend, CUDA arrays on the kernels of
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 from cupydcn.core.dispatch import Backends, dispatch
 from cupydcn.core.errors import type_error
@@ -73,19 +73,29 @@ def _levels(op: str, spatial_shapes, level_start_index):
     library travel with the call (same library and device as value) and are read inside
     the dispatch. level_start_index may be None (derived from spatial_shapes)."""
     if spatial_shapes is None:
-        raise type_error(op, "spatial_shapes must be an integer array [L, 2] or a sequence "
-                             "of (H_l, W_l) pairs; got None")
+        raise type_error(
+            op,
+            "spatial_shapes must be an integer array [L, 2] or a sequence "
+            "of (H_l, W_l) pairs; got None",
+        )
     shapes_host = host_ints(op, "spatial_shapes", spatial_shapes, 2)
-    starts_host = (None if level_start_index is None
-                   else host_ints(op, "level_start_index", level_start_index, 1))
-    arrays = {"spatial_shapes": None if shapes_host is not None else spatial_shapes,
-              "level_start_index": (None if level_start_index is None or starts_host is not None
-                                    else level_start_index)}
+    starts_host = (
+        None
+        if level_start_index is None
+        else host_ints(op, "level_start_index", level_start_index, 1)
+    )
+    arrays = {
+        "spatial_shapes": None if shapes_host is not None else spatial_shapes,
+        "level_start_index": (
+            None if level_start_index is None or starts_host is not None else level_start_index
+        ),
+    }
     return shapes_host, starts_host, arrays
 
 
-def multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                                attention_weights):
+def multi_scale_deformable_attn(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+):
     """Multi-scale deformable attention (Deformable DETR; mmcv's
     ``multi_scale_deformable_attn_pytorch`` / ``MultiScaleDeformableAttnFunction``).
 
@@ -108,19 +118,31 @@ def multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampli
     shapes_host, starts_host, levels = _levels(MSDA_OP, spatial_shapes, level_start_index)
     return dispatch(
         MSDA_OP,
-        {"value": value, **levels, "sampling_locations": sampling_locations,
-         "attention_weights": attention_weights},
+        {
+            "value": value,
+            **levels,
+            "sampling_locations": sampling_locations,
+            "attention_weights": attention_weights,
+        },
         required=("value", "sampling_locations", "attention_weights"),
         prepare=partial(prepare_msda_forward, shapes_host=shapes_host, starts_host=starts_host),
         check_values=lambda xp, native, geom: msda_check_values(
-            MSDA_OP, xp, native, geom, starts_host=starts_host),
+            MSDA_OP, xp, native, geom, starts_host=starts_host
+        ),
         backends=MSDA_FORWARD,
     )
 
 
-def multi_scale_deformable_attn_backward(grad_output, value, spatial_shapes, level_start_index,
-                                         sampling_locations, attention_weights, *,
-                                         wrt: Iterable[str] | str | None = None) -> MsdaGrads:
+def multi_scale_deformable_attn_backward(
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    *,
+    wrt: Iterable[str] | str | None = None,
+) -> MsdaGrads:
     """Gradients of :func:`multi_scale_deformable_attn` given ``grad_output``
     [N, Lq, M * D].
 
@@ -134,17 +156,23 @@ def multi_scale_deformable_attn_backward(grad_output, value, spatial_shapes, lev
     exactly on the outer edge (pixel -1) still gets the slope into the map; 0 for points
     that read nothing; NaN for NaN locations (which add nothing to grad_value).
     """
-    shapes_host, starts_host, levels = _levels(MSDA_BACKWARD_OP, spatial_shapes,
-                                               level_start_index)
+    shapes_host, starts_host, levels = _levels(MSDA_BACKWARD_OP, spatial_shapes, level_start_index)
     return dispatch(
         MSDA_BACKWARD_OP,
-        {"grad_output": grad_output, "value": value, **levels,
-         "sampling_locations": sampling_locations, "attention_weights": attention_weights},
+        {
+            "grad_output": grad_output,
+            "value": value,
+            **levels,
+            "sampling_locations": sampling_locations,
+            "attention_weights": attention_weights,
+        },
         required=("grad_output", "value", "sampling_locations", "attention_weights"),
-        prepare=partial(prepare_msda_backward, shapes_host=shapes_host,
-                        starts_host=starts_host, wrt=wrt),
+        prepare=partial(
+            prepare_msda_backward, shapes_host=shapes_host, starts_host=starts_host, wrt=wrt
+        ),
         check_values=lambda xp, native, geom: msda_check_values(
-            MSDA_BACKWARD_OP, xp, native, geom, starts_host=starts_host),
+            MSDA_BACKWARD_OP, xp, native, geom, starts_host=starts_host
+        ),
         backends=MSDA_BACKWARD,
     )
 

@@ -82,8 +82,10 @@ def _acc_dtype(dtype_name: str) -> np.dtype:
 
 
 def _units_per_chunk(heads: int, points: int, channels: int, acc: np.dtype) -> int:
-    per_unit = max(heads, 1) * (max(points, 1) * _POINT_BYTES + max(channels, 1) * (
-        _CHANNEL_BUFFERS * acc.itemsize + _INDEX_BUFFERS * 8))
+    per_unit = max(heads, 1) * (
+        max(points, 1) * _POINT_BYTES
+        + max(channels, 1) * (_CHANNEL_BUFFERS * acc.itemsize + _INDEX_BUFFERS * 8)
+    )
     return max(1, _WORKSPACE_BYTES // per_unit)
 
 
@@ -114,8 +116,18 @@ class _Points:
         return hy * hx, hy * lx, ly * hx, ly * lx
 
 
-def _locate(px: np.ndarray, py: np.ndarray, height, width, base, image: np.ndarray,
-            keys_per_image: int, heads: int, zero_row: int, weight: np.ndarray) -> _Points:
+def _locate(
+    px: np.ndarray,
+    py: np.ndarray,
+    height,
+    width,
+    base,
+    image: np.ndarray,
+    keys_per_image: int,
+    heads: int,
+    zero_row: int,
+    weight: np.ndarray,
+) -> _Points:
     """The points at pixel coordinates (px, py) [u, h, T] of units on images ``image``
     [u]; ``height``, ``width``, ``base``: ints or [T] int arrays (the level of each
     point)."""
@@ -170,8 +182,14 @@ def _forward_chunk(table: np.ndarray, points: _Points) -> np.ndarray:
     return out
 
 
-def _backward_chunk(table: np.ndarray, grad_table: np.ndarray | None, grad: np.ndarray,
-                    points: _Points, *, coordinates: bool):
+def _backward_chunk(
+    table: np.ndarray,
+    grad_table: np.ndarray | None,
+    grad: np.ndarray,
+    points: _Points,
+    *,
+    coordinates: bool,
+):
     """Gradients of a chunk given grad [u, h, C] (d loss / d output of the chunk).
 
     grad_table [(R + 1) * C] (flat, acc) += the input gradient when given. With
@@ -190,8 +208,9 @@ def _backward_chunk(table: np.ndarray, grad_table: np.ndarray | None, grad: np.n
             # per-corner channel sums first, blended afterwards (the corner weights do not
             # depend on the channel)
             # (not einsum: its summation order depends on the chunk's size and layout)
-            s1, s2, s3, s4 = ((_gather(table, rows[:, :, t]) * grad).sum(axis=-1)
-                              for rows in points.rows)
+            s1, s2, s3, s4 = (
+                (_gather(table, rows[:, :, t]) * grad).sum(axis=-1) for rows in points.rows
+            )
             w1, w2, w3, w4 = weights
             ly, lx = points.ly[:, :, t], points.lx[:, :, t]
             sums[0][:, :, t] = w1 * s1 + w2 * s2 + w3 * s3 + w4 * s4
@@ -224,7 +243,7 @@ class _Levels:
     width_acc: np.ndarray
 
     @classmethod
-    def of(cls, shapes, points: int, acc: np.dtype) -> "_Levels":
+    def of(cls, shapes, points: int, acc: np.dtype) -> _Levels:
         h = np.array([s[0] for s in shapes], dtype=np.intp)
         w = np.array([s[1] for s in shapes], dtype=np.intp)
         starts = np.concatenate([[0], np.cumsum(h * w)[:-1]]).astype(np.intp)
@@ -232,9 +251,9 @@ class _Levels:
         return cls(rep(h), rep(w), rep(starts), rep(h).astype(acc), rep(w).astype(acc))
 
 
-def _msda_points(locations, weights, chunk: slice, geom: MsdaGeometry, levels: _Levels,
-                 acc: np.dtype) -> _Points:
-    count = geom.levels * geom.points
+def _msda_points(
+    locations, weights, chunk: slice, geom: MsdaGeometry, levels: _Levels, acc: np.dtype
+) -> _Points:
     loc = np.asarray(locations[chunk], dtype=acc)  # [u, M, L*P, 2]
     # mmcv: h_im = loc_h * spatial_h - 0.5 (grid_sample, align_corners=False)
     half = acc.type(0.5)
@@ -242,12 +261,21 @@ def _msda_points(locations, weights, chunk: slice, geom: MsdaGeometry, levels: _
     py = loc[..., 1] * levels.height_acc - half
     a = np.asarray(weights[chunk], dtype=acc)  # [u, M, L*P]
     image = np.arange(chunk.start, chunk.stop) // max(geom.num_queries, 1)
-    return _locate(px, py, levels.height, levels.width, levels.base, image, geom.num_keys,
-                   geom.heads, geom.batch * geom.num_keys * geom.heads, a)
+    return _locate(
+        px,
+        py,
+        levels.height,
+        levels.width,
+        levels.base,
+        image,
+        geom.num_keys,
+        geom.heads,
+        geom.batch * geom.num_keys * geom.heads,
+        a,
+    )
 
 
-def _msda_common(value, spatial_shapes, sampling_locations, attention_weights,
-                 geom: MsdaGeometry):
+def _msda_common(value, spatial_shapes, sampling_locations, attention_weights, geom: MsdaGeometry):
     acc = _acc_dtype(geom.dtype_name)
     units = geom.batch * geom.num_queries
     count = geom.levels * geom.points
@@ -259,8 +287,14 @@ def _msda_common(value, spatial_shapes, sampling_locations, attention_weights,
     return acc, levels, locations, weights, chunks
 
 
-def msda_forward(value, spatial_shapes, level_start_index, sampling_locations,
-                 attention_weights, geom: MsdaGeometry):
+def msda_forward(
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    geom: MsdaGeometry,
+):
     """Output [N, Lq, M * D] of multi_scale_deformable_attn on NumPy arrays (a new
     C-contiguous array in the value dtype; the inputs are never written)."""
     output = np.zeros(geom.output_shape, dtype=value.dtype)
@@ -268,7 +302,8 @@ def msda_forward(value, spatial_shapes, level_start_index, sampling_locations,
         return output
     with np.errstate(**_IGNORE_FLOAT_ERRORS):
         acc, levels, locations, weights, chunks = _msda_common(
-            value, spatial_shapes, sampling_locations, attention_weights, geom)
+            value, spatial_shapes, sampling_locations, attention_weights, geom
+        )
         table = _table(value, geom.batch * geom.num_keys * geom.heads, geom.head_dim, acc)
         flat = output.reshape(-1, geom.heads, geom.head_dim)
         for chunk in chunks:
@@ -277,8 +312,17 @@ def msda_forward(value, spatial_shapes, level_start_index, sampling_locations,
     return output
 
 
-def msda_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights, geom: MsdaGeometry, *, wrt: frozenset[str]) -> MsdaGrads:
+def msda_backward(
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    geom: MsdaGeometry,
+    *,
+    wrt: frozenset[str],
+) -> MsdaGrads:
     """Gradients of multi_scale_deformable_attn for the names in ``wrt`` (see
     :class:`MsdaGrads`), new C-contiguous arrays in the value dtype."""
     dtype = value.dtype
@@ -294,19 +338,22 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     if units and geom.heads and (want_value or want_loc or want_attn):
         with np.errstate(**_IGNORE_FLOAT_ERRORS):
             acc, levels, locations, weights, chunks = _msda_common(
-                value, spatial_shapes, sampling_locations, attention_weights, geom)
+                value, spatial_shapes, sampling_locations, attention_weights, geom
+            )
             table = _table(value, rows, geom.head_dim, acc)
             grads = grad_output.reshape(units, geom.heads, geom.head_dim)
             count = geom.levels * geom.points
-            loc_flat = None if grad_loc is None else grad_loc.reshape(units, geom.heads,
-                                                                       count, 2)
-            attn_flat = None if grad_attn is None else grad_attn.reshape(units, geom.heads,
-                                                                         count)
+            loc_flat = None if grad_loc is None else grad_loc.reshape(units, geom.heads, count, 2)
+            attn_flat = None if grad_attn is None else grad_attn.reshape(units, geom.heads, count)
             for chunk in chunks:
                 points = _msda_points(locations, weights, chunk, geom, levels, acc)
-                sums = _backward_chunk(table, grad_table,
-                                       np.asarray(grads[chunk], dtype=acc), points,
-                                       coordinates=want_loc or want_attn)
+                sums = _backward_chunk(
+                    table,
+                    grad_table,
+                    np.asarray(grads[chunk], dtype=acc),
+                    points,
+                    coordinates=want_loc or want_attn,
+                )
                 if want_attn:
                     attn_flat[chunk] = sums[0]
                 if want_loc:
@@ -315,9 +362,8 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
                     loc_flat[chunk, :, :, 1] = levels.height_acc * sums[2]
     grad_value = None
     if grad_table is not None:
-        grad_value = grad_table[:rows * geom.head_dim].reshape(geom.value_shape)
-    return MsdaGrads(_round(grad_value, dtype), _round(grad_loc, dtype),
-                     _round(grad_attn, dtype))
+        grad_value = grad_table[: rows * geom.head_dim].reshape(geom.value_shape)
+    return MsdaGrads(_round(grad_value, dtype), _round(grad_loc, dtype), _round(grad_attn, dtype))
 
 
 # ---------------------------------------------------------------------------- DCNv3 / v4
@@ -339,8 +385,9 @@ def _dcn_base(geom: DcnGeometry, chunk: slice, acc: np.dtype):
     return image, p0_x, p0_y
 
 
-def _dcn_points(offsets: np.ndarray, mask: np.ndarray, chunk: slice, geom: DcnGeometry,
-                acc: np.dtype) -> _Points:
+def _dcn_points(
+    offsets: np.ndarray, mask: np.ndarray, chunk: slice, geom: DcnGeometry, acc: np.dtype
+) -> _Points:
     """offsets [u, G, P, 2] (x, y) and mask [u, G, P] of a chunk (acc) -> its points:
     loc = p0_ + (i * dil + offset) * offset_scale per axis."""
     taps = geom.taps()
@@ -350,8 +397,18 @@ def _dcn_points(offsets: np.ndarray, mask: np.ndarray, chunk: slice, geom: DcnGe
     scale = acc.type(geom.offset_scale)
     px = p0_x[:, None, None] + (tap_x + offsets[..., 0]) * scale
     py = p0_y[:, None, None] + (tap_y + offsets[..., 1]) * scale
-    return _locate(px, py, geom.height, geom.width, 0, image, geom.height * geom.width,
-                   geom.group, geom.batch * geom.height * geom.width * geom.group, mask)
+    return _locate(
+        px,
+        py,
+        geom.height,
+        geom.width,
+        0,
+        image,
+        geom.height * geom.width,
+        geom.group,
+        geom.batch * geom.height * geom.width * geom.group,
+        mask,
+    )
 
 
 def _dcn_chunks(geom: DcnGeometry, acc: np.dtype) -> list[slice]:
@@ -366,13 +423,13 @@ def _unpack(offset_mask: np.ndarray, chunk: slice, geom: DcnGeometry, acc: np.dt
     p = geom.points
     u = chunk.stop - chunk.start
     units = geom.batch * geom.out_h * geom.out_w
-    packed = np.asarray(offset_mask.reshape(units, geom.packed_dim)[chunk, :geom.group * 3 * p],
-                        dtype=acc).reshape(u, geom.group, 3 * p)
-    return packed[..., :2 * p].reshape(u, geom.group, p, 2), packed[..., 2 * p:]
+    packed = np.asarray(
+        offset_mask.reshape(units, geom.packed_dim)[chunk, : geom.group * 3 * p], dtype=acc
+    ).reshape(u, geom.group, 3 * p)
+    return packed[..., : 2 * p].reshape(u, geom.group, p, 2), packed[..., 2 * p :]
 
 
-def _split(offset: np.ndarray, mask: np.ndarray, chunk: slice, geom: DcnGeometry,
-           acc: np.dtype):
+def _split(offset: np.ndarray, mask: np.ndarray, chunk: slice, geom: DcnGeometry, acc: np.dtype):
     """DCNv3's offset / mask rows of a chunk -> offsets [u, G, P, 2], mask [u, G, P]."""
     p = geom.points
     u = chunk.stop - chunk.start
@@ -388,8 +445,9 @@ def _dcn_forward(input, unpack, geom: DcnGeometry):
         return output
     acc = _acc_dtype(geom.dtype_name)
     with np.errstate(**_IGNORE_FLOAT_ERRORS):
-        table = _table(input, geom.batch * geom.height * geom.width * geom.group,
-                       geom.group_channels, acc)
+        table = _table(
+            input, geom.batch * geom.height * geom.width * geom.group, geom.group_channels, acc
+        )
         flat = output.reshape(-1, geom.group, geom.group_channels)
         for chunk in _dcn_chunks(geom, acc):
             offsets, mask = unpack(chunk, acc)
@@ -397,15 +455,13 @@ def _dcn_forward(input, unpack, geom: DcnGeometry):
     return output
 
 
-def _dcn_backward(grad_output, input, unpack, geom: DcnGeometry, *, want_input: bool,
-                  store):
+def _dcn_backward(grad_output, input, unpack, geom: DcnGeometry, *, want_input: bool, store):
     """The shared backward: grad_input (or None) and, through ``store(chunk, value_sum,
     d_px, d_py)`` (None when no coordinate gradient is wanted), the offset / mask
     gradients."""
     acc = _acc_dtype(geom.dtype_name)
     rows = geom.batch * geom.height * geom.width * geom.group
-    grad_table = (np.zeros((rows + 1) * geom.group_channels, dtype=acc)
-                  if want_input else None)
+    grad_table = np.zeros((rows + 1) * geom.group_channels, dtype=acc) if want_input else None
     units = geom.batch * geom.out_h * geom.out_w
     if units and (want_input or store is not None):
         with np.errstate(**_IGNORE_FLOAT_ERRORS):
@@ -414,14 +470,18 @@ def _dcn_backward(grad_output, input, unpack, geom: DcnGeometry, *, want_input: 
             for chunk in _dcn_chunks(geom, acc):
                 offsets, mask = unpack(chunk, acc)
                 points = _dcn_points(offsets, mask, chunk, geom, acc)
-                sums = _backward_chunk(table, grad_table, np.asarray(grads[chunk], dtype=acc),
-                                       points, coordinates=store is not None)
+                sums = _backward_chunk(
+                    table,
+                    grad_table,
+                    np.asarray(grads[chunk], dtype=acc),
+                    points,
+                    coordinates=store is not None,
+                )
                 if store is not None:
                     store(chunk, *sums)
     if grad_table is None:
         return None
-    return _round(grad_table[:rows * geom.group_channels].reshape(geom.input_shape),
-                  input.dtype)
+    return _round(grad_table[: rows * geom.group_channels].reshape(geom.input_shape), input.dtype)
 
 
 def dcnv3_forward(input, offset, mask, geom: DcnGeometry):
@@ -429,8 +489,9 @@ def dcnv3_forward(input, offset, mask, geom: DcnGeometry):
     return _dcn_forward(input, lambda chunk, acc: _split(offset, mask, chunk, geom, acc), geom)
 
 
-def dcnv3_backward(grad_output, input, offset, mask, geom: DcnGeometry, *,
-                   wrt: frozenset[str]) -> Dcnv3Grads:
+def dcnv3_backward(
+    grad_output, input, offset, mask, geom: DcnGeometry, *, wrt: frozenset[str]
+) -> Dcnv3Grads:
     """Gradients of dcnv3 for the names in ``wrt`` (see :class:`Dcnv3Grads`)."""
     acc = _acc_dtype(geom.dtype_name)
     want_offset, want_mask = "offset" in wrt, "mask" in wrt
@@ -448,13 +509,19 @@ def dcnv3_backward(grad_output, input, offset, mask, geom: DcnGeometry, *,
             grad_offset[chunk, :, :, 1] = scale * d_py
 
     grad_input = _dcn_backward(
-        grad_output, input, lambda chunk, acc_: _split(offset, mask, chunk, geom, acc_), geom,
-        want_input="input" in wrt, store=store if (want_offset or want_mask) else None)
+        grad_output,
+        input,
+        lambda chunk, acc_: _split(offset, mask, chunk, geom, acc_),
+        geom,
+        want_input="input" in wrt,
+        store=store if (want_offset or want_mask) else None,
+    )
     dtype = input.dtype
     return Dcnv3Grads(
         grad_input,
         None if grad_offset is None else _round(grad_offset.reshape(geom.offset_shape), dtype),
-        None if grad_mask is None else _round(grad_mask.reshape(geom.mask_shape), dtype))
+        None if grad_mask is None else _round(grad_mask.reshape(geom.mask_shape), dtype),
+    )
 
 
 def dcnv4_forward(input, offset_mask, geom: DcnGeometry):
@@ -462,28 +529,36 @@ def dcnv4_forward(input, offset_mask, geom: DcnGeometry):
     return _dcn_forward(input, lambda chunk, acc: _unpack(offset_mask, chunk, geom, acc), geom)
 
 
-def dcnv4_backward(grad_output, input, offset_mask, geom: DcnGeometry, *,
-                   wrt: frozenset[str]) -> Dcnv4Grads:
+def dcnv4_backward(
+    grad_output, input, offset_mask, geom: DcnGeometry, *, wrt: frozenset[str]
+) -> Dcnv4Grads:
     """Gradients of dcnv4 for the names in ``wrt`` (see :class:`Dcnv4Grads`); the padding
     of offset_mask beyond G * 3P gets 0."""
     acc = _acc_dtype(geom.dtype_name)
     want_packed = "offset_mask" in wrt
     units = geom.batch * geom.out_h * geom.out_w
     p = geom.points
-    grad_packed = (np.zeros((units, geom.packed_dim), dtype=acc) if want_packed else None)
+    grad_packed = np.zeros((units, geom.packed_dim), dtype=acc) if want_packed else None
     scale = acc.type(geom.offset_scale)
 
     def store(chunk, value_sum, d_px, d_py):
         block = np.empty(value_sum.shape[:2] + (3 * p,), dtype=acc)  # [u, G, 3P]
-        block[..., 0:2 * p:2] = scale * d_px  # (x, y) pairs
-        block[..., 1:2 * p:2] = scale * d_py
-        block[..., 2 * p:] = value_sum
-        grad_packed[chunk, :geom.group * 3 * p] = block.reshape(len(block), -1)
+        block[..., 0 : 2 * p : 2] = scale * d_px  # (x, y) pairs
+        block[..., 1 : 2 * p : 2] = scale * d_py
+        block[..., 2 * p :] = value_sum
+        grad_packed[chunk, : geom.group * 3 * p] = block.reshape(len(block), -1)
 
     grad_input = _dcn_backward(
-        grad_output, input, lambda chunk, acc_: _unpack(offset_mask, chunk, geom, acc_), geom,
-        want_input="input" in wrt, store=store if want_packed else None)
+        grad_output,
+        input,
+        lambda chunk, acc_: _unpack(offset_mask, chunk, geom, acc_),
+        geom,
+        want_input="input" in wrt,
+        store=store if want_packed else None,
+    )
     return Dcnv4Grads(
         grad_input,
-        None if grad_packed is None else _round(grad_packed.reshape(geom.offset_mask_shape),
-                                                input.dtype))
+        None
+        if grad_packed is None
+        else _round(grad_packed.reshape(geom.offset_mask_shape), input.dtype),
+    )

@@ -14,8 +14,9 @@ Every check here needs no array data, except :func:`msda_check_values`, which re
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -236,8 +237,12 @@ class DcnGeometry:
         """(iw, ih) of every point, in the order of the offset / mask channels: x-major
         (iw outer, ih inner), the centre (kw // 2, kh // 2) skipped when remove_center."""
         centre = (self.kernel_w // 2, self.kernel_h // 2)
-        return [(iw, ih) for iw in range(self.kernel_w) for ih in range(self.kernel_h)
-                if not (self.remove_center and (iw, ih) == centre)]
+        return [
+            (iw, ih)
+            for iw in range(self.kernel_w)
+            for ih in range(self.kernel_h)
+            if not (self.remove_center and (iw, ih) == centre)
+        ]
 
 
 # ---------------------------------------------------------------------------- MSDA checks
@@ -257,28 +262,39 @@ def host_ints(op: str, name: str, value, ndim: int) -> tuple | None:
     expected = "[L, 2] of ints (H_l, W_l)" if ndim == 2 else "[L] of ints"
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "iu":
-            raise type_error(op, f"{name} must be an integer array {expected}; got dtype "
-                                 f"{value.dtype}")
+            raise type_error(
+                op, f"{name} must be an integer array {expected}; got dtype {value.dtype}"
+            )
         if value.ndim != ndim or (ndim == 2 and value.shape[1] != 2):
-            raise value_error(op, f"{name} must have shape {expected}; got shape "
-                                  f"{tuple(value.shape)}")
-        return tuple(tuple(int(v) for v in row) for row in value.tolist()) if ndim == 2 else \
-            tuple(int(v) for v in value.tolist())
+            raise value_error(
+                op, f"{name} must have shape {expected}; got shape {tuple(value.shape)}"
+            )
+        return (
+            tuple(tuple(int(v) for v in row) for row in value.tolist())
+            if ndim == 2
+            else tuple(int(v) for v in value.tolist())
+        )
     if is_array(value):
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise type_error(op, f"{name} must be an integer array or a sequence {expected}; got "
-                             f"{type(value).__name__}")
+        raise type_error(
+            op,
+            f"{name} must be an integer array or a sequence {expected}; got {type(value).__name__}",
+        )
     if ndim == 1:
         if not all(is_int(v) for v in value):
             raise type_error(op, f"{name} must be a sequence of ints; got {list(value)!r}")
         return tuple(operator.index(v) for v in value)
     rows = []
     for index, row in enumerate(value):
-        if (is_array(row) or isinstance(row, (str, bytes)) or not isinstance(row, Sequence)
-                or len(row) != 2 or not all(is_int(v) for v in row)):
-            raise type_error(op, f"{name}[{index}] must be a pair (H_l, W_l) of ints; got "
-                                 f"{row!r}")
+        if (
+            is_array(row)
+            or isinstance(row, (str, bytes))
+            or not isinstance(row, Sequence)
+            or len(row) != 2
+            or not all(is_int(v) for v in row)
+        ):
+            raise type_error(op, f"{name}[{index}] must be a pair (H_l, W_l) of ints; got {row!r}")
         rows.append((operator.index(row[0]), operator.index(row[1])))
     return tuple(rows)
 
@@ -289,45 +305,55 @@ def _device_int_array(op: str, name: str, array, ndim: int) -> int:
     shape = shape_of(array)
     expected = "[L, 2]" if ndim == 2 else "[L]"
     if np.dtype(array.dtype).kind not in "iu":
-        raise type_error(op, f"{name} must be an integer array {expected}; got dtype "
-                             f"{array.dtype}")
+        raise type_error(op, f"{name} must be an integer array {expected}; got dtype {array.dtype}")
     if len(shape) != ndim or (ndim == 2 and shape[1] != 2):
         raise value_error(op, f"{name} must have shape {expected}; got shape {shape}")
     return shape[0]
 
 
-def check_level_values(op: str, shapes: Sequence[tuple[int, int]], starts, num_keys: int
-                       ) -> None:
+def check_level_values(op: str, shapes: Sequence[tuple[int, int]], starts, num_keys: int) -> None:
     """The level sizes are >= 1, sum to S = value.shape[1], and ``starts`` (when given) is
     their exclusive prefix sum."""
     for index, (h, w) in enumerate(shapes):
         if not (1 <= h <= MAX_OPTION_VALUE and 1 <= w <= MAX_OPTION_VALUE):
-            raise value_error(op, f"spatial_shapes[{index}] = ({h}, {w}); each level must be "
-                                  f"at least 1 x 1 (and at most 2**31 - 1 per side)")
+            raise value_error(
+                op,
+                f"spatial_shapes[{index}] = ({h}, {w}); each level must be "
+                f"at least 1 x 1 (and at most 2**31 - 1 per side)",
+            )
     sizes = [h * w for h, w in shapes]
     if sum(sizes) != num_keys:
-        raise value_error(op, f"spatial_shapes {[tuple(s) for s in shapes]} has "
-                              f"sum(H_l * W_l) = {sum(sizes)}; expected value.shape[1] = S = "
-                              f"{num_keys}")
+        raise value_error(
+            op,
+            f"spatial_shapes {[tuple(s) for s in shapes]} has "
+            f"sum(H_l * W_l) = {sum(sizes)}; expected value.shape[1] = S = "
+            f"{num_keys}",
+        )
     if starts is not None:
         expected = [0]
         for size in sizes[:-1]:
             expected.append(expected[-1] + size)
         if list(starts) != expected:
-            raise value_error(op, f"level_start_index is {list(starts)}; expected {expected} "
-                                  f"(the exclusive prefix sums of H_l * W_l of spatial_shapes)")
+            raise value_error(
+                op,
+                f"level_start_index is {list(starts)}; expected {expected} "
+                f"(the exclusive prefix sums of H_l * W_l of spatial_shapes)",
+            )
 
 
-def msda_geometry(op: str, native: Mapping[str, object], *, shapes_host, starts_host
-                  ) -> MsdaGeometry:
+def msda_geometry(
+    op: str, native: Mapping[str, object], *, shapes_host, starts_host
+) -> MsdaGeometry:
     """Check every argument of a call that needs no device data (``native``: value,
     spatial_shapes / level_start_index arrays or None, sampling_locations,
     attention_weights and, for the backward, grad_output). ``shapes_host`` /
     ``starts_host``: the host forms (tuples) of spatial_shapes / level_start_index, or
     None when they are arrays in ``native``."""
-    floats = {name: native[name] for name in ("value", "sampling_locations",
-                                              "attention_weights", "grad_output")
-              if native.get(name) is not None}
+    floats = {
+        name: native[name]
+        for name in ("value", "sampling_locations", "attention_weights", "grad_output")
+        if native.get(name) is not None
+    }
     dtype_name = check_float_dtypes(op, floats)
     value = native["value"]
     value_shape = shape_of(value)
@@ -348,38 +374,61 @@ def msda_geometry(op: str, native: Mapping[str, object], *, shapes_host, starts_
     else:
         starts_len = levels
     if starts_len != levels:
-        raise value_error(op, f"level_start_index has {starts_len} entries; expected one per "
-                              f"level of spatial_shapes ({levels})")
-    if shapes_host is not None and (starts_host is not None
-                                    or native.get("level_start_index") is None):
+        raise value_error(
+            op,
+            f"level_start_index has {starts_len} entries; expected one per "
+            f"level of spatial_shapes ({levels})",
+        )
+    if shapes_host is not None and (
+        starts_host is not None or native.get("level_start_index") is None
+    ):
         check_level_values(op, shapes_host, starts_host, num_keys)
 
     locations = native["sampling_locations"]
     loc_shape = shape_of(locations)
     if len(loc_shape) != 6:
-        raise value_error(op, f"sampling_locations must be 6-D [N, Lq, M, L, P, 2]; got shape "
-                              f"{loc_shape}")
+        raise value_error(
+            op, f"sampling_locations must be 6-D [N, Lq, M, L, P, 2]; got shape {loc_shape}"
+        )
     if loc_shape[-1] != 2:
-        raise value_error(op, f"sampling_locations must have a last dimension of 2 (x, y); "
-                              f"got shape {loc_shape}")
+        raise value_error(
+            op, f"sampling_locations must have a last dimension of 2 (x, y); got shape {loc_shape}"
+        )
     num_queries, points = loc_shape[1], loc_shape[4]
     expected = (batch, num_queries, heads, levels, points, 2)
     if loc_shape != expected:
-        raise value_error(op, f"sampling_locations has shape {loc_shape}; expected {expected} "
-                              f"(N = {batch} and M = {heads} of value, L = {levels} levels of "
-                              f"spatial_shapes)")
+        raise value_error(
+            op,
+            f"sampling_locations has shape {loc_shape}; expected {expected} "
+            f"(N = {batch} and M = {heads} of value, L = {levels} levels of "
+            f"spatial_shapes)",
+        )
     weights_shape = shape_of(native["attention_weights"])
     if weights_shape != expected[:5]:
-        raise value_error(op, f"attention_weights has shape {weights_shape}; expected "
-                              f"{expected[:5]} (the first five dimensions of "
-                              f"sampling_locations)")
-    geom = MsdaGeometry(batch=batch, num_keys=num_keys, heads=heads, head_dim=head_dim,
-                        num_queries=num_queries, levels=levels, points=points,
-                        dtype_name=dtype_name, level_shapes=shapes_host)
+        raise value_error(
+            op,
+            f"attention_weights has shape {weights_shape}; expected "
+            f"{expected[:5]} (the first five dimensions of "
+            f"sampling_locations)",
+        )
+    geom = MsdaGeometry(
+        batch=batch,
+        num_keys=num_keys,
+        heads=heads,
+        head_dim=head_dim,
+        num_queries=num_queries,
+        levels=levels,
+        points=points,
+        dtype_name=dtype_name,
+        level_shapes=shapes_host,
+    )
     grad_output = native.get("grad_output")
     if grad_output is not None and shape_of(grad_output) != geom.output_shape:
-        raise value_error(op, f"grad_output has shape {shape_of(grad_output)}; expected the "
-                              f"output shape {geom.output_shape}")
+        raise value_error(
+            op,
+            f"grad_output has shape {shape_of(grad_output)}; expected the "
+            f"output shape {geom.output_shape}",
+        )
     return geom
 
 
@@ -387,8 +436,9 @@ def _to_host(xp, array) -> np.ndarray:
     return np.asarray(array) if xp is np else xp.asnumpy(array)
 
 
-def msda_check_values(op: str, xp, native: Mapping[str, object], geom: MsdaGeometry, *,
-                      starts_host) -> None:
+def msda_check_values(
+    op: str, xp, native: Mapping[str, object], geom: MsdaGeometry, *, starts_host
+) -> None:
     """The checks that read spatial_shapes / level_start_index arrays of the caller's
     library (one small device-to-host copy on a GPU)."""
     shapes = geom.level_shapes
@@ -396,8 +446,9 @@ def msda_check_values(op: str, xp, native: Mapping[str, object], geom: MsdaGeome
     if shapes is not None and (starts is not None or native.get("level_start_index") is None):
         return  # checked in msda_geometry
     if shapes is None:
-        shapes = [tuple(int(v) for v in row)
-                  for row in _to_host(xp, native["spatial_shapes"]).tolist()]
+        shapes = [
+            tuple(int(v) for v in row) for row in _to_host(xp, native["spatial_shapes"]).tolist()
+        ]
     if starts is None and native.get("level_start_index") is not None:
         starts = [int(v) for v in _to_host(xp, native["level_start_index"]).tolist()]
     check_level_values(op, shapes, starts, geom.num_keys)
@@ -412,13 +463,13 @@ def level_shapes_of(geom: MsdaGeometry, spatial_shapes) -> tuple[tuple[int, int]
 
 
 def prepare_msda_forward(native, *, shapes_host, starts_host) -> Prepared:
-    return Prepared(msda_geometry(MSDA_OP, native, shapes_host=shapes_host,
-                                  starts_host=starts_host), {})
+    return Prepared(
+        msda_geometry(MSDA_OP, native, shapes_host=shapes_host, starts_host=starts_host), {}
+    )
 
 
 def prepare_msda_backward(native, *, shapes_host, starts_host, wrt) -> Prepared:
-    geom = msda_geometry(MSDA_BACKWARD_OP, native, shapes_host=shapes_host,
-                         starts_host=starts_host)
+    geom = msda_geometry(MSDA_BACKWARD_OP, native, shapes_host=shapes_host, starts_host=starts_host)
     wanted = wanted_gradients(MSDA_BACKWARD_OP, wrt, {name: True for name in MSDA_GRADIENT_NAMES})
     return Prepared(geom, {"wrt": wanted})
 
@@ -434,13 +485,15 @@ def _check_bool(op: str, name: str, value) -> bool:
     raise type_error(op, f"{name} must be a bool; got {value!r}")
 
 
-def dcn_geometry(op: str, native: Mapping[str, object], options: Dcnv3Options, *,
-                 packed: bool) -> DcnGeometry:
+def dcn_geometry(
+    op: str, native: Mapping[str, object], options: Dcnv3Options, *, packed: bool
+) -> DcnGeometry:
     """Check every argument of a dcnv3 (``packed`` False: offset, mask) or dcnv4
     (``packed``: offset_mask) call; return its geometry."""
     names = ("input", "offset_mask") if packed else ("input", "offset", "mask")
-    floats = {name: native[name] for name in (*names, "grad_output")
-              if native.get(name) is not None}
+    floats = {
+        name: native[name] for name in (*names, "grad_output") if native.get(name) is not None
+    }
     dtype_name = check_float_dtypes(op, floats)
     kernel_h, kernel_w = int_pair(op, "kernel_size", options.kernel_size, minimum=1)
     stride_h, stride_w = int_pair(op, "stride", options.stride, minimum=1)
@@ -451,58 +504,89 @@ def dcn_geometry(op: str, native: Mapping[str, object], options: Dcnv3Options, *
     offset_scale = finite_scalar(op, "offset_scale", options.offset_scale)
     remove_center = _check_bool(op, "remove_center", options.remove_center)
     if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
-        raise value_error(op, f"remove_center needs odd kernel sizes; got kernel_size "
-                              f"{(kernel_h, kernel_w)}")
+        raise value_error(
+            op, f"remove_center needs odd kernel sizes; got kernel_size {(kernel_h, kernel_w)}"
+        )
 
     input_shape = shape_of(native["input"])
     if len(input_shape) != 4:
-        raise value_error(op, f"input must be 4-D [N, H, W, C] (channels last); got shape "
-                              f"{input_shape}")
+        raise value_error(
+            op, f"input must be 4-D [N, H, W, C] (channels last); got shape {input_shape}"
+        )
     batch, height, width, channels = input_shape
     if height < 1 or width < 1:
-        raise value_error(op, f"input must have a spatial size of at least 1 x 1; got shape "
-                              f"{input_shape}")
+        raise value_error(
+            op, f"input must have a spatial size of at least 1 x 1; got shape {input_shape}"
+        )
     if channels != group * group_channels:
-        raise value_error(op, f"input has {channels} channels (shape {input_shape}); expected "
-                              f"group * group_channels = {group} * {group_channels} = "
-                              f"{group * group_channels}")
+        raise value_error(
+            op,
+            f"input has {channels} channels (shape {input_shape}); expected "
+            f"group * group_channels = {group} * {group_channels} = "
+            f"{group * group_channels}",
+        )
     out_h = conv_output_size(height, kernel_h, stride=stride_h, padding=pad_h, dilation=dil_h)
     out_w = conv_output_size(width, kernel_w, stride=stride_w, padding=pad_w, dilation=dil_w)
     if out_h < 1 or out_w < 1:
         raise value_error(
-            op, f"the output size would be {out_h} x {out_w} (input {height} x {width}, "
+            op,
+            f"the output size would be {out_h} x {out_w} (input {height} x {width}, "
             f"kernel_size {(kernel_h, kernel_w)}, stride {(stride_h, stride_w)}, padding "
-            f"{(pad_h, pad_w)}, dilation {(dil_h, dil_w)}); it must be at least 1 x 1")
+            f"{(pad_h, pad_w)}, dilation {(dil_h, dil_w)}); it must be at least 1 x 1",
+        )
     points = kernel_h * kernel_w - int(remove_center)
     packed_dim = 0
     if packed:
         om_shape = shape_of(native["offset_mask"])
         need = group * 3 * points
-        if (len(om_shape) != 4 or om_shape[:3] != (batch, out_h, out_w)
-                or om_shape[3] < need):
+        if len(om_shape) != 4 or om_shape[:3] != (batch, out_h, out_w) or om_shape[3] < need:
             raise value_error(
-                op, f"offset_mask has shape {om_shape}; expected ({batch}, {out_h}, {out_w}, "
+                op,
+                f"offset_mask has shape {om_shape}; expected ({batch}, {out_h}, {out_w}, "
                 f"D) with D >= group * 3 * P = {group} * 3 * {points} = {need} (output size "
-                f"{out_h} x {out_w}, P = kh * kw - remove_center)")
+                f"{out_h} x {out_w}, P = kh * kw - remove_center)",
+            )
         packed_dim = om_shape[3]
     geom = DcnGeometry(
-        batch=batch, height=height, width=width, group=group, group_channels=group_channels,
-        kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride_h, stride_w=stride_w,
-        pad_h=pad_h, pad_w=pad_w, dil_h=dil_h, dil_w=dil_w, out_h=out_h, out_w=out_w,
-        offset_scale=offset_scale, remove_center=remove_center, dtype_name=dtype_name,
-        packed_dim=packed_dim)
+        batch=batch,
+        height=height,
+        width=width,
+        group=group,
+        group_channels=group_channels,
+        kernel_h=kernel_h,
+        kernel_w=kernel_w,
+        stride_h=stride_h,
+        stride_w=stride_w,
+        pad_h=pad_h,
+        pad_w=pad_w,
+        dil_h=dil_h,
+        dil_w=dil_w,
+        out_h=out_h,
+        out_w=out_w,
+        offset_scale=offset_scale,
+        remove_center=remove_center,
+        dtype_name=dtype_name,
+        packed_dim=packed_dim,
+    )
     if not packed:
         for name, expected, what in (
-                ("offset", geom.offset_shape, f"group * P * 2 = {group} * {points} * 2"),
-                ("mask", geom.mask_shape, f"group * P = {group} * {points}")):
+            ("offset", geom.offset_shape, f"group * P * 2 = {group} * {points} * 2"),
+            ("mask", geom.mask_shape, f"group * P = {group} * {points}"),
+        ):
             got = shape_of(native[name])
             if got != expected:
-                raise value_error(op, f"{name} has shape {got}; expected {expected} ({what} "
-                                      f"channels at the output size {out_h} x {out_w})")
+                raise value_error(
+                    op,
+                    f"{name} has shape {got}; expected {expected} ({what} "
+                    f"channels at the output size {out_h} x {out_w})",
+                )
     grad_output = native.get("grad_output")
     if grad_output is not None and shape_of(grad_output) != geom.output_shape:
-        raise value_error(op, f"grad_output has shape {shape_of(grad_output)}; expected the "
-                              f"output shape {geom.output_shape}")
+        raise value_error(
+            op,
+            f"grad_output has shape {shape_of(grad_output)}; expected the "
+            f"output shape {geom.output_shape}",
+        )
     return geom
 
 
@@ -510,11 +594,11 @@ def prepare_dcnv3_forward(native, options: Dcnv3Options) -> Prepared:
     return Prepared(dcn_geometry(DCNV3_OP, native, options, packed=False), {})
 
 
-def prepare_dcnv3_backward(native, options: Dcnv3Options, *,
-                           wrt: Iterable[str] | str | None) -> Prepared:
+def prepare_dcnv3_backward(
+    native, options: Dcnv3Options, *, wrt: Iterable[str] | str | None
+) -> Prepared:
     geom = dcn_geometry(DCNV3_BACKWARD_OP, native, options, packed=False)
-    wanted = wanted_gradients(DCNV3_BACKWARD_OP, wrt,
-                              {name: True for name in DCNV3_GRADIENT_NAMES})
+    wanted = wanted_gradients(DCNV3_BACKWARD_OP, wrt, {name: True for name in DCNV3_GRADIENT_NAMES})
     return Prepared(geom, {"wrt": wanted})
 
 
@@ -522,10 +606,9 @@ def prepare_dcnv4_forward(native, options: Dcnv4Options) -> Prepared:
     return Prepared(dcn_geometry(DCNV4_OP, native, options, packed=True), {})
 
 
-def prepare_dcnv4_backward(native, options: Dcnv4Options, *,
-                           wrt: Iterable[str] | str | None) -> Prepared:
+def prepare_dcnv4_backward(
+    native, options: Dcnv4Options, *, wrt: Iterable[str] | str | None
+) -> Prepared:
     geom = dcn_geometry(DCNV4_BACKWARD_OP, native, options, packed=True)
-    wanted = wanted_gradients(DCNV4_BACKWARD_OP, wrt,
-                              {name: True for name in DCNV4_GRADIENT_NAMES})
+    wanted = wanted_gradients(DCNV4_BACKWARD_OP, wrt, {name: True for name in DCNV4_GRADIENT_NAMES})
     return Prepared(geom, {"wrt": wanted})
-

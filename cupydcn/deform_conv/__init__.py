@@ -8,8 +8,8 @@ goes through :func:`cupydcn.core.dispatch.dispatch`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 from cupydcn.core.dispatch import Backends, dispatch
 from cupydcn.cuda.deterministic import backends_with, resolve_deterministic
@@ -27,8 +27,13 @@ from cupydcn.deform_conv.spec import (
 FORWARD = Backends.of_modules(numpy_backend, cuda_backend, "conv_forward")
 BACKWARD = Backends.of_modules(numpy_backend, cuda_backend, "conv_backward")
 
-__all__ = ["DEFAULT_WORKSPACE_BYTES", "ConvGrads", "ConvOptions", "deform_conv2d",
-           "deform_conv2d_backward"]
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "ConvGrads",
+    "ConvOptions",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+]
 
 
 def deform_conv2d(
@@ -120,8 +125,13 @@ def deform_conv2d_backward(
     options = ConvOptions.of(locals())
     return dispatch(
         BACKWARD_OP,
-        {"grad_output": grad_output, "input": input, "offset": offset, "weight": weight,
-         "mask": mask},
+        {
+            "grad_output": grad_output,
+            "input": input,
+            "offset": offset,
+            "weight": weight,
+            "mask": mask,
+        },
         required=("grad_output", "input", "offset", "weight"),
         prepare=partial(prepare_backward, options=options, wrt=wrt),
         backends=backends_with(BACKWARD, resolve_deterministic(BACKWARD_OP, deterministic)),

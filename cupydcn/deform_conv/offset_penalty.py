@@ -28,11 +28,11 @@ from functools import partial
 
 import numpy as np
 
+from cupydcn.core.checks import check_float_dtypes, finite_scalar, shape_of
 from cupydcn.core.dispatch import Backends, Prepared, dispatch
 from cupydcn.core.dtypes import DTYPES
 from cupydcn.core.errors import value_error
 from cupydcn.cuda.launch import contiguous, index_bits_for_sizes, round_to_dtype, widen_to_acc
-from cupydcn.core.checks import check_float_dtypes, finite_scalar, shape_of
 
 OP = "offset_l2_penalty"
 BACKWARD_OP = "offset_l2_penalty_backward"
@@ -59,8 +59,9 @@ def _prepare_forward(native, *, weight, reduction) -> Prepared:
 
 
 def _prepare_backward(native, *, weight, reduction) -> Prepared:
-    dtype_name = check_float_dtypes(BACKWARD_OP, {"offset": native["offset"],
-                                                  "grad": native["grad"]})
+    dtype_name = check_float_dtypes(
+        BACKWARD_OP, {"offset": native["offset"], "grad": native["grad"]}
+    )
     expected = shape_of(native["offset"]) if reduction == "none" else ()
     if shape_of(native["grad"]) != expected:
         what = "offset's shape" if reduction == "none" else "a 0-d array"
@@ -70,7 +71,6 @@ def _prepare_backward(native, *, weight, reduction) -> Prepared:
             f"reduction={reduction!r})",
         )
     return Prepared(PenaltyPlan(dtype_name, weight, reduction), {})
-
 
 
 class _Converter:
@@ -89,16 +89,16 @@ class _Converter:
         if self.launcher is None:
             return array.astype(self.acc)
         array = contiguous(self.xp, array)
-        return widen_to_acc(self.launcher, self.dtype_name, index_bits_for_sizes(array.size),
-                            array)
+        return widen_to_acc(self.launcher, self.dtype_name, index_bits_for_sizes(array.size), array)
 
     def round(self, acc_array, dtype):
         if acc_array.dtype == dtype:
             return acc_array
         if self.launcher is None:
             return acc_array.astype(dtype)
-        return round_to_dtype(self.launcher, self.dtype_name,
-                              index_bits_for_sizes(acc_array.size), acc_array, dtype)
+        return round_to_dtype(
+            self.launcher, self.dtype_name, index_bits_for_sizes(acc_array.size), acc_array, dtype
+        )
 
 
 def penalty_forward(xp, launcher, offset, plan: PenaltyPlan):
@@ -150,9 +150,13 @@ def offset_l2_penalty(offset, *, weight=1.0, reduction: str = "mean"):
     """
     reduction = _check_reduction(OP, reduction)
     weight = finite_scalar(OP, "weight", weight)
-    return dispatch(OP, {"offset": offset}, required=("offset",),
-                    prepare=partial(_prepare_forward, weight=weight, reduction=reduction),
-                    backends=FORWARD)
+    return dispatch(
+        OP,
+        {"offset": offset},
+        required=("offset",),
+        prepare=partial(_prepare_forward, weight=weight, reduction=reduction),
+        backends=FORWARD,
+    )
 
 
 def offset_l2_penalty_backward(grad, offset, *, weight=1.0, reduction: str = "mean"):
@@ -168,6 +172,10 @@ def offset_l2_penalty_backward(grad, offset, *, weight=1.0, reduction: str = "me
     weight = finite_scalar(BACKWARD_OP, "weight", weight)
     if isinstance(grad, np.generic):  # a NumPy scalar, e.g. np.float32(1.0): a 0-d array
         grad = np.asarray(grad)
-    return dispatch(BACKWARD_OP, {"grad": grad, "offset": offset}, required=("grad", "offset"),
-                    prepare=partial(_prepare_backward, weight=weight, reduction=reduction),
-                    backends=BACKWARD)
+    return dispatch(
+        BACKWARD_OP,
+        {"grad": grad, "offset": offset},
+        required=("grad", "offset"),
+        prepare=partial(_prepare_backward, weight=weight, reduction=reduction),
+        backends=BACKWARD,
+    )

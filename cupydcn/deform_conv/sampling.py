@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,7 +63,6 @@ class StackedSampling(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- helpers
-
 
 
 def _compute_dtype(xp, dtype_name: str):
@@ -170,12 +170,18 @@ def _with_locations(op: str, offset, geometry, reduce):
         return Prepared(dtype_name, {})
 
     def compute(xp, launcher, offset, dtype_name):
-        locations = _locations(xp, offset, _compute_dtype(xp, dtype_name), kernel, stride,
-                               padding, dilation)
+        locations = _locations(
+            xp, offset, _compute_dtype(xp, dtype_name), kernel, stride, padding, dilation
+        )
         return reduce(xp, locations)
 
-    return dispatch(op, {"offset": offset}, required=("offset",), prepare=prepare,
-                    backends=Backends.array_api(compute))
+    return dispatch(
+        op,
+        {"offset": offset},
+        required=("offset",),
+        prepare=prepare,
+        backends=Backends.array_api(compute),
+    )
 
 
 def effective_dilation(offset, *, kernel_size, stride=1, padding=0, dilation=1):
@@ -191,14 +197,17 @@ def effective_dilation(offset, *, kernel_size, stride=1, padding=0, dilation=1):
     Arguments as :func:`sampling_locations`; the kernel needs at least two taps.
     Returns ``[N, G, H_out, W_out]`` (average it over an object mask or the whole map).
     """
-    kernel, stride, padding, dilation = _geometry(DILATION_OP, kernel_size, stride, padding,
-                                                  dilation)
+    kernel, stride, padding, dilation = _geometry(
+        DILATION_OP, kernel_size, stride, padding, dilation
+    )
     if kernel == (1, 1):
         raise value_error(
             DILATION_OP, "kernel_size must have at least two taps (adjacent pairs); got (1, 1)"
         )
     return _with_locations(
-        DILATION_OP, offset, (kernel, stride, padding, dilation),
+        DILATION_OP,
+        offset,
+        (kernel, stride, padding, dilation),
         lambda xp, locations: _adjacent_mean_distance(xp, locations, kernel),
     )
 
@@ -241,8 +250,9 @@ def _read_field(xp, field, ys, xs, interpolation):
     y0, x0 = fy0.astype(xp.int64), fx0.astype(xp.int64)
     y1 = xp.minimum(y0 + 1, height - 1)
     x1 = xp.minimum(x0 + 1, width - 1)
-    return ((1 - wy) * ((1 - wx) * gather(y0, x0) + wx * gather(y0, x1))
-            + wy * ((1 - wx) * gather(y1, x0) + wx * gather(y1, x1)))
+    return (1 - wy) * ((1 - wx) * gather(y0, x0) + wx * gather(y0, x1)) + wy * (
+        (1 - wx) * gather(y1, x0) + wx * gather(y1, x1)
+    )
 
 
 def stacked_sampling_locations(
@@ -289,8 +299,9 @@ def stacked_sampling_locations(
     op = STACKED_OP
     if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence) or len(offsets) == 0:
         raise type_error(
-            op, "offsets must be a non-empty list of offset arrays, one per layer; got "
-            f"{type(offsets).__name__}"
+            op,
+            "offsets must be a non-empty list of offset arrays, one per layer; got "
+            f"{type(offsets).__name__}",
         )
     layers = len(offsets)
     if interpolation not in INTERPOLATIONS:
@@ -304,12 +315,12 @@ def stacked_sampling_locations(
             op, f"masks must be None or a list of {layers} entries (arrays or None), one per layer"
         )
     geometry = []
-    for l, values in enumerate(zip(
+    for values in zip(
         _per_layer(op, "kernel_size", kernel_size, layers),
         _per_layer(op, "stride", stride, layers),
         _per_layer(op, "padding", padding, layers),
         _per_layer(op, "dilation", dilation, layers),
-    )):
+    ):
         geometry.append(_geometry(op, *values))
     groups_followed = _per_layer(op, "offset_group", offset_group, layers)
 
@@ -321,13 +332,14 @@ def stacked_sampling_locations(
     else:
         points = _points_from_sequence(op, points)
     return dispatch(
-        op, arrays,
+        op,
+        arrays,
         required=tuple(arrays),  # every offset, every given mask, array points
-        prepare=partial(_prepare_stacked, op, geometry, groups_followed, layers,
-                        interpolation=interpolation),
+        prepare=partial(
+            _prepare_stacked, op, geometry, groups_followed, layers, interpolation=interpolation
+        ),
         check_values=_check_points,
-        backends=Backends.array_api(
-            partial(_compose_stacked, None if points_is_array else points)),
+        backends=Backends.array_api(partial(_compose_stacked, None if points_is_array else points)),
     )
 
 
@@ -336,11 +348,11 @@ def _points_from_sequence(op: str, points) -> np.ndarray:
     try:
         array = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise type_error(op, f"points must be [P, 2] (oy, ox) numbers; got {points!r:.80}: "
-                             f"{exc}") from None
+        raise type_error(
+            op, f"points must be [P, 2] (oy, ox) numbers; got {points!r:.80}: {exc}"
+        ) from None
     if array.ndim != 2 or array.shape[1] != 2:
-        raise value_error(op, f"points must have shape [P, 2] ((oy, ox) rows); got "
-                              f"{array.shape}")
+        raise value_error(op, f"points must have shape [P, 2] ((oy, ox) rows); got {array.shape}")
     if not np.isfinite(array).all():  # None converts to NaN
         raise value_error(op, "points must be finite")
     return array
@@ -357,8 +369,9 @@ class _StackedPlan:
     names: tuple  # the call's array names in dispatch order
 
 
-def _prepare_stacked(op, geometry, groups_followed, layers, native, *,
-                     interpolation="bilinear") -> Prepared:
+def _prepare_stacked(
+    op, geometry, groups_followed, layers, native, *, interpolation="bilinear"
+) -> Prepared:
     """Every check of a stacked_sampling_locations call that reads no data."""
     dtype_name = check_float_dtypes(op, {k: v for k, v in native.items() if k != "points"})
 
@@ -408,14 +421,19 @@ def _prepare_stacked(op, geometry, groups_followed, layers, native, *,
     points = native.get("points")
     if points is not None:
         if not (dtype_info(points.dtype) is not None or points.dtype.kind in "iu"):
-            raise type_error(op, f"points has dtype {points.dtype}; expected a floating or "
-                                 f"integer dtype ((oy, ox) numbers)")
+            raise type_error(
+                op,
+                f"points has dtype {points.dtype}; expected a floating or "
+                f"integer dtype ((oy, ox) numbers)",
+            )
         if points.ndim != 2 or int(points.shape[1]) != 2:
             raise value_error(
-                op, f"points must have shape [P, 2] ((oy, ox) rows); got {shape_of(points)}")
+                op, f"points must have shape [P, 2] ((oy, ox) rows); got {shape_of(points)}"
+            )
     groups_followed = tuple(operator.index(g) for g in groups_followed)
-    plan = _StackedPlan(op, dtype_name, tuple(geometry), tuple(groups_followed), batch,
-                        interpolation, tuple(native))
+    plan = _StackedPlan(
+        op, dtype_name, tuple(geometry), tuple(groups_followed), batch, interpolation, tuple(native)
+    )
     return Prepared(plan, {})
 
 
@@ -447,18 +465,19 @@ def _compose_stacked(points_given, xp, launcher, *args) -> StackedSampling:
         taps = kernel[0] * kernel[1]
         offset = native[f"offsets[{l}]"]
         group = groups_followed[l]
-        field = offset[:, group * 2 * taps:(group + 1) * 2 * taps].astype(dtype)
+        field = offset[:, group * 2 * taps : (group + 1) * 2 * taps].astype(dtype)
         ys, xs = positions[..., 0], positions[..., 1]
         read = _read_field(xp, field, ys, xs, interpolation)  # [N, M, 2K]
         m = positions.shape[1]
         read = read.reshape(batch, m, taps, 2)
         taps_yx = _tap_grid(xp, kernel, l_dilation, dtype)
         base = positions * xp.asarray([l_stride[0], l_stride[1]], dtype=dtype) - xp.asarray(
-            [l_padding[0], l_padding[1]], dtype=dtype)
+            [l_padding[0], l_padding[1]], dtype=dtype
+        )
         new_positions = base[:, :, None, :] + taps_yx[None, None] + read  # [N, M, K, 2]
         mask = native.get(f"masks[{l}]")
         if mask is not None:
-            mfield = mask[:, group * taps:(group + 1) * taps].astype(dtype)
+            mfield = mask[:, group * taps : (group + 1) * taps].astype(dtype)
             mread = _read_field(xp, mfield, ys, xs, interpolation)  # [N, M, K]
             previous = xp.ones((batch, m), dtype=dtype) if weights is None else weights
             weights = (previous[:, :, None] * mread).reshape(batch, m * taps)

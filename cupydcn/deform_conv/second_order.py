@@ -68,8 +68,9 @@ def offset_second_order(
         "mask": mask,
         "offset_tangent": offset_tangent,
     }
-    options = dict(stride=stride, padding=padding, dilation=dilation,
-                   padding_mode=padding_mode, wrt=wrt)
+    options = dict(
+        stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode, wrt=wrt
+    )
     if any(a is not None and not isinstance(a, np.ndarray) for a in arrays.values()):
         return _dispatched(arrays, options)
     geom = checked_geometry(*arrays.values(), **options)
@@ -109,8 +110,20 @@ def _dispatched(arrays: dict, options: dict) -> dict:
     return dict(zip(names, result))
 
 
-def checked_geometry(grad_output, input, offset, weight, mask, offset_tangent, *, stride,
-                     padding, dilation, padding_mode, wrt):
+def checked_geometry(
+    grad_output,
+    input,
+    offset,
+    weight,
+    mask,
+    offset_tangent,
+    *,
+    stride,
+    padding,
+    dilation,
+    padding_mode,
+    wrt,
+):
     """Every check of an offset_second_order call; its geometry (shared by the NumPy and
     CUDA versions)."""
     if padding_mode != "zeros":

@@ -51,11 +51,28 @@ def offset_second_order(
     """:func:`cupydcn.deform_conv.second_order.offset_second_order` on ``launcher``'s
     arrays (``launcher.xp``); ``index_bits`` forces an index width (32 or 64)."""
     geom = checked_geometry(
-        grad_output, input, offset, weight, mask, offset_tangent, stride=stride,
-        padding=padding, dilation=dilation, padding_mode=padding_mode, wrt=wrt,
+        grad_output,
+        input,
+        offset,
+        weight,
+        mask,
+        offset_tangent,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        padding_mode=padding_mode,
+        wrt=wrt,
     )
     return offset_second_order_terms(
-        launcher, grad_output, input, offset, weight, mask, offset_tangent, geom, wrt,
+        launcher,
+        grad_output,
+        input,
+        offset,
+        weight,
+        mask,
+        offset_tangent,
+        geom,
+        wrt,
         index_bits=index_bits,
     )
 
@@ -91,8 +108,13 @@ def offset_second_order_terms(
     want = set(wrt)
     want_mask = "mask" in want and mask is not None
     # Whole images: the columns hold every output pixel (pixel range [0, P)).
-    sizes = dict(batch=n, channels=c, padding_mode=PADDING_MODE_CODES["zeros"],
-                 pixel_start=0, pixel_count=pixels)
+    sizes = dict(
+        batch=n,
+        channels=c,
+        padding_mode=PADDING_MODE_CODES["zeros"],
+        pixel_start=0,
+        pixel_count=pixels,
+    )
 
     def launch(kernel, total, **arrays):
         launch_kernel(launcher, kernel, dtype_name, bits, total, geom, sizes=sizes, **arrays)
@@ -102,8 +124,7 @@ def offset_second_order_terms(
 
     out = {}
     if n == 0:  # nothing sampled: empty terms, and zeros for the weight's
-        arrays = dict(grad_output=grad_output, weight=weight, mask=mask, offset=offset,
-                      input=input)
+        arrays = dict(grad_output=grad_output, weight=weight, mask=mask, offset=offset, input=input)
         for name in _RESULT_ORDER:
             array = arrays[name]
             if name in want and array is not None:

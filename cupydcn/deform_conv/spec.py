@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from cupydcn.core.errors import type_error, value_error
-from cupydcn.deform_conv.padding import check_padding_mode
 from cupydcn.core.checks import (
     check_float_dtypes,
     conv_output_size,
@@ -20,7 +18,9 @@ from cupydcn.core.checks import (
     wanted_gradients,
 )
 from cupydcn.core.dispatch import Prepared
+from cupydcn.core.errors import type_error, value_error
 from cupydcn.core.options import TUNING, IntPair, Options
+from cupydcn.deform_conv.padding import check_padding_mode
 
 OP = "deform_conv2d"
 BACKWARD_OP = "deform_conv2d_backward"
@@ -148,19 +148,25 @@ def conv_geometry(
     stride_h, stride_w = int_pair(op, "stride", stride, minimum=1)
     pad_h, pad_w = int_pair(op, "padding", padding, minimum=0)
     dil_h, dil_w = int_pair(op, "dilation", dilation, minimum=1)
-    floats = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask,
-              **({} if grad_output is None else {"grad_output": grad_output})}
+    floats = {
+        "input": input,
+        "offset": offset,
+        "weight": weight,
+        "bias": bias,
+        "mask": mask,
+        **({} if grad_output is None else {"grad_output": grad_output}),
+    }
     dtype_name = check_float_dtypes(op, {k: v for k, v in floats.items() if v is not None})
 
     for name, array, ndim in (("input", input, 4), ("offset", offset, 4), ("weight", weight, 4)):
         if len(shape_of(array)) != ndim:
-            raise value_error(
-                op, f"{name} must be {ndim}-D; got shape {shape_of(array)}"
-            )
+            raise value_error(op, f"{name} must be {ndim}-D; got shape {shape_of(array)}")
     batch, in_channels, height, width = shape_of(input)
     out_channels, weight_in, kernel_h, kernel_w = shape_of(weight)
     if kernel_h < 1 or kernel_w < 1:
-        raise value_error(op, f"weight must have a kernel of at least 1 x 1; got {shape_of(weight)}")
+        raise value_error(
+            op, f"weight must have a kernel of at least 1 x 1; got {shape_of(weight)}"
+        )
     if in_channels < 1:
         raise value_error(op, f"input must have at least one channel; got shape {shape_of(input)}")
     if weight_in < 1 or in_channels % weight_in != 0:
@@ -178,8 +184,9 @@ def conv_geometry(
         )
 
     if out_channels < 1:
-        raise value_error(op, f"weight must have at least one output channel; got shape "
-                              f"{shape_of(weight)}")
+        raise value_error(
+            op, f"weight must have at least one output channel; got shape {shape_of(weight)}"
+        )
     out_h = conv_output_size(height, kernel_h, stride=stride_h, padding=pad_h, dilation=dil_h)
     out_w = conv_output_size(width, kernel_w, stride=stride_w, padding=pad_w, dilation=dil_w)
     if out_h < 1 or out_w < 1:
@@ -224,9 +231,7 @@ def conv_geometry(
                 f"channels at the output size {out_h} x {out_w})",
             )
     if bias is not None and shape_of(bias) != (out_channels,):
-        raise value_error(
-            op, f"bias has shape {shape_of(bias)}; expected ({out_channels},)"
-        )
+        raise value_error(op, f"bias has shape {shape_of(bias)}; expected ({out_channels},)")
 
     return ConvGeometry(
         batch=batch,
@@ -268,7 +273,11 @@ def workspace_budget(op: str, workspace_bytes: int | None) -> int:
 def prepare_forward(native, options: ConvOptions) -> Prepared:
     """The plan of a forward call from its native arrays (shape and option checks)."""
     geom = conv_geometry(
-        native["input"], native["offset"], native["weight"], native["bias"], native["mask"],
+        native["input"],
+        native["offset"],
+        native["weight"],
+        native["bias"],
+        native["mask"],
         **options.as_kwargs(tuning=False),
     )
     return Prepared(geom, {"workspace_bytes": workspace_budget(OP, options.workspace_bytes)})
@@ -278,8 +287,14 @@ def prepare_backward(native, options: ConvOptions, *, wrt) -> Prepared:
     """The plan of a backward call: the forward's checks, grad_output's shape and dtype,
     the requested gradients."""
     geom = conv_geometry(
-        native["input"], native["offset"], native["weight"], None, native["mask"],
-        **options.as_kwargs(tuning=False), op=BACKWARD_OP, grad_output=native["grad_output"],
+        native["input"],
+        native["offset"],
+        native["weight"],
+        None,
+        native["mask"],
+        **options.as_kwargs(tuning=False),
+        op=BACKWARD_OP,
+        grad_output=native["grad_output"],
     )
     grad_shape = shape_of(native["grad_output"])
     if grad_shape != geom.output_shape:
@@ -290,5 +305,7 @@ def prepare_backward(native, options: ConvOptions, *, wrt) -> Prepared:
     wanted = wanted_gradients(
         BACKWARD_OP, wrt, {name: name != "mask" or geom.has_mask for name in GRADIENT_NAMES}
     )
-    return Prepared(geom, {"wrt": wanted, "workspace_bytes":
-                           workspace_budget(BACKWARD_OP, options.workspace_bytes)})
+    return Prepared(
+        geom,
+        {"wrt": wanted, "workspace_bytes": workspace_budget(BACKWARD_OP, options.workspace_bytes)},
+    )

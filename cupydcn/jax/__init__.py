@@ -37,5 +37,12 @@ from ._deform_attn import dcnv3, dcnv4, multi_scale_deformable_attn
 from ._ops import deform_conv2d, deform_psroi_pool, deform_roi_pool
 from ._sharding import deform_conv2d_sharded
 
-__all__ = ["dcnv3", "dcnv4", "deform_conv2d", "deform_conv2d_sharded", "deform_psroi_pool",
-           "deform_roi_pool", "multi_scale_deformable_attn"]
+__all__ = [
+    "dcnv3",
+    "dcnv4",
+    "deform_conv2d",
+    "deform_conv2d_sharded",
+    "deform_psroi_pool",
+    "deform_roi_pool",
+    "multi_scale_deformable_attn",
+]

@@ -26,7 +26,7 @@ and returns a tuple of arrays, the shapes and dtypes of that tuple, and the argu
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +47,19 @@ def is_traced(arrays: Sequence[object]) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
-def run(compute: Compute, out_types: tuple[jax.ShapeDtypeStruct, ...],
-        arrays: Sequence[object]) -> tuple:
+def run(
+    compute: Compute, out_types: tuple[jax.ShapeDtypeStruct, ...], arrays: Sequence[object]
+) -> tuple:
     """``compute(*arrays)`` as a tuple of JAX arrays of ``out_types``, eagerly or staged."""
     if not is_traced(arrays):
         return _eager(compute, arrays)
-    return tuple(jax.lax.platform_dependent(
-        *arrays,
-        cpu=lambda *xs: _on_host(compute, out_types, xs),
-        cuda=lambda *xs: _on_cuda(compute, out_types, xs),
-    ))
+    return tuple(
+        jax.lax.platform_dependent(
+            *arrays,
+            cpu=lambda *xs: _on_host(compute, out_types, xs),
+            cuda=lambda *xs: _on_cuda(compute, out_types, xs),
+        )
+    )
 
 
 # ---------------------------------------------------------------------------- eager
@@ -137,10 +140,10 @@ def _copy_into(cupy, target, result) -> None:
         raise ValueError(
             f"cupydcn.jax: a result of shape {tuple(result.shape)} and dtype {result.dtype} "
             f"does not fit the XLA buffer of shape {tuple(target.shape)} and dtype "
-            f"{target.dtype}")
+            f"{target.dtype}"
+        )
     if target.nbytes == 0:
         return
     if not result.flags.c_contiguous:
         result = cupy.ascontiguousarray(result)
-    target.data.copy_from_device_async(result.data, target.nbytes,
-                                       cupy.cuda.get_current_stream())
+    target.data.copy_from_device_async(result.data, target.nbytes, cupy.cuda.get_current_stream())

@@ -33,17 +33,21 @@ def _static_ints(op: str, name: str, value, ndim: int):
     if value is None:
         return None
     if isinstance(value, jax.core.Tracer):
-        raise type_error(op, f"{name} must be static (a sequence of ints, a NumPy array or a "
-                             f"concrete array), not a traced array: under jax.jit pass it as "
-                             f"a Python sequence closed over by the function or marked static")
+        raise type_error(
+            op,
+            f"{name} must be static (a sequence of ints, a NumPy array or a "
+            f"concrete array), not a traced array: under jax.jit pass it as "
+            f"a Python sequence closed over by the function or marked static",
+        )
     if isinstance(value, jax.Array):
         value = np.asarray(value)
     return _spec.host_ints(op, name, value, ndim)
 
 
 # ---------------------------------------------------------------------------- MSDA
-def multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                                attention_weights):
+def multi_scale_deformable_attn(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+):
     """:func:`cupydcn.multi_scale_deformable_attn` for JAX, differentiable
     (``jax.custom_vjp``) and usable under ``jax.jit`` and ``jax.vmap``.
 
@@ -56,35 +60,70 @@ def multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampli
     op = _spec.MSDA_OP
     shapes = _static_ints(op, "spatial_shapes", spatial_shapes, 2)
     if shapes is None:
-        raise type_error(op, "spatial_shapes must be a sequence of (H_l, W_l) pairs or an "
-                             "integer array [L, 2]; got None")
+        raise type_error(
+            op,
+            "spatial_shapes must be a sequence of (H_l, W_l) pairs or an "
+            "integer array [L, 2]; got None",
+        )
     starts = _static_ints(op, "level_start_index", level_start_index, 1)
-    arrays = _present({"value": value, "sampling_locations": sampling_locations,
-                       "attention_weights": attention_weights})
+    arrays = _present(
+        {
+            "value": value,
+            "sampling_locations": sampling_locations,
+            "attention_weights": attention_weights,
+        }
+    )
     geom = _spec.prepare_msda_forward(
-        {"value": arrays["value"], "spatial_shapes": None, "level_start_index": None,
-         "sampling_locations": arrays["sampling_locations"],
-         "attention_weights": arrays["attention_weights"]},
-        shapes_host=shapes, starts_host=starts).plan
+        {
+            "value": arrays["value"],
+            "spatial_shapes": None,
+            "level_start_index": None,
+            "sampling_locations": arrays["sampling_locations"],
+            "attention_weights": arrays["attention_weights"],
+        },
+        shapes_host=shapes,
+        starts_host=starts,
+    ).plan
 
     def forward(value, sampling_locations, attention_weights):
-        return (cupydcn.multi_scale_deformable_attn(value, shapes, None, sampling_locations,
-                                                    attention_weights),)
+        return (
+            cupydcn.multi_scale_deformable_attn(
+                value, shapes, None, sampling_locations, attention_weights
+            ),
+        )
 
     def backward(grad_output, wrt, value, sampling_locations, attention_weights):
         return cupydcn.multi_scale_deformable_attn_backward(
-            grad_output, value, shapes, None, sampling_locations, attention_weights, wrt=wrt)
+            grad_output, value, shapes, None, sampling_locations, attention_weights, wrt=wrt
+        )
 
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["value"].dtype)
-    (output,) = _apply(arrays, (out_type,), forward, backward,
-                       differentiable=_spec.MSDA_GRADIENT_NAMES,
-                       backward_inputs=_spec.MSDA_GRADIENT_NAMES)
+    (output,) = _apply(
+        arrays,
+        (out_type,),
+        forward,
+        backward,
+        differentiable=_spec.MSDA_GRADIENT_NAMES,
+        backward_inputs=_spec.MSDA_GRADIENT_NAMES,
+    )
     return output
 
 
 # ---------------------------------------------------------------------------- DCNv3 / DCNv4
-def dcnv3(input, offset, mask, *, kernel_size, stride=1, padding=0, dilation=1, group: int,
-          group_channels: int, offset_scale: float = 1.0, remove_center: bool = False):
+def dcnv3(
+    input,
+    offset,
+    mask,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+):
     """:func:`cupydcn.dcnv3` for JAX, differentiable (``jax.custom_vjp``) and usable under
     ``jax.jit`` and ``jax.vmap``.
 
@@ -105,14 +144,30 @@ def dcnv3(input, offset, mask, *, kernel_size, stride=1, padding=0, dilation=1, 
         return cupydcn.dcnv3_backward(grad_output, input, offset, mask, wrt=wrt, **kwargs)
 
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype)
-    (output,) = _apply(arrays, (out_type,), forward, backward,
-                       differentiable=_spec.DCNV3_GRADIENT_NAMES,
-                       backward_inputs=_spec.DCNV3_GRADIENT_NAMES)
+    (output,) = _apply(
+        arrays,
+        (out_type,),
+        forward,
+        backward,
+        differentiable=_spec.DCNV3_GRADIENT_NAMES,
+        backward_inputs=_spec.DCNV3_GRADIENT_NAMES,
+    )
     return output
 
 
-def dcnv4(input, offset_mask, *, kernel_size, stride=1, padding=0, dilation=1, group: int,
-          group_channels: int, offset_scale: float = 1.0, remove_center: bool = False):
+def dcnv4(
+    input,
+    offset_mask,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+):
     """:func:`cupydcn.dcnv4` for JAX, differentiable (``jax.custom_vjp``) and usable under
     ``jax.jit`` and ``jax.vmap``.
 
@@ -133,7 +188,12 @@ def dcnv4(input, offset_mask, *, kernel_size, stride=1, padding=0, dilation=1, g
         return cupydcn.dcnv4_backward(grad_output, input, offset_mask, wrt=wrt, **kwargs)
 
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype)
-    (output,) = _apply(arrays, (out_type,), forward, backward,
-                       differentiable=_spec.DCNV4_GRADIENT_NAMES,
-                       backward_inputs=_spec.DCNV4_GRADIENT_NAMES)
+    (output,) = _apply(
+        arrays,
+        (out_type,),
+        forward,
+        backward,
+        differentiable=_spec.DCNV4_GRADIENT_NAMES,
+        backward_inputs=_spec.DCNV4_GRADIENT_NAMES,
+    )
     return output

@@ -14,8 +14,8 @@ alone (its ``wrt``); the others, and ``rois`` always, get no cotangent (zero).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,9 @@ from jax.custom_derivatives import SymbolicZero
 
 import cupydcn
 from cupydcn.deform_conv import spec as _conv
+from cupydcn.jax import _bridge
 from cupydcn.psroi_pool import spec as _psroi
 from cupydcn.roi_pool import spec as _roi
-
-from cupydcn.jax import _bridge
 
 
 @jax.tree_util.register_static
@@ -108,13 +107,15 @@ def _apply(
             return tuple(getattr(grads, f"grad_{n}") for n in wrt.names)
 
         if differentiable_backward is not None:
-            grads = differentiable_backward(grad_output, wrt.names,
-                                            **dict(zip(input_names, inputs)))
+            grads = differentiable_backward(
+                grad_output, wrt.names, **dict(zip(input_names, inputs))
+            )
             return (tuple(grads.get(n) for n in names),)
 
         grad_types = tuple(_type_of(by_name[n]) for n in wrt.names)
-        grads = dict(zip(wrt.names, _bridge.run(compute_backward, grad_types,
-                                                (grad_output, *inputs))))
+        grads = dict(
+            zip(wrt.names, _bridge.run(compute_backward, grad_types, (grad_output, *inputs)))
+        )
         return (tuple(grads.get(n) for n in names),)
 
     op.defvjp(op_fwd, op_bwd, symbolic_zeros=True)
@@ -143,28 +144,35 @@ def deform_conv2d(
     None), every other argument is static. Gradients flow to every array argument.
     """
     options = _conv.ConvOptions.of(locals())
-    arrays = _present({"input": input, "offset": offset, "weight": weight, "bias": bias,
-                       "mask": mask})
-    geom = _plan(_conv.prepare_forward, ("input", "offset", "weight", "bias", "mask"),
-                 arrays, options)
+    arrays = _present(
+        {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    )
+    geom = _plan(
+        _conv.prepare_forward, ("input", "offset", "weight", "bias", "mask"), arrays, options
+    )
     kwargs = options.as_kwargs()
 
     def forward(input, offset, weight, bias=None, mask=None):
         return (cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask, **kwargs),)
 
     def backward(grad_output, wrt, input, offset, weight, mask=None):
-        return cupydcn.deform_conv2d_backward(grad_output, input, offset, weight, mask,
-                                              wrt=wrt, **kwargs)
+        return cupydcn.deform_conv2d_backward(
+            grad_output, input, offset, weight, mask, wrt=wrt, **kwargs
+        )
 
     def differentiable_backward(grad_output, wrt, input, offset, weight, mask=None):
-        return dict(zip(wrt, _conv_backward(kwargs, wrt, grad_output, input, offset, weight,
-                                            mask)))
+        return dict(zip(wrt, _conv_backward(kwargs, wrt, grad_output, input, offset, weight, mask)))
 
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype)
-    (output,) = _apply(arrays, (out_type,), forward, backward,
-                       differentiable=tuple(arrays),
-                       backward_inputs=("input", "offset", "weight", "mask"),
-                       differentiable_backward=differentiable_backward)
+    (output,) = _apply(
+        arrays,
+        (out_type,),
+        forward,
+        backward,
+        differentiable=tuple(arrays),
+        backward_inputs=("input", "offset", "weight", "mask"),
+        differentiable_backward=differentiable_backward,
+    )
     return output
 
 
@@ -202,8 +210,14 @@ def _conv_backward(kwargs, wrt: tuple[str, ...], grad_output, input, offset, wei
     def compute(*values):
         by_name = dict(zip(names, values))
         grads = cupydcn.deform_conv2d_backward(
-            by_name["grad_output"], by_name["input"], by_name["offset"], by_name["weight"],
-            by_name.get("mask"), wrt=wrt, **kwargs)
+            by_name["grad_output"],
+            by_name["input"],
+            by_name["offset"],
+            by_name["weight"],
+            by_name.get("mask"),
+            wrt=wrt,
+            **kwargs,
+        )
         return tuple(getattr(grads, f"grad_{n}") for n in wrt)
 
     @jax.custom_vjp
@@ -221,8 +235,10 @@ def _conv_backward(kwargs, wrt: tuple[str, ...], grad_output, input, offset, wei
         # terms along the offsets, which have their limits, run only when needed).
         v = {n: ct for n, ct in zip(wrt, cotangents) if not isinstance(ct, SymbolicZero)}
         vx, vo, vw, vm, vb = (v.get(n) for n in ("input", "offset", "weight", "mask", "bias"))
-        options = {k: kwargs[k] for k in ("stride", "padding", "dilation", "padding_mode",
-                                          "workspace_bytes")}
+        options = {
+            k: kwargs[k]
+            for k in ("stride", "padding", "dilation", "padding_mode", "workspace_bytes")
+        }
 
         def f(input, weight, mask):
             return deform_conv2d(input, o, weight, None, mask=mask, **options)
@@ -248,8 +264,7 @@ def _conv_backward(kwargs, wrt: tuple[str, ...], grad_output, input, offset, wei
             terms["grad_output"].append(jnp.broadcast_to(vb[None, :, None, None], gy.shape))
         if vo is not None:
             so_names = _CONV_TERMS if m is not None else _CONV_TERMS[:-1]
-            for n, g in zip(so_names, _offset_second_order(kwargs, so_names, gy, x, o, w, m,
-                                                           vo)):
+            for n, g in zip(so_names, _offset_second_order(kwargs, so_names, gy, x, o, w, m, vo)):
                 terms[n].append(g)
         return (tuple(sum(terms[n][1:], terms[n][0]) if terms[n] else None for n in names),)
 
@@ -262,8 +277,14 @@ def _offset_second_order(kwargs, wrt, grad_output, input, offset, weight, mask, 
     differentiable)."""
     from cupydcn.deform_conv.second_order import offset_second_order
 
-    arrays = {"grad_output": grad_output, "input": input, "offset": offset, "weight": weight,
-              "mask": mask, "offset_tangent": tangent}
+    arrays = {
+        "grad_output": grad_output,
+        "input": input,
+        "offset": offset,
+        "weight": weight,
+        "mask": mask,
+        "offset_tangent": tangent,
+    }
     present = tuple(n for n, a in arrays.items() if a is not None)
     options = {k: kwargs[k] for k in ("stride", "padding", "dilation", "padding_mode")}
 
@@ -272,8 +293,9 @@ def _offset_second_order(kwargs, wrt, grad_output, input, offset, weight, mask, 
         terms = offset_second_order(*(by_name.get(n) for n in arrays), wrt=wrt, **options)
         return tuple(terms[n] for n in wrt)
 
-    return _bridge.run(compute, tuple(_type_of(arrays[n]) for n in wrt),
-                       tuple(arrays[n] for n in present))
+    return _bridge.run(
+        compute, tuple(_type_of(arrays[n]) for n in wrt), tuple(arrays[n] for n in present)
+    )
 
 
 # ---------------------------------------------------------------------------- RoI pooling
@@ -305,13 +327,19 @@ def deform_roi_pool(
         return (cupydcn.deform_roi_pool(input, rois, offset, mask, **kwargs),)
 
     def backward(grad_output, wrt, input, rois, offset=None, mask=None):
-        return cupydcn.deform_roi_pool_backward(grad_output, input, rois, offset, mask,
-                                                wrt=wrt, **kwargs)
+        return cupydcn.deform_roi_pool_backward(
+            grad_output, input, rois, offset, mask, wrt=wrt, **kwargs
+        )
 
     out_type = jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype)
-    (output,) = _apply(arrays, (out_type,), forward, backward,
-                       differentiable=("input", "offset", "mask"),
-                       backward_inputs=("input", "rois", "offset", "mask"))
+    (output,) = _apply(
+        arrays,
+        (out_type,),
+        forward,
+        backward,
+        differentiable=("input", "offset", "mask"),
+        backward_inputs=("input", "rois", "offset", "mask"),
+    )
     return output
 
 
@@ -345,12 +373,20 @@ def deform_psroi_pool(
         return cupydcn.deform_psroi_pool(input, rois, offset, **kwargs)
 
     def backward(grad_output, wrt, input, rois, offset=None):
-        return cupydcn.deform_psroi_pool_backward(grad_output, input, rois, offset,
-                                                  wrt=wrt, **kwargs)
+        return cupydcn.deform_psroi_pool_backward(
+            grad_output, input, rois, offset, wrt=wrt, **kwargs
+        )
 
-    out_types = (jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype),
-                 jax.ShapeDtypeStruct(geom.output_shape, np.int32))
-    output, count = _apply(arrays, out_types, forward, backward,
-                           differentiable=("input", "offset"),
-                           backward_inputs=("input", "rois", "offset"))
+    out_types = (
+        jax.ShapeDtypeStruct(geom.output_shape, arrays["input"].dtype),
+        jax.ShapeDtypeStruct(geom.output_shape, np.int32),
+    )
+    output, count = _apply(
+        arrays,
+        out_types,
+        forward,
+        backward,
+        differentiable=("input", "offset"),
+        backward_inputs=("input", "rois", "offset"),
+    )
     return output, count

@@ -7,8 +7,8 @@ runs; errors name the argument, the expected and the actual value.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 from cupydcn.core.dispatch import Backends, dispatch
 from cupydcn.cuda.deterministic import backends_with, resolve_deterministic
@@ -26,8 +26,7 @@ from cupydcn.psroi_pool.spec import (
 FORWARD = Backends.of_modules(numpy_backend, cuda_backend, "psroi_pool_forward")
 BACKWARD = Backends.of_modules(numpy_backend, cuda_backend, "psroi_pool_backward")
 
-__all__ = ["PSRoiPoolGrads", "PSRoiPoolOptions", "deform_psroi_pool",
-           "deform_psroi_pool_backward"]
+__all__ = ["PSRoiPoolGrads", "PSRoiPoolOptions", "deform_psroi_pool", "deform_psroi_pool_backward"]
 
 
 def deform_psroi_pool(

@@ -7,8 +7,9 @@ the semantics of docs/semantics.md §3.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 from cupydcn.core.checks import (
     check_float_dtypes,
@@ -18,9 +19,9 @@ from cupydcn.core.checks import (
     wanted_gradients,
 )
 from cupydcn.core.dispatch import Prepared
-from cupydcn.core.options import Options
 from cupydcn.core.dtypes import INT32_LIMIT
 from cupydcn.core.errors import value_error
+from cupydcn.core.options import Options
 from cupydcn.core.rois import MAX_SAMPLES_PER_BIN, check_roi_values, check_rois_shape
 
 OP = "deform_psroi_pool"
@@ -115,17 +116,26 @@ MAX_AXIS_SIZE = math.isqrt(INT32_LIMIT)
 MAX_SAMPLE_PER_PART = math.isqrt(MAX_SAMPLES_PER_BIN)
 
 
-def _check_sizes(op: str, *, output_dim, group_size, pooled_size, part_size,
-                 sample_per_part) -> tuple[int, int, int, int, int]:
+def _check_sizes(
+    op: str, *, output_dim, group_size, pooled_size, part_size, sample_per_part
+) -> tuple[int, int, int, int, int]:
     output_dim = check_positive(op, "output_dim", output_dim)
-    sizes = {"group_size": group_size, "pooled_size": pooled_size,
-             "part_size": pooled_size if part_size is None else part_size,
-             "sample_per_part": sample_per_part}
+    sizes = {
+        "group_size": group_size,
+        "pooled_size": pooled_size,
+        "part_size": pooled_size if part_size is None else part_size,
+        "sample_per_part": sample_per_part,
+    }
     for name, value in sizes.items():
         limit = MAX_SAMPLE_PER_PART if name == "sample_per_part" else MAX_AXIS_SIZE
         sizes[name] = check_positive(op, name, value, maximum=limit)
-    return (output_dim, sizes["group_size"], sizes["pooled_size"], sizes["part_size"],
-            sizes["sample_per_part"])
+    return (
+        output_dim,
+        sizes["group_size"],
+        sizes["pooled_size"],
+        sizes["part_size"],
+        sizes["sample_per_part"],
+    )
 
 
 def psroi_pool_geometry(
@@ -149,8 +159,12 @@ def psroi_pool_geometry(
     floats = {"input": input, "offset": offset, "grad_output": grad_output}
     dtype_name = check_float_dtypes(op, {k: v for k, v in floats.items() if v is not None})
     output_dim, group_size, pooled_size, part_size, sample_per_part = _check_sizes(
-        op, output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-        part_size=part_size, sample_per_part=sample_per_part,
+        op,
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size,
+        sample_per_part=sample_per_part,
     )
     spatial_scale = finite_scalar(op, "spatial_scale", spatial_scale, positive=True)
     trans_std = finite_scalar(op, "trans_std", trans_std)
@@ -161,13 +175,15 @@ def psroi_pool_geometry(
     expected_channels = output_dim * group_size**2
     if channels != expected_channels:
         raise value_error(
-            op, f"input has {channels} channels (shape {shape_of(input)}); expected "
-            f"output_dim * group_size**2 = {output_dim} * {group_size}**2 = {expected_channels}"
+            op,
+            f"input has {channels} channels (shape {shape_of(input)}); expected "
+            f"output_dim * group_size**2 = {output_dim} * {group_size}**2 = {expected_channels}",
         )
     if not 1 <= height <= INT32_LIMIT or not 1 <= width <= INT32_LIMIT:
         raise value_error(
-            op, f"input must have a height and width in [1, {INT32_LIMIT}]; got shape "
-            f"{shape_of(input)}"
+            op,
+            f"input must have a height and width in [1, {INT32_LIMIT}]; got shape "
+            f"{shape_of(input)}",
         )
 
     num_rois = check_rois_shape(op, rois)
@@ -177,33 +193,47 @@ def psroi_pool_geometry(
         offset_shape = shape_of(offset)
         if len(offset_shape) != 4:
             raise value_error(
-                op, f"offset must be 4-D [K, 2 * num_classes, part_size, part_size]; got "
-                f"shape {offset_shape}"
+                op,
+                f"offset must be 4-D [K, 2 * num_classes, part_size, part_size]; got "
+                f"shape {offset_shape}",
             )
         offset_channels = offset_shape[1]
         if offset_channels < 2 or offset_channels % 2 != 0:
             raise value_error(
-                op, f"offset.shape[1] = {offset_channels} must be 2 * num_classes, a positive "
-                f"even number (offset shape {offset_shape})"
+                op,
+                f"offset.shape[1] = {offset_channels} must be 2 * num_classes, a positive "
+                f"even number (offset shape {offset_shape})",
             )
         num_classes = offset_channels // 2
         if output_dim % num_classes != 0:
             raise value_error(
-                op, f"output_dim = {output_dim} must be divisible by num_classes = "
-                f"{num_classes} (offset.shape[1] {offset_channels} / 2)"
+                op,
+                f"output_dim = {output_dim} must be divisible by num_classes = "
+                f"{num_classes} (offset.shape[1] {offset_channels} / 2)",
             )
         expected_offset = (num_rois, offset_channels, part_size, part_size)
         if offset_shape != expected_offset:
             raise value_error(
-                op, f"offset has shape {offset_shape}; expected {expected_offset} "
-                f"(K = {num_rois} RoIs, part_size = {part_size})"
+                op,
+                f"offset has shape {offset_shape}; expected {expected_offset} "
+                f"(K = {num_rois} RoIs, part_size = {part_size})",
             )
 
     return PSRoiPoolGeometry(
-        batch=batch, channels=channels, height=height, width=width, num_rois=num_rois,
-        output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-        part_size=part_size, sample_per_part=sample_per_part, num_classes=num_classes,
-        has_offset=offset is not None, spatial_scale=spatial_scale, trans_std=trans_std,
+        batch=batch,
+        channels=channels,
+        height=height,
+        width=width,
+        num_rois=num_rois,
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size,
+        sample_per_part=sample_per_part,
+        num_classes=num_classes,
+        has_offset=offset is not None,
+        spatial_scale=spatial_scale,
+        trans_std=trans_std,
         dtype_name=dtype_name,
     )
 
@@ -215,14 +245,25 @@ def check_values(op: str, xp, native: Mapping[str, object], geom: PSRoiPoolGeome
 
 
 def prepare_forward(native, options: PSRoiPoolOptions) -> Prepared:
-    return Prepared(psroi_pool_geometry(OP, native["input"], native["rois"], native["offset"],
-                                        **options.as_kwargs()), {})
+    return Prepared(
+        psroi_pool_geometry(
+            OP, native["input"], native["rois"], native["offset"], **options.as_kwargs()
+        ),
+        {},
+    )
 
 
-def prepare_backward(native, options: PSRoiPoolOptions, *,
-                     wrt: Iterable[str] | str | None) -> Prepared:
-    geom = psroi_pool_geometry(BACKWARD_OP, native["input"], native["rois"], native["offset"],
-                               grad_output=native["grad_output"], **options.as_kwargs())
+def prepare_backward(
+    native, options: PSRoiPoolOptions, *, wrt: Iterable[str] | str | None
+) -> Prepared:
+    geom = psroi_pool_geometry(
+        BACKWARD_OP,
+        native["input"],
+        native["rois"],
+        native["offset"],
+        grad_output=native["grad_output"],
+        **options.as_kwargs(),
+    )
     grad_shape = shape_of(native["grad_output"])
     if grad_shape != geom.output_shape:
         raise value_error(

@@ -13,8 +13,8 @@ transfer on a GPU).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 from cupydcn.core.dispatch import Backends, dispatch
 from cupydcn.cuda.deterministic import backends_with, resolve_deterministic
@@ -125,8 +125,7 @@ def deform_roi_pool_backward(
     options = RoiPoolOptions.of(locals())
     return dispatch(
         BACKWARD_OP,
-        {"grad_output": grad_output, "input": input, "rois": rois, "offset": offset,
-         "mask": mask},
+        {"grad_output": grad_output, "input": input, "rois": rois, "offset": offset, "mask": mask},
         required=("grad_output", "input", "rois"),
         prepare=partial(prepare_backward, options=options, wrt=wrt),
         check_values=partial(check_values, BACKWARD_OP),

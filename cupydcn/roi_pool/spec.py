@@ -7,8 +7,9 @@ modulation mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 from cupydcn.core.checks import (
     check_float_dtypes,
@@ -108,7 +109,6 @@ class RoiPoolGeometry:
 # ---------------------------------------------------------------------------- validation
 
 
-
 def roi_pool_geometry(
     op: str,
     native: Mapping[str, object],
@@ -122,8 +122,11 @@ def roi_pool_geometry(
     offset, mask and, for the backward, grad_output); return its geometry. Raises
     ValueError / TypeError naming the argument, what was expected and what was got. The
     values of ``rois`` are checked by :func:`check_values`."""
-    floats = {name: native[name] for name in ("input", "offset", "mask", "grad_output")
-              if native.get(name) is not None}
+    floats = {
+        name: native[name]
+        for name in ("input", "offset", "mask", "grad_output")
+        if native.get(name) is not None
+    }
     dtype_name = check_float_dtypes(op, floats)
     input = native["input"]
     if len(shape_of(input)) != 4:
@@ -131,10 +134,12 @@ def roi_pool_geometry(
     batch, channels, height, width = shape_of(input)
     if height < 1 or width < 1:
         raise value_error(
-            op, f"input must have a spatial size of at least 1 x 1; got shape {shape_of(input)}")
+            op, f"input must have a spatial size of at least 1 x 1; got shape {shape_of(input)}"
+        )
     pooled_h, pooled_w = int_pair(op, "output_size", output_size, minimum=1)
-    sampling_ratio = check_positive(op, "sampling_ratio", sampling_ratio, minimum=0,
-                                    maximum=MAX_SAMPLING_RATIO)
+    sampling_ratio = check_positive(
+        op, "sampling_ratio", sampling_ratio, minimum=0, maximum=MAX_SAMPLING_RATIO
+    )
     scale = finite_scalar(op, "spatial_scale", spatial_scale)
     gamma = finite_scalar(op, "gamma", gamma)
 
@@ -144,20 +149,33 @@ def roi_pool_geometry(
         expected = (num_rois, channels_expected, pooled_h, pooled_w)
         if array is not None and shape_of(array) != expected:
             raise value_error(
-                op, f"{name} has shape {shape_of(array)}; expected {expected} (K = {num_rois} "
+                op,
+                f"{name} has shape {shape_of(array)}; expected {expected} (K = {num_rois} "
                 f"RoIs, {channels_expected} channel{'s' if channels_expected > 1 else ''}, "
-                f"output size {pooled_h} x {pooled_w})")
+                f"output size {pooled_h} x {pooled_w})",
+            )
     geom = RoiPoolGeometry(
-        batch=batch, channels=channels, height=height, width=width, num_rois=num_rois,
-        pooled_h=pooled_h, pooled_w=pooled_w, sampling_ratio=sampling_ratio,
-        spatial_scale=scale, gamma=gamma, has_offset=native["offset"] is not None,
-        has_mask=native["mask"] is not None, dtype_name=dtype_name,
+        batch=batch,
+        channels=channels,
+        height=height,
+        width=width,
+        num_rois=num_rois,
+        pooled_h=pooled_h,
+        pooled_w=pooled_w,
+        sampling_ratio=sampling_ratio,
+        spatial_scale=scale,
+        gamma=gamma,
+        has_offset=native["offset"] is not None,
+        has_mask=native["mask"] is not None,
+        dtype_name=dtype_name,
     )
     grad_output = native.get("grad_output")
     if grad_output is not None and shape_of(grad_output) != geom.output_shape:
         raise value_error(
-            op, f"grad_output has shape {shape_of(grad_output)}; expected the output shape "
-            f"{geom.output_shape}")
+            op,
+            f"grad_output has shape {shape_of(grad_output)}; expected the output shape "
+            f"{geom.output_shape}",
+        )
     return geom
 
 
@@ -170,6 +188,7 @@ def check_values(op: str, xp, native: Mapping[str, object], geom: RoiPoolGeometr
     grid) at most MAX_SAMPLES_PER_BIN samples per bin. Runs on the arrays' stream."""
     samples = None
     if geom.sampling_ratio == 0:
+
         def samples(values):
             # The kernels' grid, with their arithmetic (in the accumulation dtype, so the
             # check and the kernels agree on every RoI): ceil(roi_size / pooled) per axis,
@@ -182,6 +201,7 @@ def check_values(op: str, xp, native: Mapping[str, object], geom: RoiPoolGeometr
             grid_w = xp.maximum(xp.ceil(roi_w / acc.type(geom.pooled_w)), 0)
             grid_h = xp.maximum(xp.ceil(roi_h / acc.type(geom.pooled_h)), 0)
             return grid_h.astype(xp.float64) * grid_w.astype(xp.float64)
+
     check_roi_values(op, xp, native["rois"], geom.batch, samples_per_bin=samples)
 
 
@@ -189,9 +209,11 @@ def prepare_forward(native, options: RoiPoolOptions) -> Prepared:
     return Prepared(roi_pool_geometry(OP, native, **options.as_kwargs()), {})
 
 
-def prepare_backward(native, options: RoiPoolOptions, *,
-                     wrt: Iterable[str] | str | None) -> Prepared:
+def prepare_backward(
+    native, options: RoiPoolOptions, *, wrt: Iterable[str] | str | None
+) -> Prepared:
     geom = roi_pool_geometry(BACKWARD_OP, native, **options.as_kwargs())
     wanted = wanted_gradients(
-        BACKWARD_OP, wrt, {"input": True, "offset": geom.has_offset, "mask": geom.has_mask})
+        BACKWARD_OP, wrt, {"input": True, "offset": geom.has_offset, "mask": geom.has_mask}
+    )
     return Prepared(geom, {"wrt": wanted})

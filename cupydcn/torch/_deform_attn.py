@@ -76,20 +76,28 @@ def level_shapes(op: str, spatial_shapes) -> tuple[tuple, ...]:
     sequence of pairs (ints, or SymInts under torch.compile with dynamic shapes)."""
     if isinstance(spatial_shapes, Tensor):
         if torch.compiler.is_compiling():
-            raise type_error(op, "spatial_shapes must be static under torch.compile: pass a "
-                                 "tuple of (H_l, W_l) pairs, not a tensor")
+            raise type_error(
+                op,
+                "spatial_shapes must be static under torch.compile: pass a "
+                "tuple of (H_l, W_l) pairs, not a tensor",
+            )
         return host_ints(op, "spatial_shapes", spatial_shapes.detach().cpu().numpy(), 2)
     if spatial_shapes is None:
-        raise type_error(op, "spatial_shapes must be an integer tensor [L, 2] or a sequence "
-                             "of (H_l, W_l) pairs; got None")
+        raise type_error(
+            op,
+            "spatial_shapes must be an integer tensor [L, 2] or a sequence "
+            "of (H_l, W_l) pairs; got None",
+        )
     if isinstance(spatial_shapes, (tuple, list)) and (
-            torch.compiler.is_compiling() or any(_symbolic(row) for row in spatial_shapes)):
+        torch.compiler.is_compiling() or any(_symbolic(row) for row in spatial_shapes)
+    ):
         # traced (ints or SymInts): only the structure is checked here, the values by the op
         rows = []
         for index, row in enumerate(spatial_shapes):
             if not isinstance(row, Sequence) or len(row) != 2:
-                raise type_error(op, f"spatial_shapes[{index}] must be a pair (H_l, W_l); got "
-                                     f"{row!r}")
+                raise type_error(
+                    op, f"spatial_shapes[{index}] must be a pair (H_l, W_l); got {row!r}"
+                )
             rows.append(tuple(v if _symbolic(v) else operator.index(v) for v in row))
         return tuple(rows)
     return host_ints(op, "spatial_shapes", spatial_shapes, 2)
@@ -105,14 +113,20 @@ def _rows(flat: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 # ============================================================================ MSDA
 @torch.library.custom_op(
-    f"{NAMESPACE}::multi_scale_deformable_attn", mutates_args=(), tags=_TAGS,
+    f"{NAMESPACE}::multi_scale_deformable_attn",
+    mutates_args=(),
+    tags=_TAGS,
     schema="(Tensor value, SymInt[] spatial_shapes, Tensor? level_start_index, "
-           "Tensor sampling_locations, Tensor attention_weights) -> Tensor")
-def _msda(value, spatial_shapes, level_start_index, sampling_locations,
-          attention_weights) -> Tensor:
-    return _result(cupydcn.multi_scale_deformable_attn(
-        value, _rows(spatial_shapes), level_start_index, sampling_locations,
-        attention_weights))
+    "Tensor sampling_locations, Tensor attention_weights) -> Tensor",
+)
+def _msda(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+) -> Tensor:
+    return _result(
+        cupydcn.multi_scale_deformable_attn(
+            value, _rows(spatial_shapes), level_start_index, sampling_locations, attention_weights
+        )
+    )
 
 
 @_msda.register_fake
@@ -123,20 +137,30 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 
 
 @torch.library.custom_op(
-    f"{NAMESPACE}::multi_scale_deformable_attn_backward", mutates_args=(), tags=_TAGS,
+    f"{NAMESPACE}::multi_scale_deformable_attn_backward",
+    mutates_args=(),
+    tags=_TAGS,
     schema="(Tensor grad_output, Tensor value, SymInt[] spatial_shapes, "
-           "Tensor sampling_locations, Tensor attention_weights, bool[] output_mask) "
-           "-> Tensor[]")
-def _msda_backward(grad_output, value, spatial_shapes, sampling_locations, attention_weights,
-                   output_mask) -> list[Tensor]:
+    "Tensor sampling_locations, Tensor attention_weights, bool[] output_mask) "
+    "-> Tensor[]",
+)
+def _msda_backward(
+    grad_output, value, spatial_shapes, sampling_locations, attention_weights, output_mask
+) -> list[Tensor]:
     """Requested gradients of multi_scale_deformable_attn, in the order (value,
     sampling_locations, attention_weights) filtered by ``output_mask``."""
     wrt = [name for name, wanted in zip(MSDA_GRADIENT_NAMES, output_mask) if wanted]
     if not wrt:
         return []
     grads = cupydcn.multi_scale_deformable_attn_backward(
-        grad_output, value, _rows(spatial_shapes), None, sampling_locations,
-        attention_weights, wrt=wrt)
+        grad_output,
+        value,
+        _rows(spatial_shapes),
+        None,
+        sampling_locations,
+        attention_weights,
+        wrt=wrt,
+    )
     return [_result(g) for g in grads if g is not None]
 
 
@@ -157,8 +181,15 @@ def _msda_autograd(ctx, grad_output):
     output_mask = [need[0], need[3], need[4]]
     grad_value, grad_locations, grad_weights = _pick(
         torch.ops.cupydcn.multi_scale_deformable_attn_backward(
-            grad_output, value, ctx.spatial_shapes, sampling_locations, attention_weights,
-            output_mask), output_mask)
+            grad_output,
+            value,
+            ctx.spatial_shapes,
+            sampling_locations,
+            attention_weights,
+            output_mask,
+        ),
+        output_mask,
+    )
     return grad_value, None, None, grad_locations, grad_weights
 
 
@@ -185,9 +216,17 @@ def multi_scale_deformable_attn(
     """
     op = _MSDA_OP
     starts = level_start_index
-    _check_tensors(op, {"value": value, "sampling_locations": sampling_locations,
-                        "attention_weights": attention_weights},
-                   "value", "sampling_locations", "attention_weights")
+    _check_tensors(
+        op,
+        {
+            "value": value,
+            "sampling_locations": sampling_locations,
+            "attention_weights": attention_weights,
+        },
+        "value",
+        "sampling_locations",
+        "attention_weights",
+    )
     shapes = level_shapes(op, spatial_shapes)
     if starts is not None and not isinstance(starts, Tensor):
         # a host sequence / NumPy array: checked now (it carries no other information)
@@ -196,19 +235,24 @@ def multi_scale_deformable_attn(
         else:
             starts = host_ints(op, "level_start_index", starts, 1)
         if len(starts) != len(shapes):
-            raise value_error(op, f"level_start_index has {len(starts)} entries; expected "
-                                  f"one per level of spatial_shapes ({len(shapes)})")
+            raise value_error(
+                op,
+                f"level_start_index has {len(starts)} entries; expected "
+                f"one per level of spatial_shapes ({len(shapes)})",
+            )
         plain = all(type(v) is int for v in (*_flat(shapes), *starts))
         if value.dim() == 4 and plain and not _symbolic(value.shape[1]):
             check_level_values(op, shapes, starts, value.shape[1])
         starts = None
     return torch.ops.cupydcn.multi_scale_deformable_attn(
-        value, _flat(shapes), starts, sampling_locations, attention_weights)
+        value, _flat(shapes), starts, sampling_locations, attention_weights
+    )
 
 
 # ============================================================================ DCNv3 / DCNv4
-def _requested(function, names: Sequence[str], arrays: tuple, options: _OptionArgs,
-               values: tuple) -> list[Tensor]:
+def _requested(
+    function, names: Sequence[str], arrays: tuple, options: _OptionArgs, values: tuple
+) -> list[Tensor]:
     """A dcnv3 / dcnv4 backward op's implementation: ``function`` (cupydcn's explicit
     backward) for the gradients of ``names`` that ``output_mask`` (the last of
     ``values``, after the options) asks for."""
@@ -232,21 +276,34 @@ def _dcn_fake_output(op: str, input: Tensor, options: Dcnv3Options) -> Tensor:
     return input.new_empty((n, out_h, out_w, channels))
 
 
-def dcn_options(op: str, *, kernel_size, stride, padding, dilation, group, group_channels,
-                offset_scale, remove_center) -> dict:
+def dcn_options(
+    op: str,
+    *,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+) -> dict:
     """The checked options of dcnv3 / dcnv4 (also the layers' constructor checks); what
     torch.compile traces symbolically is passed on for the op to check."""
     if not isinstance(remove_center, (bool, np.bool_)) and not (
-            is_int(remove_center) and operator.index(remove_center) in (0, 1)):
+        is_int(remove_center) and operator.index(remove_center) in (0, 1)
+    ):
         raise type_error(op, f"remove_center must be a bool; got {remove_center!r}")
-    return {"kernel_size": _pair(op, "kernel_size", kernel_size, minimum=1),
-            "stride": _pair(op, "stride", stride, minimum=1),
-            "padding": _pair(op, "padding", padding, minimum=0),
-            "dilation": _pair(op, "dilation", dilation, minimum=1),
-            "group": _int(op, "group", group),
-            "group_channels": _int(op, "group_channels", group_channels),
-            "offset_scale": _real(op, "offset_scale", offset_scale),
-            "remove_center": bool(remove_center)}
+    return {
+        "kernel_size": _pair(op, "kernel_size", kernel_size, minimum=1),
+        "stride": _pair(op, "stride", stride, minimum=1),
+        "padding": _pair(op, "padding", padding, minimum=0),
+        "dilation": _pair(op, "dilation", dilation, minimum=1),
+        "group": _int(op, "group", group),
+        "group_channels": _int(op, "group_channels", group_channels),
+        "offset_scale": _real(op, "offset_scale", offset_scale),
+        "remove_center": bool(remove_center),
+    }
 
 
 @_custom_op("dcnv3", "Tensor input, Tensor offset, Tensor mask", _DCNV3, "Tensor")
@@ -259,13 +316,23 @@ def _(input, offset, mask, *options):
     return _dcn_fake_output("dcnv3", input, _DCNV3.of(options))
 
 
-@_custom_op("dcnv3_backward", "Tensor grad_output, Tensor input, Tensor offset, Tensor mask",
-            _DCNV3, "Tensor[]", backward=True)
+@_custom_op(
+    "dcnv3_backward",
+    "Tensor grad_output, Tensor input, Tensor offset, Tensor mask",
+    _DCNV3,
+    "Tensor[]",
+    backward=True,
+)
 def _dcnv3_backward(grad_output, input, offset, mask, *options_and_mask) -> list[Tensor]:
     """Requested gradients of dcnv3, in the order (input, offset, mask) filtered by
     ``output_mask``."""
-    return _requested(cupydcn.dcnv3_backward, DCNV3_GRADIENT_NAMES,
-                      (grad_output, input, offset, mask), _DCNV3, options_and_mask)
+    return _requested(
+        cupydcn.dcnv3_backward,
+        DCNV3_GRADIENT_NAMES,
+        (grad_output, input, offset, mask),
+        _DCNV3,
+        options_and_mask,
+    )
 
 
 @_dcnv3_backward.register_fake
@@ -283,8 +350,12 @@ def _dcnv3_autograd(ctx, grad_output):
     input, offset, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2]]
-    grads = _pick(torch.ops.cupydcn.dcnv3_backward(
-        grad_output, input, offset, mask, *ctx.options, output_mask), output_mask)
+    grads = _pick(
+        torch.ops.cupydcn.dcnv3_backward(
+            grad_output, input, offset, mask, *ctx.options, output_mask
+        ),
+        output_mask,
+    )
     return (*grads, *(None,) * len(ctx.options))
 
 
@@ -311,11 +382,18 @@ def dcnv3(
     (no softmax inside); returns [N, H_out, W_out, G * Cg]. Gradients flow to input, offset
     and mask. Calls the custom op ``cupydcn::dcnv3``."""
     op = "dcnv3"
-    _check_tensors(op, {"input": input, "offset": offset, "mask": mask},
-                   "input", "offset", "mask")
-    checked = dcn_options(op, kernel_size=kernel_size, stride=stride, padding=padding,
-                          dilation=dilation, group=group, group_channels=group_channels,
-                          offset_scale=offset_scale, remove_center=remove_center)
+    _check_tensors(op, {"input": input, "offset": offset, "mask": mask}, "input", "offset", "mask")
+    checked = dcn_options(
+        op,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        group=group,
+        group_channels=group_channels,
+        offset_scale=offset_scale,
+        remove_center=remove_center,
+    )
     return torch.ops.cupydcn.dcnv3(input, offset, mask, *_DCNV3.values(locals(), **checked))
 
 
@@ -329,13 +407,23 @@ def _(input, offset_mask, *options):
     return _dcn_fake_output("dcnv4", input, _DCNV4.of(options))
 
 
-@_custom_op("dcnv4_backward", "Tensor grad_output, Tensor input, Tensor offset_mask", _DCNV4,
-            "Tensor[]", backward=True)
+@_custom_op(
+    "dcnv4_backward",
+    "Tensor grad_output, Tensor input, Tensor offset_mask",
+    _DCNV4,
+    "Tensor[]",
+    backward=True,
+)
 def _dcnv4_backward(grad_output, input, offset_mask, *options_and_mask) -> list[Tensor]:
     """Requested gradients of dcnv4, in the order (input, offset_mask) filtered by
     ``output_mask``."""
-    return _requested(cupydcn.dcnv4_backward, DCNV4_GRADIENT_NAMES,
-                      (grad_output, input, offset_mask), _DCNV4, options_and_mask)
+    return _requested(
+        cupydcn.dcnv4_backward,
+        DCNV4_GRADIENT_NAMES,
+        (grad_output, input, offset_mask),
+        _DCNV4,
+        options_and_mask,
+    )
 
 
 @_dcnv4_backward.register_fake
@@ -353,8 +441,12 @@ def _dcnv4_autograd(ctx, grad_output):
     input, offset_mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1]]
-    grads = _pick(torch.ops.cupydcn.dcnv4_backward(
-        grad_output, input, offset_mask, *ctx.options, output_mask), output_mask)
+    grads = _pick(
+        torch.ops.cupydcn.dcnv4_backward(
+            grad_output, input, offset_mask, *ctx.options, output_mask
+        ),
+        output_mask,
+    )
     return (*grads, *(None,) * len(ctx.options))
 
 
@@ -381,9 +473,17 @@ def dcnv4(
     input and offset_mask. Calls the custom op ``cupydcn::dcnv4``."""
     op = "dcnv4"
     _check_tensors(op, {"input": input, "offset_mask": offset_mask}, "input", "offset_mask")
-    checked = dcn_options(op, kernel_size=kernel_size, stride=stride, padding=padding,
-                          dilation=dilation, group=group, group_channels=group_channels,
-                          offset_scale=offset_scale, remove_center=remove_center)
+    checked = dcn_options(
+        op,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        group=group,
+        group_channels=group_channels,
+        offset_scale=offset_scale,
+        remove_center=remove_center,
+    )
     return torch.ops.cupydcn.dcnv4(input, offset_mask, *_DCNV4.values(locals(), **checked))
 
 
@@ -402,5 +502,6 @@ _autocast_library = torch.library.Library(NAMESPACE, "FRAGMENT")
 for _name, _positions in _AUTOCAST_TENSOR_ARGS.items():
     for _device_type in _AUTOCAST_DEVICE_TYPES:
         _key, _kernel = _autocast_kernel(
-            getattr(torch.ops.cupydcn, _name).default, _device_type, _positions)
+            getattr(torch.ops.cupydcn, _name).default, _device_type, _positions
+        )
         _autocast_library.impl(_name, _kernel, _key, with_keyset=True)

@@ -57,19 +57,32 @@ class MultiScaleDeformableAttention(nn.Module):
     ignored, as mmcv does.
     """
 
-    def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_levels: int = 4,
-                 num_points: int = 4, im2col_step: int = 64, dropout: float = 0.1,
-                 batch_first: bool = False, norm_cfg=None, init_cfg=None,
-                 value_proj_ratio: float = 1.0):
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        im2col_step: int = 64,
+        dropout: float = 0.1,
+        batch_first: bool = False,
+        norm_cfg=None,
+        init_cfg=None,
+        value_proj_ratio: float = 1.0,
+    ):
         super().__init__()
         name = "cupydcn.torch.MultiScaleDeformableAttention"
         if embed_dims % num_heads != 0:
-            raise value_error(name, f"embed_dims must be divisible by num_heads; got "
-                                    f"{embed_dims} and {num_heads}")
+            raise value_error(
+                name, f"embed_dims must be divisible by num_heads; got {embed_dims} and {num_heads}"
+            )
         value_proj_size = int(embed_dims * value_proj_ratio)
         if value_proj_size % num_heads != 0:
-            raise value_error(name, f"int(embed_dims * value_proj_ratio) = {value_proj_size} "
-                                    f"must be divisible by num_heads = {num_heads}")
+            raise value_error(
+                name,
+                f"int(embed_dims * value_proj_ratio) = {value_proj_size} "
+                f"must be divisible by num_heads = {num_heads}",
+            )
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.num_levels = num_levels
@@ -91,13 +104,16 @@ class MultiScaleDeformableAttention(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         nn.init.zeros_(self.sampling_offsets.weight)
         device = self.sampling_offsets.weight.device
-        thetas = torch.arange(heads, dtype=torch.float32, device=device) * (
-            2.0 * math.pi / heads)
+        thetas = torch.arange(heads, dtype=torch.float32, device=device) * (2.0 * math.pi / heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(heads, 1, 1, 2).repeat(
-            1, levels, points, 1)
-        grid = grid * torch.arange(1, points + 1, dtype=torch.float32,
-                                   device=device).view(1, 1, points, 1)
+        grid = (
+            (grid / grid.abs().max(-1, keepdim=True)[0])
+            .view(heads, 1, 1, 2)
+            .repeat(1, levels, points, 1)
+        )
+        grid = grid * torch.arange(1, points + 1, dtype=torch.float32, device=device).view(
+            1, 1, points, 1
+        )
         self.sampling_offsets.bias.copy_(grid.view(-1))
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
@@ -105,11 +121,19 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, query: Tensor, key: Tensor | None = None,
-                value: Tensor | None = None, identity: Tensor | None = None,
-                query_pos: Tensor | None = None, key_padding_mask: Tensor | None = None,
-                reference_points: Tensor | None = None, spatial_shapes=None,
-                level_start_index=None, **kwargs) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        identity: Tensor | None = None,
+        query_pos: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        spatial_shapes=None,
+        level_start_index=None,
+        **kwargs,
+    ) -> Tensor:
         name = "cupydcn.torch.MultiScaleDeformableAttention"
         if identity is None and "residual" in kwargs:  # mmcv 1.x's name of identity
             identity = kwargs["residual"]
@@ -127,39 +151,55 @@ class MultiScaleDeformableAttention(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         shapes = level_shapes("MultiScaleDeformableAttention", spatial_shapes)
         if len(shapes) != levels:
-            raise value_error(name, f"spatial_shapes has {len(shapes)} levels; the layer has "
-                                    f"num_levels = {levels}")
+            raise value_error(
+                name,
+                f"spatial_shapes has {len(shapes)} levels; the layer has num_levels = {levels}",
+            )
         if reference_points is None:
-            raise value_error(name, "reference_points is required ([N, Lq, L, 2] or "
-                                    "[N, Lq, L, 4])")
+            raise value_error(name, "reference_points is required ([N, Lq, L, 2] or [N, Lq, L, 4])")
 
         value = self.value_proj(value)
         if key_padding_mask is not None:
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(batch, num_value, heads, -1)
         sampling_offsets = self.sampling_offsets(query).view(
-            batch, num_query, heads, levels, points, 2)
-        attention_weights = self.attention_weights(query).view(
-            batch, num_query, heads, levels * points).softmax(-1).view(
-            batch, num_query, heads, levels, points)
+            batch, num_query, heads, levels, points, 2
+        )
+        attention_weights = (
+            self.attention_weights(query)
+            .view(batch, num_query, heads, levels * points)
+            .softmax(-1)
+            .view(batch, num_query, heads, levels, points)
+        )
         if reference_points.shape[-1] == 2:
             if isinstance(spatial_shapes, Tensor):
                 normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
             else:
-                normalizer = torch.tensor([[w, h] for h, w in shapes],
-                                          device=sampling_offsets.device)
-            sampling_locations = (reference_points[:, :, None, :, None, :]
-                                  + sampling_offsets / normalizer[None, None, None, :, None, :])
+                normalizer = torch.tensor(
+                    [[w, h] for h, w in shapes], device=sampling_offsets.device
+                )
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / normalizer[None, None, None, :, None, :]
+            )
         elif reference_points.shape[-1] == 4:
-            sampling_locations = (reference_points[:, :, None, :, None, :2]
-                                  + sampling_offsets / points
-                                  * reference_points[:, :, None, :, None, 2:] * 0.5)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
         else:
-            raise value_error(name, f"the last dimension of reference_points must be 2 or 4; "
-                                    f"got shape {tuple(reference_points.shape)}")
+            raise value_error(
+                name,
+                f"the last dimension of reference_points must be 2 or 4; "
+                f"got shape {tuple(reference_points.shape)}",
+            )
         output = multi_scale_deformable_attn(
-            value, shapes, level_start_index, sampling_locations.to(value.dtype),
-            attention_weights.to(value.dtype))
+            value,
+            shapes,
+            level_start_index,
+            sampling_locations.to(value.dtype),
+            attention_weights.to(value.dtype),
+        )
         output = self.output_proj(output)
         if not self.batch_first:
             output = output.permute(1, 0, 2)
@@ -184,21 +224,25 @@ def _norm_layer(channels: int, norm_layer: str) -> nn.Sequential:
         return nn.Sequential(nn.BatchNorm2d(channels), _ToChannelsLast())
     if norm_layer == "LN":
         return nn.Sequential(_ToChannelsLast(), nn.LayerNorm(channels, eps=1e-6))
-    raise value_error("cupydcn.torch.DCNv3", f"norm_layer must be 'BN' or 'LN'; got "
-                                             f"{norm_layer!r}")
+    raise value_error("cupydcn.torch.DCNv3", f"norm_layer must be 'BN' or 'LN'; got {norm_layer!r}")
 
 
 def _act_layer(act_layer: str) -> nn.Module:
-    layers = {"ReLU": lambda: nn.ReLU(inplace=True), "SiLU": lambda: nn.SiLU(inplace=True),
-              "GELU": nn.GELU}
+    layers = {
+        "ReLU": lambda: nn.ReLU(inplace=True),
+        "SiLU": lambda: nn.SiLU(inplace=True),
+        "GELU": nn.GELU,
+    }
     if act_layer not in layers:
-        raise value_error("cupydcn.torch.DCNv3", f"act_layer must be one of {sorted(layers)}; "
-                                                 f"got {act_layer!r}")
+        raise value_error(
+            "cupydcn.torch.DCNv3", f"act_layer must be one of {sorted(layers)}; got {act_layer!r}"
+        )
     return layers[act_layer]()
 
 
-def _blend(x: Tensor, x_proj: Tensor, features: Tensor, weight: Tensor, bias: Tensor,
-           group_channels: int) -> Tensor:
+def _blend(
+    x: Tensor, x_proj: Tensor, features: Tensor, weight: Tensor, bias: Tensor, group_channels: int
+) -> Tensor:
     """InternImage's / DCNv4's center_feature_scale: ``x (1 - s) + x_proj s`` with
     ``s = sigmoid(linear(features, weight, bias))`` per group, repeated over the group's
     channels."""
@@ -231,21 +275,42 @@ class DCNv3(nn.Module):
     output size equal to the input size (stride 1, ``pad = dilation * (k - 1) // 2``).
     """
 
-    def __init__(self, channels: int = 64, kernel_size: int = 3,
-                 dw_kernel_size: int | None = None, stride: int = 1, pad: int = 1,
-                 dilation: int = 1, group: int = 4, offset_scale: float = 1.0,
-                 act_layer: str = "GELU", norm_layer: str = "LN",
-                 center_feature_scale: bool = False, remove_center: bool = False):
+    def __init__(
+        self,
+        channels: int = 64,
+        kernel_size: int = 3,
+        dw_kernel_size: int | None = None,
+        stride: int = 1,
+        pad: int = 1,
+        dilation: int = 1,
+        group: int = 4,
+        offset_scale: float = 1.0,
+        act_layer: str = "GELU",
+        norm_layer: str = "LN",
+        center_feature_scale: bool = False,
+        remove_center: bool = False,
+    ):
         super().__init__()
         if channels % group != 0:
-            raise value_error("cupydcn.torch.DCNv3", f"channels must be divisible by group; "
-                                                     f"got {channels} and {group}")
+            raise value_error(
+                "cupydcn.torch.DCNv3",
+                f"channels must be divisible by group; got {channels} and {group}",
+            )
         if remove_center and kernel_size % 2 == 0:
-            raise value_error("cupydcn.torch.DCNv3", f"remove_center needs an odd "
-                                                     f"kernel_size; got {kernel_size}")
-        dcn_options("DCNv3", kernel_size=kernel_size, stride=stride, padding=pad,
-                    dilation=dilation, group=group, group_channels=channels // group,
-                    offset_scale=offset_scale, remove_center=remove_center)
+            raise value_error(
+                "cupydcn.torch.DCNv3", f"remove_center needs an odd kernel_size; got {kernel_size}"
+            )
+        dcn_options(
+            "DCNv3",
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=pad,
+            dilation=dilation,
+            group=group,
+            group_channels=channels // group,
+            offset_scale=offset_scale,
+            remove_center=remove_center,
+        )
         dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
         self.offset_scale = offset_scale
         self.channels = channels
@@ -261,10 +326,17 @@ class DCNv3(nn.Module):
         points = kernel_size * kernel_size - self.remove_center
 
         self.dw_conv = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1,
-                      padding=(dw_kernel_size - 1) // 2, groups=channels),
+            nn.Conv2d(
+                channels,
+                channels,
+                kernel_size=dw_kernel_size,
+                stride=1,
+                padding=(dw_kernel_size - 1) // 2,
+                groups=channels,
+            ),
             _norm_layer(channels, norm_layer),
-            _act_layer(act_layer))
+            _act_layer(act_layer),
+        )
         self.offset = nn.Linear(channels, group * points * 2)
         self.mask = nn.Linear(channels, group * points)
         self.input_proj = nn.Linear(channels, channels)
@@ -272,9 +344,11 @@ class DCNv3(nn.Module):
         self._reset_parameters()
         if center_feature_scale:
             self.center_feature_scale_proj_weight = nn.Parameter(
-                torch.zeros((group, channels), dtype=torch.float))
+                torch.zeros((group, channels), dtype=torch.float)
+            )
             self.center_feature_scale_proj_bias = nn.Parameter(
-                torch.zeros((group,), dtype=torch.float))
+                torch.zeros((group,), dtype=torch.float)
+            )
 
     @torch.no_grad()
     def _reset_parameters(self) -> None:
@@ -293,13 +367,28 @@ class DCNv3(nn.Module):
         offset = self.offset(features)
         mask = self.mask(features).reshape(n, h, w, self.group, -1)
         mask = F.softmax(mask, -1).reshape(n, h, w, -1).type(x.dtype)
-        x = dcnv3(x, offset.to(x.dtype), mask, kernel_size=self.kernel_size,
-                  stride=self.stride, padding=self.pad, dilation=self.dilation,
-                  group=self.group, group_channels=self.group_channels,
-                  offset_scale=self.offset_scale, remove_center=bool(self.remove_center))
+        x = dcnv3(
+            x,
+            offset.to(x.dtype),
+            mask,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.pad,
+            dilation=self.dilation,
+            group=self.group,
+            group_channels=self.group_channels,
+            offset_scale=self.offset_scale,
+            remove_center=bool(self.remove_center),
+        )
         if self.center_feature_scale:
-            x = _blend(x, x_proj, features, self.center_feature_scale_proj_weight,
-                       self.center_feature_scale_proj_bias, self.group_channels)
+            x = _blend(
+                x,
+                x_proj,
+                features,
+                self.center_feature_scale_proj_weight,
+                self.center_feature_scale_proj_bias,
+                self.group_channels,
+            )
         return self.output_proj(x)
 
 
@@ -329,21 +418,43 @@ class DCNv4(nn.Module):
     multiple of 16).
     """
 
-    def __init__(self, channels: int = 64, kernel_size: int = 3, stride: int = 1,
-                 pad: int = 1, dilation: int = 1, group: int = 4, offset_scale: float = 1.0,
-                 dw_kernel_size: int | None = None, center_feature_scale: bool = False,
-                 remove_center: bool = False, output_bias: bool = True,
-                 without_pointwise: bool = False, **kwargs):
+    def __init__(
+        self,
+        channels: int = 64,
+        kernel_size: int = 3,
+        stride: int = 1,
+        pad: int = 1,
+        dilation: int = 1,
+        group: int = 4,
+        offset_scale: float = 1.0,
+        dw_kernel_size: int | None = None,
+        center_feature_scale: bool = False,
+        remove_center: bool = False,
+        output_bias: bool = True,
+        without_pointwise: bool = False,
+        **kwargs,
+    ):
         super().__init__()
         if channels % group != 0:
-            raise value_error("cupydcn.torch.DCNv4", f"channels must be divisible by group; "
-                                                     f"got {channels} and {group}")
+            raise value_error(
+                "cupydcn.torch.DCNv4",
+                f"channels must be divisible by group; got {channels} and {group}",
+            )
         if remove_center and kernel_size % 2 == 0:
-            raise value_error("cupydcn.torch.DCNv4", f"remove_center needs an odd "
-                                                     f"kernel_size; got {kernel_size}")
-        dcn_options("DCNv4", kernel_size=kernel_size, stride=stride, padding=pad,
-                    dilation=dilation, group=group, group_channels=channels // group,
-                    offset_scale=offset_scale, remove_center=remove_center)
+            raise value_error(
+                "cupydcn.torch.DCNv4", f"remove_center needs an odd kernel_size; got {kernel_size}"
+            )
+        dcn_options(
+            "DCNv4",
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=pad,
+            dilation=dilation,
+            group=group,
+            group_channels=channels // group,
+            offset_scale=offset_scale,
+            remove_center=remove_center,
+        )
         self.offset_scale = offset_scale
         self.channels = channels
         self.kernel_size = kernel_size
@@ -358,9 +469,14 @@ class DCNv4(nn.Module):
         self.without_pointwise = without_pointwise
         self.K = group * (kernel_size * kernel_size - self.remove_center)
         if dw_kernel_size is not None:
-            self.offset_mask_dw = nn.Conv2d(channels, channels, dw_kernel_size, stride=1,
-                                            padding=(dw_kernel_size - 1) // 2,
-                                            groups=channels)
+            self.offset_mask_dw = nn.Conv2d(
+                channels,
+                channels,
+                dw_kernel_size,
+                stride=1,
+                padding=(dw_kernel_size - 1) // 2,
+                groups=channels,
+            )
         self.offset_mask = nn.Linear(channels, int(math.ceil((self.K * 3) / 8) * 8))
         if not without_pointwise:
             self.value_proj = nn.Linear(channels, channels)
@@ -368,9 +484,11 @@ class DCNv4(nn.Module):
         self._reset_parameters()
         if center_feature_scale:
             self.center_feature_scale_proj_weight = nn.Parameter(
-                torch.zeros((group, channels), dtype=torch.float))
+                torch.zeros((group, channels), dtype=torch.float)
+            )
             self.center_feature_scale_proj_bias = nn.Parameter(
-                torch.zeros((group,), dtype=torch.float))
+                torch.zeros((group,), dtype=torch.float)
+            )
 
     @torch.no_grad()
     def _reset_parameters(self) -> None:
@@ -388,7 +506,7 @@ class DCNv4(nn.Module):
         if shape is not None:
             h, w = shape
         else:
-            h = w = int(length ** 0.5)
+            h = w = int(length**0.5)
         x = input
         if not self.without_pointwise:
             x = self.value_proj(x)
@@ -400,13 +518,27 @@ class DCNv4(nn.Module):
             features = input
         offset_mask = self.offset_mask(features).reshape(n, h, w, -1)
         x_proj = x
-        x = dcnv4(x, offset_mask.to(x.dtype), kernel_size=self.kernel_size, stride=self.stride,
-                  padding=self.pad, dilation=self.dilation, group=self.group,
-                  group_channels=self.group_channels, offset_scale=self.offset_scale,
-                  remove_center=bool(self.remove_center))
+        x = dcnv4(
+            x,
+            offset_mask.to(x.dtype),
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.pad,
+            dilation=self.dilation,
+            group=self.group,
+            group_channels=self.group_channels,
+            offset_scale=self.offset_scale,
+            remove_center=bool(self.remove_center),
+        )
         if self.center_feature_scale:
-            x = _blend(x, x_proj, x, self.center_feature_scale_proj_weight,
-                       self.center_feature_scale_proj_bias, self.group_channels)
+            x = _blend(
+                x,
+                x_proj,
+                x,
+                self.center_feature_scale_proj_weight,
+                self.center_feature_scale_proj_bias,
+                self.group_channels,
+            )
         x = x.reshape(n, length, -1)
         if not self.without_pointwise:
             x = self.output_proj(x)

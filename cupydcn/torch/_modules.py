@@ -22,7 +22,6 @@ forward. The RoI layers take rois [K, 5] or torchvision's list of [L, 4] boxes p
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +54,9 @@ __all__ = [
 def _divides(layer: str, groups_name: str, groups: int, **channels: int) -> None:
     for name, count in channels.items():
         if count % groups != 0:
-            raise value_error(layer, f"{name} ({count}) must be divisible by {groups_name} "
-                                     f"({groups})")
+            raise value_error(
+                layer, f"{name} ({count}) must be divisible by {groups_name} ({groups})"
+            )
 
 
 class DeformConv2d(nn.Module):
@@ -100,10 +100,14 @@ class DeformConv2d(nn.Module):
         self.kernel_size = int_pair(layer, "kernel_size", kernel_size, minimum=1)
         pairs = conv_pairs(layer, stride=stride, padding=padding, dilation=dilation)
         self.stride, self.padding, self.dilation = (
-            pairs["stride"], pairs["padding"], pairs["dilation"])
+            pairs["stride"],
+            pairs["padding"],
+            pairs["dilation"],
+        )
         self.groups = groups
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels))
         else:
@@ -117,14 +121,24 @@ class DeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, mask=mask,
-                             padding_mode=self.padding_mode)
+    def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+            padding_mode=self.padding_mode,
+        )
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
@@ -166,14 +180,33 @@ class DeformConv2dPack(DeformConv2d):
     ) -> None:
         layer = type(self).__name__
         deform_groups = check_positive(layer, "deform_groups", deform_groups)
-        _divides(layer, "deform_groups", deform_groups,
-                 in_channels=check_positive(layer, "in_channels", in_channels))
+        _divides(
+            layer,
+            "deform_groups",
+            deform_groups,
+            in_channels=check_positive(layer, "in_channels", in_channels),
+        )
         self.deform_groups = deform_groups
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode=padding_mode)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode=padding_mode,
+        )
         self.conv_offset = nn.Conv2d(
-            in_channels, self._offset_channels(), kernel_size=self.kernel_size,
-            stride=self.stride, padding=self.padding, dilation=self.dilation, bias=True)
+            in_channels,
+            self._offset_channels(),
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
         self.init_offset()
 
     def _offset_channels(self) -> int:
@@ -192,9 +225,16 @@ class DeformConv2dPack(DeformConv2d):
 
     def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
         offset = self.conv_offset(input)
-        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation,
-                             padding_mode=self.padding_mode)
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", deform_groups={self.deform_groups}"
@@ -225,8 +265,18 @@ class ModulatedDeformConv2dPack(DeformConv2dPack):
         *,
         padding_mode: str = "zeros",
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, deform_groups, bias, padding_mode=padding_mode)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            deform_groups,
+            bias,
+            padding_mode=padding_mode,
+        )
 
     def _offset_channels(self) -> int:
         return self.deform_groups * 3 * self.kernel_size[0] * self.kernel_size[1]
@@ -243,9 +293,17 @@ class ModulatedDeformConv2dPack(DeformConv2dPack):
         out = self.conv_offset(input)
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
-        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation,
-                             mask=torch.sigmoid(mask), padding_mode=self.padding_mode)
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=torch.sigmoid(mask),
+            padding_mode=self.padding_mode,
+        )
 
 
 class DeformRoIPool(nn.Module):
@@ -255,25 +313,39 @@ class DeformRoIPool(nn.Module):
     [K, 2, ph, pw] (x, y; in units of ``gamma`` times the RoI size), mask [K, 1, ph, pw].
     Returns [K, C, ph, pw]."""
 
-    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1) -> None:
+    def __init__(
+        self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1
+    ) -> None:
         super().__init__()
-        options = roi_pool_options(type(self).__name__, output_size=output_size,
-                                   spatial_scale=spatial_scale,
-                                   sampling_ratio=sampling_ratio, gamma=gamma)
+        options = roi_pool_options(
+            type(self).__name__,
+            output_size=output_size,
+            spatial_scale=spatial_scale,
+            sampling_ratio=sampling_ratio,
+            gamma=gamma,
+        )
         self.output_size = options["output_size"]
         self.spatial_scale = options["spatial_scale"]
         self.sampling_ratio = options["sampling_ratio"]
         self.gamma = options["gamma"]
 
-    def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None,
-              mask: Optional[Tensor] = None) -> Tensor:
-        return deform_roi_pool(input, rois, offset, mask, output_size=self.output_size,
-                               spatial_scale=self.spatial_scale,
-                               sampling_ratio=self.sampling_ratio, gamma=self.gamma)
+    def _pool(
+        self, input: Tensor, rois: Tensor, offset: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        return deform_roi_pool(
+            input,
+            rois,
+            offset,
+            mask,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            gamma=self.gamma,
+        )
 
-    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, input: Tensor, rois: Tensor, offset: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         return self._pool(input, rois, offset, mask)
 
     def _rois(self, rois) -> Tensor:
@@ -281,8 +353,10 @@ class DeformRoIPool(nn.Module):
         return rois_tensor(type(self).__name__, rois)
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}")
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+        )
 
 
 def _fc_stack(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
@@ -303,14 +377,19 @@ class DeformRoIPoolPack(DeformRoIPool):
     ``output_channels`` is the number of input channels C.
     """
 
-    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
-                 spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1) -> None:
+    def __init__(
+        self,
+        output_size,
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
         layer = type(self).__name__
         self.output_channels = check_positive(layer, "output_channels", output_channels)
-        self.deform_fc_channels = check_positive(layer, "deform_fc_channels",
-                                                 deform_fc_channels)
+        self.deform_fc_channels = check_positive(layer, "deform_fc_channels", deform_fc_channels)
         bins = self.output_size[0] * self.output_size[1]
         self.offset_fc = _fc_stack(bins * output_channels, deform_fc_channels, bins * 2, 3)
         nn.init.zeros_(self.offset_fc[-1].weight)
@@ -318,9 +397,12 @@ class DeformRoIPoolPack(DeformRoIPool):
 
     def _check_channels(self, input: Tensor) -> None:
         if input.shape[1] != self.output_channels:
-            raise value_error(type(self).__name__, f"input has {input.shape[1]} channels; "
-                                                   f"expected output_channels = "
-                                                   f"{self.output_channels}")
+            raise value_error(
+                type(self).__name__,
+                f"input has {input.shape[1]} channels; "
+                f"expected output_channels = "
+                f"{self.output_channels}",
+            )
 
     def _offset(self, features: Tensor) -> Tensor:
         return self.offset_fc(features).view(-1, 2, *self.output_size)
@@ -332,8 +414,10 @@ class DeformRoIPoolPack(DeformRoIPool):
         return self._pool(input, rois, self._offset(features))
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", output_channels={self.output_channels}, "
-                f"deform_fc_channels={self.deform_fc_channels}")
+        return (
+            super().extra_repr() + f", output_channels={self.output_channels}, "
+            f"deform_fc_channels={self.deform_fc_channels}"
+        )
 
 
 class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
@@ -345,14 +429,22 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
     [K, 1, ph, pw] that multiplies each bin.
     """
 
-    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
-                 spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1) -> None:
-        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale,
-                         sampling_ratio, gamma)
+    def __init__(
+        self,
+        output_size,
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(
+            output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma
+        )
         bins = self.output_size[0] * self.output_size[1]
-        self.mask_fc = nn.Sequential(*_fc_stack(bins * output_channels, deform_fc_channels,
-                                                bins, 2), nn.Sigmoid())
+        self.mask_fc = nn.Sequential(
+            *_fc_stack(bins * output_channels, deform_fc_channels, bins, 2), nn.Sigmoid()
+        )
         nn.init.zeros_(self.mask_fc[2].weight)
         nn.init.zeros_(self.mask_fc[2].bias)
 
@@ -374,33 +466,54 @@ class DeformPSRoIPool(nn.Module):
     :func:`cupydcn.torch.deform_psroi_pool` are dropped).
     """
 
-    def __init__(self, output_dim: int, group_size: int, pooled_size: int,
-                 part_size: Optional[int] = None, sample_per_part: int = 4,
-                 spatial_scale: float = 1.0, trans_std: float = 0.1) -> None:
+    def __init__(
+        self,
+        output_dim: int,
+        group_size: int,
+        pooled_size: int,
+        part_size: int | None = None,
+        sample_per_part: int = 4,
+        spatial_scale: float = 1.0,
+        trans_std: float = 0.1,
+    ) -> None:
         super().__init__()
         options = psroi_pool_options(
-            type(self).__name__, output_dim=output_dim, group_size=group_size,
-            pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
-            spatial_scale=spatial_scale, trans_std=trans_std)
+            type(self).__name__,
+            output_dim=output_dim,
+            group_size=group_size,
+            pooled_size=pooled_size,
+            part_size=part_size,
+            sample_per_part=sample_per_part,
+            spatial_scale=spatial_scale,
+            trans_std=trans_std,
+        )
         self.output_dim = options["output_dim"]
         self.group_size = options["group_size"]
         self.pooled_size = options["pooled_size"]
-        self.part_size = (self.pooled_size if options["part_size"] is None
-                          else options["part_size"])
+        self.part_size = self.pooled_size if options["part_size"] is None else options["part_size"]
         self.sample_per_part = options["sample_per_part"]
         self.spatial_scale = options["spatial_scale"]
         self.trans_std = options["trans_std"]
 
-    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, rois: Tensor, offset: Tensor | None = None) -> Tensor:
         output, _count = deform_psroi_pool(
-            input, rois, offset, output_dim=self.output_dim, group_size=self.group_size,
-            pooled_size=self.pooled_size, part_size=self.part_size,
-            sample_per_part=self.sample_per_part, spatial_scale=self.spatial_scale,
-            trans_std=self.trans_std)
+            input,
+            rois,
+            offset,
+            output_dim=self.output_dim,
+            group_size=self.group_size,
+            pooled_size=self.pooled_size,
+            part_size=self.part_size,
+            sample_per_part=self.sample_per_part,
+            spatial_scale=self.spatial_scale,
+            trans_std=self.trans_std,
+        )
         return output
 
     def extra_repr(self) -> str:
-        return (f"output_dim={self.output_dim}, group_size={self.group_size}, "
-                f"pooled_size={self.pooled_size}, part_size={self.part_size}, "
-                f"sample_per_part={self.sample_per_part}, spatial_scale={self.spatial_scale}, "
-                f"trans_std={self.trans_std}")
+        return (
+            f"output_dim={self.output_dim}, group_size={self.group_size}, "
+            f"pooled_size={self.pooled_size}, part_size={self.part_size}, "
+            f"sample_per_part={self.sample_per_part}, spatial_scale={self.spatial_scale}, "
+            f"trans_std={self.trans_std}"
+        )

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,15 +60,20 @@ _TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if 
 
 # ============================================================================ options
 # The schema type of an option's annotation; ``X | None`` is ``X?``.
-_SCHEMA_TYPES: Mapping[Any, str] = {IntPair: "SymInt[]", int: "SymInt", float: "float",
-                                    str: "str", bool: "bool"}
+_SCHEMA_TYPES: Mapping[Any, str] = {
+    IntPair: "SymInt[]",
+    int: "SymInt",
+    float: "float",
+    str: "str",
+    bool: "bool",
+}
 
 
 def _schema_type(hint) -> str:
     members = typing.get_args(hint)
     if type(None) in members:
         present = tuple(m for m in members if m is not type(None))
-        return _schema_type(typing.Union[present]) + "?"
+        return _schema_type(typing.Union[present]) + "?"  # noqa: UP007 (built at run time)
     return _SCHEMA_TYPES[hint]
 
 
@@ -83,16 +89,20 @@ class _OptionArgs:
         types = options.field_types(tuning=False)
         self.names = tuple(types)
         self.schema = ", ".join(f"{_schema_type(t)} {name}" for name, t in types.items())
-        self.defaults = {f.name: f.default for f in dataclasses.fields(options)
-                         if f.default is not dataclasses.MISSING}
+        self.defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(options)
+            if f.default is not dataclasses.MISSING
+        }
 
     def values(self, arguments: Mapping[str, Any], **checked) -> tuple:
         """The op's positional option values from a public function's ``arguments`` (its
         ``locals()``), ``checked`` (normalised values) taking precedence; an option the
         function does not take has its default."""
         arguments = {**arguments, **checked}
-        return tuple(arguments[name] if name in arguments else self.defaults[name]
-                     for name in self.names)
+        return tuple(
+            arguments[name] if name in arguments else self.defaults[name] for name in self.names
+        )
 
     def kwargs(self, values: Sequence) -> dict[str, Any]:
         """The op's positional option values as keyword arguments of the functional API."""
@@ -108,14 +118,18 @@ _ROI = _OptionArgs(RoiPoolOptions)
 _PSROI = _OptionArgs(PSRoiPoolOptions)
 
 
-def _custom_op(name: str, tensors: str, options: _OptionArgs, returns: str, *,
-               backward: bool = False):
+def _custom_op(
+    name: str, tensors: str, options: _OptionArgs, returns: str, *, backward: bool = False
+):
     """``torch.library.custom_op("cupydcn::<name>")`` with the schema ``(<tensors>,
     <options>[, bool[] output_mask]) -> <returns>``."""
     mask = ", bool[] output_mask" if backward else ""
     return torch.library.custom_op(
-        f"{NAMESPACE}::{name}", mutates_args=(), tags=_TAGS,
-        schema=f"({tensors}, {options.schema}{mask}) -> {returns}")
+        f"{NAMESPACE}::{name}",
+        mutates_args=(),
+        tags=_TAGS,
+        schema=f"({tensors}, {options.schema}{mask}) -> {returns}",
+    )
 
 
 # ============================================================================ helpers
@@ -133,8 +147,13 @@ def _pick(grads: Sequence[Tensor], output_mask: Sequence[bool]) -> list:
     return [next(it) if wanted else None for wanted in output_mask]
 
 
-def _backward_impl(function: Callable[..., tuple], names: Sequence[str], arrays: tuple,
-                   options: _OptionArgs, values: tuple) -> list[Tensor]:
+def _backward_impl(
+    function: Callable[..., tuple],
+    names: Sequence[str],
+    arrays: tuple,
+    options: _OptionArgs,
+    values: tuple,
+) -> list[Tensor]:
     """A backward op's implementation: ``function`` (cupydcn's explicit backward) on the
     op's ``arrays``, for the gradients of ``names`` that the op's ``output_mask`` (the last
     of ``values``, after the options) asks for."""
@@ -145,23 +164,25 @@ def _backward_impl(function: Callable[..., tuple], names: Sequence[str], arrays:
     # torch.use_deterministic_algorithms(True) makes the CUDA backward deterministic
     # (no float atomics); otherwise cupydcn's own setting decides (cupydcn.set_deterministic).
     deterministic = True if torch.are_deterministic_algorithms_enabled() else None
-    grads = function(*arrays, wrt=wrt, deterministic=deterministic,
-                     **options.kwargs(option_values))
+    grads = function(*arrays, wrt=wrt, deterministic=deterministic, **options.kwargs(option_values))
     return [_result(g) for g in grads if g is not None]
 
 
-def _fake_grads(output_mask: Sequence[bool], like: Sequence[Optional[Tensor]]) -> list[Tensor]:
+def _fake_grads(output_mask: Sequence[bool], like: Sequence[Tensor | None]) -> list[Tensor]:
     """A backward op's fake result: a contiguous tensor like each requested gradient's
     argument."""
-    return [torch.empty_like(t, memory_format=torch.contiguous_format)
-            for wanted, t in zip(output_mask, like) if wanted]
+    return [
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for wanted, t in zip(output_mask, like)
+        if wanted
+    ]
 
 
 def _check_dims(op: str, **tensors) -> None:
     """Fake implementations: the ranks the shape formulas need (the real ops check all)."""
     for name, (tensor, ndim) in tensors.items():
-        torch._check(tensor.dim() == ndim,
-                     lambda: f"{op}: {name} must be {ndim}-D; got {tensor.dim()}-D")
+        message = f"{op}: {name} must be {ndim}-D; got {tensor.dim()}-D"
+        torch._check(tensor.dim() == ndim, lambda message=message: message)
 
 
 def _check_tensors(op: str, tensors: Mapping[str, object], *required: str) -> None:
@@ -171,8 +192,11 @@ def _check_tensors(op: str, tensors: Mapping[str, object], *required: str) -> No
         if isinstance(value, Tensor) or (value is None and name not in required):
             continue
         kind = "None" if value is None else _type_name(value)
-        hint = ("" if value is None else
-                f" (for arrays of other libraries: cupydcn.{op}, not differentiable)")
+        hint = (
+            ""
+            if value is None
+            else f" (for arrays of other libraries: cupydcn.{op}, not differentiable)"
+        )
         raise type_error(f"cupydcn.torch.{op}", f"{name} must be a torch.Tensor; got {kind}{hint}")
 
 
@@ -184,18 +208,28 @@ def rois_tensor(op: str, rois):
         return rois
     name = f"cupydcn.torch.{op}"
     if not rois:
-        raise value_error(name, "rois is an empty list; expected a [K, 5] tensor or one [L, 4] "
-                                "tensor of boxes per image")
+        raise value_error(
+            name,
+            "rois is an empty list; expected a [K, 5] tensor or one [L, 4] "
+            "tensor of boxes per image",
+        )
     for i, boxes in enumerate(rois):
         if not isinstance(boxes, Tensor):
-            raise type_error(name, f"rois[{i}] must be a torch.Tensor of boxes [L, 4]; got "
-                                   f"{_type_name(boxes)}")
+            raise type_error(
+                name, f"rois[{i}] must be a torch.Tensor of boxes [L, 4]; got {_type_name(boxes)}"
+            )
         if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise value_error(name, f"rois[{i}] has shape {tuple(boxes.shape)}; expected [L, 4] "
-                                    f"boxes (x1, y1, x2, y2) of image {i}")
+            raise value_error(
+                name,
+                f"rois[{i}] has shape {tuple(boxes.shape)}; expected [L, 4] "
+                f"boxes (x1, y1, x2, y2) of image {i}",
+            )
         if boxes.dtype != rois[0].dtype or boxes.device != rois[0].device:
-            raise type_error(name, f"rois[{i}] is a {boxes.dtype} tensor on {boxes.device} but "
-                                   f"rois[0] a {rois[0].dtype} tensor on {rois[0].device}")
+            raise type_error(
+                name,
+                f"rois[{i}] is a {boxes.dtype} tensor on {boxes.device} but "
+                f"rois[0] a {rois[0].dtype} tensor on {rois[0].device}",
+            )
     ids = torch.cat([torch.full_like(boxes[:, :1], i) for i, boxes in enumerate(rois)])
     return torch.cat([ids, torch.cat(list(rois))], dim=1)
 
@@ -243,32 +277,62 @@ def _real(op: str, name: str, value, **limits):
 def conv_pairs(op: str, *, stride, padding, dilation) -> dict[str, tuple]:
     """The checked (h, w) pairs of deform_conv2d's stride, padding and dilation (also the
     layers' constructor checks)."""
-    return {"stride": _pair(op, "stride", stride, minimum=1),
-            "padding": _pair(op, "padding", padding, minimum=0),
-            "dilation": _pair(op, "dilation", dilation, minimum=1)}
+    return {
+        "stride": _pair(op, "stride", stride, minimum=1),
+        "padding": _pair(op, "padding", padding, minimum=0),
+        "dilation": _pair(op, "dilation", dilation, minimum=1),
+    }
 
 
-def roi_pool_options(op: str, *, output_size, spatial_scale, sampling_ratio,
-                     gamma) -> dict[str, Any]:
+def roi_pool_options(
+    op: str, *, output_size, spatial_scale, sampling_ratio, gamma
+) -> dict[str, Any]:
     """The checked options of deform_roi_pool (also the RoI layers' constructor checks)."""
-    return {"output_size": _pair(op, "output_size", output_size, minimum=1),
-            "spatial_scale": _real(op, "spatial_scale", spatial_scale),
-            "sampling_ratio": _int(op, "sampling_ratio", sampling_ratio, minimum=0,
-                                   maximum=MAX_SAMPLING_RATIO),
-            "gamma": _real(op, "gamma", gamma)}
+    return {
+        "output_size": _pair(op, "output_size", output_size, minimum=1),
+        "spatial_scale": _real(op, "spatial_scale", spatial_scale),
+        "sampling_ratio": _int(
+            op, "sampling_ratio", sampling_ratio, minimum=0, maximum=MAX_SAMPLING_RATIO
+        ),
+        "gamma": _real(op, "gamma", gamma),
+    }
 
 
-def psroi_pool_options(op: str, *, output_dim, group_size, pooled_size, part_size,
-                       sample_per_part, spatial_scale, trans_std) -> dict[str, Any]:
+def psroi_pool_options(
+    op: str,
+    *,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size,
+    sample_per_part,
+    spatial_scale,
+    trans_std,
+) -> dict[str, Any]:
     """The checked options of deform_psroi_pool (also the layer's constructor checks)."""
-    sizes = {"output_dim": output_dim, "group_size": group_size, "pooled_size": pooled_size,
-             "part_size": part_size, "sample_per_part": sample_per_part}
-    checked = {name: _int(op, name, value, maximum=MAX_SAMPLE_PER_PART
-                          if name == "sample_per_part" else MAX_AXIS_SIZE)
-               for name, value in sizes.items() if value is not None}
-    return {**sizes, **checked,
-            "spatial_scale": _real(op, "spatial_scale", spatial_scale, positive=True),
-            "trans_std": _real(op, "trans_std", trans_std)}
+    sizes = {
+        "output_dim": output_dim,
+        "group_size": group_size,
+        "pooled_size": pooled_size,
+        "part_size": part_size,
+        "sample_per_part": sample_per_part,
+    }
+    checked = {
+        name: _int(
+            op,
+            name,
+            value,
+            maximum=MAX_SAMPLE_PER_PART if name == "sample_per_part" else MAX_AXIS_SIZE,
+        )
+        for name, value in sizes.items()
+        if value is not None
+    }
+    return {
+        **sizes,
+        **checked,
+        "spatial_scale": _real(op, "spatial_scale", spatial_scale, positive=True),
+        "trans_std": _real(op, "trans_std", trans_std),
+    }
 
 
 # ============================================================================ deform_conv2d
@@ -277,8 +341,9 @@ _CONV_TENSORS = "Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tenso
 
 @_custom_op("deform_conv2d", _CONV_TENSORS, _CONV, "Tensor")
 def _deform_conv2d(input, offset, weight, bias, mask, *options) -> Tensor:
-    return _result(cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask,
-                                         **_CONV.kwargs(options)))
+    return _result(
+        cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask, **_CONV.kwargs(options))
+    )
 
 
 @_deform_conv2d.register_fake
@@ -287,29 +352,41 @@ def _(input, offset, weight, bias, mask, *options):
     _check_dims(op, input=(input, 4), weight=(weight, 4))
     n, _, h, w = input.shape
     out_channels, _, kh, kw = weight.shape
-    out_h = conv_output_size(h, kh, stride=o.stride[0], padding=o.padding[0],
-                             dilation=o.dilation[0])
-    out_w = conv_output_size(w, kw, stride=o.stride[1], padding=o.padding[1],
-                             dilation=o.dilation[1])
+    out_h = conv_output_size(
+        h, kh, stride=o.stride[0], padding=o.padding[0], dilation=o.dilation[0]
+    )
+    out_w = conv_output_size(
+        w, kw, stride=o.stride[1], padding=o.padding[1], dilation=o.dilation[1]
+    )
     for out in (out_h, out_w):
-        torch._check(out >= 1, lambda: f"{op}: the output size would be {out} (< 1)")
+        torch._check(out >= 1, lambda: f"{op}: the output size would be {out} (< 1)")  # noqa: B023
     return input.new_empty((n, out_channels, out_h, out_w))
 
 
-@_custom_op("deform_conv2d_backward",
-            "Tensor grad_output, Tensor input, Tensor offset, Tensor weight, Tensor? mask",
-            _CONV, "Tensor[]", backward=True)
+@_custom_op(
+    "deform_conv2d_backward",
+    "Tensor grad_output, Tensor input, Tensor offset, Tensor weight, Tensor? mask",
+    _CONV,
+    "Tensor[]",
+    backward=True,
+)
 def _deform_conv2d_backward(grad_output, input, offset, weight, mask, *options_and_mask):
     """Requested gradients of deform_conv2d, in the order (input, offset, weight, mask,
     bias) filtered by ``output_mask``."""
-    return _backward_impl(cupydcn.deform_conv2d_backward, _CONV_GRADS,
-                          (grad_output, input, offset, weight, mask), _CONV, options_and_mask)
+    return _backward_impl(
+        cupydcn.deform_conv2d_backward,
+        _CONV_GRADS,
+        (grad_output, input, offset, weight, mask),
+        _CONV,
+        options_and_mask,
+    )
 
 
 @_deform_conv2d_backward.register_fake
 def _(grad_output, input, offset, weight, mask, *options_and_mask):
-    return _fake_grads(options_and_mask[-1],
-                       (input, offset, weight, mask, weight.new_empty((weight.shape[0],))))
+    return _fake_grads(
+        options_and_mask[-1], (input, offset, weight, mask, weight.new_empty((weight.shape[0],)))
+    )
 
 
 # ---------------------------------------------------------------------------- double backward
@@ -317,11 +394,17 @@ def _(grad_output, input, offset, weight, mask, *options_and_mask):
 _SECOND_ORDER_TERMS = ("grad_output", "input", "offset", "weight", "mask")
 
 
-@_custom_op("deform_conv2d_offset_second_order",
-            "Tensor grad_output, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
-            "Tensor offset_tangent", _CONV, "Tensor[]", backward=True)
-def _deform_conv2d_offset_second_order(grad_output, input, offset, weight, mask,
-                                       offset_tangent, *options_and_mask):
+@_custom_op(
+    "deform_conv2d_offset_second_order",
+    "Tensor grad_output, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+    "Tensor offset_tangent",
+    _CONV,
+    "Tensor[]",
+    backward=True,
+)
+def _deform_conv2d_offset_second_order(
+    grad_output, input, offset, weight, mask, offset_tangent, *options_and_mask
+):
     """The derivatives of <grad_offset, offset_tangent> with respect to (grad_output,
     input, offset, weight, mask) filtered by ``output_mask``
     (cupydcn/deform_conv/second_order.py; CUDA tensors on its kernels,
@@ -332,8 +415,11 @@ def _deform_conv2d_offset_second_order(grad_output, input, offset, weight, mask,
     wrt = [name for name, wanted in zip(_SECOND_ORDER_TERMS, output_mask) if wanted]
     tensors = (grad_output, input, offset, weight, mask, offset_tangent)
     if any(t is not None and t.device.type != "cpu" for t in tensors):
-        terms = offset_second_order(*(None if t is None else t.detach() for t in tensors),
-                                    **_CONV.kwargs(option_values), wrt=wrt)
+        terms = offset_second_order(
+            *(None if t is None else t.detach() for t in tensors),
+            **_CONV.kwargs(option_values),
+            wrt=wrt,
+        )
         return [terms[name] for name in wrt]
     arrays = [None if t is None else t.detach().numpy() for t in tensors]
     terms = offset_second_order(*arrays, **_CONV.kwargs(option_values), wrt=wrt)
@@ -347,13 +433,16 @@ def _(grad_output, input, offset, weight, mask, offset_tangent, *options_and_mas
 
 def _refuse_third_order(ctx, grads):
     raise value_error(
-        "cupydcn.torch.deform_conv2d", "third derivatives that go through the second "
+        "cupydcn.torch.deform_conv2d",
+        "third derivatives that go through the second "
         "derivatives along the offsets are not supported (deform_conv2d is twice "
-        "differentiable)")
+        "differentiable)",
+    )
 
 
 _deform_conv2d_offset_second_order.register_autograd(
-    _refuse_third_order, setup_context=lambda ctx, inputs, output: None)
+    _refuse_third_order, setup_context=lambda ctx, inputs, output: None
+)
 
 
 def _conv_backward_setup_context(ctx, inputs, output):
@@ -411,41 +500,71 @@ def _conv_backward_backward(ctx, grads):
         output_mask = [wanted.get(name, False) for name in _CONV_GRADS]
         if not any(output_mask):
             return dict.fromkeys(_CONV_GRADS)
-        return dict(zip(_CONV_GRADS, _pick(ops.deform_conv2d_backward(
-            gy, input, o, weight, mask, *options, output_mask), output_mask)))
+        return dict(
+            zip(
+                _CONV_GRADS,
+                _pick(
+                    ops.deform_conv2d_backward(gy, input, o, weight, mask, *options, output_mask),
+                    output_mask,
+                ),
+            )
+        )
 
     none = dict.fromkeys(_CONV_GRADS)
-    by_vw = (backward(x, vw, m, {"input": need_x, "offset": need_o, "mask": need_m})
-             if vw is not None else none)
-    by_vx = (backward(vx, w, m, {"offset": need_o, "weight": need_w, "mask": need_m})
-             if vx is not None else none)
-    by_vm = (backward(x, w, vm, {"input": need_x, "offset": need_o, "weight": need_w})
-             if vm is not None else none)
+    by_vw = (
+        backward(x, vw, m, {"input": need_x, "offset": need_o, "mask": need_m})
+        if vw is not None
+        else none
+    )
+    by_vx = (
+        backward(vx, w, m, {"offset": need_o, "weight": need_w, "mask": need_m})
+        if vx is not None
+        else none
+    )
+    by_vm = (
+        backward(x, w, vm, {"input": need_x, "offset": need_o, "weight": need_w})
+        if vm is not None
+        else none
+    )
     by_vo = dict.fromkeys(_SECOND_ORDER_TERMS)
     if vo is not None:
         wanted = [need_gy, need_x, need_o, need_w, need_m]
         if any(wanted):
-            by_vo = dict(zip(_SECOND_ORDER_TERMS, _pick(
-                ops.deform_conv2d_offset_second_order(gy, x, o, w, m, vo, *options, wanted),
-                wanted)))
+            by_vo = dict(
+                zip(
+                    _SECOND_ORDER_TERMS,
+                    _pick(
+                        ops.deform_conv2d_offset_second_order(gy, x, o, w, m, vo, *options, wanted),
+                        wanted,
+                    ),
+                )
+            )
 
     grad_gy = None
     if need_gy:
-        grad_gy = _sum([forward(vx, w, m) if vx is not None else None,
-                        forward(x, vw, m) if vw is not None else None,
-                        forward(x, w, vm) if vm is not None else None,
-                        vb[None, :, None, None].expand_as(gy) if vb is not None else None,
-                        by_vo["grad_output"]])
+        grad_gy = _sum(
+            [
+                forward(vx, w, m) if vx is not None else None,
+                forward(x, vw, m) if vw is not None else None,
+                forward(x, w, vm) if vm is not None else None,
+                vb[None, :, None, None].expand_as(gy) if vb is not None else None,
+                by_vo["grad_output"],
+            ]
+        )
     grad_x = _sum([by_vw["input"], by_vm["input"], by_vo["input"]]) if need_x else None
-    grad_o = (_sum([by_vw["offset"], by_vx["offset"], by_vm["offset"], by_vo["offset"]])
-              if need_o else None)
+    grad_o = (
+        _sum([by_vw["offset"], by_vx["offset"], by_vm["offset"], by_vo["offset"]])
+        if need_o
+        else None
+    )
     grad_w = _sum([by_vx["weight"], by_vm["weight"], by_vo["weight"]]) if need_w else None
     grad_m = _sum([by_vw["mask"], by_vx["mask"], by_vo["mask"]]) if need_m else None
     return (grad_gy, grad_x, grad_o, grad_w, grad_m) + (None,) * (len(ctx.options) + 1)
 
 
-_deform_conv2d_backward.register_autograd(_conv_backward_backward,
-                                          setup_context=_conv_backward_setup_context)
+_deform_conv2d_backward.register_autograd(
+    _conv_backward_backward, setup_context=_conv_backward_setup_context
+)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -459,13 +578,15 @@ def _conv_setup_context(ctx, inputs, output):
 def _conv_backward(ctx, grad_output):
     input, offset, weight, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
-    output_mask = [need[0], need[1], need[2], ctx.has_mask and need[4],
-                   ctx.has_bias and need[3]]
-    grads = _pick(torch.ops.cupydcn.deform_conv2d_backward(
-        grad_output, input, offset, weight, mask, *ctx.options, output_mask), output_mask)
+    output_mask = [need[0], need[1], need[2], ctx.has_mask and need[4], ctx.has_bias and need[3]]
+    grads = _pick(
+        torch.ops.cupydcn.deform_conv2d_backward(
+            grad_output, input, offset, weight, mask, *ctx.options, output_mask
+        ),
+        output_mask,
+    )
     grad_input, grad_offset, grad_weight, grad_mask, grad_bias = grads
-    return (grad_input, grad_offset, grad_weight, grad_bias, grad_mask) + (None,) * len(
-        ctx.options)
+    return (grad_input, grad_offset, grad_weight, grad_bias, grad_mask) + (None,) * len(ctx.options)
 
 
 _deform_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -475,11 +596,11 @@ def deform_conv2d(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     stride=1,
     padding=0,
     dilation=1,
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
     *,
     padding_mode: str = "zeros",
 ) -> Tensor:
@@ -492,18 +613,25 @@ def deform_conv2d(
     (autograd, torch.compile, autocast).
     """
     op = "deform_conv2d"
-    _check_tensors(op, {"input": input, "offset": offset, "weight": weight, "bias": bias,
-                        "mask": mask}, "input", "offset", "weight")
-    values = _CONV.values(locals(), **conv_pairs(op, stride=stride, padding=padding,
-                                                 dilation=dilation))
+    _check_tensors(
+        op,
+        {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask},
+        "input",
+        "offset",
+        "weight",
+    )
+    values = _CONV.values(
+        locals(), **conv_pairs(op, stride=stride, padding=padding, dilation=dilation)
+    )
     if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
         # torch.onnx.export(..., dynamo=True): the standard ONNX DeformConv node itself
         # (cupydcn/torch/onnx.py), so that no translation table is needed; None where
         # DeformConv cannot express the call (then the custom op, which fails to export).
         from .onnx import deform_conv2d_onnx_symbolic
 
-        node = deform_conv2d_onnx_symbolic(input, offset, weight, bias, mask,
-                                           **_CONV.kwargs(values))
+        node = deform_conv2d_onnx_symbolic(
+            input, offset, weight, bias, mask, **_CONV.kwargs(values)
+        )
         if node is not None:
             return node
     return torch.ops.cupydcn.deform_conv2d(input, offset, weight, bias, mask, *values)
@@ -521,8 +649,9 @@ def _warn_onnx_export(op: str) -> None:
 
 
 # ============================================================================ deform_roi_pool
-@_custom_op("deform_roi_pool", "Tensor input, Tensor rois, Tensor? offset, Tensor? mask", _ROI,
-            "Tensor")
+@_custom_op(
+    "deform_roi_pool", "Tensor input, Tensor rois, Tensor? offset, Tensor? mask", _ROI, "Tensor"
+)
 def _deform_roi_pool(input, rois, offset, mask, *options) -> Tensor:
     return _result(cupydcn.deform_roi_pool(input, rois, offset, mask, **_ROI.kwargs(options)))
 
@@ -534,14 +663,23 @@ def _(input, rois, offset, mask, *options):
     return input.new_empty((rois.shape[0], input.shape[1], output_size[0], output_size[1]))
 
 
-@_custom_op("deform_roi_pool_backward",
-            "Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, Tensor? mask",
-            _ROI, "Tensor[]", backward=True)
+@_custom_op(
+    "deform_roi_pool_backward",
+    "Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, Tensor? mask",
+    _ROI,
+    "Tensor[]",
+    backward=True,
+)
 def _deform_roi_pool_backward(grad_output, input, rois, offset, mask, *options_and_mask):
     """Requested gradients of deform_roi_pool, in the order (input, offset, mask)
     filtered by ``output_mask``."""
-    return _backward_impl(cupydcn.deform_roi_pool_backward, _ROI_GRADS,
-                          (grad_output, input, rois, offset, mask), _ROI, options_and_mask)
+    return _backward_impl(
+        cupydcn.deform_roi_pool_backward,
+        _ROI_GRADS,
+        (grad_output, input, rois, offset, mask),
+        _ROI,
+        options_and_mask,
+    )
 
 
 @_deform_roi_pool_backward.register_fake
@@ -560,8 +698,12 @@ def _roi_backward(ctx, grad_output):
     input, rois, offset, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0] and ctx.has[0], need[2] and ctx.has[1], need[3] and ctx.has[2]]
-    grad_input, grad_offset, grad_mask = _pick(torch.ops.cupydcn.deform_roi_pool_backward(
-        grad_output, input, rois, offset, mask, *ctx.options, output_mask), output_mask)
+    grad_input, grad_offset, grad_mask = _pick(
+        torch.ops.cupydcn.deform_roi_pool_backward(
+            grad_output, input, rois, offset, mask, *ctx.options, output_mask
+        ),
+        output_mask,
+    )
     return (grad_input, None, grad_offset, grad_mask) + (None,) * len(ctx.options)
 
 
@@ -571,8 +713,8 @@ _deform_roi_pool.register_autograd(_roi_backward, setup_context=_roi_setup_conte
 def deform_roi_pool(
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor] = None,
-    mask: Optional[Tensor] = None,
+    offset: Tensor | None = None,
+    mask: Tensor | None = None,
     *,
     output_size,
     spatial_scale: float = 1.0,
@@ -588,17 +730,31 @@ def deform_roi_pool(
     op = "deform_roi_pool"
     _warn_onnx_export(op)
     rois = rois_tensor(op, rois)
-    _check_tensors(op, {"input": input, "rois": rois, "offset": offset, "mask": mask},
-                   "input", "rois")
+    _check_tensors(
+        op, {"input": input, "rois": rois, "offset": offset, "mask": mask}, "input", "rois"
+    )
     return torch.ops.cupydcn.deform_roi_pool(
-        input, rois, offset, mask, *_ROI.values(locals(), **roi_pool_options(
-            op, output_size=output_size, spatial_scale=spatial_scale,
-            sampling_ratio=sampling_ratio, gamma=gamma)))
+        input,
+        rois,
+        offset,
+        mask,
+        *_ROI.values(
+            locals(),
+            **roi_pool_options(
+                op,
+                output_size=output_size,
+                spatial_scale=spatial_scale,
+                sampling_ratio=sampling_ratio,
+                gamma=gamma,
+            ),
+        ),
+    )
 
 
 # ============================================================================ deform_psroi_pool
-@_custom_op("deform_psroi_pool", "Tensor input, Tensor rois, Tensor? offset", _PSROI,
-            "(Tensor, Tensor)")
+@_custom_op(
+    "deform_psroi_pool", "Tensor input, Tensor rois, Tensor? offset", _PSROI, "(Tensor, Tensor)"
+)
 def _deform_psroi_pool(input, rois, offset, *options) -> tuple[Tensor, Tensor]:
     output, count = cupydcn.deform_psroi_pool(input, rois, offset, **_PSROI.kwargs(options))
     return _result(output), _result(count)
@@ -612,14 +768,23 @@ def _(input, rois, offset, *options):
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
 
 
-@_custom_op("deform_psroi_pool_backward",
-            "Tensor grad_output, Tensor input, Tensor rois, Tensor? offset", _PSROI,
-            "Tensor[]", backward=True)
+@_custom_op(
+    "deform_psroi_pool_backward",
+    "Tensor grad_output, Tensor input, Tensor rois, Tensor? offset",
+    _PSROI,
+    "Tensor[]",
+    backward=True,
+)
 def _deform_psroi_pool_backward(grad_output, input, rois, offset, *options_and_mask):
     """Requested gradients of deform_psroi_pool, in the order (input, offset) filtered by
     ``output_mask``."""
-    return _backward_impl(cupydcn.deform_psroi_pool_backward, _PSROI_GRADS,
-                          (grad_output, input, rois, offset), _PSROI, options_and_mask)
+    return _backward_impl(
+        cupydcn.deform_psroi_pool_backward,
+        _PSROI_GRADS,
+        (grad_output, input, rois, offset),
+        _PSROI,
+        options_and_mask,
+    )
 
 
 @_deform_psroi_pool_backward.register_fake
@@ -639,8 +804,12 @@ def _psroi_backward(ctx, grad_output, _grad_count):
     input, rois, offset = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[2] and ctx.has_offset]
-    grad_input, grad_offset = _pick(torch.ops.cupydcn.deform_psroi_pool_backward(
-        grad_output, input, rois, offset, *ctx.options, output_mask), output_mask)
+    grad_input, grad_offset = _pick(
+        torch.ops.cupydcn.deform_psroi_pool_backward(
+            grad_output, input, rois, offset, *ctx.options, output_mask
+        ),
+        output_mask,
+    )
     return (grad_input, None, grad_offset) + (None,) * len(ctx.options)
 
 
@@ -650,7 +819,7 @@ _deform_psroi_pool.register_autograd(_psroi_backward, setup_context=_psroi_setup
 def deform_psroi_pool(
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor] = None,
+    offset: Tensor | None = None,
     *,
     output_dim: int,
     group_size: int,
@@ -670,10 +839,23 @@ def deform_psroi_pool(
     rois = rois_tensor(op, rois)
     _check_tensors(op, {"input": input, "rois": rois, "offset": offset}, "input", "rois")
     return torch.ops.cupydcn.deform_psroi_pool(
-        input, rois, offset, *_PSROI.values(locals(), **psroi_pool_options(
-            op, output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-            part_size=part_size, sample_per_part=sample_per_part,
-            spatial_scale=spatial_scale, trans_std=trans_std)))
+        input,
+        rois,
+        offset,
+        *_PSROI.values(
+            locals(),
+            **psroi_pool_options(
+                op,
+                output_dim=output_dim,
+                group_size=group_size,
+                pooled_size=pooled_size,
+                part_size=part_size,
+                sample_per_part=sample_per_part,
+                spatial_scale=spatial_scale,
+                trans_std=trans_std,
+            ),
+        ),
+    )
 
 
 # ============================================================================ autocast
@@ -700,8 +882,12 @@ def _autocast_kernel(op, device_type: str, positions: tuple[int, ...]):
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
     def cast(value):
-        if (isinstance(value, Tensor) and value.is_floating_point()
-                and value.device.type == device_type and value.dtype is not torch.float64):
+        if (
+            isinstance(value, Tensor)
+            and value.is_floating_point()
+            and value.device.type == device_type
+            and value.dtype is not torch.float64
+        ):
             return value.to(torch.get_autocast_dtype(device_type))
         return value
 
@@ -716,5 +902,6 @@ def _autocast_kernel(op, device_type: str, positions: tuple[int, ...]):
 for _name, _positions in _AUTOCAST_TENSOR_ARGS.items():
     for _device_type in _AUTOCAST_DEVICE_TYPES:
         _key, _kernel = _autocast_kernel(
-            getattr(torch.ops.cupydcn, _name).default, _device_type, _positions)
+            getattr(torch.ops.cupydcn, _name).default, _device_type, _positions
+        )
         _autocast_library.impl(_name, _kernel, _key, with_keyset=True)

@@ -1,8 +1,8 @@
 // Host C++17 stand-ins for the CUDA built-ins that cupydcn's kernels use, so the real
 // kernel sources (the code of cupydcn.cuda.kernel_source.module_source(file), unchanged) compile
 // with g++ and run on the CPU. Used by tests/emulator/host_launcher.py, which appends the
-// kernel source (with #line directives naming the cupydcn/cuda/kernels/ files) and generated extern "C"
-// entry points to this header and builds a shared library.
+// kernel source (with #line directives naming the cupydcn/cuda/kernels/ files) and generated extern
+// "C" entry points to this header and builds a shared library.
 //
 // Execution model: cupydcn_emulation::launch runs every block and every thread of a 1-D
 // launch one after another on the calling host thread, setting the thread-local threadIdx
@@ -68,8 +68,8 @@ using std::round;
 using std::sqrt;
 using std::trunc;
 
-// Explicitly rounded arithmetic (CUDA's __fadd_rn & co., used by cupydcn/cuda/kernels/rounding.cuh for
-// the expressions that take discontinuous decisions). The device intrinsics are never
+// Explicitly rounded arithmetic (CUDA's __fadd_rn & co., used by cupydcn/cuda/kernels/rounding.cuh
+// for the expressions that take discontinuous decisions). The device intrinsics are never
 // contracted into FMAs, and this harness builds with -ffp-contract=off, so one IEEE
 // operation each is what they compute. CuPy builds every RawModule with -ftz=true, under
 // which the float intrinsics flush subnormal inputs and results to zero of the same sign:
