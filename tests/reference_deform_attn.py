@@ -276,3 +276,20 @@ def dcnv4_reference(
         return result
     out, (g_in, g_off, g_mask) = result
     return out, (g_in, pack_offset_mask(g_off, g_mask, group, points, offset_mask.shape[-1]))
+
+
+def dcn_options(**changes):
+    """DCNv3 / DCNv4 options of the test cases: a 3 x 3 kernel with padding 1 in 2 groups
+    of 3 channels, updated by ``changes``."""
+    base = dict(
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+        group=2,
+        group_channels=3,
+        offset_scale=1.0,
+        remove_center=False,
+    )
+    base.update(changes)
+    return base

@@ -41,6 +41,7 @@ from cupydcn.deform_attn import (
 )
 from cupydcn.deform_attn import numpy_backend as _backend
 from reference_deform_attn import (
+    dcn_options,
     dcn_output_size,
     dcn_taps,
     dcnv3_reference,
@@ -195,27 +196,12 @@ class DcnCase:
         return {"input": x, "offset": offset, "mask": mask}
 
 
-def _options(**kw):
-    base = dict(
-        kernel_size=3,
-        stride=1,
-        padding=1,
-        dilation=1,
-        group=2,
-        group_channels=3,
-        offset_scale=1.0,
-        remove_center=False,
-    )
-    base.update(kw)
-    return base
-
-
 DCN_CASES = {
     "3x3_pad1": DcnCase(),
     "non_square_hw_options": DcnCase(
         height=7,
         width=6,
-        options=_options(
+        options=dcn_options(
             kernel_size=(3, 2),
             stride=(2, 1),
             padding=(2, 0),
@@ -227,23 +213,23 @@ DCN_CASES = {
     "remove_center_3x5": DcnCase(
         height=6,
         width=7,
-        options=_options(
+        options=dcn_options(
             kernel_size=(3, 5), padding=(1, 2), remove_center=True, group=1, group_channels=4
         ),
     ),
-    "offset_scale_half": DcnCase(options=_options(offset_scale=0.5, dilation=2, padding=2)),
-    "offset_scale_odd": DcnCase(special=False, options=_options(offset_scale=1.7, stride=2)),
+    "offset_scale_half": DcnCase(options=dcn_options(offset_scale=0.5, dilation=2, padding=2)),
+    "offset_scale_odd": DcnCase(special=False, options=dcn_options(offset_scale=1.7, stride=2)),
     "1x1_odd_batch": DcnCase(
         batch=3,
         height=3,
         width=4,
-        options=_options(kernel_size=1, padding=0, group=4, group_channels=1),
+        options=dcn_options(kernel_size=1, padding=0, group=4, group_channels=1),
     ),
     "5x5_group_channels_5": DcnCase(
         batch=1,
         height=6,
         width=6,
-        options=_options(kernel_size=5, padding=2, group=1, group_channels=5),
+        options=dcn_options(kernel_size=5, padding=2, group=1, group_channels=5),
     ),
 }
 
@@ -432,7 +418,7 @@ def test_dcn_gradients_match_finite_differences(op):
         DCN_CASES["non_square_hw_options"],
         special=False,
         batch=1,
-        options=_options(
+        options=dcn_options(
             kernel_size=(3, 2),
             stride=(2, 1),
             padding=(2, 0),

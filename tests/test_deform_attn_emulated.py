@@ -38,6 +38,7 @@ from cupydcn.deform_attn import numpy_backend as _numpy
 from cupydcn.deform_attn import spec
 from emulator.host_launcher import HostLauncher
 from reference_deform_attn import (
+    dcn_options,
     dcn_output_size,
     dcn_taps,
     dcnv3_reference,
@@ -188,27 +189,12 @@ class DcnCase:
         return arrays
 
 
-def _options(**kw):
-    base = dict(
-        kernel_size=3,
-        stride=1,
-        padding=1,
-        dilation=1,
-        group=2,
-        group_channels=3,
-        offset_scale=1.0,
-        remove_center=False,
-    )
-    base.update(kw)
-    return base
-
-
 DCN_CASES = {
     "3x3_pad1": DcnCase(),
     "non_square_options": DcnCase(
         height=6,
         width=5,
-        options=_options(
+        options=dcn_options(
             kernel_size=(3, 2),
             stride=(2, 1),
             padding=(2, 0),
@@ -223,7 +209,7 @@ DCN_CASES = {
         batch=1,
         height=4,
         width=5,
-        options=_options(
+        options=dcn_options(
             kernel_size=(3, 5),
             padding=(1, 2),
             remove_center=True,
