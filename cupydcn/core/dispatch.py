@@ -87,8 +87,8 @@ def dispatch(
     """Run one op call end to end; see the module docstring for the steps.
 
     ``arrays``: the call's array arguments by name, in the backend's parameter order
-    (None for an absent optional array); ``required`` names those that must not be None. ``prepare(native)``: every check that needs no
-    data, returning the plan. ``check_values(xp, native, plan)``: checks that read array
+    (None for an absent optional array); ``required`` names those that must not be None.
+    ``prepare(native)``: every check that needs no data, returning the plan. ``check_values(xp, native, plan)``: checks that read array
     contents, run on the arrays' device and stream before any kernel.
     """
     require_arrays(op, arrays, *required)

@@ -49,6 +49,11 @@ def dtype_info(dtype) -> DtypeInfo | None:
     return DTYPES.get(name)
 
 
+def acc_dtype(name: str) -> np.dtype:
+    """The NumPy dtype arithmetic on elements of dtype ``name`` is carried out in."""
+    return np.dtype(DTYPES[name].acc_name)
+
+
 def numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         return bfloat16_dtype()

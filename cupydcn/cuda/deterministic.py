@@ -45,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from functools import partial
 
+from cupydcn.core.dispatch import Backends
 from cupydcn.core.errors import type_error
 from cupydcn.cuda.launch import INT32_INDEX_LIMIT, KernelLauncher, launch_kernel
 
@@ -109,10 +111,6 @@ def backends_with(backends, deterministic: bool):
     """``backends`` (a :class:`~cupydcn.core.dispatch.Backends`) with the CUDA one called
     with ``deterministic=``; the NumPy one unchanged (it is deterministic already: each
     gradient element is summed in one fixed order)."""
-    from functools import partial
-
-    from cupydcn.core.dispatch import Backends
-
     return Backends(numpy=backends.numpy, cuda=partial(backends.cuda, deterministic=deterministic))
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cupydcn.core.dtypes import DTYPES, numpy_dtype
+from cupydcn.core.dtypes import acc_dtype
 from cupydcn.deform_attn.spec import (
     DcnGeometry,
     Dcnv3Grads,
@@ -75,10 +75,6 @@ _IGNORE_FLOAT_ERRORS = {"invalid": "ignore", "over": "ignore", "divide": "ignore
 
 
 # ---------------------------------------------------------------------------- the core
-
-
-def _acc_dtype(dtype_name: str) -> np.dtype:
-    return numpy_dtype(DTYPES[dtype_name].acc_name)
 
 
 def _units_per_chunk(heads: int, points: int, channels: int, acc: np.dtype) -> int:
@@ -276,7 +272,7 @@ def _msda_points(
 
 
 def _msda_common(value, spatial_shapes, sampling_locations, attention_weights, geom: MsdaGeometry):
-    acc = _acc_dtype(geom.dtype_name)
+    acc = acc_dtype(geom.dtype_name)
     units = geom.batch * geom.num_queries
     count = geom.levels * geom.points
     levels = _Levels.of(level_shapes_of(geom, spatial_shapes), geom.points, acc)
@@ -329,7 +325,7 @@ def msda_backward(
     want_value = "value" in wrt
     want_loc = "sampling_locations" in wrt
     want_attn = "attention_weights" in wrt
-    acc = _acc_dtype(geom.dtype_name)
+    acc = acc_dtype(geom.dtype_name)
     rows = geom.batch * geom.num_keys * geom.heads
     grad_table = np.zeros((rows + 1) * geom.head_dim, dtype=acc) if want_value else None
     grad_loc = np.zeros(geom.locations_shape, dtype=acc) if want_loc else None
@@ -443,7 +439,7 @@ def _dcn_forward(input, unpack, geom: DcnGeometry):
     output = np.zeros(geom.output_shape, dtype=input.dtype)
     if output.size == 0:
         return output
-    acc = _acc_dtype(geom.dtype_name)
+    acc = acc_dtype(geom.dtype_name)
     with np.errstate(**_IGNORE_FLOAT_ERRORS):
         table = _table(
             input, geom.batch * geom.height * geom.width * geom.group, geom.group_channels, acc
@@ -459,7 +455,7 @@ def _dcn_backward(grad_output, input, unpack, geom: DcnGeometry, *, want_input: 
     """The shared backward: grad_input (or None) and, through ``store(chunk, value_sum,
     d_px, d_py)`` (None when no coordinate gradient is wanted), the offset / mask
     gradients."""
-    acc = _acc_dtype(geom.dtype_name)
+    acc = acc_dtype(geom.dtype_name)
     rows = geom.batch * geom.height * geom.width * geom.group
     grad_table = np.zeros((rows + 1) * geom.group_channels, dtype=acc) if want_input else None
     units = geom.batch * geom.out_h * geom.out_w
@@ -493,7 +489,7 @@ def dcnv3_backward(
     grad_output, input, offset, mask, geom: DcnGeometry, *, wrt: frozenset[str]
 ) -> Dcnv3Grads:
     """Gradients of dcnv3 for the names in ``wrt`` (see :class:`Dcnv3Grads`)."""
-    acc = _acc_dtype(geom.dtype_name)
+    acc = acc_dtype(geom.dtype_name)
     want_offset, want_mask = "offset" in wrt, "mask" in wrt
     units = geom.batch * geom.out_h * geom.out_w
     p = geom.points
@@ -534,7 +530,7 @@ def dcnv4_backward(
 ) -> Dcnv4Grads:
     """Gradients of dcnv4 for the names in ``wrt`` (see :class:`Dcnv4Grads`); the padding
     of offset_mask beyond G * 3P gets 0."""
-    acc = _acc_dtype(geom.dtype_name)
+    acc = acc_dtype(geom.dtype_name)
     want_packed = "offset_mask" in wrt
     units = geom.batch * geom.out_h * geom.out_w
     p = geom.points

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cupydcn.core.dtypes import DTYPES
+from cupydcn.core.dtypes import acc_dtype
 from cupydcn.psroi_pool.spec import PSRoiPoolGeometry, PSRoiPoolGrads
 
 
@@ -67,10 +67,6 @@ def _roi_chunks(geom: PSRoiPoolGeometry) -> Iterator[tuple[slice, PSRoiPoolGeome
     for start in range(0, geom.num_rois, size):
         rois = slice(start, min(start + size, geom.num_rois))
         yield rois, dataclasses.replace(geom, num_rois=rois.stop - rois.start)
-
-
-def _acc_dtype(dtype) -> np.dtype:
-    return np.dtype(DTYPES[np.dtype(dtype).name].acc_name)
 
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
@@ -217,7 +213,7 @@ def _counts(bins: _Bins, geom: PSRoiPoolGeometry) -> np.ndarray:
 
 
 def _prepare(input, rois, offset, geom: PSRoiPoolGeometry):
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype.name)
     rois_acc = np.asarray(rois).astype(acc, copy=False)
     offset_acc = None if offset is None else np.asarray(offset).astype(acc, copy=False)
     bins = _bins(rois_acc, offset_acc, geom)
@@ -230,7 +226,7 @@ def psroi_pool_forward(input, rois, offset, geom: PSRoiPoolGeometry):
     int32) for NumPy arrays."""
     output = np.zeros(geom.output_shape, dtype=input.dtype)
     count = np.zeros(geom.output_shape, dtype=np.int32)
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype.name)
     flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1)
     if FACTORISED and _finite(flat_input):
         for chunk, chunk_geom in _factorised_chunks(geom):
@@ -276,7 +272,7 @@ def psroi_pool_backward(
     want_input = "input" in wrt
     want_offset = "offset" in wrt and offset is not None
     dtype = input.dtype
-    acc = _acc_dtype(dtype)
+    acc = acc_dtype(input.dtype.name)
     flat_input = np.asarray(input).astype(acc, copy=False).reshape(-1)
     factorised = FACTORISED and _finite(grad_output) and (not want_offset or _finite(flat_input))
     # the per-sample path sums grad_input in float64; the factorised one, with far fewer

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cupydcn.core.dtypes import DTYPES, numpy_dtype
+from cupydcn.core.dtypes import acc_dtype
 from cupydcn.roi_pool.spec import RoiPoolGeometry, RoiPoolGrads
 
 # Mirrors kMaxSamplesPerAxis of cupydcn/cuda/kernels/deform_roi_pool.cu.
@@ -87,7 +87,7 @@ def roi_pool_forward(
     mask [K, 1, ph, pw] or None. Returns output [K, C, ph, pw] in the input dtype, a new
     C-contiguous array. Inputs are never written to.
     """
-    acc = _acc_dtype(geom)
+    acc = acc_dtype(geom.dtype_name)
     output = np.empty(geom.output_shape, dtype=input.dtype)
     if output.size == 0:
         return output
@@ -132,7 +132,7 @@ def roi_pool_backward(
     Returns new C-contiguous arrays in the input dtype: grad_input [N, C, H, W],
     grad_offset [K, 2, ph, pw], grad_mask [K, 1, ph, pw].
     """
-    acc = _acc_dtype(geom)
+    acc = acc_dtype(geom.dtype_name)
     dtype = input.dtype
     want_input = "input" in wrt
     want_offset = "offset" in wrt and offset is not None
@@ -217,10 +217,6 @@ def roi_pool_backward(
 
 
 # ---------------------------------------------------------------------------- RoIs and bins
-
-
-def _acc_dtype(geom: RoiPoolGeometry) -> np.dtype:
-    return numpy_dtype(DTYPES[geom.dtype_name].acc_name)
 
 
 @dataclass(frozen=True)

@@ -251,6 +251,32 @@ def _blend(
     return x * (1 - scale) + x_proj * scale
 
 
+def _check_dcn_layer(
+    layer: str, *, channels, kernel_size, stride, pad, dilation, group, offset_scale, remove_center
+) -> None:
+    """The constructor checks shared by the DCNv3 and DCNv4 layers."""
+    if channels % group != 0:
+        raise value_error(
+            f"cupydcn.torch.{layer}",
+            f"channels must be divisible by group; got {channels} and {group}",
+        )
+    if remove_center and kernel_size % 2 == 0:
+        raise value_error(
+            f"cupydcn.torch.{layer}", f"remove_center needs an odd kernel_size; got {kernel_size}"
+        )
+    dcn_options(
+        layer,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=pad,
+        dilation=dilation,
+        group=group,
+        group_channels=channels // group,
+        offset_scale=offset_scale,
+        remove_center=remove_center,
+    )
+
+
 class DCNv3(nn.Module):
     """InternImage's ``DCNv3`` module (channels last: input and output [N, H, W, C]),
     computed by ``cupydcn::dcnv3``.
@@ -291,23 +317,14 @@ class DCNv3(nn.Module):
         remove_center: bool = False,
     ):
         super().__init__()
-        if channels % group != 0:
-            raise value_error(
-                "cupydcn.torch.DCNv3",
-                f"channels must be divisible by group; got {channels} and {group}",
-            )
-        if remove_center and kernel_size % 2 == 0:
-            raise value_error(
-                "cupydcn.torch.DCNv3", f"remove_center needs an odd kernel_size; got {kernel_size}"
-            )
-        dcn_options(
+        _check_dcn_layer(
             "DCNv3",
+            channels=channels,
             kernel_size=kernel_size,
             stride=stride,
-            padding=pad,
+            pad=pad,
             dilation=dilation,
             group=group,
-            group_channels=channels // group,
             offset_scale=offset_scale,
             remove_center=remove_center,
         )
@@ -435,23 +452,14 @@ class DCNv4(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        if channels % group != 0:
-            raise value_error(
-                "cupydcn.torch.DCNv4",
-                f"channels must be divisible by group; got {channels} and {group}",
-            )
-        if remove_center and kernel_size % 2 == 0:
-            raise value_error(
-                "cupydcn.torch.DCNv4", f"remove_center needs an odd kernel_size; got {kernel_size}"
-            )
-        dcn_options(
+        _check_dcn_layer(
             "DCNv4",
+            channels=channels,
             kernel_size=kernel_size,
             stride=stride,
-            padding=pad,
+            pad=pad,
             dilation=dilation,
             group=group,
-            group_channels=channels // group,
             offset_scale=offset_scale,
             remove_center=remove_center,
         )
