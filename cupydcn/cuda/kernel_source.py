@@ -271,13 +271,52 @@ def module_source(source_file: str) -> str:
     return _inline(path, {path.resolve()})
 
 
-def name_expression(kernel: str, dtype_name: str, index_bits: int) -> str:
-    """``cupydcn::deform_conv_im2col<float, int>`` and the like."""
-    return f"cupydcn::{kernel}<{DTYPES[dtype_name].c_type}, {INDEX_C_TYPES[index_bits]}>"
+# Source files whose kernels take compile-time integer template parameters after <T, I>
+# (their names, in order), and the specialisations the backends launch. Such a file is
+# compiled as one module per (dtype, index width, specialisation), holding every kernel of
+# the file with those template arguments; a file not listed here is one module per (dtype,
+# index width) and its kernels take no extra arguments.
+FILE_TEMPLATE_PARAMETERS: dict[str, tuple[str, ...]] = {}
+FILE_SPECIALISATIONS: dict[str, tuple[tuple[int, ...], ...]] = {}
 
 
-def name_expressions(source_file: str, dtype_name: str, index_bits: int) -> tuple[str, ...]:
-    """Every specialisation of one source file for one dtype and index width."""
+def specialisations(source_file: str) -> tuple[tuple[int, ...], ...]:
+    """The template arguments (after <T, I>) a module of ``source_file`` is built with:
+    ``((),)`` for a file without template parameters."""
+    return FILE_SPECIALISATIONS.get(source_file, ((),))
+
+
+def check_template_args(kernel: str, template_args: tuple[int, ...]) -> tuple[int, ...]:
+    """``template_args`` as a tuple of ints when it is one of the specialisations of the
+    kernel's file; a ``ValueError`` naming the kernel, the parameters and the choices
+    otherwise."""
+    source_file = SOURCE_OF_KERNEL[kernel]
+    args = tuple(int(a) for a in template_args)
+    allowed = specialisations(source_file)
+    if args not in allowed:
+        names = FILE_TEMPLATE_PARAMETERS.get(source_file, ())
+        raise ValueError(
+            f"{kernel}: template arguments {args} for ({', '.join(names) or 'none'}) are not "
+            f"one of the specialisations of {source_file}: {list(allowed)}"
+        )
+    return args
+
+
+def name_expression(
+    kernel: str, dtype_name: str, index_bits: int, template_args: tuple[int, ...] = ()
+) -> str:
+    """``cupydcn::deform_conv_im2col<float, int>`` and the like; the ``template_args`` (a
+    specialisation of the kernel's file) follow the index type."""
+    extra = "".join(f", {int(a)}" for a in template_args)
+    return f"cupydcn::{kernel}<{DTYPES[dtype_name].c_type}, {INDEX_C_TYPES[index_bits]}{extra}>"
+
+
+def name_expressions(
+    source_file: str, dtype_name: str, index_bits: int, template_args: tuple[int, ...] = ()
+) -> tuple[str, ...]:
+    """Every kernel of one module: one source file for one dtype, index width and
+    specialisation."""
     return tuple(
-        name_expression(kernel, dtype_name, index_bits) for kernel in KERNEL_TEMPLATES[source_file]
+        name_expression(kernel, dtype_name, index_bits, template_args)
+        for kernel in KERNEL_TEMPLATES[source_file]
     )
