@@ -199,22 +199,22 @@ def fake_modules(monkeypatch):
 
 
 def test_kernel_function_is_memoised_per_device_and_expression(fake_modules):
-    first = cl._function(0, "widen_to_acc", "float32", 32)
-    assert cl._function(0, "widen_to_acc", "float32", 32) is first
-    module = fake_modules[(0, "convert.cu", "float32", 32)]
+    first = cl._function(0, "widen_to_acc", "float32", 32, ())
+    assert cl._function(0, "widen_to_acc", "float32", 32, ()) is first
+    module = fake_modules[(0, "convert.cu", "float32", 32, ())]
     assert module.requests == ["cupydcn::widen_to_acc<float, int>"]
 
-    cl._function(0, "round_to_output", "float32", 32)
-    cl._function(1, "widen_to_acc", "float32", 32)
-    cl._function(0, "widen_to_acc", "float32", 64)
+    cl._function(0, "round_to_output", "float32", 32, ())
+    cl._function(1, "widen_to_acc", "float32", 32, ())
+    cl._function(0, "widen_to_acc", "float32", 64, ())
     assert module.requests == [
         "cupydcn::widen_to_acc<float, int>",
         "cupydcn::round_to_output<float, int>",
     ]
-    assert fake_modules[(1, "convert.cu", "float32", 32)].requests == [
+    assert fake_modules[(1, "convert.cu", "float32", 32, ())].requests == [
         "cupydcn::widen_to_acc<float, int>"
     ]
-    assert fake_modules[(0, "convert.cu", "float32", 64)].requests == [
+    assert fake_modules[(0, "convert.cu", "float32", 64, ())].requests == [
         "cupydcn::widen_to_acc<float, long long>"
     ]
 
@@ -232,11 +232,11 @@ def test_launch_packs_once_and_reuses_the_function(fake_modules, monkeypatch):
     args = _convert_args(total=np.int64(1000))
     launcher.launch("widen_to_acc", "float32", 32, 1000, args)
     launcher.launch("widen_to_acc", "float32", 32, 1000, args)
-    module = fake_modules[(0, "convert.cu", "float32", 32)]
+    module = fake_modules[(0, "convert.cu", "float32", 32, ())]
     assert module.requests == ["cupydcn::widen_to_acc<float, int>"]
     calls = module.functions["cupydcn::widen_to_acc<float, int>"].calls
     blocks, threads = launch_config(1000)
-    assert [(grid, block) for grid, block, _ in calls] == [((blocks,), (threads,))] * 2
+    assert [(grid, block) for grid, block, _ in calls] == [((blocks, 1, 1), (threads, 1, 1))] * 2
     packed = calls[0][2]
     assert packed[:2] == tuple(args[:2]) and type(packed[2]) is np.int32 and packed[2] == 1000
 

@@ -36,6 +36,7 @@ from cupydcn.cuda.kernel_source import (
     module_source,
     name_expression,
     name_expressions,
+    specialisations,
     parse_parameter,
 )
 
@@ -72,7 +73,7 @@ SPECS = [
 
 # (kernel, dtype, index bits, arch) -> resources, filled by the build tests, reported at
 # the end of the module.
-_RESULTS: dict[tuple[str, str, int, int], nvrtc_build.KernelResources] = {}
+_RESULTS: dict[tuple[str, tuple[int, ...], str, int, int], nvrtc_build.KernelResources] = {}
 
 
 def _unavailable(reason: str):
@@ -144,6 +145,17 @@ def test_every_arch_has_an_nvrtc():
         )
 
 
+def _all_expressions(source_file: str, dtype_name: str, index_bits: int) -> tuple[str, ...]:
+    """The name expressions of every specialisation of one file for one dtype and index
+    width (the runtime compiles one module per specialisation; one NVRTC program with all
+    of them checks the same code in one build)."""
+    return tuple(
+        e
+        for t in specialisations(source_file)
+        for e in name_expressions(source_file, dtype_name, index_bits, t)
+    )
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 @pytest.mark.parametrize(
     "source_file, dtype_name, index_bits",
@@ -152,7 +164,7 @@ def test_every_arch_has_an_nvrtc():
 )
 def test_kernels_build(source_file, dtype_name, index_bits, arch, pch_root):
     nvrtc = _nvrtc_for(arch)
-    expressions = name_expressions(source_file, dtype_name, index_bits)
+    expressions = _all_expressions(source_file, dtype_name, index_bits)
     result = nvrtc.compile(
         module_source(source_file),
         expressions,
@@ -166,15 +178,17 @@ def test_kernels_build(source_file, dtype_name, index_bits, arch, pch_root):
     assert not unexpected, "compile warnings:\n" + "\n".join(unexpected)
 
     problems = []
-    for kernel in KERNEL_TEMPLATES[source_file]:
-        expression = name_expression(kernel, dtype_name, index_bits)
+    for kernel, template_args in (
+        (k, t) for t in specialisations(source_file) for k in KERNEL_TEMPLATES[source_file]
+    ):
+        expression = name_expression(kernel, dtype_name, index_bits, template_args)
         lowered = result.lowered_names.get(expression)
         assert lowered, f"no lowered name for {expression}"
         assert lowered in result.resources, (
             f"ptxas reported nothing for {expression} ({lowered}):\n{result.log}"
         )
         res = result.resources[lowered]
-        _RESULTS[(kernel, dtype_name, index_bits, arch)] = res
+        _RESULTS[(kernel, template_args, dtype_name, index_bits, arch)] = res
         if res.spill_stores > SPILL_BUDGET_BYTES or res.spill_loads > SPILL_BUDGET_BYTES:
             problems.append(
                 f"{expression}: spills {res.spill_stores} B stored, "
@@ -239,10 +253,19 @@ def register_report() -> str:
         "|---|---|---|" + "---:|" * len(ARCHS),
     ]
     for kernel in SOURCE_OF_KERNEL:
-        for dtype_name in DTYPES:
-            for bits in INDEX_C_TYPES:
-                cells = [_format_cell(_RESULTS.get((kernel, dtype_name, bits, a))) for a in ARCHS]
-                lines.append(f"| {kernel} | {dtype_name} | i{bits} | " + " | ".join(cells) + " |")
+        for template_args in specialisations(SOURCE_OF_KERNEL[kernel]):
+            label = kernel + (
+                "" if not template_args else f"<{', '.join(map(str, template_args))}>"
+            )
+            for dtype_name in DTYPES:
+                for bits in INDEX_C_TYPES:
+                    cells = [
+                        _format_cell(_RESULTS.get((kernel, template_args, dtype_name, bits, a)))
+                        for a in ARCHS
+                    ]
+                    lines.append(
+                        f"| {label} | {dtype_name} | i{bits} | " + " | ".join(cells) + " |"
+                    )
     lines.append("")
     lines.append(
         "Max registers per kernel (all dtypes, index widths, archs): "
@@ -353,7 +376,7 @@ def test_cupy_compiler_accepts_source(monkeypatch, pch_root, source_file, dtype_
     from cupy.cuda import compiler
 
     options = tuple(assemble_cupy_compiler_options(tuple(NVRTC_OPTIONS))) + ("-ftz=true",)
-    expressions = list(name_expressions(source_file, dtype_name, index_bits))
+    expressions = list(_all_expressions(source_file, dtype_name, index_bits))
     cubin, mapping = _cupy_compile(
         compiler, monkeypatch, module_source(source_file), options, expressions
     )

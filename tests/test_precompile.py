@@ -20,7 +20,7 @@ import pytest
 
 from cupydcn.core.errors import CupydcnValueError
 from cupydcn.cuda import precompile as pc
-from cupydcn.cuda.kernel_source import KERNEL_TEMPLATES
+from cupydcn.cuda.kernel_source import KERNEL_TEMPLATES, specialisations
 
 REQUIRE = os.environ.get("CUPYDCN_REQUIRE_NVRTC") == "1"
 
@@ -44,18 +44,23 @@ def _cupy_compiler():
 def test_modules_of_ops_dtypes_and_index_widths():
     modules = pc.modules_for("deform_roi_pool", "float32", 32)
     assert modules == [
-        ("deform_roi_pool.cu", "float32", 32),
-        ("convert.cu", "float32", 32),
-        ("deform_roi_pool_deterministic.cu", "float32", 32),
-        ("segment_sum.cu", "float32", 32),
+        ("deform_roi_pool.cu", "float32", 32, ()),
+        ("convert.cu", "float32", 32, ()),
+        ("deform_roi_pool_deterministic.cu", "float32", 32, ()),
+        ("segment_sum.cu", "float32", 32, ()),
     ]
     assert pc.modules_for("deform_roi_pool", "float32", 32, deterministic=False) == modules[:2]
     every = pc.modules_for()
-    assert len(every) == len(set(every)) == len(KERNEL_TEMPLATES) * 4 * 2  # each module once
+    # each module once: every file x dtype x index width x specialisation
+    assert (
+        len(every)
+        == len(set(every))
+        == sum(len(specialisations(f)) for f in KERNEL_TEMPLATES) * 4 * 2
+    )
     # "all" builds every source file that has kernels: each belongs to some op.
-    assert {s for s, _, _ in every} == set(KERNEL_TEMPLATES)
+    assert {s for s, *_ in every} == set(KERNEL_TEMPLATES)
     assert pc.modules_for(["deform_conv2d", "deform_conv2d"], ["float16"], ["int64"]) == [
-        (s, "float16", 64)
+        (s, "float16", 64, t)
         for s in (
             "deform_conv.cu",
             "convert.cu",
@@ -63,6 +68,7 @@ def test_modules_of_ops_dtypes_and_index_widths():
             "deform_conv_deterministic.cu",
             "segment_sum.cu",
         )
+        for t in specialisations(s)
     ]
 
 

@@ -1,8 +1,12 @@
 """The CuPy implementation of :class:`~cupydcn.cuda.launch.KernelLauncher`.
 
-One compiled module per (device, source file, dtype, index width) and one kernel function
-per (device, specialisation), memoised; kernels launch on CuPy's current stream (set by
-:func:`cupydcn.core.arrays.compute_scope`). Arguments are checked against the kernel's
+One compiled module per (device, source file, dtype, index width, template arguments) and
+one kernel function per (device, specialisation), memoised; kernels and GEMMs run on
+CuPy's current stream (set by :func:`cupydcn.core.arrays.compute_scope`). GEMMs are one
+cuBLAS ``cublasGemmStridedBatchedEx`` call each (:func:`cublas_gemm_arguments`: the
+row-major operands handed to column-major cuBLAS as their transposes, transpose flags
+instead of copies, float32 compute for half types so float16 / bfloat16 run on tensor
+cores, TF32 only when asked). Arguments are checked against the kernel's
 declared parameters (KERNEL_PARAMETERS of :mod:`cupydcn.cuda.kernel_source`) before a
 launch, as the CPU emulator's checked mode does: a wrong argument is an error naming the
 kernel and the argument, not a kernel reading garbage.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,12 +24,20 @@ from cupydcn.core.errors import CupydcnRuntimeError, CupydcnTypeError, CupydcnVa
 from cupydcn.cuda.kernel_source import (
     NVRTC_OPTIONS,
     SOURCE_OF_KERNEL,
+    check_template_args,
     kernel_parameters,
     module_source,
     name_expression,
     name_expressions,
 )
-from cupydcn.cuda.launch import launch_config
+from cupydcn.cuda.launch import (
+    GemmCall,
+    check_gemm_operands,
+    check_launch_shape,
+    launch_config,
+    report_gemm,
+    report_launch,
+)
 
 _INDEX_SCALARS = {32: np.int32, 64: np.int64}
 _NULL = np.uint64(0)
@@ -78,39 +91,134 @@ def pack_arguments(
     return tuple(packed)
 
 
-def raw_module_arguments(source_file: str, dtype_name: str, index_bits: int) -> dict:
-    """The ``cupy.RawModule`` keyword arguments of one source file for one dtype and index
-    width: the source string, the options and the name expressions CuPy compiles (and
-    keys its disk cache) with. ``cupydcn.precompile`` builds from the same."""
+def raw_module_arguments(
+    source_file: str, dtype_name: str, index_bits: int, template_args: tuple[int, ...] = ()
+) -> dict:
+    """The ``cupy.RawModule`` keyword arguments of one module (source file, dtype, index
+    width and specialisation): the source string, the options and the name expressions
+    CuPy compiles (and keys its disk cache) with. ``cupydcn.precompile`` builds from the
+    same."""
     return dict(
         code=module_source(source_file),
         options=tuple(NVRTC_OPTIONS),
-        name_expressions=name_expressions(source_file, dtype_name, index_bits),
+        name_expressions=name_expressions(source_file, dtype_name, index_bits, template_args),
     )
 
 
-def raw_module(source_file: str, dtype_name: str, index_bits: int):
-    """The ``cupy.RawModule`` of one source file for one dtype and index width (compiled
-    by CuPy on first use, through its disk cache: what ``cupydcn.precompile`` fills)."""
+def raw_module(
+    source_file: str, dtype_name: str, index_bits: int, template_args: tuple[int, ...] = ()
+):
+    """The ``cupy.RawModule`` of one module (compiled by CuPy on first use, through its
+    disk cache: what ``cupydcn.precompile`` fills)."""
     import cupy
 
-    return cupy.RawModule(**raw_module_arguments(source_file, dtype_name, index_bits))
+    return cupy.RawModule(
+        **raw_module_arguments(source_file, dtype_name, index_bits, template_args)
+    )
 
 
 @functools.cache
-def _module(device_id: int, source_file: str, dtype_name: str, index_bits: int):
+def _module(
+    device_id: int,
+    source_file: str,
+    dtype_name: str,
+    index_bits: int,
+    template_args: tuple[int, ...],
+):
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return raw_module(source_file, dtype_name, index_bits)
+        return raw_module(source_file, dtype_name, index_bits, template_args)
 
 
 @functools.cache
-def _function(device_id: int, kernel: str, dtype_name: str, index_bits: int):
+def _function(
+    device_id: int, kernel: str, dtype_name: str, index_bits: int, template_args: tuple[int, ...]
+):
     """The kernel function of one specialisation on one device (compiling its module on
     first use)."""
-    module = _module(device_id, SOURCE_OF_KERNEL[kernel], dtype_name, index_bits)
-    return module.get_function(name_expression(kernel, dtype_name, index_bits))
+    module = _module(device_id, SOURCE_OF_KERNEL[kernel], dtype_name, index_bits, template_args)
+    return module.get_function(name_expression(kernel, dtype_name, index_bits, template_args))
+
+
+# cuBLAS / CUDA library constants (cublas_api.h, library_types.h).
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_64F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 70, 77
+CUBLAS_GEMM_DEFAULT = -1
+CUDA_DATA_TYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}
+_INT32_MAX = 2**31 - 1
+
+
+class CublasGemm(NamedTuple):
+    """The arguments of one ``cublasGemmStridedBatchedEx`` call, in cuBLAS's column-major
+    terms: C' (m x n) = op'(A') (m x k) @ op'(B') (k x n), where A' is our ``b``, B' our
+    ``a`` and C' our ``out`` (a row-major matrix is the column-major view of its
+    transpose, so out^T = op(b)^T @ op(a)^T). Strides and leading dimensions in elements;
+    the compute dtype ("float32" / "float64") and cuBLAS's enum of it."""
+
+    transa: int
+    transb: int
+    m: int
+    n: int
+    k: int
+    a_type: int
+    lda: int
+    stride_a: int
+    b_type: int
+    ldb: int
+    stride_b: int
+    c_type: int
+    ldc: int
+    stride_c: int
+    batch: int
+    compute_type: int
+    compute: str
+
+
+def cublas_gemm_arguments(
+    a, b, out, *, transpose_a: bool, transpose_b: bool, tf32: bool
+) -> CublasGemm | None:
+    """The cuBLAS call computing ``out[i] = op(a[i]) @ op(b[i])`` for row-major operands
+    (:func:`~cupydcn.cuda.launch.check_gemm_operands`), or None when ``out`` is empty.
+    Sizes past cuBLAS's 32-bit ``int`` are refused."""
+    batch, m, n, k = check_gemm_operands(
+        a, b, out, transpose_a=transpose_a, transpose_b=transpose_b
+    )
+    if batch == 0 or m == 0 or n == 0:
+        return None
+    for name, value in (("batch", batch), ("m", m), ("n", n), ("k", k)):
+        if value > _INT32_MAX:
+            raise CupydcnValueError(f"gemm: {name} = {value} exceeds cuBLAS's 32-bit int")
+    compute = "float64" if a.dtype.name == "float64" else "float32"
+    if compute == "float64":
+        compute_type = CUBLAS_COMPUTE_64F
+    elif tf32 and a.dtype.name == "float32":
+        compute_type = CUBLAS_COMPUTE_32F_FAST_TF32
+    else:
+        compute_type = CUBLAS_COMPUTE_32F
+
+    def stride(array) -> int:
+        return array.strides[0] // array.itemsize if array.shape[0] > 1 else 0
+
+    return CublasGemm(
+        transa=CUBLAS_OP_T if transpose_b else CUBLAS_OP_N,
+        transb=CUBLAS_OP_T if transpose_a else CUBLAS_OP_N,
+        m=n,
+        n=m,
+        k=k,
+        a_type=CUDA_DATA_TYPES[b.dtype.name],
+        lda=max(1, b.shape[2]),
+        stride_a=stride(b),
+        b_type=CUDA_DATA_TYPES[a.dtype.name],
+        ldb=max(1, a.shape[2]),
+        stride_b=stride(a),
+        c_type=CUDA_DATA_TYPES[out.dtype.name],
+        ldc=max(1, out.shape[2]),
+        stride_c=stride(out),
+        batch=batch,
+        compute_type=compute_type,
+        compute=compute,
+    )
 
 
 def _current_device_id() -> int:
@@ -134,24 +242,99 @@ class CupyLauncher:
         index_bits: int,
         total: int,
         args: Sequence[object],
+        *,
+        template_args: tuple[int, ...] = (),
+        grid: tuple[int, int, int] | None = None,
+        block: tuple[int, int, int] | None = None,
     ) -> None:
+        template_args = check_template_args(kernel, template_args)
+        where = name_expression(kernel, dtype_name, index_bits, template_args)
+        shape = check_launch_shape(where, grid, block)
         if total == 0:
             return
         cupy = self.xp
         packed = pack_arguments(kernel, dtype_name, index_bits, args, cupy.ndarray)
-        try:
-            function = _function(_current_device_id(), kernel, dtype_name, index_bits)
+        if shape is None:
             blocks, threads = launch_config(total)
-            function((blocks,), (threads,), packed)
+            shape = ((blocks, 1, 1), (threads, 1, 1))
+        try:
+            function = _function(
+                _current_device_id(), kernel, dtype_name, index_bits, template_args
+            )
+            function(shape[0], shape[1], packed)
         except (
             cupy.cuda.driver.CUDADriverError,
             cupy.cuda.runtime.CUDARuntimeError,
             cupy.cuda.compiler.CompileException,
         ) as exc:
             raise CupydcnRuntimeError(
-                f"launching {name_expression(kernel, dtype_name, index_bits)} over {total} "
-                f"items failed: {exc}"
+                f"launching {where} over {total} items (grid {shape[0]}, block {shape[1]}) "
+                f"failed: {exc}"
             ) from exc
+        report_launch(kernel, template_args, *shape)
+
+    def gemm(
+        self,
+        a,
+        b,
+        out,
+        *,
+        transpose_a: bool = False,
+        transpose_b: bool = False,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+        tf32: bool = False,
+    ) -> None:
+        """``out = alpha * op(a) @ op(b) + beta * out`` (see KernelLauncher): one cuBLAS
+        strided-batched call on the current stream."""
+        cupy = self.xp
+        for name, array in (("a", a), ("b", b), ("out", out)):
+            if not isinstance(array, cupy.ndarray):
+                raise CupydcnTypeError(f"gemm: {name} must be a cupy.ndarray; got {type(array)}")
+        call = cublas_gemm_arguments(
+            a, b, out, transpose_a=transpose_a, transpose_b=transpose_b, tf32=tf32
+        )
+        if call is None:  # nothing to multiply
+            return
+        if call.k == 0:  # op(a) @ op(b) is zero: out = beta * out
+            out *= beta
+            return
+        from cupy_backends.cuda.libs import cublas
+
+        scale = np.float64 if call.compute == "float64" else np.float32
+        alpha_host = np.array(alpha, dtype=scale)
+        beta_host = np.array(beta, dtype=scale)
+        try:
+            cublas.gemmStridedBatchedEx(
+                cupy.cuda.device.get_cublas_handle(),
+                call.transa,
+                call.transb,
+                call.m,
+                call.n,
+                call.k,
+                alpha_host.ctypes.data,
+                b.data.ptr,
+                call.a_type,
+                call.lda,
+                call.stride_a,
+                a.data.ptr,
+                call.b_type,
+                call.ldb,
+                call.stride_b,
+                beta_host.ctypes.data,
+                out.data.ptr,
+                call.c_type,
+                call.ldc,
+                call.stride_c,
+                call.batch,
+                call.compute_type,
+                CUBLAS_GEMM_DEFAULT,
+            )
+        except Exception as exc:  # cuBLAS status errors have no common base class
+            raise CupydcnRuntimeError(f"cuBLAS GEMM {call} failed: {exc}") from exc
+        report_gemm(
+            GemmCall(call.batch, call.n, call.m, call.k, a.dtype.name, out.dtype.name, tf32)
+        )
 
     def stable_argsort(self, keys):
         """The indices that sort the 1-D ``keys`` stably (the deterministic backward's

@@ -257,7 +257,11 @@ def check_gemm_operands(a, b, out, *, transpose_a: bool, transpose_b: bool) -> t
             raise ValueError(f"gemm: {name} must be 3-D (batch, rows, cols); got {array.shape}")
         rows, cols = array.shape[1:]
         item = array.itemsize
-        if (cols > 1 and array.strides[2] != item) or (rows > 1 and array.strides[1] != cols * item):
+        if (
+            array.size
+            and (cols > 1 and array.strides[2] != item)
+            or (rows > 1 and array.strides[1] != cols * item)
+        ):
             raise ValueError(
                 f"gemm: the matrices of {name} must be C-contiguous; got strides {array.strides} "
                 f"for shape {array.shape}"

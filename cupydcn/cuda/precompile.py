@@ -49,7 +49,11 @@ from dataclasses import dataclass
 from cupydcn.core.dtypes import DTYPES, INDEX_C_TYPES
 from cupydcn.core.errors import CupydcnRuntimeError, CupydcnValueError
 from cupydcn.cuda.cupy_launcher import raw_module_arguments
-from cupydcn.cuda.kernel_source import DETERMINISTIC_SOURCE_FILES, OP_SOURCE_FILES
+from cupydcn.cuda.kernel_source import (
+    DETERMINISTIC_SOURCE_FILES,
+    OP_SOURCE_FILES,
+    specialisations,
+)
 
 OPS: tuple[str, ...] = tuple(OP_SOURCE_FILES)
 
@@ -58,13 +62,15 @@ _LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ModuleBuild:
-    """One module precompiled: its source file, dtype, index width and architecture
+    """One module precompiled: its source file, dtype, index width, template arguments
+    (the specialisation; ``()`` for files without template parameters) and architecture
     (``"90"`` for sm_90), the seconds the build (or cache lookup) took, whether CuPy's
     cache already held it (``cached``), and the cache file's path when known."""
 
     source_file: str
     dtype_name: str
     index_bits: int
+    template_args: tuple[int, ...]
     arch: str
     seconds: float
     cached: bool
@@ -113,9 +119,10 @@ def normalise_arch(arch) -> str:
 
 def modules_for(
     ops="all", dtypes="all", index_bits="all", deterministic: bool = True
-) -> list[tuple[str, str, int]]:
-    """The (source file, dtype, index width) of every module the chosen ops launch, in
-    a fixed order, each once."""
+) -> list[tuple[str, str, int, tuple[int, ...]]]:
+    """The (source file, dtype, index width, template arguments) of every module the
+    chosen ops launch, in a fixed order, each once (a file with template parameters is
+    one module per specialisation, ``kernel_source.FILE_SPECIALISATIONS``)."""
     chosen_ops = _choices(ops, OPS, "op")
     chosen_dtypes = _choices(dtypes, tuple(DTYPES), "dtype")
     chosen_bits = _choices(index_bits, tuple(INDEX_C_TYPES), "index width", _parse_index_bits)
@@ -123,7 +130,13 @@ def modules_for(
     for op in chosen_ops:
         files = OP_SOURCE_FILES[op] + (DETERMINISTIC_SOURCE_FILES[op] if deterministic else ())
         sources.extend(f for f in files if f not in sources)
-    return [(s, d, b) for s in sources for d in chosen_dtypes for b in chosen_bits]
+    return [
+        (s, d, b, t)
+        for s in sources
+        for d in chosen_dtypes
+        for b in chosen_bits
+        for t in specialisations(s)
+    ]
 
 
 @functools.cache
@@ -188,13 +201,20 @@ def _compiling_without_device(compiler):
         compiler._kernel_cache_backend = original_backend
 
 
-def compile_like_raw_module(core, source_file: str, dtype_name: str, index_bits: int, arch):
+def compile_like_raw_module(
+    core,
+    source_file: str,
+    dtype_name: str,
+    index_bits: int,
+    arch,
+    template_args: tuple[int, ...] = (),
+):
     """Compile one module through ``cupy._core.core.compile_with_cache`` -- the function
     ``cupy.RawModule`` compiles through -- with the RawModule arguments of
     :func:`cupydcn.cuda.cupy_launcher.raw_module_arguments` (``prepend_cupy_headers=False``
     and no jitify, as RawModule passes them), for ``arch`` (None: CuPy's choice for the
     current device, as at run time)."""
-    arguments = raw_module_arguments(source_file, dtype_name, index_bits)
+    arguments = raw_module_arguments(source_file, dtype_name, index_bits, template_args)
     return core.compile_with_cache(
         arguments["code"],
         arguments["options"],
@@ -284,14 +304,17 @@ def precompile(
     builds: list[ModuleBuild] = []
     with _LOCK:
         for target in arches:
-            for source_file, dtype_name, bits in modules:
+            for source_file, dtype_name, bits, template_args in modules:
                 with _compiling_without_device(compiler) as recorder:
                     start = time.perf_counter()
                     try:
-                        compile_like_raw_module(core, source_file, dtype_name, bits, target)
+                        compile_like_raw_module(
+                            core, source_file, dtype_name, bits, target, template_args
+                        )
                     except compiler.CompileException as exc:
                         raise CupydcnRuntimeError(
-                            f"precompile: {source_file} ({dtype_name}, int{bits}, sm_{target}) "
+                            f"precompile: {source_file} ({dtype_name}, int{bits}, "
+                            f"template arguments {template_args}, sm_{target}) "
                             f"did not compile: {exc}"
                         ) from exc
                     seconds = time.perf_counter() - start
@@ -300,6 +323,7 @@ def precompile(
                     source_file,
                     dtype_name,
                     bits,
+                    template_args,
                     target,
                     seconds,
                     cached=not recorder.saved,
@@ -319,7 +343,8 @@ def format_table(builds: Iterable[ModuleBuild]) -> str:
     header = ("module", "dtype", "index", "arch", "seconds", "cache")
     rows = [
         (
-            b.source_file,
+            b.source_file
+            + ("" if not b.template_args else f"<{', '.join(map(str, b.template_args))}>"),
             b.dtype_name,
             f"int{b.index_bits}",
             f"sm_{b.arch}",
