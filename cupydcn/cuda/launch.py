@@ -274,7 +274,7 @@ def check_gemm_operands(a, b, out, *, transpose_a: bool, transpose_b: bool) -> t
     if out.dtype.name not in allowed:
         raise TypeError(f"gemm: out must have dtype {sorted(allowed)}; got {out.dtype.name}")
     batch = out.shape[0]
-    if batch > 1 and out.strides[0] == 0:
+    if batch > 1 and out.size and out.strides[0] == 0:
         raise ValueError("gemm: out cannot broadcast over the batch")
     m, n = out.shape[1:]
     k = a.shape[1] if transpose_a else a.shape[2]
