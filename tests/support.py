@@ -165,10 +165,14 @@ def assert_close_to_sum(
     roundings: int = 1,
     dtype_checked: bool = True,
     with_floor: bool = False,
+    operand_roundings: int = 0,
 ) -> None:
-    """Elementwise |actual - expected| <= roundings * rounding * |expected| + of_sum *
-    magnitude (+ floor ``with_floor``), ``magnitude`` = the sum of |terms| of each
-    element; same NaN pattern; ``actual`` in ``dtype_name`` unless not ``dtype_checked``."""
+    """Elementwise |actual - expected| <= roundings * rounding * |expected| + (of_sum +
+    operand_roundings * rounding) * magnitude (+ floor ``with_floor``), ``magnitude`` =
+    the sum of |terms| of each element; same NaN pattern; ``actual`` in ``dtype_name``
+    unless not ``dtype_checked``. ``operand_roundings``: how many of each term's factors
+    were rounded to the element dtype before the sum (deform_conv2d's columns for half
+    types, docs/semantics.md §6.1: 1 for its output and grad_weight)."""
     tolerance = TOLERANCE[dtype_name]
     assert actual is not None, f"{what}: missing"
     expected = np.asarray(expected, dtype=np.float64)
@@ -180,7 +184,7 @@ def assert_close_to_sum(
     ok = ~np.isnan(expected)
     bound = (
         roundings * tolerance.rounding * np.abs(expected)
-        + tolerance.of_sum * magnitude
+        + (tolerance.of_sum + operand_roundings * tolerance.rounding) * magnitude
         + (tolerance.floor if with_floor else 0.0)
     )[ok]
     error = np.abs(got[ok] - expected[ok])

@@ -106,7 +106,12 @@ def test_tf32_rounding_and_its_error_bound():
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (lambda a, b, o: (a[:, :, ::2], b, o), ValueError, "C-contiguous"),
+        (lambda a, b, o: (a[:, :, ::2], b, o), ValueError, "unit element stride"),
+        (
+            lambda a, b, o: (a, b, o.swapaxes(1, 2).copy().swapaxes(1, 2)),
+            ValueError,
+            "unit element stride",
+        ),
         (lambda a, b, o: (a.astype(np.float64), b, o), TypeError, "share a dtype"),
         (lambda a, b, o: (a, b, o.astype(np.float64)), TypeError, "out must have dtype"),
         (lambda a, b, o: (a, b, o[:, :2]), ValueError, "does not give out"),
@@ -178,9 +183,14 @@ def test_cublas_call_computes_the_row_major_product(transpose_a, transpose_b, br
     a, b = _operands(
         rng, batch, m, n, k, transpose_a, transpose_b, np.float64, broadcast_a=broadcast_a
     )
-    # out as a slice of a bigger buffer: batch stride larger than one matrix
-    big = rng.standard_normal((batch, m + 2, n))
-    out = big[:, 1 : m + 1]
+    # out as a slice of a bigger buffer: batch stride larger than one matrix, rows
+    # further apart than their length (a leading dimension > n)
+    big = rng.standard_normal((batch, m + 2, n + 3))
+    out = big[:, 1 : m + 1, 2 : n + 2]
+    b = np.ascontiguousarray(b)
+    wide = np.zeros((batch, b.shape[1], b.shape[2] + 5))
+    wide[:, :, : b.shape[2]] = b
+    b = wide[:, :, : b.shape[2]]  # rows 5 elements apart beyond their length
     call = cl.cublas_gemm_arguments(
         a, b, out, transpose_a=transpose_a, transpose_b=transpose_b, tf32=False
     )

@@ -200,6 +200,10 @@ def cublas_gemm_arguments(
     def stride(array) -> int:
         return array.strides[0] // array.itemsize if array.shape[0] > 1 else 0
 
+    def leading(array) -> int:  # the row stride in elements (the row length when 1 row)
+        rows, cols = array.shape[1:]
+        return max(1, cols, array.strides[1] // array.itemsize if rows > 1 else cols)
+
     return CublasGemm(
         transa=CUBLAS_OP_T if transpose_b else CUBLAS_OP_N,
         transb=CUBLAS_OP_T if transpose_a else CUBLAS_OP_N,
@@ -207,13 +211,13 @@ def cublas_gemm_arguments(
         n=m,
         k=k,
         a_type=CUDA_DATA_TYPES[b.dtype.name],
-        lda=max(1, b.shape[2]),
+        lda=leading(b),
         stride_a=stride(b),
         b_type=CUDA_DATA_TYPES[a.dtype.name],
-        ldb=max(1, a.shape[2]),
+        ldb=leading(a),
         stride_b=stride(a),
         c_type=CUDA_DATA_TYPES[out.dtype.name],
-        ldc=max(1, out.shape[2]),
+        ldc=leading(out),
         stride_c=stride(out),
         batch=batch,
         compute_type=compute_type,

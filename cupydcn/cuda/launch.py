@@ -230,7 +230,9 @@ def check_launch_shape(
         grid3 = tuple(int(v) for v in grid)
         block3 = tuple(int(v) for v in block)
     except TypeError:
-        raise ValueError(f"{where}: grid and block must be (x, y, z); got {grid}, {block}")
+        raise ValueError(
+            f"{where}: grid and block must be (x, y, z); got {grid}, {block}"
+        ) from None
     if len(grid3) != 3 or len(block3) != 3:
         raise ValueError(f"{where}: grid and block must be (x, y, z); got {grid}, {block}")
     if not all(1 <= g <= m for g, m in zip(grid3, MAX_GRID)):
@@ -248,26 +250,26 @@ def check_launch_shape(
 
 def check_gemm_operands(a, b, out, *, transpose_a: bool, transpose_b: bool) -> tuple[int, ...]:
     """``(batch, m, n, k)`` of a batched GEMM ``out[i] (m x n) = op(a[i]) (m x k) @ op(b[i])
-    (k x n)`` after checking the operands: 3-D arrays whose last two axes are C-contiguous
-    (row stride = row length, element stride 1), any batch stride for ``a`` and ``b``
-    (0 broadcasts one matrix over the batch) and a nonzero one for ``out``; ``a`` and ``b``
-    of one dtype; ``out`` of that dtype or its accumulation dtype."""
+    (k x n)`` after checking the operands: 3-D arrays whose matrices have unit element
+    stride and a row stride (the leading dimension) of at least the row length, any batch
+    stride for ``a`` and ``b`` (0 broadcasts one matrix over the batch) and a nonzero one
+    for ``out``; ``a`` and ``b`` of one dtype; ``out`` of that dtype or its accumulation
+    dtype."""
     for name, array in (("a", a), ("b", b), ("out", out)):
         if array.ndim != 3:
             raise ValueError(f"gemm: {name} must be 3-D (batch, rows, cols); got {array.shape}")
         rows, cols = array.shape[1:]
         item = array.itemsize
-        if (
-            array.size
-            and (cols > 1 and array.strides[2] != item)
-            or (rows > 1 and array.strides[1] != cols * item)
+        if array.size and (
+            (cols > 1 and array.strides[2] != item)
+            or (rows > 1 and (array.strides[1] < cols * item or array.strides[1] % item))
         ):
             raise ValueError(
-                f"gemm: the matrices of {name} must be C-contiguous; got strides {array.strides} "
-                f"for shape {array.shape}"
+                f"gemm: the matrices of {name} need unit element stride and rows at least "
+                f"their length apart; got strides {array.strides} for shape {array.shape}"
             )
-        if array.strides[0] < 0:
-            raise ValueError(f"gemm: {name} has a negative batch stride {array.strides[0]}")
+        if array.strides[0] < 0 or array.strides[0] % item:
+            raise ValueError(f"gemm: {name} has a bad batch stride {array.strides[0]}")
     if a.dtype != b.dtype:
         raise TypeError(f"gemm: a and b must share a dtype; got {a.dtype.name}, {b.dtype.name}")
     allowed = {a.dtype.name, DTYPES[a.dtype.name].acc_name}
@@ -360,9 +362,10 @@ class GemmCall(NamedTuple):
 @dataclass
 class CallRecord:
     """What the orchestration launched and allocated while a :func:`record_calls` block
-    ran: kernel launches by kernel name (``launches``) and in order (``sequence``, with
-    template arguments and launch shape), GEMM calls, and workspace allocations (bytes of
-    each buffer the orchestration sized, results excluded)."""
+    ran: kernel launches by kernel name (``launches``; array-library operations that
+    launch device work as ``xp.<name>``) and in order (``sequence``, with template
+    arguments and launch shape), GEMM calls, and workspace allocations (bytes of each
+    buffer the orchestration sized, results excluded)."""
 
     launches: Counter = field(default_factory=Counter)
     sequence: list = field(default_factory=list)
@@ -414,6 +417,14 @@ def report_launch(
     for record in _RECORDERS.get():
         record.launches[kernel] += 1
         record.sequence.append((kernel, tuple(template_args), tuple(grid), tuple(block)))
+
+
+def report_array_operation(name: str) -> None:
+    """Called by the orchestration for each array-library operation that launches device
+    work (a fill, a reduction, a copy): recorded among the launches as ``xp.<name>``."""
+    for record in _RECORDERS.get():
+        record.launches[f"xp.{name}"] += 1
+        record.sequence.append((f"xp.{name}", (), None, None))
 
 
 def report_gemm(call: GemmCall) -> None:

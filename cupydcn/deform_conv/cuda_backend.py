@@ -1,27 +1,43 @@
 """deform_conv2d on the CUDA kernels: buffers, batch chunking, GEMMs and launches.
 
-Written once against a :class:`~cupydcn.cuda.launch.KernelLauncher`: on a GPU with CuPy, in
-the tests with the CPU harness that runs the same kernels on the host (``xp`` = NumPy).
+Written once against a :class:`~cupydcn.cuda.launch.KernelLauncher`: on a GPU with CuPy
+(kernels by NVRTC, GEMMs by cuBLAS), in the tests with the CPU harness that runs the same
+kernels on the host and the GEMMs with NumPy (``xp`` = NumPy).
 
-Forward, per chunk of ``n`` images::
+Forward, per chunk of ``n`` images (E = element dtype, A = accumulation dtype)::
 
-    columns [n, C*K, P]  <- deform_conv_im2col(input, offset, mask)         (acc dtype)
-    output  [n, groups, Co/g, P] = weight [groups, Co/g, Cg*K] @ columns     (batched GEMM)
+    columns [n, C*K, P]  E  <- deform_conv_im2col(input, offset, mask)
+    output  [n, groups, Co/g, P] E = weight [groups, Co/g, Cg*K] E @ columns
+                                   (+ bias: the output is filled with it, then beta = 1)
 
 Backward, per chunk::
 
-    grad_columns [n, groups, Cg*K, P] = weight^T @ grad_output
-    grad_input  += deform_conv_col2im_input(grad_columns)                     (atomics)
+    grad_columns [n, groups, Cg*K, P] A = weight^T @ grad_output     (transpose flag, no copy)
+    grad_input  += deform_conv_col2im_input(grad_columns)            (A accumulator)
                    or, with deterministic=True, deform_conv_col2im_input_slots twice, a
                    stable sort and segment_sum (cupydcn.cuda.deterministic: no atomics,
                    bitwise reproducible; 2 more kernel launches per chunk, a prefix sum,
                    a sort, two gathers and one synchronising read, and per column element
                    up to 12 + 4 * (2 * (I + A) + 8) bytes, counted in the workspace)
     grad_offset, grad_mask = deform_conv_col2im_coord(grad_columns, input)
-    grad_weight += sum_n grad_output @ columns^T                              (columns recomputed)
+    grad_weight += grad_output[i] @ columns[i]^T for each image i     (columns recomputed;
+                   beta = 1 into one A accumulator, transpose flag, no copy)
+    grad_bias    = sum of grad_output over images and pixels           (one A reduction)
 
-Half types (float16, bfloat16) are widened to float32 for the GEMMs and every result is
-rounded once; column buffers are in the accumulation dtype.
+The GEMMs are :meth:`KernelLauncher.gemm` calls (cuBLAS strided-batched, float32 compute
+for half types so float16 / bfloat16 run on tensor cores; TF32 for float32 only with
+:func:`cupydcn.set_allow_tf32`). Their operands are the arrays themselves: the weight and
+grad_output in the element dtype, the columns in the dtype
+:func:`~cupydcn.deform_conv.cuda_kernels.column_dtype` gives (the element dtype: for half
+types each column value is computed in float32 and rounded once, docs/semantics.md
+§6.1). A group's products are one batched call over the chunk's images, and groups > 1
+take min(images, groups) calls (one per image batched over the groups, or one per group
+batched over the images). Results accumulated in A (grad_input, grad_weight, grad_bias)
+are rounded once at the end.
+
+A depthwise / many-groups convolution (:func:`~cupydcn.deform_conv.depthwise_cuda.depthwise_applies`)
+takes the direct kernels of :mod:`cupydcn.deform_conv.depthwise_cuda` instead: no column
+buffer, no GEMM (its deterministic backward stays on this path).
 
 The workspace bound. The buffers above are sized per chunk of whole images, as many as
 fit in ``workspace_bytes`` (at least one). When one image's buffers exceed
@@ -29,27 +45,28 @@ fit in ``workspace_bytes`` (at least one). When one image's buffers exceed
 ranges of S output pixels (the kernels' ``pixel_start`` / ``pixel_count``), S as large as
 fits that budget (:func:`slice_plan`), and per range::
 
-    columns [1, C*K, S], output_slice [1, Co, S] = weight @ columns, copied (and for half
-    types rounded) into output[b, :, range];
-    backward: grad_output[b, :, range] copied (and widened) to [1, Co, S], grad_columns,
-    col2im_input / col2im_coord over the range, grad_weight += grad_output_slice @ columns^T.
+    columns [1, C*K, S]; output[b, :, range] = weight @ columns written in place (the
+    GEMM's leading dimension is the image's row of P pixels: no copy);
+    backward: grad_columns = weight^T @ grad_output[b, :, range] (read in place),
+    col2im_input / col2im_coord over the range, grad_weight += grad_output[b, :, range]
+    @ columns^T.
 
-The output slice copy moves Co * S elements per range, once per output element in all
-(against C*K*S column elements computed per range). With deterministic=True, a split
-image's grad_input contributions are reduced per range into a buffer of one image
-(C*H*W in the accumulation dtype, counted in the plan) and added to grad_input.
+With deterministic=True, a split image's grad_input contributions are reduced per range
+into a buffer of one image (C*H*W in A, counted in the plan) and added to grad_input.
 
 Peak extra memory of a call is then at most ``max(workspace_bytes, MIN_SLICE_BYTES)``
 (the plan's ``workspace_peak_bytes``) plus ``WORKSPACE_CONSTANT``: what is allocated
 besides the plan's buffers is the results (output; the gradients, with grad_input,
-grad_weight and grad_bias in the accumulation dtype until rounded once), the weight and
-bias widened for half types (and the copy of the transposed weight a GEMM library may
-make: Co * C/groups * K accumulation elements), the deterministic sort's temporaries (a
-copy of the keys and thrust's), and BLAS workspace; WORKSPACE_CONSTANT is the slack for
-the small ones (allocator rounding, the per-range grad_bias sum). The bound needs one
-range of one pixel to fit MIN_SLICE_BYTES (backward_costs: per_range + per_pixel, about
-(2 + 36) * C*K + Co float32 elements per pixel in deterministic mode, plus Co * C/groups
-* K and C*H*W per range); past that a range is one pixel.
+grad_weight and grad_bias in A until rounded once), the deterministic sort's temporaries
+(a copy of the keys and thrust's), and cuBLAS's own workspace; WORKSPACE_CONSTANT is the
+slack for the small ones (allocator rounding). The bound needs one range of one pixel to
+fit MIN_SLICE_BYTES (backward_costs: per_range + per_pixel, about (1 + 36) * C*K A
+elements per pixel in deterministic mode, plus C*H*W per range); past that a range is
+one pixel.
+
+What a call launched, ran and allocated is reported to
+:func:`cupydcn.cuda.launch.record_calls` (kernel launches, array operations, GEMMs,
+workspace buffers): the tests pin these per shape.
 """
 
 from __future__ import annotations
@@ -64,25 +81,25 @@ from cupydcn.cuda.deterministic import (
 )
 from cupydcn.cuda.launch import (
     KernelLauncher,
+    KernelTypes,
     contiguous,
     index_bits_for_sizes,
-    kernel_arguments,
-    launch_kernel,
+    report_array_operation,
     round_to_dtype,
-    widen_to_acc,
+    workspace_empty,
 )
+from cupydcn.cuda.tf32 import is_tf32_allowed
+from cupydcn.deform_conv import cuda_kernels
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
 
 # An image is split into ranges of output pixels only when its buffers exceed
 # max(workspace_bytes, MIN_SLICE_BYTES), and then into ranges whose buffers fit that:
-# smaller images always run whole (the common case, unchanged), and no launch is split
-# finer than this many bytes of buffers.
+# smaller images always run whole (the common case), and no launch is split finer than
+# this many bytes of buffers.
 MIN_SLICE_BYTES = 4 << 20
-# Extra memory of a call: at most max(workspace_bytes, MIN_SLICE_BYTES) (the plan's
-# workspace_peak_bytes) + WORKSPACE_CONSTANT besides the results, their accumulation-dtype
-# versions and the widened weight and bias (module docstring): 1 MiB of slack for the
-# allocator's rounding, the GEMMs' and the sort's temporaries.
+# Extra memory of a call besides the plan's workspace_peak_bytes and the results (module
+# docstring): 1 MiB of slack for the allocator's rounding and the sort's temporaries.
 WORKSPACE_CONSTANT = 1 << 20
 
 
@@ -116,12 +133,16 @@ def slice_plan(pixels: int, bytes_per_pixel: int, fixed_bytes: int, workspace_by
 class _Plan(NamedTuple):
     dtype_name: str
     acc_dtype: object  # xp dtype
-    needs_widening: bool
+    column_dtype: object  # xp dtype of the columns (the GEMM operand)
     chunk: int  # images per chunk (1 when split)
     index_bits: int
     slice_pixels: int  # output pixels per launch: all of them, or a range when split
     workspace_peak_bytes: int  # the bytes of the buffers this plan sizes
     split: bool  # one image at a time, in ranges of slice_pixels output pixels
+
+    @property
+    def types(self) -> KernelTypes:
+        return KernelTypes(self.dtype_name, self.acc_dtype, self.index_bits)
 
 
 class _Costs(NamedTuple):
@@ -133,6 +154,11 @@ class _Costs(NamedTuple):
     per_range: int
 
 
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+# Contributions of one column element to grad_input: the four corners of its sample.
+_MAX_CONTRIBUTIONS = 4
+
+
 def _plan(
     launcher: KernelLauncher,
     dtype_name: str,
@@ -142,133 +168,28 @@ def _plan(
     index_bits: int | None,
 ) -> _Plan:
     xp = launcher.xp
-    info = DTYPES[dtype_name]
-    acc_dtype = xp.dtype(info.acc_name)
-    widening = info.acc_name != info.name
+    acc_dtype = xp.dtype(DTYPES[dtype_name].acc_name)
+    column_dtype = xp.dtype(
+        cuda_kernels.column_dtype(launcher, KernelTypes(dtype_name, acc_dtype, 32))
+    )
     pixels = geom.out_h * geom.out_w
     chunk = images_per_chunk(geom, costs.per_image, workspace_bytes)
     if chunk == 1 and costs.per_image > max(int(workspace_bytes), MIN_SLICE_BYTES):
         slice_pixels = slice_plan(pixels, costs.per_pixel, costs.per_range, workspace_bytes)
         bits = index_bits if index_bits is not None else index_bits_for(geom, 1, slice_pixels)
-        return _Plan(
-            dtype_name,
-            acc_dtype,
-            widening,
-            1,
-            bits,
-            slice_pixels,
-            costs.per_range + slice_pixels * costs.per_pixel,
-            True,
-        )
+        peak = costs.per_range + slice_pixels * costs.per_pixel
+        return _Plan(dtype_name, acc_dtype, column_dtype, 1, bits, slice_pixels, peak, True)
     bits = index_bits if index_bits is not None else index_bits_for(geom, chunk)
-    return _Plan(
-        dtype_name, acc_dtype, widening, chunk, bits, pixels, chunk * costs.per_image, False
-    )
-
-
-# Contributions of one column element to grad_input: the four corners of its sample.
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-_MAX_CONTRIBUTIONS = 4
-
-
-def _sizes(
-    geom: ConvGeometry, images: int, pixel_start: int = 0, pixel_count: int | None = None
-) -> dict[str, int]:
-    """The size overrides of a conv kernel over a chunk of ``images`` images and the
-    output pixels [pixel_start, pixel_start + pixel_count) (default: all)."""
-    return dict(
-        batch=images,
-        channels=geom.in_channels,
-        padding_mode=PADDING_MODE_CODES[geom.padding_mode],
-        pixel_start=pixel_start,
-        pixel_count=geom.out_h * geom.out_w if pixel_count is None else pixel_count,
-    )
-
-
-def _launch(
-    launcher: KernelLauncher,
-    plan: _Plan,
-    geom: ConvGeometry,
-    kernel: str,
-    images: int,
-    total: int,
-    pixels: tuple[int, int] | None = None,
-    **arrays,
-) -> None:
-    """One conv kernel over ``total`` items of a chunk of ``images`` images (and the
-    output pixel range ``pixels`` = (start, count), default all): ``arrays`` by
-    parameter name; the sizes are the geometry's (padding_mode as its code, a runtime
-    argument of the index type, PADDING_* in cupydcn/cuda/kernels/padding_modes.cuh)."""
-    launch_kernel(
-        launcher,
-        kernel,
-        plan.dtype_name,
-        plan.index_bits,
-        total,
-        geom,
-        sizes=_sizes(geom, images, *(pixels or ())),
-        **arrays,
-    )
-
-
-def _im2col(
-    launcher: KernelLauncher,
-    plan: _Plan,
-    geom: ConvGeometry,
-    input,
-    offset,
-    mask,
-    columns,
-    start: int,
-    stop: int,
-    pixels: tuple[int, int] | None = None,
-):
-    """The columns of images [start, stop) (of the output pixel range ``pixels``, default
-    all) in ``columns[:stop - start]``, returned."""
-    n = stop - start
-    count = geom.out_h * geom.out_w if pixels is None else pixels[1]
-    _launch(
-        launcher,
-        plan,
-        geom,
-        "deform_conv_im2col",
-        n,
-        n * geom.in_channels * count,
-        pixels,
-        input=input[start:stop],
-        offset=offset[start:stop],
-        mask=None if mask is None else mask[start:stop],
-        columns=columns[:n],
-    )
-    return columns[:n]
-
-
-def _widen(launcher: KernelLauncher, plan: _Plan, array, out=None):
-    return widen_to_acc(launcher, plan.dtype_name, plan.index_bits, array, out)
-
-
-def _round(launcher: KernelLauncher, plan: _Plan, acc_array, dtype):
-    return round_to_dtype(launcher, plan.dtype_name, plan.index_bits, acc_array, dtype)
-
-
-def _ranges(pixels: int, slice_pixels: int):
-    """(start, count) of each output pixel range of a split image."""
-    for first in range(0, pixels, slice_pixels):
-        yield first, min(slice_pixels, pixels - first)
+    peak = chunk * costs.per_image
+    return _Plan(dtype_name, acc_dtype, column_dtype, chunk, bits, pixels, peak, False)
 
 
 def forward_costs(geom: ConvGeometry, dtype_name: str) -> _Costs:
-    """The forward's buffer bytes (see :class:`_Costs`)."""
-    info = DTYPES[dtype_name]
-    acc = _ITEMSIZE[info.acc_name]
-    widening = info.acc_name != info.name
+    """The forward's buffer bytes (see :class:`_Costs`): the columns, in the element
+    dtype (the output is written in place by the GEMM)."""
+    column = _ITEMSIZE[dtype_name]
     pixels = geom.out_h * geom.out_w
-    per_image = (geom.column_rows * pixels + (geom.out_channels * pixels if widening else 0)) * acc
-    # a range: its columns, its output in acc (and rounded, for half types)
-    per_pixel = (geom.column_rows + geom.out_channels) * acc + (
-        geom.out_channels * _ITEMSIZE[info.name] if widening else 0
-    )
-    return _Costs(per_image, per_pixel, 0)
+    return _Costs(geom.column_rows * pixels * column, geom.column_rows * column, 0)
 
 
 def forward_plan(
@@ -281,14 +202,58 @@ def forward_plan(
 ) -> _Plan:
     """How :func:`conv_forward` chunks (and splits) the work of ``geom``."""
     dtype_name = dtype_name or geom.dtype_name
-    return _plan(
-        launcher,
-        dtype_name,
-        geom,
-        forward_costs(geom, dtype_name),
-        workspace_bytes,
-        index_bits,
-    )
+    costs = forward_costs(geom, dtype_name)
+    return _plan(launcher, dtype_name, geom, costs, workspace_bytes, index_bits)
+
+
+def _fill_bias(launcher: KernelLauncher, target, bias, groups: int) -> None:
+    """target [n, groups, Co/g, S] (a view) = bias broadcast over images and pixels."""
+    target[...] = bias.reshape(1, groups, -1, 1)
+    report_array_operation("fill_bias")
+
+
+def _grouped_gemm(
+    launcher: KernelLauncher,
+    weight,
+    operand,
+    out,
+    *,
+    transpose_weight: bool,
+    beta: float,
+    tf32: bool,
+) -> None:
+    """out[i, g] = op(weight[g]) @ operand[i, g] for every image i and group g:
+    weight [groups, X, Y], operand [n, groups, r, S] and out [n, groups, r', S] (views
+    with C-contiguous matrices, rows of any stride). min(n, groups) GEMM calls."""
+    xp = launcher.xp
+    n, groups = operand.shape[0], operand.shape[1]
+    if groups == 1 or n < groups:
+        for i in range(n) if groups > 1 else [None]:
+            if i is None:  # one group: one call batched over the images, weight broadcast
+                a = xp.broadcast_to(weight[0:1], (n, *weight.shape[1:]))
+                b, c = operand[:, 0], out[:, 0]
+            else:  # one call per image, batched over the groups
+                a, b, c = weight, operand[i], out[i]
+            launcher.gemm(a, b, c, transpose_a=transpose_weight, beta=beta, tf32=tf32)
+        return
+    for g in range(groups):  # one call per group, batched over the images
+        a = xp.broadcast_to(weight[g : g + 1], (n, *weight.shape[1:]))
+        launcher.gemm(
+            a, operand[:, g], out[:, g], transpose_a=transpose_weight, beta=beta, tf32=tf32
+        )
+
+
+def _weight_operand(weight, geom: ConvGeometry):
+    """weight [Co, Cg, kh, kw] as the GEMMs' [groups, Co/g, Cg*K] operand (a view)."""
+    return weight.reshape(geom.groups, geom.out_channels // geom.groups, -1)
+
+
+def _use_depthwise(geom: ConvGeometry, deterministic: bool = False) -> bool:
+    try:  # TEMPORARY while the depthwise module is written
+        from cupydcn.deform_conv import depthwise_cuda
+    except ImportError:
+        return False
+    return not deterministic and depthwise_cuda.depthwise_applies(geom)
 
 
 def conv_forward(
@@ -303,19 +268,32 @@ def conv_forward(
     workspace_bytes: int,
     dtype_name: str | None = None,
     index_bits: int | None = None,
+    algorithm: str = "auto",
 ):
     """Output [N, C_out, H_out, W_out] of deform_conv2d (arrays of ``launcher.xp``).
-    ``dtype_name`` defaults to the geometry's; ``index_bits`` forces an index width."""
+    ``dtype_name`` defaults to the geometry's; ``index_bits`` forces an index width;
+    ``algorithm``: "auto" (the depthwise kernels where they apply, else im2col + GEMM),
+    "im2col" (always the column path)."""
     dtype_name = dtype_name or geom.dtype_name
     xp = launcher.xp
     input, offset, weight, bias, mask = (
         contiguous(xp, a) for a in (input, offset, weight, bias, mask)
     )
-    output = xp.empty(geom.output_shape, dtype=input.dtype)
     if geom.batch == 0:
-        return output
+        return xp.empty(geom.output_shape, dtype=input.dtype)
+    if algorithm == "auto" and _use_depthwise(geom):
+        from cupydcn.deform_conv import depthwise_cuda
 
-    pixels = geom.out_h * geom.out_w
+        types = KernelTypes(
+            dtype_name,
+            xp.dtype(DTYPES[dtype_name].acc_name),
+            index_bits if index_bits is not None else index_bits_for(geom, geom.batch, 0),
+        )
+        return depthwise_cuda.depthwise_forward(
+            launcher, types, geom, input, offset, weight, bias, mask
+        )
+
+    output = xp.empty(geom.output_shape, dtype=input.dtype)
     plan = forward_plan(
         launcher,
         geom,
@@ -324,137 +302,95 @@ def conv_forward(
         index_bits=index_bits,
     )
     groups = geom.groups
-    out_per_group = geom.out_channels // groups
     rows_per_group = geom.column_rows // groups
-
-    weight_acc = _widen(launcher, plan, weight).reshape(1, groups, out_per_group, rows_per_group)
-    bias_acc = (
-        None if bias is None else _widen(launcher, plan, bias).reshape(1, groups, out_per_group, 1)
+    pixels = geom.out_h * geom.out_w
+    tf32 = is_tf32_allowed()
+    weight_operand = _weight_operand(weight, geom)
+    width = plan.slice_pixels
+    columns = workspace_empty(
+        launcher,
+        (plan.chunk * geom.column_rows * width,),
+        plan.column_dtype,
     )
-    if plan.split:
-        _forward_split(launcher, plan, geom, input, offset, mask, weight_acc, bias_acc, output)
-        return output
-    columns = xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
-    chunk_output_acc = (
-        xp.empty((plan.chunk, geom.out_channels, pixels), dtype=plan.acc_dtype)
-        if plan.needs_widening
-        else None
-    )
-
-    for start in range(0, geom.batch, plan.chunk):
-        stop = min(start + plan.chunk, geom.batch)
+    grouped_output = output.reshape(geom.batch, groups, -1, pixels)
+    beta = 0.0 if bias is None else 1.0
+    for start, stop, first, count in _blocks(geom, plan):
         n = stop - start
-        chunk_columns = _im2col(launcher, plan, geom, input, offset, mask, columns, start, stop)
-        target = output[start:stop] if chunk_output_acc is None else chunk_output_acc[:n]
-        target = target.reshape(n, groups, out_per_group, pixels)
-        xp.matmul(weight_acc, chunk_columns.reshape(n, groups, rows_per_group, pixels), out=target)
-        if bias_acc is not None:
-            target += bias_acc
-        if chunk_output_acc is not None:
-            launcher.launch(
-                "round_to_output",
-                dtype_name,
-                plan.index_bits,
-                target.size,
-                kernel_arguments(
-                    "round_to_output", input=target, output=output[start:stop], total=target.size
-                ),
-            )
+        cols = _front(columns, n, geom.column_rows, count)
+        cuda_kernels.launch_im2col(
+            launcher,
+            plan.types,
+            geom,
+            input=input[start:stop],
+            offset=offset[start:stop],
+            mask=None if mask is None else mask[start:stop],
+            columns=cols,
+            images=n,
+            pixels=None if not plan.split else (first, count),
+        )
+        target = grouped_output[start:stop, :, :, first : first + count]
+        if bias is not None:
+            _fill_bias(launcher, target, bias, groups)
+        _grouped_gemm(
+            launcher,
+            weight_operand,
+            cols.reshape(n, groups, rows_per_group, count),
+            target,
+            transpose_weight=False,
+            beta=beta,
+            tf32=tf32,
+        )
     return output
+
+
+def _blocks(geom: ConvGeometry, plan: _Plan):
+    """(first image, stop image, first pixel, pixel count) of each launch block: chunks of
+    whole images, or one image at a time in ranges of plan.slice_pixels pixels."""
+    pixels = geom.out_h * geom.out_w
+    if not plan.split:
+        for start in range(0, geom.batch, plan.chunk):
+            yield start, min(start + plan.chunk, geom.batch), 0, pixels
+        return
+    for b in range(geom.batch):
+        for first in range(0, pixels, plan.slice_pixels):
+            yield b, b + 1, first, min(plan.slice_pixels, pixels - first)
 
 
 def _front(buffer, *shape):
     """The first elements of a contiguous ``buffer`` as a contiguous array of ``shape``
-    (the ragged last range of a split image uses the front of the range buffers)."""
+    (the ragged last chunk or range uses the front of the buffers)."""
     size = 1
     for extent in shape:
         size *= extent
     return buffer.reshape(-1)[:size].reshape(shape)
 
 
-def _forward_split(launcher, plan, geom, input, offset, mask, weight_acc, bias_acc, output):
-    """The forward one image at a time, in ranges of plan.slice_pixels output pixels."""
-    xp = launcher.xp
-    pixels = geom.out_h * geom.out_w
-    groups = geom.groups
-    out_per_group = geom.out_channels // groups
-    rows_per_group = geom.column_rows // groups
-    width = plan.slice_pixels
-    columns = xp.empty((geom.column_rows * width,), dtype=plan.acc_dtype)
-    slice_acc = xp.empty((geom.out_channels * width,), dtype=plan.acc_dtype)
-    slice_rounded = (
-        xp.empty((geom.out_channels * width,), dtype=output.dtype) if plan.needs_widening else None
-    )
-    flat_output = output.reshape(geom.batch, geom.out_channels, pixels)
-    for b in range(geom.batch):
-        for first, count in _ranges(pixels, width):
-            cols = _im2col(
-                launcher,
-                plan,
-                geom,
-                input,
-                offset,
-                mask,
-                _front(columns, 1, geom.column_rows, count),
-                b,
-                b + 1,
-                (first, count),
-            )
-            target = _front(slice_acc, 1, groups, out_per_group, count)
-            xp.matmul(weight_acc, cols.reshape(1, groups, rows_per_group, count), out=target)
-            if bias_acc is not None:
-                target += bias_acc
-            target = target.reshape(geom.out_channels, count)
-            if slice_rounded is not None:
-                rounded = _front(slice_rounded, geom.out_channels, count)
-                launcher.launch(
-                    "round_to_output",
-                    plan.dtype_name,
-                    plan.index_bits,
-                    target.size,
-                    kernel_arguments(
-                        "round_to_output", input=target, output=rounded, total=target.size
-                    ),
-                )
-                target = rounded
-            flat_output[b, :, first : first + count] = target
-
-
 def backward_costs(
     geom: ConvGeometry, dtype_name: str, wrt: frozenset[str], deterministic: bool
 ) -> _Costs:
-    """The backward's buffer bytes (see :class:`_Costs`) for the gradients ``wrt``."""
+    """The backward's buffer bytes (see :class:`_Costs`) for the gradients ``wrt``:
+    grad_columns (A), the recomputed columns (element dtype), the deterministic slots,
+    and per range the deterministic mode's one-image grad_input buffer."""
     info = DTYPES[dtype_name]
     acc = _ITEMSIZE[info.acc_name]
-    widening = info.acc_name != info.name
+    column = _ITEMSIZE[dtype_name]
     want_input = "input" in wrt
     want_columns_grad = want_input or "offset" in wrt or ("mask" in wrt and geom.has_mask)
     want_weight = "weight" in wrt
     pixels = geom.out_h * geom.out_w
-    rows_per_group = geom.column_rows // geom.groups
-    column_buffers = int(want_columns_grad) + int(want_weight)
     slot_elements = 0
     if deterministic and want_input:
         # Slots of the deterministic scatter, at most 4 per column element, sized for
         # 64-bit indices (an upper bound), in units of the accumulation dtype.
         slot_bytes = bytes_per_item(64) + _MAX_CONTRIBUTIONS * bytes_per_contribution(64, acc)
         slot_elements = -(-slot_bytes // acc)
-    per_image = (
-        geom.column_rows * pixels * column_buffers
-        + (geom.out_channels * pixels if widening else 0)
-        + (geom.out_channels * rows_per_group if want_weight else 0)
-        + geom.column_rows * pixels * slot_elements
-    ) * acc
-    # a range: its columns, grad_columns and slots, its grad_output copied (in acc, and in
-    # the element type first for half types); per range the grad_weight product and, for
-    # the deterministic grad_input, one image's reduction buffer
-    per_pixel = (geom.column_rows * (column_buffers + slot_elements) + geom.out_channels) * acc + (
-        geom.out_channels * _ITEMSIZE[info.name] if widening else 0
+    per_pixel = geom.column_rows * (
+        (int(want_columns_grad) + slot_elements) * acc + int(want_weight) * column
     )
-    per_range = (geom.out_channels * rows_per_group if want_weight else 0) * acc + (
+    per_range = (
         geom.in_channels * geom.height * geom.width * acc if deterministic and want_input else 0
     )
-    return _Costs(per_image, per_pixel, per_range)
+    return _Costs(pixels * per_pixel, per_pixel, per_range)
 
 
 def backward_plan(
@@ -469,13 +405,19 @@ def backward_plan(
 ) -> _Plan:
     """How :func:`conv_backward` chunks (and splits) the work of ``geom``."""
     dtype_name = dtype_name or geom.dtype_name
-    return _plan(
-        launcher,
-        dtype_name,
-        geom,
-        backward_costs(geom, dtype_name, frozenset(wrt), deterministic),
-        workspace_bytes,
-        index_bits,
+    costs = backward_costs(geom, dtype_name, frozenset(wrt), deterministic)
+    return _plan(launcher, dtype_name, geom, costs, workspace_bytes, index_bits)
+
+
+def _conv_sizes(geom: ConvGeometry, images: int, first: int, count: int) -> dict[str, int]:
+    """The size overrides of a conv kernel over ``images`` images and the output pixels
+    [first, first + count)."""
+    return dict(
+        batch=images,
+        channels=geom.in_channels,
+        padding_mode=PADDING_MODE_CODES[geom.padding_mode],
+        pixel_start=first,
+        pixel_count=count,
     )
 
 
@@ -493,15 +435,29 @@ def conv_backward(
     dtype_name: str | None = None,
     index_bits: int | None = None,
     deterministic: bool = False,
+    algorithm: str = "auto",
 ) -> ConvGrads:
     """Gradients of deform_conv2d for the names in ``wrt`` (see :class:`ConvGrads`).
     ``deterministic``: grad_input without floating-point atomics, bitwise reproducible
-    (:mod:`cupydcn.cuda.deterministic`; its buffers count against ``workspace_bytes``)."""
+    (:mod:`cupydcn.cuda.deterministic`; its buffers count against ``workspace_bytes``).
+    ``algorithm`` as for :func:`conv_forward`."""
     dtype_name = dtype_name or geom.dtype_name
     xp = launcher.xp
     grad_output, input, offset, weight, mask = (
         contiguous(xp, a) for a in (grad_output, input, offset, weight, mask)
     )
+    wrt = frozenset(wrt)
+    if algorithm == "auto" and geom.batch > 0 and _use_depthwise(geom, deterministic):
+        from cupydcn.deform_conv import depthwise_cuda
+
+        types = KernelTypes(
+            dtype_name,
+            xp.dtype(DTYPES[dtype_name].acc_name),
+            index_bits if index_bits is not None else index_bits_for(geom, geom.batch, 0),
+        )
+        return depthwise_cuda.depthwise_backward(
+            launcher, types, geom, grad_output, input, offset, weight, mask, wrt=wrt
+        )
     want_input = "input" in wrt
     want_offset = "offset" in wrt
     want_mask = "mask" in wrt and mask is not None
@@ -514,7 +470,6 @@ def conv_backward(
     groups = geom.groups
     out_per_group = geom.out_channels // groups
     rows_per_group = geom.column_rows // groups
-    widening = DTYPES[dtype_name].acc_name != dtype_name
     plan = backward_plan(
         launcher,
         geom,
@@ -524,119 +479,134 @@ def conv_backward(
         index_bits=index_bits,
         deterministic=deterministic,
     )
+    types = plan.types
+    tf32 = is_tf32_allowed()
 
     grad_input_acc = xp.zeros(geom.input_shape, dtype=plan.acc_dtype) if want_input else None
+    if want_input:
+        report_array_operation("zeros")
     grad_offset = xp.empty(geom.offset_shape, dtype=dtype) if want_offset else None
     grad_mask = xp.empty(geom.mask_shape, dtype=dtype) if want_mask else None
     grad_weight_acc = (
-        xp.zeros((groups, out_per_group, rows_per_group), dtype=plan.acc_dtype)
+        xp.empty((groups, out_per_group, rows_per_group), dtype=plan.acc_dtype)
         if want_weight
         else None
     )
-    grad_bias_acc = xp.zeros((geom.out_channels,), dtype=plan.acc_dtype) if want_bias else None
+    grad_bias = None
+    if want_bias:
+        grad_bias_acc = grad_output.sum(axis=(0, 2, 3), dtype=plan.acc_dtype)
+        report_array_operation("sum")
+        grad_bias = _round(launcher, plan, grad_bias_acc, dtype)
+    if want_weight and geom.batch == 0:
+        grad_weight_acc[...] = 0
+        report_array_operation("zeros")
 
-    work = geom.batch > 0 and (want_columns_grad or want_weight or want_bias)
-    if work:
-        weight_acc = _widen(launcher, plan, weight).reshape(groups, out_per_group, rows_per_group)
-        weight_t = xp.swapaxes(weight_acc, 1, 2)[None]  # [1, groups, Cg*K, Co/g]
-    if work and plan.split:
-        _backward_split(
-            launcher,
-            plan,
-            geom,
-            grad_output,
-            input,
-            offset,
-            mask,
-            weight_t,
-            want=(want_input, want_offset, want_mask, want_weight, want_bias),
-            deterministic=deterministic,
-            grads=(grad_input_acc, grad_offset, grad_mask, grad_weight_acc, grad_bias_acc),
-        )
-    elif work:
+    if geom.batch > 0 and (want_columns_grad or want_weight):
+        weight_operand = _weight_operand(weight, geom)
+        grouped_grad_output = grad_output.reshape(geom.batch, groups, out_per_group, pixels)
+        width = plan.slice_pixels
         grad_columns = (
-            xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
+            workspace_empty(launcher, (plan.chunk * geom.column_rows * width,), plan.acc_dtype)
             if want_columns_grad
             else None
         )
         columns = (
-            xp.empty((plan.chunk, geom.column_rows, pixels), dtype=plan.acc_dtype)
+            workspace_empty(launcher, (plan.chunk * geom.column_rows * width,), plan.column_dtype)
             if want_weight
             else None
         )
-        grad_output_acc = (
-            xp.empty((plan.chunk, geom.out_channels, pixels), dtype=plan.acc_dtype)
-            if widening
+        image_grad_input = (
+            workspace_empty(launcher, (1, *geom.input_shape[1:]), plan.acc_dtype)
+            if want_input and deterministic and plan.split
             else None
         )
-        for start in range(0, geom.batch, plan.chunk):
-            stop = min(start + plan.chunk, geom.batch)
+        weight_beta = 0.0  # the first product initialises grad_weight
+        for start, stop, first, count in _blocks(geom, plan):
             n = stop - start
+            pixel_range = None if not plan.split else (first, count)
             chunk_mask = None if mask is None else mask[start:stop]
-            go = grad_output[start:stop].reshape(n, geom.out_channels, pixels)
-            if grad_output_acc is not None:
-                go = _widen(launcher, plan, go, out=grad_output_acc[:n])
-            go_grouped = go.reshape(n, groups, out_per_group, pixels)
-            if want_bias:
-                grad_bias_acc += go.sum(axis=(0, 2))
+            go = grouped_grad_output[start:stop, :, :, first : first + count]
             if want_columns_grad:
-                chunk_grad_columns = grad_columns[:n]
-                xp.matmul(
-                    weight_t,
-                    go_grouped,
-                    out=chunk_grad_columns.reshape(n, groups, rows_per_group, pixels),
+                chunk_grad_columns = _front(grad_columns, n, geom.column_rows, count)
+                _grouped_gemm(
+                    launcher,
+                    weight_operand,
+                    go,
+                    chunk_grad_columns.reshape(n, groups, rows_per_group, count),
+                    transpose_weight=True,
+                    beta=0.0,
+                    tf32=tf32,
                 )
                 if want_input and deterministic:
+                    target = (
+                        grad_input_acc[start:stop] if image_grad_input is None else image_grad_input
+                    )
                     deterministic_scatter(
                         launcher,
                         "deform_conv_col2im_input_slots",
                         plan.dtype_name,
                         plan.index_bits,
-                        n * geom.column_rows * pixels,
+                        n * geom.column_rows * count,
                         geom,
-                        grad_input_acc[start:stop],
-                        sizes=_sizes(geom, n),
+                        target,
+                        sizes=_conv_sizes(geom, n, first, count),
                         grad_columns=chunk_grad_columns,
                         offset=offset[start:stop],
                         mask=chunk_mask,
                     )
+                    if image_grad_input is not None:
+                        grad_input_acc[start:stop] += image_grad_input
+                        report_array_operation("add")
                 elif want_input:
-                    _launch(
+                    cuda_kernels.launch_col2im_input(
                         launcher,
-                        plan,
+                        types,
                         geom,
-                        "deform_conv_col2im_input",
-                        n,
-                        n * geom.column_rows * pixels,
                         grad_columns=chunk_grad_columns,
                         offset=offset[start:stop],
                         mask=chunk_mask,
                         grad_input=grad_input_acc[start:stop],
+                        images=n,
+                        pixels=pixel_range,
                     )
                 if want_offset or want_mask:
-                    _launch(
+                    cuda_kernels.launch_col2im_coord(
                         launcher,
-                        plan,
+                        types,
                         geom,
-                        "deform_conv_col2im_coord",
-                        n,
-                        n * geom.offset_groups * geom.taps * pixels,
                         grad_columns=chunk_grad_columns,
                         input=input[start:stop],
                         offset=offset[start:stop],
                         mask=chunk_mask,
                         grad_offset=None if grad_offset is None else grad_offset[start:stop],
                         grad_mask=None if grad_mask is None else grad_mask[start:stop],
+                        images=n,
+                        pixels=pixel_range,
                     )
             if want_weight:
-                chunk_columns = _im2col(
-                    launcher, plan, geom, input, offset, mask, columns, start, stop
+                cols = _front(columns, n, geom.column_rows, count)
+                cuda_kernels.launch_im2col(
+                    launcher,
+                    types,
+                    geom,
+                    input=input[start:stop],
+                    offset=offset[start:stop],
+                    mask=chunk_mask,
+                    columns=cols,
+                    images=n,
+                    pixels=pixel_range,
                 )
-                per_image_grad = xp.matmul(
-                    go_grouped,
-                    xp.swapaxes(chunk_columns.reshape(n, groups, rows_per_group, pixels), 2, 3),
-                )
-                grad_weight_acc += per_image_grad.sum(axis=0)
+                grouped_cols = cols.reshape(n, groups, rows_per_group, count)
+                for i in range(n):  # grad_weight[g] += go[i, g] @ cols[i, g]^T
+                    launcher.gemm(
+                        go[i],
+                        grouped_cols[i],
+                        grad_weight_acc,
+                        transpose_b=True,
+                        beta=weight_beta,
+                        tf32=tf32,
+                    )
+                    weight_beta = 1.0
 
     return ConvGrads(
         grad_input=None
@@ -647,121 +617,9 @@ def conv_backward(
         if grad_weight_acc is None
         else _round(launcher, plan, grad_weight_acc, dtype).reshape(geom.weight_shape),
         grad_mask=grad_mask,
-        grad_bias=None if grad_bias_acc is None else _round(launcher, plan, grad_bias_acc, dtype),
+        grad_bias=grad_bias,
     )
 
 
-def _backward_split(
-    launcher, plan, geom, grad_output, input, offset, mask, weight_t, *, want, deterministic, grads
-):
-    """The backward one image at a time, in ranges of plan.slice_pixels output pixels;
-    ``grads`` (the accumulation buffers of conv_backward) are accumulated over them."""
-    xp = launcher.xp
-    want_input, want_offset, want_mask, want_weight, want_bias = want
-    grad_input_acc, grad_offset, grad_mask, grad_weight_acc, grad_bias_acc = grads
-    want_columns_grad = want_input or want_offset or want_mask
-    pixels = geom.out_h * geom.out_w
-    groups = geom.groups
-    out_per_group = geom.out_channels // groups
-    rows_per_group = geom.column_rows // groups
-    width = plan.slice_pixels
-    flat_grad_output = grad_output.reshape(geom.batch, geom.out_channels, pixels)
-    go_acc = xp.empty((geom.out_channels * width,), dtype=plan.acc_dtype)
-    go_copy = (
-        xp.empty((geom.out_channels * width,), dtype=grad_output.dtype)
-        if plan.needs_widening
-        else None
-    )
-    grad_columns = (
-        xp.empty((geom.column_rows * width,), dtype=plan.acc_dtype) if want_columns_grad else None
-    )
-    columns = xp.empty((geom.column_rows * width,), dtype=plan.acc_dtype) if want_weight else None
-    image_grad_input = (
-        xp.empty((1, *geom.input_shape[1:]), dtype=plan.acc_dtype)
-        if want_input and deterministic
-        else None
-    )
-    for b in range(geom.batch):
-        chunk_mask = None if mask is None else mask[b : b + 1]
-        for first, count in _ranges(pixels, width):
-            pixel_range = (first, count)
-            view = flat_grad_output[b, :, first : first + count]
-            if go_copy is None:
-                go = _front(go_acc, geom.out_channels, count)
-                go[...] = view
-            else:
-                copied = _front(go_copy, geom.out_channels, count)
-                copied[...] = view
-                go = _widen(launcher, plan, copied, out=_front(go_acc, geom.out_channels, count))
-            go_grouped = go.reshape(1, groups, out_per_group, count)
-            if want_bias:
-                grad_bias_acc += go.sum(axis=1)
-            if want_columns_grad:
-                chunk_grad_columns = _front(grad_columns, 1, geom.column_rows, count)
-                xp.matmul(
-                    weight_t,
-                    go_grouped,
-                    out=chunk_grad_columns.reshape(1, groups, rows_per_group, count),
-                )
-                if want_input and deterministic:
-                    deterministic_scatter(
-                        launcher,
-                        "deform_conv_col2im_input_slots",
-                        plan.dtype_name,
-                        plan.index_bits,
-                        geom.column_rows * count,
-                        geom,
-                        image_grad_input,
-                        sizes=_sizes(geom, 1, first, count),
-                        grad_columns=chunk_grad_columns,
-                        offset=offset[b : b + 1],
-                        mask=chunk_mask,
-                    )
-                    grad_input_acc[b : b + 1] += image_grad_input
-                elif want_input:
-                    _launch(
-                        launcher,
-                        plan,
-                        geom,
-                        "deform_conv_col2im_input",
-                        1,
-                        geom.column_rows * count,
-                        pixel_range,
-                        grad_columns=chunk_grad_columns,
-                        offset=offset[b : b + 1],
-                        mask=chunk_mask,
-                        grad_input=grad_input_acc[b : b + 1],
-                    )
-                if want_offset or want_mask:
-                    _launch(
-                        launcher,
-                        plan,
-                        geom,
-                        "deform_conv_col2im_coord",
-                        1,
-                        geom.offset_groups * geom.taps * count,
-                        pixel_range,
-                        grad_columns=chunk_grad_columns,
-                        input=input[b : b + 1],
-                        offset=offset[b : b + 1],
-                        mask=chunk_mask,
-                        grad_offset=None if grad_offset is None else grad_offset[b : b + 1],
-                        grad_mask=None if grad_mask is None else grad_mask[b : b + 1],
-                    )
-            if want_weight:
-                cols = _im2col(
-                    launcher,
-                    plan,
-                    geom,
-                    input,
-                    offset,
-                    mask,
-                    _front(columns, 1, geom.column_rows, count),
-                    b,
-                    b + 1,
-                    pixel_range,
-                )
-                grad_weight_acc += xp.matmul(
-                    go_grouped,
-                    xp.swapaxes(cols.reshape(1, groups, rows_per_group, count), 2, 3),
-                )[0]
+def _round(launcher: KernelLauncher, plan: _Plan, acc_array, dtype):
+    return round_to_dtype(launcher, plan.dtype_name, plan.index_bits, acc_array, dtype)

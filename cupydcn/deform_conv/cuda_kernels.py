@@ -8,14 +8,17 @@ range ``pixels`` = (start, count), default the whole image).
 
 from __future__ import annotations
 
+from cupydcn.core.dtypes import numpy_dtype
 from cupydcn.cuda.launch import KernelLauncher, KernelTypes, launch_kernel
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 from cupydcn.deform_conv.spec import ConvGeometry
 
 
 def column_dtype(launcher: KernelLauncher, types: KernelTypes):
-    """The dtype of the forward's column buffer (what deform_conv_im2col writes)."""
-    return types.acc_dtype
+    """The dtype of the column buffer deform_conv_im2col writes: the element dtype (for
+    half types each value is computed in float32 and rounded once), so the GEMMs take
+    columns, weight and grad_output as they are."""
+    return numpy_dtype(types.dtype_name)
 
 
 def _sizes(geom: ConvGeometry, images: int, pixels: tuple[int, int] | None) -> dict[str, int]:

@@ -132,7 +132,9 @@ def conv_forward(
             tiles = plan.tiles_of(points, geom)
             samples = _samples(input[images], points, tiles, geom, acc)
             del points
-            columns = _columns(samples, _flat_mask(mask, images, pixels, geom, acc), geom, n)
+            columns = _columns(
+                samples, _flat_mask(mask, images, pixels, geom, acc), geom, n, dtype
+            )
             del samples
             result = np.matmul(weight_by_group, columns)  # [n, groups, C_out/groups, P]
             del columns
@@ -207,7 +209,11 @@ def conv_backward(
             flat_mask = _flat_mask(mask, images, pixels, geom, acc)
             if grad_weight_sum is not None:
                 columns = _columns(
-                    _samples(input[images], points, tiles, geom, acc, cache), flat_mask, geom, n
+                    _samples(input[images], points, tiles, geom, acc, cache),
+                    flat_mask,
+                    geom,
+                    n,
+                    dtype,
                 )
                 for image in range(n):  # one weight-sized product at a time
                     grad_weight_sum += np.matmul(
@@ -741,13 +747,21 @@ def _flat_mask(
 
 
 def _columns(
-    samples: np.ndarray, flat_mask: np.ndarray | None, geom: ConvGeometry, n: int
+    samples: np.ndarray,
+    flat_mask: np.ndarray | None,
+    geom: ConvGeometry,
+    n: int,
+    element_dtype: np.dtype,
 ) -> np.ndarray:
     """The GEMM operand ``mask * samples`` as [n, groups, (C/groups)*K, pixels] (row
     c*K + k within a weight group; the memory of [n, C*K, pixels]) from samples [C/G, M],
-    which is scaled by the mask in place."""
+    which is scaled by the mask in place. For half types each column value is rounded
+    once to ``element_dtype`` (docs/semantics.md §6.1: the columns are GEMM operands in
+    the element dtype) and carried on in the accumulation dtype."""
     if flat_mask is not None:
         samples *= flat_mask
+    if element_dtype != samples.dtype:
+        samples[...] = samples.astype(element_dtype)
     channels_per_group = samples.shape[0]
     pixels = samples.shape[1] // (n * geom.offset_groups * geom.taps)
     by_image = samples.reshape(channels_per_group, n, geom.offset_groups, geom.taps * pixels)
