@@ -361,7 +361,7 @@ CASES = {
 
 # The results computed from the columns, which half types round to the element dtype
 # before the GEMMs (docs/semantics.md §6.1): one more rounding per term.
-FROM_COLUMNS = ("output", "grad_weight")
+FROM_COLUMNS = ("output", "grad_weight", "weight")
 
 
 def assert_close(actual, expected, dtype_name, what, *, roundings=1):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from cupydcn.deform_conv import cuda_backend as backend
+from cupydcn.deform_conv import cuda_kernels as kernels
 from cupydcn.deform_conv.spec import ConvGeometry
 from support import DTYPE_NAMES, GRADS, on_device, to_numpy
 from test_conv_emulated import CASES, Problem, assert_close, check_all, run_backward, run_forward
@@ -61,16 +62,22 @@ def test_costs_pinned():
     """The byte counts of the "grouped" case (C*K = 36 column rows, Co = 4, groups 2)."""
     geom = Problem("float32", **SPLIT_CASES["grouped"]).geom
     assert (geom.column_rows, geom.out_channels, geom.out_h * geom.out_w) == (36, 4, 36)
-    # forward: columns 36 + output slice 4, float32; float16 also the rounded slice
-    # (whole images write float32 output in place: only the columns)
-    assert backend.forward_costs(geom, "float32") == (36 * 36 * 4, 160, 0)
-    assert backend.forward_costs(geom, "float16").per_pixel == 160 + 4 * 2
-    assert backend.forward_costs(geom, "float64").per_pixel == 320
-    # backward: columns + grad_columns + grad_output slice; per range the grad_weight product
-    assert backend.backward_costs(geom, "float32", frozenset(GRADS), False)[1:] == (304, 288)
-    # deterministic: 36 accumulation elements of slots per column element, and one
-    # image's grad_input (6 * 7 * 9 floats) per range
-    assert backend.backward_costs(geom, "float32", frozenset(GRADS), True)[1:] == (5488, 288 + 1512)
+    # forward: the columns alone, in the element dtype (the GEMM writes the output, or a
+    # range of it, in place)
+    assert backend.forward_costs(geom, "float32") == (36 * 36 * 4, 36 * 4, 0)
+    assert backend.forward_costs(geom, "float16") == (36 * 36 * 2, 36 * 2, 0)
+    assert backend.forward_costs(geom, "float64").per_pixel == 36 * 8
+    # backward: grad_columns (A) + the recomputed columns (element dtype) per pixel; the
+    # GEMMs read grad_output in place and accumulate grad_weight into its result
+    assert backend.backward_costs(geom, "float32", frozenset(GRADS), False)[1:] == (36 * 8, 0)
+    assert backend.backward_costs(geom, "bfloat16", frozenset(GRADS), False)[1:] == (36 * 6, 0)
+    # deterministic: 36 accumulation elements of slots per column element (16 bytes per
+    # item + 4 contributions of 2 * (8 + 4) + 8 bytes = 144 bytes), and one image's
+    # grad_input (6 * 7 * 9 floats) per range
+    assert backend.backward_costs(geom, "float32", frozenset(GRADS), True)[1:] == (
+        36 * (37 * 4 + 4),
+        6 * 7 * 9 * 4,
+    )
 
 
 def _big_geometry(**overrides) -> ConvGeometry:
@@ -102,12 +109,16 @@ def _big_geometry(**overrides) -> ConvGeometry:
 @pytest.mark.parametrize(
     "dtype_name, backward, deterministic, expected",
     [
-        # 151 MB of columns per image against 64 MiB: ranges of 6553 pixels (3 per image)
-        ("float32", False, False, (6553, 67_102_720)),
-        ("float16", False, False, (6241, 67_103_232)),
-        ("float32", True, False, (3328, 67_108_864)),
-        ("float32", True, True, (136, 66_904_064)),
-        ("float64", True, True, (64, 66_715_648)),
+        # 151 MB of columns per image (C*K = 2304, 16384 pixels) against 64 MiB: ranges of
+        # 2^26 // (2304 * 4) = 7281 pixels (3 per image)
+        ("float32", False, False, (7281, 7281 * 2304 * 4)),
+        ("float16", False, False, (14563, 14563 * 2304 * 2)),
+        # grad_columns and columns: 8 bytes per column element
+        ("float32", True, False, (3640, 3640 * 2304 * 8)),
+        # + 37 slot elements of 4 bytes, and 256 * 128 * 128 floats per range
+        ("float32", True, True, (143, 2**24 + 143 * 2304 * 152)),
+        # float64: 176 slot bytes = 22 elements, 8 bytes each; 2^25 bytes per range
+        ("float64", True, True, (75, 2**25 + 75 * 2304 * 192)),
     ],
 )
 def test_plans_of_a_large_image_stay_within_budget(
@@ -140,7 +151,7 @@ def test_issue_example_a_huge_image_is_split(host_launcher):
     whole = backend.forward_costs(geom, "float32").per_image
     assert whole == 576 * 5120 * 5120 * 4 > 14 * 2**30
     plan = backend.forward_plan(host_launcher, geom, workspace_bytes=2**26)
-    assert plan.split and plan.slice_pixels == 2**26 // ((576 + 64) * 4) == 26214
+    assert plan.split and plan.slice_pixels == 2**26 // (576 * 4) == 29127
     assert plan.workspace_peak_bytes <= 2**26
     # 64-bit indices for the whole-image columns, but a range fits 32-bit ones
     assert backend.index_bits_for(geom, 1) == 64 and plan.index_bits == 32
@@ -158,7 +169,7 @@ def test_small_images_run_whole(host_launcher):
     geom = _big_geometry(batch=3, in_channels=128, height=64, width=64, out_h=64, out_w=64)
     plan = backend.forward_plan(host_launcher, geom, workspace_bytes=1)
     assert plan.split and plan.workspace_peak_bytes <= backend.MIN_SLICE_BYTES
-    assert plan.slice_pixels == backend.MIN_SLICE_BYTES // ((1152 + 256) * 4) == 744
+    assert plan.slice_pixels == backend.MIN_SLICE_BYTES // (1152 * 4) == 910
 
 
 @pytest.mark.parametrize("index_bits", [None, 64], ids=["auto-index", "index64"])
@@ -206,50 +217,65 @@ def test_split_kernels_bitwise_whole(launcher, dtype_name):
     plan = backend.forward_plan(launcher, geom, workspace_bytes=1 << 30)
     input, offset, _, _, mask = on_device(launcher, *problem.arrays())
     acc = plan.acc_dtype
-    whole = xp.empty((geom.batch, geom.column_rows, pixels), dtype=acc)
-    backend._im2col(launcher, plan, geom, input, offset, mask, whole, 0, geom.batch)
+    whole = xp.empty((geom.batch, geom.column_rows, pixels), dtype=plan.column_dtype)
+    kernels.launch_im2col(
+        launcher,
+        plan.types,
+        geom,
+        input=input,
+        offset=offset,
+        mask=mask,
+        columns=whole,
+        images=geom.batch,
+    )
     rng = np.random.default_rng(5)
     grad_columns = xp.asarray(rng.standard_normal(whole.shape).astype(acc))
     grad_offset = xp.empty(geom.offset_shape, dtype=input.dtype)
     grad_mask = xp.empty(geom.mask_shape, dtype=input.dtype)
-    backend._launch(
+    kernels.launch_col2im_coord(
         launcher,
-        plan,
+        plan.types,
         geom,
-        "deform_conv_col2im_coord",
-        geom.batch,
-        geom.batch * geom.offset_groups * geom.taps * pixels,
         grad_columns=grad_columns,
         input=input,
         offset=offset,
         mask=mask,
         grad_offset=grad_offset,
         grad_mask=grad_mask,
+        images=geom.batch,
     )
     split_offset = xp.full(geom.offset_shape, np.nan, dtype=input.dtype)
     split_mask = xp.full(geom.mask_shape, np.nan, dtype=input.dtype)
     for b, first in itertools.product(range(geom.batch), range(0, pixels, RANGE)):
         count = min(RANGE, pixels - first)
-        part = xp.empty((1, geom.column_rows, count), dtype=acc)
-        backend._im2col(launcher, plan, geom, input, offset, mask, part, b, b + 1, (first, count))
+        part = xp.empty((1, geom.column_rows, count), dtype=plan.column_dtype)
+        kernels.launch_im2col(
+            launcher,
+            plan.types,
+            geom,
+            input=input[b : b + 1],
+            offset=offset[b : b + 1],
+            mask=mask[b : b + 1],
+            columns=part,
+            images=1,
+            pixels=(first, count),
+        )
         np.testing.assert_array_equal(
             to_numpy(part)[0], to_numpy(whole)[b, :, first : first + count]
         )
         part_grad = xp.ascontiguousarray(grad_columns[b : b + 1, :, first : first + count])
-        backend._launch(
+        kernels.launch_col2im_coord(
             launcher,
-            plan,
+            plan.types,
             geom,
-            "deform_conv_col2im_coord",
-            1,
-            geom.offset_groups * geom.taps * count,
-            (first, count),
             grad_columns=part_grad,
             input=input[b : b + 1],
             offset=offset[b : b + 1],
             mask=mask[b : b + 1],
             grad_offset=split_offset[b : b + 1],
             grad_mask=split_mask[b : b + 1],
+            images=1,
+            pixels=(first, count),
         )
     for got, want in ((split_offset, grad_offset), (split_mask, grad_mask)):
         got, want = to_numpy(got), to_numpy(want)

@@ -440,3 +440,59 @@ def workspace_empty(launcher: KernelLauncher, shape, dtype):
     for record in _RECORDERS.get():
         record.workspace.append(int(array.nbytes))
     return array
+
+
+class NullLauncher:
+    """A :class:`KernelLauncher` on NumPy that runs nothing: every launch and GEMM is
+    checked for shape (GEMM operands) and reported to :func:`record_calls` recorders as a
+    real launcher would, but no kernel runs and results stay uninitialised. For counting
+    what the orchestration launches and allocates without a device, and for measuring the
+    host overhead of a call (``benchmarks/host_overhead.py``)."""
+
+    def __init__(self) -> None:
+        import numpy
+
+        self.xp = numpy
+
+    def launch(
+        self,
+        kernel: str,
+        dtype_name: str,
+        index_bits: int,
+        total: int,
+        args: Sequence[object],
+        *,
+        template_args: tuple[int, ...] = (),
+        grid: tuple[int, int, int] | None = None,
+        block: tuple[int, int, int] | None = None,
+    ) -> None:
+        from cupydcn.cuda.kernel_source import check_template_args
+
+        template_args = check_template_args(kernel, template_args)
+        shape = check_launch_shape(kernel, grid, block)
+        parameters = kernel_parameters(kernel)
+        if len(args) != len(parameters):
+            raise TypeError(f"{kernel}: takes {len(parameters)} arguments; got {len(args)}")
+        if total == 0:
+            return
+        if shape is None:
+            blocks, threads = launch_config(total)
+            shape = ((blocks, 1, 1), (threads, 1, 1))
+        report_launch(kernel, template_args, *shape)
+
+    def gemm(
+        self,
+        a,
+        b,
+        out,
+        *,
+        transpose_a: bool = False,
+        transpose_b: bool = False,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+        tf32: bool = False,
+    ) -> None:
+        batch, m, n, k = check_gemm_operands(
+            a, b, out, transpose_a=transpose_a, transpose_b=transpose_b
+        )
+        report_gemm(GemmCall(batch, m, n, k, a.dtype.name, out.dtype.name, tf32))
