@@ -13,6 +13,7 @@ from cupydcn.core.errors import (
 )
 from cupydcn.cuda.deterministic import deterministic_mode, is_deterministic, set_deterministic
 from cupydcn.cuda.precompile import precompile
+from cupydcn.cuda.tf32 import allow_tf32, is_tf32_allowed, set_allow_tf32
 from cupydcn.deform_attn import (
     Dcnv3Grads,
     Dcnv4Grads,
@@ -41,6 +42,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvGrads",
+    "allow_tf32",
+    "is_tf32_allowed",
+    "set_allow_tf32",
     "Dcnv3Grads",
     "Dcnv4Grads",
     "MsdaGrads",

@@ -164,7 +164,10 @@ def _backward_impl(
     # torch.use_deterministic_algorithms(True) makes the CUDA backward deterministic
     # (no float atomics); otherwise cupydcn's own setting decides (cupydcn.set_deterministic).
     deterministic = True if torch.are_deterministic_algorithms_enabled() else None
-    grads = function(*arrays, wrt=wrt, deterministic=deterministic, **options.kwargs(option_values))
+    with cupydcn.allow_tf32(torch_allows_tf32()):  # float32 GEMMs follow PyTorch's setting
+        grads = function(
+            *arrays, wrt=wrt, deterministic=deterministic, **options.kwargs(option_values)
+        )
     return [_result(g) for g in grads if g is not None]
 
 
@@ -339,11 +342,21 @@ def psroi_pool_options(
 _CONV_TENSORS = "Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask"
 
 
+def torch_allows_tf32() -> bool:
+    """Whether PyTorch lets float32 matmuls use TF32 now:
+    ``torch.backends.cuda.matmul.allow_tf32`` or a ``torch.get_float32_matmul_precision()``
+    other than "highest". cupydcn.torch's ops follow it (:func:`cupydcn.allow_tf32`)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or (
+        torch.get_float32_matmul_precision() != "highest"
+    )
+
+
 @_custom_op("deform_conv2d", _CONV_TENSORS, _CONV, "Tensor")
 def _deform_conv2d(input, offset, weight, bias, mask, *options) -> Tensor:
-    return _result(
-        cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask, **_CONV.kwargs(options))
-    )
+    with cupydcn.allow_tf32(torch_allows_tf32()):
+        return _result(
+            cupydcn.deform_conv2d(input, offset, weight, bias, mask=mask, **_CONV.kwargs(options))
+        )
 
 
 @_deform_conv2d.register_fake
