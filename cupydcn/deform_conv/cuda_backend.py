@@ -212,7 +212,7 @@ def _fill_bias(launcher: KernelLauncher, target, bias, groups: int) -> None:
     report_array_operation("fill_bias")
 
 
-def _grouped_gemm(
+def grouped_gemm(
     launcher: KernelLauncher,
     weight,
     operand,
@@ -331,7 +331,7 @@ def conv_forward(
         target = grouped_output[start:stop, :, :, first : first + count]
         if bias is not None:
             _fill_bias(launcher, target, bias, groups)
-        _grouped_gemm(
+        grouped_gemm(
             launcher,
             weight_operand,
             cols.reshape(n, groups, rows_per_group, count),
@@ -528,7 +528,7 @@ def conv_backward(
             go = grouped_grad_output[start:stop, :, :, first : first + count]
             if want_columns_grad:
                 chunk_grad_columns = _front(grad_columns, n, geom.column_rows, count)
-                _grouped_gemm(
+                grouped_gemm(
                     launcher,
                     weight_operand,
                     go,

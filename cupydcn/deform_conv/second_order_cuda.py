@@ -24,7 +24,8 @@ from cupydcn.cuda.launch import (
     round_to_dtype,
     widen_to_acc,
 )
-from cupydcn.deform_conv.cuda_backend import index_bits_for
+from cupydcn.cuda.tf32 import is_tf32_allowed
+from cupydcn.deform_conv.cuda_backend import grouped_gemm, index_bits_for
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 from cupydcn.deform_conv.second_order import TERM_NAMES, checked_geometry
 from cupydcn.deform_conv.spec import ConvGeometry
@@ -135,6 +136,7 @@ def offset_second_order_terms(
                 )
         return out
 
+    tf32 = is_tf32_allowed()
     weight_acc = widen_to_acc(launcher, dtype_name, bits, weight).reshape(groups, cout, rows)
     gy = widen_to_acc(launcher, dtype_name, bits, grad_output).reshape(n, groups, cout, pixels)
 
@@ -150,16 +152,25 @@ def offset_second_order_terms(
             columns=columns,
         )
         grouped = columns.reshape(n, groups, rows, pixels)
-        if "grad_output" in want:
-            out["grad_output"] = rounded(xp.matmul(weight_acc[None], grouped), grad_output.shape)
-        if "weight" in want:
-            per_image = xp.matmul(gy, xp.swapaxes(grouped, 2, 3))
-            out["weight"] = rounded(xp.ascontiguousarray(per_image.sum(axis=0)), weight.shape)
+        if "grad_output" in want:  # weight @ columns, per image and group
+            product = xp.empty((n, groups, cout, pixels), dtype=acc_dtype)
+            grouped_gemm(
+                launcher, weight_acc, grouped, product, transpose_weight=False, beta=0.0, tf32=tf32
+            )
+            out["grad_output"] = rounded(product, grad_output.shape)
+        if "weight" in want:  # sum over images of gy @ columns^T
+            grad_weight = xp.empty((groups, cout, rows), dtype=acc_dtype)
+            for i in range(n):
+                launcher.gemm(
+                    gy[i], grouped[i], grad_weight, transpose_b=True, beta=float(i > 0), tf32=tf32
+                )
+            out["weight"] = rounded(grad_weight, weight.shape)
 
     if not ({"input", "offset"} & want or want_mask):
         return out
-    colgrad = xp.matmul(xp.swapaxes(weight_acc, 1, 2)[None], gy)  # [n, groups, rows, P]
-    colgrad = xp.ascontiguousarray(colgrad).reshape(n, geom.column_rows, pixels)
+    colgrad = xp.empty((n, groups, rows, pixels), dtype=acc_dtype)  # weight^T @ gy
+    grouped_gemm(launcher, weight_acc, gy, colgrad, transpose_weight=True, beta=0.0, tf32=tf32)
+    colgrad = colgrad.reshape(n, geom.column_rows, pixels)
     if "offset" in want or want_mask:
         grad_offset = xp.empty(offset.shape, dtype) if "offset" in want else None
         grad_mask = xp.empty(mask.shape, dtype) if want_mask else None
