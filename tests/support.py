@@ -195,6 +195,52 @@ def assert_close_to_sum(
     )
 
 
+def assert_close_with_rounded_columns(
+    actual,
+    expected,
+    column_magnitude,
+    dtype_name: str,
+    what: str = "",
+    *,
+    magnitude=None,
+    roundings: int = 2,
+    zero_scale: float = 1.0,
+) -> None:
+    """deform_conv2d's output or grad_weight, the results computed from its columns, which
+    the half types round once to the element dtype before the GEMMs (docs/semantics.md
+    §6.1): the bound of ``assert_close_to_sum`` (given ``magnitude``, the sum of |terms|)
+    or else of ``assert_close`` (of_max * the tensor's largest finite |expected|), plus
+    rounding * ``column_magnitude``, the sum over the GEMM's terms of |weight| * |column|
+    (|grad_output| * |column| for grad_weight): one rounding of each column value, none of
+    the bias. rounding is 0 for float32 and float64, whose bounds are unchanged. Same NaN
+    pattern; elements where expected is NaN (given ``magnitude``) or not finite (without)
+    are not bounded, as in those two."""
+    tolerance = TOLERANCE[dtype_name]
+    assert actual is not None, f"{what}: missing"
+    expected = as_float64(expected)
+    actual = as_float64(actual)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    _nan_patterns_agree(actual, expected, what)
+    if magnitude is None:
+        accumulation = tolerance.of_max * tensor_scale(expected, empty=zero_scale)
+        unbounded = ~np.isfinite(expected)
+    else:
+        accumulation = tolerance.of_sum * as_float64(magnitude)
+        unbounded = np.isnan(expected)
+    bound = (
+        roundings * tolerance.rounding * np.abs(expected)
+        + accumulation
+        + tolerance.rounding * as_float64(column_magnitude)
+    )
+    error = np.abs(actual - expected)
+    ok = unbounded | (error <= bound)
+    assert ok.all(), (
+        f"{what} ({dtype_name}): {np.sum(~ok)} of {ok.size} elements off; max error "
+        f"{np.nanmax(error):.3g}, worst excess {np.nanmax(error - bound):.3g} at "
+        f"{np.argwhere(~ok)[:3].tolist()}"
+    )
+
+
 def relative_error(actual, expected) -> float:
     """max |actual - expected| / max |expected| over the elements where expected is not
     NaN (0 for an empty tensor)."""
@@ -241,8 +287,10 @@ def to_numpy(array):
 
 
 class RecordingLauncher:
-    """A KernelLauncher (CuPy's) that records each launch as the emulator's
-    ``HostLauncher.launches`` does, so the kernel tests read launches the same way."""
+    """A KernelLauncher (CuPy's) that records each launch and GEMM as the emulator's
+    ``HostLauncher.launches`` / ``gemms`` do, so the kernel tests read them the same way.
+    Template arguments and an explicit grid and block are passed through (only when given,
+    so a launcher of the first protocol still takes grid-stride launches)."""
 
     exact = False  # the device contracts a * b + c into FMAs: not bitwise the NumPy backend
 
@@ -250,14 +298,64 @@ class RecordingLauncher:
         self.inner = inner
         self.xp = inner.xp
         self.launches: list = []
+        self.gemms: list = []
 
-    def launch(self, kernel, dtype_name, index_bits, total, args):
-        from cupydcn.cuda.launch import launch_config
+    def launch(
+        self,
+        kernel,
+        dtype_name,
+        index_bits,
+        total,
+        args,
+        *,
+        template_args=(),
+        grid=None,
+        block=None,
+    ):
+        from cupydcn.cuda.launch import check_launch_shape, launch_config
         from emulator.host_launcher import LaunchRecord
 
-        grid, block = launch_config(total)
-        self.launches.append(LaunchRecord(kernel, dtype_name, index_bits, total, grid, block))
-        self.inner.launch(kernel, dtype_name, index_bits, total, args)
+        template_args = tuple(int(a) for a in template_args)
+        shape = check_launch_shape(kernel, grid, block)
+        if shape is None:
+            blocks, threads = launch_config(total)
+            grid3, block3 = (blocks, 1, 1), (threads, 1, 1)
+        else:
+            grid3, block3 = shape
+        self.launches.append(
+            LaunchRecord(
+                kernel,
+                dtype_name,
+                index_bits,
+                total,
+                grid3[0],
+                block3[0],
+                template_args,
+                grid3,
+                block3,
+            )
+        )
+        extra = {} if shape is None else {"grid": grid3, "block": block3}
+        if template_args:
+            extra["template_args"] = template_args
+        self.inner.launch(kernel, dtype_name, index_bits, total, args, **extra)
+
+    def gemm(self, a, b, out, **options):
+        from cupydcn.cuda.launch import GemmCall, check_gemm_operands
+
+        batch, m, n, k = check_gemm_operands(
+            a,
+            b,
+            out,
+            transpose_a=options.get("transpose_a", False),
+            transpose_b=options.get("transpose_b", False),
+        )
+        self.inner.gemm(a, b, out, **options)
+        self.gemms.append(
+            GemmCall(
+                batch, m, n, k, a.dtype.name, out.dtype.name, bool(options.get("tf32", False))
+            )
+        )
 
 
 def is_exact(launcher) -> bool:
