@@ -26,6 +26,7 @@ from cupydcn.deform_attn import (
     multi_scale_deformable_attn_backward,
 )
 from cupydcn.deform_conv import DEFAULT_WORKSPACE_BYTES, deform_conv2d, deform_conv2d_backward
+from cupydcn.deform_conv.algorithm import conv_algorithm, set_conv_algorithm
 from cupydcn.deform_conv.offset_penalty import offset_l2_penalty, offset_l2_penalty_backward
 from cupydcn.deform_conv.padding import PADDING_MODES
 from cupydcn.deform_conv.sampling import (
@@ -43,6 +44,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvGrads",
     "allow_tf32",
+    "conv_algorithm",
+    "set_conv_algorithm",
     "is_tf32_allowed",
     "set_allow_tf32",
     "Dcnv3Grads",

@@ -73,3 +73,14 @@ def launcher(request):
     from support import RecordingLauncher
 
     return RecordingLauncher(cupy_launcher())
+
+
+@pytest.fixture
+def im2col_only():
+    """deform_conv2d's CUDA path forced to its column algorithm (im2col, GEMMs, col2im):
+    for the files that test that path, whose small grouped cases "auto" would send to the
+    depthwise kernels (tested in tests/test_conv_depthwise_emulated.py)."""
+    from cupydcn.deform_conv.algorithm import conv_algorithm
+
+    with conv_algorithm("im2col"):
+        yield

@@ -161,7 +161,7 @@ def test_backward_launches_gemms_and_workspace(shape_id, dtype_name):
         "xp.zeros": 1,
         "xp.sum": 1,
         **({"round_to_output": 3} if half else {}),
-        "deform_conv_col2im_input": len(chunks),
+        "deform_conv_col2im_input_tiled": len(chunks),
         "deform_conv_col2im_coord": len(chunks),
         "deform_conv_im2col": len(chunks),
     }
@@ -235,3 +235,42 @@ def test_host_overhead_of_a_call_is_small():
         _backward(launcher, geom, arrays)
     backward = (time.perf_counter() - start) / rounds
     assert forward < 2e-3 and backward < 5e-3, (forward, backward)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_depthwise_takes_no_columns_and_no_gemm(dtype_name):
+    """S7 (16 x 512 channels, groups 512, 28 x 28): the depthwise kernels, no workspace.
+    Forward: one thread per (image, run of 8 groups, pixel) = 16 * 64 * 784 threads, 3136
+    blocks of 256. Backward: zero fills of the three float32 accumulators, one block per
+    (image, offset group, tap, tile of 32 pixels) = 16 * 9 * 25 = 3600 blocks for
+    input/offset/mask, one per (channel, row of taps) = 512 * 3 = 1536 for weight/bias,
+    and the three roundings of the half types."""
+    n, c, hw = 16, 512, 28
+    geom = ConvGeometry(
+        **{
+            **_geometry("S3", dtype_name).__dict__,
+            "batch": n,
+            "in_channels": c,
+            "out_channels": c,
+            "groups": c,
+            "height": hw,
+            "width": hw,
+            "out_h": hw,
+            "out_w": hw,
+        }
+    )
+    arrays = _arrays(geom)
+    forward = _forward(NullLauncher(), geom, arrays)
+    assert forward.sequence == [
+        ("deform_conv_depthwise_forward", (3, 3), (3136, 1, 1), (256, 1, 1))
+    ]
+    assert forward.gemms == [] and forward.workspace == []
+    backward = _backward(NullLauncher(), geom, arrays)
+    kernels = [s[:3] for s in backward.sequence if not s[0].startswith("xp.")]
+    rounds = [("round_to_output", (), (blocks, 1, 1)) for blocks in (25088, 18, 2)]
+    assert kernels == [
+        ("deform_conv_depthwise_backward_data", (3, 3), (3600, 1, 1)),
+        ("deform_conv_depthwise_backward_weight", (3, 3), (1536, 1, 1)),
+    ] + (rounds if dtype_name == "float16" else [])
+    assert backward.launches["xp.zeros"] == 3
+    assert backward.gemms == [] and backward.workspace == []

@@ -36,6 +36,10 @@ from reference_psroi_pool import problem as psroi_problem
 from reference_roi_pool import ROI_KINDS, RoiCase
 from support import DTYPE_NAMES, assert_close, dtype_of, on_device, seeded, to_numpy
 
+# The column path (im2col, GEMMs, col2im), not the depthwise kernels "auto" would pick
+# for some of these small grouped cases.
+pytestmark = pytest.mark.usefixtures("im2col_only")
+
 INDEX_BITS = (32, 64)
 BIG_WORKSPACE = 1 << 30
 
@@ -216,7 +220,11 @@ def test_conv_deterministic_result_does_not_depend_on_chunking(launchers, dtype_
 
 # ---------------------------------------------------------------- launches
 DEFAULT_LAUNCHES = {
-    "deform_conv2d": ["deform_conv_col2im_input", "deform_conv_col2im_coord", "deform_conv_im2col"],
+    "deform_conv2d": [
+        "deform_conv_col2im_input_tiled",
+        "deform_conv_col2im_coord",
+        "deform_conv_im2col",
+    ],
     "deform_roi_pool": ["deform_roi_pool_backward_input", "deform_roi_pool_backward_coord"],
     "deform_psroi_pool": ["deform_psroi_pool_backward_input", "deform_psroi_pool_backward_offset"],
 }

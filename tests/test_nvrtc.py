@@ -36,8 +36,8 @@ from cupydcn.cuda.kernel_source import (
     module_source,
     name_expression,
     name_expressions,
-    specialisations,
     parse_parameter,
+    specialisations,
 )
 
 pytestmark = pytest.mark.nvrtc

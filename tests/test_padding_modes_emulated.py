@@ -23,6 +23,10 @@ from emulator.host_launcher import HostLauncher
 from reference import ConvConfig, far_offsets, offsets_for_points
 from support import DTYPE_NAMES, GRADS, assert_relative, dtype_of, on_device, seeded, to_numpy
 
+# The column path (im2col, GEMMs, col2im), not the depthwise kernels "auto" would pick
+# for some of these small grouped cases.
+pytestmark = pytest.mark.usefixtures("im2col_only")
+
 # Tests taking ``launcher`` are marked ``emulated`` (or ``gpu``) by its parameter; the
 # others carry the mark themselves.
 MODES = ("zeros", "border", "reflection")

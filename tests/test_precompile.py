@@ -65,6 +65,7 @@ def test_modules_of_ops_dtypes_and_index_widths():
             "deform_conv.cu",
             "convert.cu",
             "deform_conv_second_order.cu",
+            "deform_conv_depthwise.cu",
             "deform_conv_deterministic.cu",
             "segment_sum.cu",
         )
@@ -224,10 +225,11 @@ def test_run_time_lookup_finds_the_precompiled_module(cache_backend, monkeypatch
     compiler = _cupy_compiler()
     from cupy._core import core
 
+    first = specialisations("deform_conv.cu")[0]
     (build,) = [
         b
         for b in pc.precompile("deform_conv2d", "float32", 32, arch="sm_90")
-        if b.source_file == "deform_conv.cu"
+        if b.source_file == "deform_conv.cu" and b.template_args == first
     ]
 
     recorder = pc._RecordingBackend(compiler._kernel_cache_backend)
@@ -246,7 +248,7 @@ def test_run_time_lookup_finds_the_precompiled_module(cache_backend, monkeypatch
 
     monkeypatch.setattr(compiler, "_NVRTCProgram", NoCompilation)
     with pytest.raises(Exception) as failure:
-        pc.compile_like_raw_module(core, "deform_conv.cu", "float32", 32, None)
+        pc.compile_like_raw_module(core, "deform_conv.cu", "float32", 32, None, first)
     assert not isinstance(failure.value, AssertionError), failure.value
     assert recorder.loaded == [Path(build.cache_file).name]
     assert recorder.saved == []

@@ -25,6 +25,7 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
     "deform_conv.cu": (
         "deform_conv_im2col",
         "deform_conv_col2im_input",
+        "deform_conv_col2im_input_tiled",
         "deform_conv_col2im_coord",
     ),
     "convert.cu": ("widen_to_acc", "round_to_output"),
@@ -56,6 +57,13 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
         "deform_conv_second_order_coord",
         "deform_conv_second_order_input",
     ),
+    # Few input channels per weight group (depthwise): direct kernels without columns
+    # (cupydcn/deform_conv/depthwise_cuda.py).
+    "deform_conv_depthwise.cu": (
+        "deform_conv_depthwise_forward",
+        "deform_conv_depthwise_backward_data",
+        "deform_conv_depthwise_backward_weight",
+    ),
 }
 
 # The parameter list of every kernel, in order and comma-separated, spelled as the .cu file
@@ -85,10 +93,21 @@ _DCN_SIZES = (
     "I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, I out_h, I out_w, "
     "I remove_center, I packed_dim"
 )
+# deform_conv_depthwise.cu: the sizes by ConvGeometry's names (cupydcn/deform_conv/spec.py).
+_DEPTHWISE_SIZES = (
+    "I batch, I in_channels, I height, I width, I out_channels, I groups, I offset_groups, "
+    "I kernel_h, I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, "
+    "I out_h, I out_w, I padding_mode"
+)
 KERNEL_PARAMETERS: dict[str, str] = {
-    "deform_conv_im2col": f"const T* input, const T* offset, const T* mask, A* columns, {_CONV_SIZES}",
+    "deform_conv_im2col": f"const T* input, const T* offset, const T* mask, T* columns, {_CONV_SIZES}",
     "deform_conv_col2im_input": (
         f"const A* grad_columns, const T* offset, const T* mask, A* grad_input, {_CONV_SIZES}"
+    ),
+    # the tiled (shared-memory) grad_input: channels per block and the window's margin
+    "deform_conv_col2im_input_tiled": (
+        f"const A* grad_columns, const T* offset, const T* mask, A* grad_input, {_CONV_SIZES}, "
+        "I channel_slab, I halo"
     ),
     "deform_conv_col2im_coord": (
         "const A* grad_columns, const T* input, const T* offset, const T* mask, "
@@ -163,13 +182,31 @@ KERNEL_PARAMETERS: dict[str, str] = {
         "const A* grad_columns, const T* offset, const T* mask, const T* offset_tangent, "
         f"A* grad_input, {_CONV_SIZES}"
     ),
+    "deform_conv_depthwise_forward": (
+        "const T* input, const T* offset, const T* mask, const T* weight, const T* bias, "
+        f"T* output, {_DEPTHWISE_SIZES}, I groups_per_thread"
+    ),
+    "deform_conv_depthwise_backward_data": (
+        "const T* grad_output, const T* input, const T* offset, const T* mask, "
+        f"const T* weight, A* grad_input, T* grad_offset, T* grad_mask, {_DEPTHWISE_SIZES}, "
+        "I channel_slices"
+    ),
+    "deform_conv_depthwise_backward_weight": (
+        "const T* grad_output, const T* input, const T* offset, const T* mask, "
+        f"A* grad_weight, A* grad_bias, {_DEPTHWISE_SIZES}, I pixel_threads"
+    ),
 }
 
 # The modules (source files) each public op launches kernels from, by the op's function
 # name: what ``cupydcn.precompile`` builds for an op. ``DETERMINISTIC_SOURCE_FILES`` are
 # the extra ones only its ``deterministic=True`` backward launches.
 OP_SOURCE_FILES: dict[str, tuple[str, ...]] = {
-    "deform_conv2d": ("deform_conv.cu", "convert.cu", "deform_conv_second_order.cu"),
+    "deform_conv2d": (
+        "deform_conv.cu",
+        "convert.cu",
+        "deform_conv_second_order.cu",
+        "deform_conv_depthwise.cu",
+    ),
     "deform_roi_pool": ("deform_roi_pool.cu", "convert.cu"),
     "deform_psroi_pool": ("deform_psroi_pool.cu", "convert.cu"),
     "multi_scale_deformable_attn": ("deform_attn.cu", "convert.cu"),
@@ -276,8 +313,20 @@ def module_source(source_file: str) -> str:
 # compiled as one module per (dtype, index width, specialisation), holding every kernel of
 # the file with those template arguments; a file not listed here is one module per (dtype,
 # index width) and its kernels take no extra arguments.
-FILE_TEMPLATE_PARAMETERS: dict[str, tuple[str, ...]] = {}
-FILE_SPECIALISATIONS: dict[str, tuple[tuple[int, ...], ...]] = {}
+FILE_TEMPLATE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    # kernel size (0, 0: any, from the runtime arguments) and PADDING_* code
+    # (cupydcn/deform_conv/cuda_kernels.py: conv_specialisation picks one)
+    "deform_conv.cu": ("kernel_h", "kernel_w", "padding_mode"),
+    # kernel size; (0, 0): any, from the runtime arguments
+    # (cupydcn/deform_conv/depthwise_cuda.py: kernel_size_specialisation picks one)
+    "deform_conv_depthwise.cu": ("kernel_h", "kernel_w"),
+}
+FILE_SPECIALISATIONS: dict[str, tuple[tuple[int, ...], ...]] = {
+    # zeros: 1x1, 3x3, 5x5 and any size; border and reflection: any size (mode constant)
+    "deform_conv.cu": ((1, 1, 0), (3, 3, 0), (5, 5, 0), (0, 0, 0), (0, 0, 1), (0, 0, 2)),
+    # 3x3 (taps unrolled, points kept in registers) and any size
+    "deform_conv_depthwise.cu": ((3, 3), (0, 0)),
+}
 
 
 def specialisations(source_file: str) -> tuple[tuple[int, ...], ...]:

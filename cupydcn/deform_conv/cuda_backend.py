@@ -89,7 +89,8 @@ from cupydcn.cuda.launch import (
     workspace_empty,
 )
 from cupydcn.cuda.tf32 import is_tf32_allowed
-from cupydcn.deform_conv import cuda_kernels
+from cupydcn.deform_conv import cuda_kernels, depthwise_cuda
+from cupydcn.deform_conv.algorithm import check_algorithm, current_conv_algorithm
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
 
@@ -249,11 +250,21 @@ def _weight_operand(weight, geom: ConvGeometry):
 
 
 def _use_depthwise(geom: ConvGeometry, deterministic: bool = False) -> bool:
-    try:  # TEMPORARY while the depthwise module is written
-        from cupydcn.deform_conv import depthwise_cuda
-    except ImportError:
-        return False
+    """Whether "auto" takes the depthwise kernels (not for the deterministic backward:
+    their grad_input adds with atomics)."""
     return not deterministic and depthwise_cuda.depthwise_applies(geom)
+
+
+def _depthwise_types(launcher: KernelLauncher, geom: ConvGeometry, dtype_name, index_bits):
+    bits = index_bits if index_bits is not None else depthwise_cuda.depthwise_index_bits(geom)
+    return KernelTypes(dtype_name, launcher.xp.dtype(DTYPES[dtype_name].acc_name), bits)
+
+
+def _algorithm(algorithm: str | None) -> str:
+    """``algorithm``, or the current setting (:mod:`cupydcn.deform_conv.algorithm`)."""
+    if algorithm is None:
+        return current_conv_algorithm()
+    return check_algorithm(algorithm, "deform_conv2d")
 
 
 def conv_forward(
@@ -268,12 +279,12 @@ def conv_forward(
     workspace_bytes: int,
     dtype_name: str | None = None,
     index_bits: int | None = None,
-    algorithm: str = "auto",
+    algorithm: str | None = None,
 ):
     """Output [N, C_out, H_out, W_out] of deform_conv2d (arrays of ``launcher.xp``).
     ``dtype_name`` defaults to the geometry's; ``index_bits`` forces an index width;
-    ``algorithm``: "auto" (the depthwise kernels where they apply, else im2col + GEMM),
-    "im2col" (always the column path)."""
+    ``algorithm``: "auto" or "im2col" (:mod:`cupydcn.deform_conv.algorithm`; None: the
+    current setting)."""
     dtype_name = dtype_name or geom.dtype_name
     xp = launcher.xp
     input, offset, weight, bias, mask = (
@@ -281,14 +292,8 @@ def conv_forward(
     )
     if geom.batch == 0:
         return xp.empty(geom.output_shape, dtype=input.dtype)
-    if algorithm == "auto" and _use_depthwise(geom):
-        from cupydcn.deform_conv import depthwise_cuda
-
-        types = KernelTypes(
-            dtype_name,
-            xp.dtype(DTYPES[dtype_name].acc_name),
-            index_bits if index_bits is not None else index_bits_for(geom, geom.batch, 0),
-        )
+    if _algorithm(algorithm) == "auto" and _use_depthwise(geom):
+        types = _depthwise_types(launcher, geom, dtype_name, index_bits)
         return depthwise_cuda.depthwise_forward(
             launcher, types, geom, input, offset, weight, bias, mask
         )
@@ -435,7 +440,7 @@ def conv_backward(
     dtype_name: str | None = None,
     index_bits: int | None = None,
     deterministic: bool = False,
-    algorithm: str = "auto",
+    algorithm: str | None = None,
 ) -> ConvGrads:
     """Gradients of deform_conv2d for the names in ``wrt`` (see :class:`ConvGrads`).
     ``deterministic``: grad_input without floating-point atomics, bitwise reproducible
@@ -447,14 +452,8 @@ def conv_backward(
         contiguous(xp, a) for a in (grad_output, input, offset, weight, mask)
     )
     wrt = frozenset(wrt)
-    if algorithm == "auto" and geom.batch > 0 and _use_depthwise(geom, deterministic):
-        from cupydcn.deform_conv import depthwise_cuda
-
-        types = KernelTypes(
-            dtype_name,
-            xp.dtype(DTYPES[dtype_name].acc_name),
-            index_bits if index_bits is not None else index_bits_for(geom, geom.batch, 0),
-        )
+    if _algorithm(algorithm) == "auto" and _use_depthwise(geom, deterministic):
+        types = _depthwise_types(launcher, geom, dtype_name, index_bits)
         return depthwise_cuda.depthwise_backward(
             launcher, types, geom, grad_output, input, offset, weight, mask, wrt=wrt
         )

@@ -132,9 +132,7 @@ def conv_forward(
             tiles = plan.tiles_of(points, geom)
             samples = _samples(input[images], points, tiles, geom, acc)
             del points
-            columns = _columns(
-                samples, _flat_mask(mask, images, pixels, geom, acc), geom, n, dtype
-            )
+            columns = _columns(samples, _flat_mask(mask, images, pixels, geom, acc), geom, n, dtype)
             del samples
             result = np.matmul(weight_by_group, columns)  # [n, groups, C_out/groups, P]
             del columns

@@ -98,14 +98,21 @@ __device__ __forceinline__ A blend(const CornerValues<A>& c, const BilinearPoint
   return hy * (hx * c.v00 + p.lx * c.v01) + p.ly * (hx * c.v10 + p.lx * c.v11);
 }
 
+// Value of the plane at a point located by bilinear_point (for several planes sampled at
+// one point: the mapping and the cell computed once).
+template <typename A, typename T, typename I>
+__device__ __forceinline__ A bilinear_sample_at(const T* plane, const BilinearPoint<A, I>& p,
+                                                I width) {
+  if (p.is_nan) return p.y + p.x;
+  if (!p.any_in) return A(0);
+  return blend(corner_values<A, T, I>(plane, p, width), p);
+}
+
 // Value of the plane at (y, x), read with padding mode `mode`.
 template <typename A, typename T, typename I>
 __device__ __forceinline__ A bilinear_sample(const T* plane, I height, I width, A y, A x,
                                              int mode = PADDING_ZEROS) {
-  const BilinearPoint<A, I> p = bilinear_point<A, I>(y, x, height, width, mode);
-  if (p.is_nan) return p.y + p.x;
-  if (!p.any_in) return A(0);
-  return blend(corner_values<A, T, I>(plane, p, width), p);
+  return bilinear_sample_at<A, T, I>(plane, bilinear_point<A, I>(y, x, height, width, mode), width);
 }
 
 // Value and derivatives with respect to the MAPPED point p' at a point located by

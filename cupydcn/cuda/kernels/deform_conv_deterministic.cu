@@ -10,8 +10,10 @@
 //   values [M]      A   slots[index] on: keys = element of grad_input, values = the value,
 //                       in the order col2im_input_item produces them.
 //
-// The same per-item code as the atomic kernel (col2im_input_item in deform_conv.cu).
-#include "deform_conv.cu"
+// The same per-item code as the atomic grid-stride kernel of deform_conv.cu
+// (col2im_input_item in conv_geometry.cuh).
+#include "conv_geometry.cuh"
+#include "grid_stride.cuh"
 #include "scatter_sinks.cuh"
 
 namespace cupydcn {

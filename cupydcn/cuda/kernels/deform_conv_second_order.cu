@@ -19,7 +19,11 @@
 // padding_mode "zeros" only (the orchestration refuses the others; the argument is there
 // for the shared size list). A non-finite sample point contributes nothing (all its
 // corners are outside the map, bilinear_point), as in second_order.py.
-#include "deform_conv.cu"
+#include "accumulate.cuh"
+#include "atomics.cuh"
+#include "bilinear.cuh"
+#include "conv_geometry.cuh"
+#include "grid_stride.cuh"
 
 namespace cupydcn {
 

@@ -1,0 +1,55 @@
+"""Which CUDA algorithm deform_conv2d uses: the setting and its scoped override.
+
+- ``"auto"`` (the default): the depthwise kernels where they apply
+  (:func:`cupydcn.deform_conv.depthwise_cuda.depthwise_applies`), else columns + GEMMs;
+- ``"im2col"``: always the column path (im2col, cuBLAS GEMMs, col2im), the reference the
+  other algorithms are tested against.
+
+The NumPy backend has one algorithm and ignores the setting. An ``algorithm=`` argument of
+the backend functions takes precedence over :func:`conv_algorithm`, which takes precedence
+over :func:`set_conv_algorithm`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+from cupydcn.core.errors import CupydcnValueError
+
+ALGORITHMS: tuple[str, ...] = ("auto", "im2col")
+
+_GLOBAL = ["auto"]
+_SCOPED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "cupydcn_conv_algorithm", default=None
+)
+
+
+def check_algorithm(algorithm: object, where: str = "cupydcn.set_conv_algorithm") -> str:
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise CupydcnValueError(
+            f"{where}: algorithm must be one of {', '.join(map(repr, ALGORITHMS))}; "
+            f"got {algorithm!r}"
+        )
+    return algorithm
+
+
+def set_conv_algorithm(algorithm: str) -> None:
+    """The CUDA algorithm of deform_conv2d calls, process-wide (see the module)."""
+    _GLOBAL[0] = check_algorithm(algorithm)
+
+
+@contextlib.contextmanager
+def conv_algorithm(algorithm: str) -> Iterator[None]:
+    """The CUDA algorithm inside the block, for this thread / async context."""
+    token = _SCOPED.set(check_algorithm(algorithm, "cupydcn.conv_algorithm"))
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+
+
+def current_conv_algorithm() -> str:
+    scoped = _SCOPED.get()
+    return _GLOBAL[0] if scoped is None else scoped
