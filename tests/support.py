@@ -352,9 +352,7 @@ class RecordingLauncher:
         )
         self.inner.gemm(a, b, out, **options)
         self.gemms.append(
-            GemmCall(
-                batch, m, n, k, a.dtype.name, out.dtype.name, bool(options.get("tf32", False))
-            )
+            GemmCall(batch, m, n, k, a.dtype.name, out.dtype.name, bool(options.get("tf32", False)))
         )
 
 
