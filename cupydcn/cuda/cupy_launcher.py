@@ -34,6 +34,7 @@ from cupydcn.cuda.launch import (
     GemmCall,
     check_gemm_operands,
     check_launch_shape,
+    dtype_name_of,
     launch_config,
     report_gemm,
     report_launch,
@@ -75,7 +76,7 @@ def pack_arguments(
                     f"{array_type.__name__} or None; got "
                     f"{type(arg).__module__}.{type(arg).__name__}"
                 )
-            if arg.dtype.name != expected:
+            if dtype_name_of(arg.dtype) != expected:
                 raise CupydcnTypeError(f"{what} must have dtype {expected}; got {arg.dtype.name}")
             if not arg.flags.c_contiguous:
                 raise CupydcnValueError(f"{what} of shape {arg.shape} is not C-contiguous")
@@ -189,10 +190,11 @@ def cublas_gemm_arguments(
     for name, value in (("batch", batch), ("m", m), ("n", n), ("k", k)):
         if value > _INT32_MAX:
             raise CupydcnValueError(f"gemm: {name} = {value} exceeds cuBLAS's 32-bit int")
-    compute = "float64" if a.dtype.name == "float64" else "float32"
+    a_name, b_name, out_name = (dtype_name_of(x.dtype) for x in (a, b, out))
+    compute = "float64" if a_name == "float64" else "float32"
     if compute == "float64":
         compute_type = CUBLAS_COMPUTE_64F
-    elif tf32 and a.dtype.name == "float32":
+    elif tf32 and a_name == "float32":
         compute_type = CUBLAS_COMPUTE_32F_FAST_TF32
     else:
         compute_type = CUBLAS_COMPUTE_32F
@@ -210,13 +212,13 @@ def cublas_gemm_arguments(
         m=n,
         n=m,
         k=k,
-        a_type=CUDA_DATA_TYPES[b.dtype.name],
+        a_type=CUDA_DATA_TYPES[b_name],
         lda=leading(b),
         stride_a=stride(b),
-        b_type=CUDA_DATA_TYPES[a.dtype.name],
+        b_type=CUDA_DATA_TYPES[a_name],
         ldb=leading(a),
         stride_b=stride(a),
-        c_type=CUDA_DATA_TYPES[out.dtype.name],
+        c_type=CUDA_DATA_TYPES[out_name],
         ldc=leading(out),
         stride_c=stride(out),
         batch=batch,
@@ -337,7 +339,15 @@ class CupyLauncher:
         except Exception as exc:  # cuBLAS status errors have no common base class
             raise CupydcnRuntimeError(f"cuBLAS GEMM {call} failed: {exc}") from exc
         report_gemm(
-            GemmCall(call.batch, call.n, call.m, call.k, a.dtype.name, out.dtype.name, tf32)
+            GemmCall(
+                call.batch,
+                call.n,
+                call.m,
+                call.k,
+                dtype_name_of(a.dtype),
+                dtype_name_of(out.dtype),
+                tf32,
+            )
         )
 
     def stable_argsort(self, keys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -272,9 +273,11 @@ def check_gemm_operands(a, b, out, *, transpose_a: bool, transpose_b: bool) -> t
             raise ValueError(f"gemm: {name} has a bad batch stride {array.strides[0]}")
     if a.dtype != b.dtype:
         raise TypeError(f"gemm: a and b must share a dtype; got {a.dtype.name}, {b.dtype.name}")
-    allowed = {a.dtype.name, DTYPES[a.dtype.name].acc_name}
-    if out.dtype.name not in allowed:
-        raise TypeError(f"gemm: out must have dtype {sorted(allowed)}; got {out.dtype.name}")
+    if out.dtype != a.dtype:
+        element = dtype_name_of(a.dtype)
+        allowed = {element, DTYPES[element].acc_name}
+        if dtype_name_of(out.dtype) not in allowed:
+            raise TypeError(f"gemm: out must have dtype {sorted(allowed)}; got {out.dtype.name}")
     batch = out.shape[0]
     if batch > 1 and out.size and out.strides[0] == 0:
         raise ValueError("gemm: out cannot broadcast over the batch")
@@ -288,6 +291,13 @@ def check_gemm_operands(a, b, out, *, transpose_a: bool, transpose_b: bool) -> t
             f"{b.shape}{'^T' if transpose_b else ''} does not give out {out.shape}"
         )
     return batch, m, n, k
+
+
+@functools.lru_cache(maxsize=64)
+def dtype_name_of(dtype) -> str:
+    """``dtype.name``, memoised per dtype object (NumPy computes the name on every access,
+    a few microseconds: the per-call host overhead counts)."""
+    return dtype.name
 
 
 def gemm_compute_dtype(dtype_name: str) -> str:
@@ -495,4 +505,6 @@ class NullLauncher:
         batch, m, n, k = check_gemm_operands(
             a, b, out, transpose_a=transpose_a, transpose_b=transpose_b
         )
-        report_gemm(GemmCall(batch, m, n, k, a.dtype.name, out.dtype.name, tf32))
+        report_gemm(
+            GemmCall(batch, m, n, k, dtype_name_of(a.dtype), dtype_name_of(out.dtype), tf32)
+        )
