@@ -6,6 +6,7 @@ built-in."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -476,7 +477,8 @@ def test_cooperative_launch_speed(host_launcher):
 # ---------------------------------------------------------------------------- protocol v2
 
 
-TEMPLATED = "../../../tests/emulator/kernels/templated.cu"  # relative to kernel_dir()
+# templated.cu as a path relative to kernel_dir(), the form the tables hold
+TEMPLATED = os.path.relpath(KERNELS / "templated.cu", kernel_source.kernel_dir())
 
 
 @pytest.fixture
