@@ -478,6 +478,24 @@ for op in CONV:
         "workspace_bytes must be positive",
     )
 
+# algorithm: None or one of the CUDA algorithms
+for op in CONV:
+    for label, value in [("int", 1), ("bool", True), ("bytes", b"auto")]:
+        case(
+            f"algorithm-{label}",
+            op,
+            {"algorithm": value},
+            CupydcnTypeError,
+            "algorithm must be a str ('auto', 'im2col') or None",
+        )
+    case(
+        "algorithm-unknown",
+        op,
+        {"algorithm": "fast"},
+        CupydcnValueError,
+        "algorithm must be one of 'auto', 'im2col'; got 'fast'",
+    )
+
 # stacked_sampling_locations: offset_group, per-layer lists
 for label, value in [("bool", True), ("float", 0.0), ("str", "0"), ("None", None)]:
     case(

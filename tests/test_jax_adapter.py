@@ -464,7 +464,13 @@ def test_options_reach_the_functional_api(monkeypatch):
     monkeypatch.setattr(cupydcn, "deform_conv2d", spy)
     x, w = jnp.zeros((1, 2, 5, 5)), jnp.zeros((3, 2, 3, 3))
     cj.deform_conv2d(
-        x, jnp.zeros((1, 18, 3, 5)), w, padding=(0, 1), padding_mode="border", workspace_bytes=4096
+        x,
+        jnp.zeros((1, 18, 3, 5)),
+        w,
+        padding=(0, 1),
+        padding_mode="border",
+        workspace_bytes=4096,
+        algorithm="im2col",
     )
     assert seen == [
         dict(
@@ -474,6 +480,7 @@ def test_options_reach_the_functional_api(monkeypatch):
             dilation=1,
             padding_mode="border",
             workspace_bytes=4096,
+            algorithm="im2col",
         )
     ]
 

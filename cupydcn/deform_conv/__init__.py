@@ -48,6 +48,7 @@ def deform_conv2d(
     *,
     padding_mode: str = "zeros",
     workspace_bytes: int | None = None,
+    algorithm: str | None = None,
 ):
     """Deformable convolution (DCNv1; modulated DCNv2 when ``mask`` is given).
 
@@ -65,6 +66,9 @@ def deform_conv2d(
 
     ``stride``, ``padding``, ``dilation``: an int or an (h, w) pair. ``workspace_bytes``
     bounds the intermediate column buffers (the batch is processed in chunks that fit).
+    ``algorithm`` (CUDA arrays only; the result is the same up to float32 summation
+    order): "auto" (the depthwise kernels where they apply, else im2col + GEMMs),
+    "im2col", or None (default: :func:`cupydcn.set_conv_algorithm`'s setting, "auto").
 
     ``padding_mode`` says how a sample point outside the map is read: "zeros" (default,
     torchvision's: out-of-map pixels are 0), "border" (each coordinate clamped into
@@ -96,6 +100,7 @@ def deform_conv2d_backward(
     wrt: Iterable[str] | None = None,
     workspace_bytes: int | None = None,
     deterministic: bool | None = None,
+    algorithm: str | None = None,
 ) -> ConvGrads:
     """Gradients of :func:`deform_conv2d` given ``grad_output`` [N, C_out, H_out, W_out].
 
@@ -120,7 +125,8 @@ def deform_conv2d_backward(
     2 * (I + A) + 8 bytes per contribution at the peak (at most 4 per column element;
     I = 4 or 8 bytes the index type, A = 4 or 8 the accumulation type), within
     ``workspace_bytes`` (smaller chunks). The NumPy backend is deterministic in either
-    mode (the argument is accepted and ignored there).
+    mode (the argument is accepted and ignored there). ``algorithm`` as for
+    :func:`deform_conv2d` (the deterministic backward always takes the column path).
     """
     options = ConvOptions.of(locals())
     return dispatch(

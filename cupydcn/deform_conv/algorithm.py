@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-from cupydcn.core.errors import CupydcnValueError
+from cupydcn.core.errors import CupydcnTypeError, CupydcnValueError
 
 ALGORITHMS: tuple[str, ...] = ("auto", "im2col")
 
@@ -27,7 +27,14 @@ _SCOPED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 def check_algorithm(algorithm: object, where: str = "cupydcn.set_conv_algorithm") -> str:
-    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+    """``algorithm`` when it is one of ALGORITHMS; a CupydcnTypeError (not a str) or
+    CupydcnValueError (unknown) naming ``where`` otherwise."""
+    if not isinstance(algorithm, str):
+        raise CupydcnTypeError(
+            f"{where}: algorithm must be a str ({', '.join(map(repr, ALGORITHMS))}) or None; "
+            f"got {type(algorithm).__name__} {algorithm!r}"
+        )
+    if algorithm not in ALGORITHMS:
         raise CupydcnValueError(
             f"{where}: algorithm must be one of {', '.join(map(repr, ALGORITHMS))}; "
             f"got {algorithm!r}"

@@ -108,6 +108,7 @@ def conv_forward(
     geom: ConvGeometry,
     *,
     workspace_bytes: int,
+    algorithm: str | None = None,
 ) -> np.ndarray:
     """Deformable convolution forward on NumPy arrays.
 
@@ -118,7 +119,8 @@ def conv_forward(
 
     The work is split into blocks whose temporaries stay within ``workspace_bytes`` (see
     the module docstring: chunks of images, or pixels of one image). Inputs are never
-    written to.
+    written to. ``algorithm`` (the CUDA path's choice) is accepted and ignored: the NumPy
+    backend has one.
     """
     dtype, acc = _dtypes_of(input, geom)
     weight_by_group = _weight_by_group(weight, geom, acc)
@@ -153,6 +155,7 @@ def conv_backward(
     *,
     wrt: frozenset[str],
     workspace_bytes: int,
+    algorithm: str | None = None,
 ) -> ConvGrads:
     """Gradients of deformable convolution on NumPy arrays.
 

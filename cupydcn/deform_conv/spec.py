@@ -20,6 +20,7 @@ from cupydcn.core.checks import (
 from cupydcn.core.dispatch import Prepared
 from cupydcn.core.errors import type_error, value_error
 from cupydcn.core.options import TUNING, IntPair, Options
+from cupydcn.deform_conv.algorithm import check_algorithm
 from cupydcn.deform_conv.padding import check_padding_mode
 
 OP = "deform_conv2d"
@@ -56,6 +57,9 @@ class ConvOptions(Options):
         is read (PADDING_MODES, cupydcn/deform_conv/padding.py).
     workspace_bytes: int > 0 or None (DEFAULT_WORKSPACE_BYTES) — the budget of the
         intermediate column buffers (the batch is processed in chunks that fit); tuning.
+    algorithm: None, or one of cupydcn.deform_conv.algorithm.ALGORITHMS — how the CUDA
+        path computes (None: the current setting, cupydcn.set_conv_algorithm); ignored on
+        the CPU; tuning.
     """
 
     stride: IntPair = 1
@@ -63,6 +67,7 @@ class ConvOptions(Options):
     dilation: IntPair = 1
     padding_mode: str = "zeros"
     workspace_bytes: int | None = field(default=None, metadata=TUNING)
+    algorithm: str | None = field(default=None, metadata=TUNING)
 
 
 @dataclass(frozen=True)
@@ -280,7 +285,18 @@ def prepare_forward(native, options: ConvOptions) -> Prepared:
         native["mask"],
         **options.as_kwargs(tuning=False),
     )
-    return Prepared(geom, {"workspace_bytes": workspace_budget(OP, options.workspace_bytes)})
+    return Prepared(
+        geom,
+        {
+            "workspace_bytes": workspace_budget(OP, options.workspace_bytes),
+            "algorithm": _algorithm(OP, options.algorithm),
+        },
+    )
+
+
+def _algorithm(op: str, algorithm: object) -> str | None:
+    """``algorithm`` checked: None (the setting decides at launch) or a known name."""
+    return None if algorithm is None else check_algorithm(algorithm, op)
 
 
 def prepare_backward(native, options: ConvOptions, *, wrt) -> Prepared:
@@ -307,5 +323,9 @@ def prepare_backward(native, options: ConvOptions, *, wrt) -> Prepared:
     )
     return Prepared(
         geom,
-        {"wrt": wanted, "workspace_bytes": workspace_budget(BACKWARD_OP, options.workspace_bytes)},
+        {
+            "wrt": wanted,
+            "workspace_bytes": workspace_budget(BACKWARD_OP, options.workspace_bytes),
+            "algorithm": _algorithm(BACKWARD_OP, options.algorithm),
+        },
     )

@@ -135,6 +135,7 @@ def deform_conv2d(
     *,
     padding_mode: str = "zeros",
     workspace_bytes: int | None = None,
+    algorithm: str | None = None,
 ):
     """:func:`cupydcn.deform_conv2d` for JAX, differentiable (``jax.custom_vjp``) and
     usable under ``jax.jit`` and ``jax.vmap``.

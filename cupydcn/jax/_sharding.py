@@ -36,6 +36,7 @@ def deform_conv2d_sharded(
     batch_axis: str | Sequence[str] = "batch",
     padding_mode: str = "zeros",
     workspace_bytes: int | None = None,
+    algorithm: str | None = None,
 ):
     """:func:`cupydcn.jax.deform_conv2d` with the batch split over ``mesh``'s
     ``batch_axis`` (a mesh axis name, or a tuple of them): every device computes the
