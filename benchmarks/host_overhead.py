@@ -63,56 +63,50 @@ def median_us(fn, rounds: int = 200) -> float:
     return statistics.median(times) * 1e6
 
 
-def main() -> None:
+def measure(label: str, geom: ConvGeometry) -> dict:
+    """Host time per forward and backward call of ``geom`` on the null launcher."""
     launcher = NullLauncher()
-    rows = []
-    for label, (n, c, hw, groups) in {
-        "64 ch 8x8": (2, 64, 8, 1),
-        "256 ch 16x16": (2, 256, 16, 1),
-        "depthwise 64 ch 8x8": (2, 64, 8, 64),
-    }.items():
-        for dtype_name in ("float32", "float16"):
-            geom = geometry(n, c, hw, groups, dtype_name)
-            dtype = numpy_dtype(dtype_name)
-            x = np.zeros(geom.input_shape, dtype)
-            off = np.zeros(geom.offset_shape, dtype)
-            w = np.zeros(geom.weight_shape, dtype)
-            b = np.zeros((geom.out_channels,), dtype)
-            m = np.zeros(geom.mask_shape, dtype)
-            gy = np.zeros(geom.output_shape, dtype)
+    dtype = numpy_dtype(geom.dtype_name)
+    x = np.zeros(geom.input_shape, dtype)
+    off = np.zeros(geom.offset_shape, dtype)
+    w = np.zeros(geom.weight_shape, dtype)
+    b = np.zeros((geom.out_channels,), dtype)
+    m = np.zeros(geom.mask_shape, dtype)
+    gy = np.zeros(geom.output_shape, dtype)
+    budget = DEFAULT_WORKSPACE_BYTES
 
-            def forward():
-                cuda_backend.conv_forward(
-                    launcher, x, off, w, b, m, geom, workspace_bytes=DEFAULT_WORKSPACE_BYTES
-                )
+    def forward():
+        cuda_backend.conv_forward(launcher, x, off, w, b, m, geom, workspace_bytes=budget)
 
-            def backward():
-                cuda_backend.conv_backward(
-                    launcher,
-                    gy,
-                    x,
-                    off,
-                    w,
-                    m,
-                    geom,
-                    wrt=GRADS,
-                    workspace_bytes=DEFAULT_WORKSPACE_BYTES,
-                )
+    def backward():
+        cuda_backend.conv_backward(
+            launcher, gy, x, off, w, m, geom, wrt=GRADS, workspace_bytes=budget
+        )
 
-            with record_calls() as fwd_calls:
-                forward()
-            with record_calls() as bwd_calls:
-                backward()
-            rows.append(
-                dict(
-                    shape=label,
-                    dtype=dtype_name,
-                    forward_us=round(median_us(forward), 1),
-                    backward_us=round(median_us(backward), 1),
-                    forward_launches=fwd_calls.launch_count + fwd_calls.gemm_count,
-                    backward_launches=bwd_calls.launch_count + bwd_calls.gemm_count,
-                )
-            )
+    with record_calls() as fwd_calls:
+        forward()
+    with record_calls() as bwd_calls:
+        backward()
+    return dict(
+        shape=label,
+        dtype=geom.dtype_name,
+        forward_us=round(median_us(forward), 1),
+        backward_us=round(median_us(backward), 1),
+        forward_launches=fwd_calls.launch_count + fwd_calls.gemm_count,
+        backward_launches=bwd_calls.launch_count + bwd_calls.gemm_count,
+    )
+
+
+def main() -> None:
+    rows = [
+        measure(label, geometry(n, c, hw, groups, dtype_name))
+        for label, (n, c, hw, groups) in {
+            "64 ch 8x8": (2, 64, 8, 1),
+            "256 ch 16x16": (2, 256, 16, 1),
+            "depthwise 64 ch 8x8": (2, 64, 8, 64),
+        }.items()
+        for dtype_name in ("float32", "float16")
+    ]
     result = dict(
         machine=platform.processor() or platform.machine(),
         python=platform.python_version(),
