@@ -28,6 +28,7 @@ import pytest
 
 import cupydcn
 from cupydcn import CupydcnError, CupydcnTypeError, CupydcnValueError
+from cupydcn.deform_conv.algorithm import ALGORITHMS
 
 try:
     import torch
@@ -479,6 +480,7 @@ for op in CONV:
     )
 
 # algorithm: None or one of the CUDA algorithms
+_ALGORITHM_NAMES = ", ".join(map(repr, ALGORITHMS))
 for op in CONV:
     for label, value in [("int", 1), ("bool", True), ("bytes", b"auto")]:
         case(
@@ -486,14 +488,14 @@ for op in CONV:
             op,
             {"algorithm": value},
             CupydcnTypeError,
-            "algorithm must be a str ('auto', 'im2col') or None",
+            f"algorithm must be a str ({_ALGORITHM_NAMES}) or None",
         )
     case(
         "algorithm-unknown",
         op,
         {"algorithm": "fast"},
         CupydcnValueError,
-        "algorithm must be one of 'auto', 'im2col'; got 'fast'",
+        f"algorithm must be one of {_ALGORITHM_NAMES}; got 'fast'",
     )
 
 # stacked_sampling_locations: offset_group, per-layer lists

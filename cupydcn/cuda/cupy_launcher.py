@@ -227,6 +227,16 @@ def cublas_gemm_arguments(
     )
 
 
+@functools.cache
+def _device_description(device_id: int) -> str:
+    import cupy
+
+    properties = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = properties["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return f"{device_id}:{name}:sm_{properties['major']}{properties['minor']}"
+
+
 def _current_device_id() -> int:
     import cupy
 
@@ -349,6 +359,26 @@ class CupyLauncher:
                 tf32,
             )
         )
+
+    def time_call(self, fn, *, repeats: int = 3) -> float:
+        """Seconds per call of ``fn`` on the current stream: one warm-up call (it may
+        compile), then CUDA events around ``repeats`` calls (the autotuner's timer,
+        :mod:`cupydcn.deform_conv.autotune`)."""
+        cupy = self.xp
+        fn()
+        stream = cupy.cuda.get_current_stream()
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        for _ in range(repeats):
+            fn()
+        stop.record(stream)
+        stop.synchronize()
+        return cupy.cuda.get_elapsed_time(start, stop) / 1000.0 / repeats
+
+    def device_key(self) -> str:
+        """The current device as the autotuner keys its choices: id, name and compute
+        capability."""
+        return _device_description(_current_device_id())
 
     def stable_argsort(self, keys):
         """The indices that sort the 1-D ``keys`` stably (the deterministic backward's

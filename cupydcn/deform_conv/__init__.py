@@ -67,8 +67,11 @@ def deform_conv2d(
     ``stride``, ``padding``, ``dilation``: an int or an (h, w) pair. ``workspace_bytes``
     bounds the intermediate column buffers (the batch is processed in chunks that fit).
     ``algorithm`` (CUDA arrays only; the result is the same up to float32 summation
-    order): "auto" (the depthwise kernels where they apply, else im2col + GEMMs),
-    "im2col", or None (default: :func:`cupydcn.set_conv_algorithm`'s setting, "auto").
+    order): "auto" (the fastest of the algorithms that apply, timed on the first call of
+    each problem and remembered; ``CUPYDCN_AUTOTUNE_CACHE`` keeps the choices on disk),
+    "heuristic" (a fixed choice, no timing), "im2col" (columns + GEMMs, any problem),
+    "depthwise" (C / groups == 1, or at most 4 channels per group in and out), or None
+    (default: :func:`cupydcn.set_conv_algorithm`'s setting, "auto").
 
     ``padding_mode`` says how a sample point outside the map is read: "zeros" (default,
     torchvision's: out-of-map pixels are 0), "border" (each coordinate clamped into

@@ -1,9 +1,15 @@
 """Which CUDA algorithm deform_conv2d uses: the setting and its scoped override.
 
-- ``"auto"`` (the default): the depthwise kernels where they apply
-  (:func:`cupydcn.deform_conv.depthwise_cuda.depthwise_applies`), else columns + GEMMs;
-- ``"im2col"``: always the column path (im2col, cuBLAS GEMMs, col2im), the reference the
-  other algorithms are tested against.
+- ``"auto"`` (the default): among the algorithms that apply, the fastest, timed once per
+  problem on the device (:mod:`cupydcn.deform_conv.autotune`, like cuDNN's benchmark
+  mode); without a device timer, the heuristic choice;
+- ``"heuristic"``: the first that applies of fused, depthwise, im2col, without timing (the
+  same inputs always take the same kernels);
+- ``"im2col"``: the column path (im2col, cuBLAS GEMMs, col2im), which computes every
+  problem, the reference the others are tested against;
+- ``"depthwise"``: the direct kernels of
+  :func:`cupydcn.deform_conv.depthwise_cuda.depthwise_applies` problems (an error
+  elsewhere).
 
 The NumPy backend has one algorithm and ignores the setting. An ``algorithm=`` argument of
 the backend functions takes precedence over :func:`conv_algorithm`, which takes precedence
@@ -18,7 +24,7 @@ from collections.abc import Iterator
 
 from cupydcn.core.errors import CupydcnTypeError, CupydcnValueError
 
-ALGORITHMS: tuple[str, ...] = ("auto", "im2col")
+ALGORITHMS: tuple[str, ...] = ("auto", "heuristic", "im2col", "depthwise")
 
 _GLOBAL = ["auto"]
 _SCOPED: contextvars.ContextVar[str | None] = contextvars.ContextVar(

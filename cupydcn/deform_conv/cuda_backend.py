@@ -74,6 +74,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from cupydcn.core.dtypes import DTYPES
+from cupydcn.core.errors import CupydcnValueError
 from cupydcn.cuda.deterministic import (
     bytes_per_contribution,
     bytes_per_item,
@@ -89,7 +90,7 @@ from cupydcn.cuda.launch import (
     workspace_empty,
 )
 from cupydcn.cuda.tf32 import is_tf32_allowed
-from cupydcn.deform_conv import cuda_kernels, depthwise_cuda
+from cupydcn.deform_conv import autotune, cuda_kernels, depthwise_cuda
 from cupydcn.deform_conv.algorithm import check_algorithm, current_conv_algorithm
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
@@ -249,22 +250,54 @@ def _weight_operand(weight, geom: ConvGeometry):
     return weight.reshape(geom.groups, geom.out_channels // geom.groups, -1)
 
 
-def _use_depthwise(geom: ConvGeometry, deterministic: bool = False) -> bool:
-    """Whether "auto" takes the depthwise kernels (not for the deterministic backward:
-    their grad_input adds with atomics)."""
-    return not deterministic and depthwise_cuda.depthwise_applies(geom)
-
-
 def _depthwise_types(launcher: KernelLauncher, geom: ConvGeometry, dtype_name, index_bits):
     bits = index_bits if index_bits is not None else depthwise_cuda.depthwise_index_bits(geom)
     return KernelTypes(dtype_name, launcher.xp.dtype(DTYPES[dtype_name].acc_name), bits)
 
 
-def _algorithm(algorithm: str | None) -> str:
-    """``algorithm``, or the current setting (:mod:`cupydcn.deform_conv.algorithm`)."""
-    if algorithm is None:
-        return current_conv_algorithm()
-    return check_algorithm(algorithm, "deform_conv2d")
+def candidates(geom: ConvGeometry, dtype_name: str, *, deterministic: bool = False) -> dict:
+    """The algorithms of :data:`~cupydcn.deform_conv.algorithm.ALGORITHMS` that can compute
+    ``geom``: name -> None when it applies, else why not (the deterministic backward has
+    the column path only: the others add with atomics)."""
+    why = {"im2col": None}
+    if deterministic:
+        why["depthwise"] = "the deterministic backward takes the column path"
+    elif not depthwise_cuda.depthwise_applies(geom):
+        why["depthwise"] = (
+            f"{geom.in_channels // geom.groups} input and {geom.out_channels // geom.groups} "
+            "output channels per group (the depthwise kernels take C / groups == 1, or at "
+            "most 4 of each)"
+        )
+    else:
+        why["depthwise"] = None
+    return why
+
+
+def _resolve(launcher, algorithm, geom, dtype_name, pass_name, run, *, deterministic=False):
+    """The algorithm a call runs: the one asked for (checked to apply), or for "auto" /
+    "heuristic" the autotuned / heuristic choice among those that apply."""
+    name = (
+        current_conv_algorithm()
+        if algorithm is None
+        else check_algorithm(algorithm, "deform_conv2d")
+    )
+    why = candidates(geom, dtype_name, deterministic=deterministic)
+    usable = [c for c, reason in why.items() if reason is None]
+    if name == "heuristic":
+        return autotune.heuristic_choice(usable)
+    if name == "auto":
+        key = autotune.problem_key(
+            _device_key(launcher), pass_name, dtype_name, deterministic, geom
+        )
+        return autotune.choose(launcher, key, usable, run)
+    if why[name] is not None:
+        raise CupydcnValueError(f"deform_conv2d: algorithm={name!r} does not apply: {why[name]}")
+    return name
+
+
+def _device_key(launcher: KernelLauncher) -> str:
+    describe = getattr(launcher, "device_key", None)
+    return describe() if describe is not None else type(launcher).__name__
 
 
 def conv_forward(
@@ -283,8 +316,9 @@ def conv_forward(
 ):
     """Output [N, C_out, H_out, W_out] of deform_conv2d (arrays of ``launcher.xp``).
     ``dtype_name`` defaults to the geometry's; ``index_bits`` forces an index width;
-    ``algorithm``: "auto" or "im2col" (:mod:`cupydcn.deform_conv.algorithm`; None: the
-    current setting)."""
+    ``algorithm``: one of :data:`~cupydcn.deform_conv.algorithm.ALGORITHMS` (None: the
+    current setting; "auto" times the candidates once per problem,
+    :mod:`cupydcn.deform_conv.autotune`)."""
     dtype_name = dtype_name or geom.dtype_name
     xp = launcher.xp
     input, offset, weight, bias, mask = (
@@ -292,12 +326,35 @@ def conv_forward(
     )
     if geom.batch == 0:
         return xp.empty(geom.output_shape, dtype=input.dtype)
-    if _algorithm(algorithm) == "auto" and _use_depthwise(geom):
-        types = _depthwise_types(launcher, geom, dtype_name, index_bits)
-        return depthwise_cuda.depthwise_forward(
-            launcher, types, geom, input, offset, weight, bias, mask
+
+    def run(name: str):
+        if name == "depthwise":
+            types = _depthwise_types(launcher, geom, dtype_name, index_bits)
+            return depthwise_cuda.depthwise_forward(
+                launcher, types, geom, input, offset, weight, bias, mask
+            )
+        return _forward_im2col(
+            launcher,
+            input,
+            offset,
+            weight,
+            bias,
+            mask,
+            geom,
+            workspace_bytes,
+            dtype_name,
+            index_bits,
         )
 
+    chosen = _resolve(launcher, algorithm, geom, dtype_name, f"forward:{workspace_bytes}", run)
+    return run(chosen)
+
+
+def _forward_im2col(
+    launcher, input, offset, weight, bias, mask, geom, workspace_bytes, dtype_name, index_bits
+):
+    """The forward on the column path (columns + GEMMs), in chunks of the workspace."""
+    xp = launcher.xp
     output = xp.empty(geom.output_shape, dtype=input.dtype)
     plan = forward_plan(
         launcher,
@@ -452,11 +509,56 @@ def conv_backward(
         contiguous(xp, a) for a in (grad_output, input, offset, weight, mask)
     )
     wrt = frozenset(wrt)
-    if _algorithm(algorithm) == "auto" and _use_depthwise(geom, deterministic):
-        types = _depthwise_types(launcher, geom, dtype_name, index_bits)
-        return depthwise_cuda.depthwise_backward(
-            launcher, types, geom, grad_output, input, offset, weight, mask, wrt=wrt
+
+    def run(name: str) -> ConvGrads:
+        if name == "depthwise":
+            types = _depthwise_types(launcher, geom, dtype_name, index_bits)
+            return depthwise_cuda.depthwise_backward(
+                launcher, types, geom, grad_output, input, offset, weight, mask, wrt=wrt
+            )
+        return _backward_im2col(
+            launcher,
+            grad_output,
+            input,
+            offset,
+            weight,
+            mask,
+            geom,
+            wrt,
+            workspace_bytes,
+            dtype_name,
+            index_bits,
+            deterministic,
         )
+
+    chosen = _resolve(
+        launcher,
+        algorithm,
+        geom,
+        dtype_name,
+        f"backward:{','.join(sorted(wrt))}:{workspace_bytes}",
+        run,
+        deterministic=deterministic,
+    )
+    return run(chosen)
+
+
+def _backward_im2col(
+    launcher,
+    grad_output,
+    input,
+    offset,
+    weight,
+    mask,
+    geom,
+    wrt,
+    workspace_bytes,
+    dtype_name,
+    index_bits,
+    deterministic,
+) -> ConvGrads:
+    """The backward on the column path (grad_columns, col2im, recomputed columns)."""
+    xp = launcher.xp
     want_input = "input" in wrt
     want_offset = "offset" in wrt
     want_mask = "mask" in wrt and mask is not None
