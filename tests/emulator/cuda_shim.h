@@ -1477,4 +1477,8 @@ CUPYDCN_EMULATION_REDUCE(__reduce_xor_sync, cupydcn_emulation::kReduceXor, unsig
 #undef CUPYDCN_EMULATION_REDUCE
 #undef CUPYDCN_EMULATION_SITE
 
+// The tensor-core primitives of cupydcn/cuda/kernels/tensor_core.cuh (mma, ldmatrix,
+// cp.async) as warp collectives; host_launcher.py's shim_text() inlines this file here.
+#include "tensor_core_shim.h"
+
 #pragma GCC visibility pop

@@ -231,9 +231,23 @@ def build_library(
         return loaded
 
 
+_SHIM_INCLUDE = re.compile(r'^#include "([^"/]+)"$', re.MULTILINE)
+
+
 def shim_text() -> str:
-    """cuda_shim.h, to be the first part of a translation unit."""
+    """cuda_shim.h, to be the first part of a translation unit, with the shim headers it
+    includes by a quoted name (tensor_core_shim.h) inlined: the unit is compiled from the
+    cache directory, where an include would not be found, and the inlined text keys the
+    build cache."""
     text = SHIM_PATH.read_text().replace("#pragma once", "", 1)
+
+    def inline(match: re.Match) -> str:
+        path = SHIM_PATH.with_name(match.group(1))
+        after = text.count("\n", 0, match.end()) + 2  # the shim's line after the include
+        body = path.read_text().replace("#pragma once", "", 1)
+        return f'#line 1 "{path}"\n{body}\n#line {after} "{SHIM_PATH}"'
+
+    text = _SHIM_INCLUDE.sub(inline, text)
     return f'#line 1 "{SHIM_PATH}"\n{text}\n'
 
 
@@ -327,7 +341,7 @@ def translation_unit(
 
 _COOPERATIVE_BUILTINS = re.compile(
     r"__syncthreads|__syncwarp|__shfl|__ballot|__any_sync|__all_sync|__activemask|__match_any"
-    r"|__match_all|__reduce_|__shared__"
+    r"|__match_all|__reduce_|__shared__|mma_m16n8k|ldmatrix_|cp_async_"
 )
 _COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
 
