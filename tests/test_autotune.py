@@ -149,6 +149,12 @@ def test_explicit_algorithms():
 
 def test_candidates_of_the_deterministic_backward():
     geom = _geometry()
-    assert cuda_backend.candidates(geom, "float32") == {"im2col": None, "depthwise": None}
+    why = cuda_backend.candidates(geom, "float32")
+    assert why["im2col"] is None and why["depthwise"] is None
+    assert "float16 / bfloat16" in why["fused"]  # float32 stays off the tensor-core kernels
     why = cuda_backend.candidates(geom, "float32", deterministic=True)
-    assert why["im2col"] is None and "deterministic" in why["depthwise"]
+    assert why["im2col"] is None
+    assert "deterministic" in why["depthwise"] and "deterministic" in why["fused"]
+    half = ConvGeometry(**{**_geometry(groups=1).__dict__, "in_channels": 16, "out_channels": 16})
+    assert cuda_backend.candidates(half, "float16")["fused"] is None
+    assert "sm_80" in cuda_backend.candidates(half, "float16", compute_capability=75)["fused"]

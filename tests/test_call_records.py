@@ -2,8 +2,9 @@
 
 The orchestration (cupydcn/deform_conv/cuda_backend.py) runs against
 ``cupydcn.cuda.launch.NullLauncher``: nothing executes, every kernel launch, array
-operation, GEMM and workspace buffer is reported to ``record_calls``. The numbers below
-are written out by hand from the shapes (benchmarks/shapes.py, the full-size rows) and
+operation, GEMM and workspace buffer is reported to ``record_calls``. The numbers below (the
+column path, ``algorithm="im2col"``, unless a test says otherwise) are written out by hand
+from the shapes (benchmarks/shapes.py, the full-size rows) and
 the default workspace (512 MiB), so a change in how many kernels, GEMMs or bytes a call
 takes fails here without a GPU. Per call:
 
@@ -97,7 +98,7 @@ def _arrays(geom: ConvGeometry):
     )
 
 
-def _forward(launcher, geom, a, workspace=DEFAULT_WORKSPACE_BYTES):
+def _forward(launcher, geom, a, workspace=DEFAULT_WORKSPACE_BYTES, algorithm="im2col"):
     with record_calls() as calls:
         cuda_backend.conv_forward(
             launcher,
@@ -108,11 +109,12 @@ def _forward(launcher, geom, a, workspace=DEFAULT_WORKSPACE_BYTES):
             a["mask"],
             geom,
             workspace_bytes=workspace,
+            algorithm=algorithm,
         )
     return calls
 
 
-def _backward(launcher, geom, a, workspace=DEFAULT_WORKSPACE_BYTES):
+def _backward(launcher, geom, a, workspace=DEFAULT_WORKSPACE_BYTES, algorithm="im2col"):
     with record_calls() as calls:
         cuda_backend.conv_backward(
             launcher,
@@ -124,6 +126,7 @@ def _backward(launcher, geom, a, workspace=DEFAULT_WORKSPACE_BYTES):
             geom,
             wrt=frozenset(GRADS),
             workspace_bytes=workspace,
+            algorithm=algorithm,
         )
     return calls
 
@@ -260,12 +263,12 @@ def test_depthwise_takes_no_columns_and_no_gemm(dtype_name):
         }
     )
     arrays = _arrays(geom)
-    forward = _forward(NullLauncher(), geom, arrays)
+    forward = _forward(NullLauncher(), geom, arrays, algorithm="auto")
     assert forward.sequence == [
         ("deform_conv_depthwise_forward", (3, 3), (3136, 1, 1), (256, 1, 1))
     ]
     assert forward.gemms == [] and forward.workspace == []
-    backward = _backward(NullLauncher(), geom, arrays)
+    backward = _backward(NullLauncher(), geom, arrays, algorithm="auto")
     kernels = [s[:3] for s in backward.sequence if not s[0].startswith("xp.")]
     rounds = [("round_to_output", (), (blocks, 1, 1)) for blocks in (25088, 18, 2)]
     assert kernels == [
@@ -273,4 +276,35 @@ def test_depthwise_takes_no_columns_and_no_gemm(dtype_name):
         ("deform_conv_depthwise_backward_weight", (3, 3), (1536, 1, 1)),
     ] + (rounds if dtype_name == "float16" else [])
     assert backward.launches["xp.zeros"] == 3
+    assert backward.gemms == [] and backward.workspace == []
+
+
+def test_fused_path_takes_no_columns_and_no_gemm():
+    """S5 in float16 on the fused kernels. Forward: the weight packed once into [groups,
+    C_out, K, C_in padded to 16] (256 * 9 * 256 halves = 1,179,648 bytes of workspace,
+    589,824 / 256 = 2304 blocks) and one launch over tiles of 64 pixels x 128 output
+    channels: (4096 / 64, 256 / 128, 8 images). Backward: the data-gradient kernel over
+    (64 pixel tiles, 9 taps, 8 images), grad_weight over (9 taps x 4 chunks of 64
+    channels, 2 channel tiles, 15 pixel splits = ceil(1024 / 72)), the zero fills of the
+    two float32 accumulators, the bias sum and three roundings (8 * 256 * 64 * 64 / 256 =
+    32768, 589,824 / 256 = 2304 and 1 block). No GEMM, no column buffer."""
+    geom = _geometry("S5", "float16")
+    arrays = _arrays(geom)
+    forward = _forward(NullLauncher(), geom, arrays, algorithm="fused")
+    assert forward.sequence == [
+        ("deform_conv_fused_pack_weight", (), (2304, 1, 1), (256, 1, 1)),
+        ("deform_conv_fused_forward", (), (64, 2, 8), (256, 1, 1)),
+    ]
+    assert forward.gemms == [] and forward.workspace == [256 * 9 * 256 * 2]
+    backward = _backward(NullLauncher(), geom, arrays, algorithm="fused")
+    assert backward.sequence == [
+        ("xp.zeros", (), None, None),
+        ("deform_conv_fused_backward_data", (), (64, 9, 8), (256, 1, 1)),
+        ("xp.zeros", (), None, None),
+        ("deform_conv_fused_grad_weight", (), (36, 2, 15), (256, 1, 1)),
+        ("xp.sum", (), None, None),
+        ("round_to_output", (), (32768, 1, 1), (256, 1, 1)),
+        ("round_to_output", (), (2304, 1, 1), (256, 1, 1)),
+        ("round_to_output", (), (1, 1, 1), (256, 1, 1)),
+    ]
     assert backward.gemms == [] and backward.workspace == []

@@ -66,6 +66,8 @@ def test_modules_of_ops_dtypes_and_index_widths():
             "convert.cu",
             "deform_conv_second_order.cu",
             "deform_conv_depthwise.cu",
+            "deform_conv_fused.cu",
+            "deform_conv_fused_backward.cu",
             "deform_conv_deterministic.cu",
             "segment_sum.cu",
         )

@@ -375,6 +375,10 @@ class CupyLauncher:
         stop.synchronize()
         return cupy.cuda.get_elapsed_time(start, stop) / 1000.0 / repeats
 
+    def compute_capability(self) -> int:
+        """The current device's compute capability as an int (90 for sm_90)."""
+        return int(self.xp.cuda.Device().compute_capability)
+
     def device_key(self) -> str:
         """The current device as the autotuner keys its choices: id, name and compute
         capability."""

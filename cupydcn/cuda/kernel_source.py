@@ -64,6 +64,16 @@ KERNEL_TEMPLATES: dict[str, tuple[str, ...]] = {
         "deform_conv_depthwise_backward_data",
         "deform_conv_depthwise_backward_weight",
     ),
+    # The half types on tensor cores (sm_80+): implicit GEMMs sampling their columns in
+    # shared memory, no column buffer (cupydcn/deform_conv/fused_cuda.py).
+    "deform_conv_fused.cu": (
+        "deform_conv_fused_pack_weight",
+        "deform_conv_fused_forward",
+        "deform_conv_fused_grad_weight",
+    ),
+    # The fused data gradient for the half types on tensor cores (sm_80+): grad_input,
+    # grad_offset and grad_mask without grad_columns (cupydcn/deform_conv/fused_backward_cuda.py).
+    "deform_conv_fused_backward.cu": ("deform_conv_fused_backward_data",),
 }
 
 # The parameter list of every kernel, in order and comma-separated, spelled as the .cu file
@@ -99,6 +109,8 @@ _DEPTHWISE_SIZES = (
     "I kernel_h, I kernel_w, I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, "
     "I out_h, I out_w, I padding_mode"
 )
+# deform_conv_fused.cu: the same ConvGeometry-named sizes.
+_FUSED_SIZES = _DEPTHWISE_SIZES
 KERNEL_PARAMETERS: dict[str, str] = {
     "deform_conv_im2col": f"const T* input, const T* offset, const T* mask, T* columns, {_CONV_SIZES}",
     "deform_conv_col2im_input": (
@@ -195,6 +207,25 @@ KERNEL_PARAMETERS: dict[str, str] = {
         "const T* grad_output, const T* input, const T* offset, const T* mask, "
         f"A* grad_weight, A* grad_bias, {_DEPTHWISE_SIZES}, I pixel_threads"
     ),
+    # deform_conv_fused.cu: the sizes by ConvGeometry's names (as the depthwise kernels');
+    # channels_padded = C / groups rounded up to 16, the packed weight's channels per tap.
+    "deform_conv_fused_pack_weight": (
+        f"const T* weight, T* weight_packed, {_FUSED_SIZES}, I channels_padded"
+    ),
+    "deform_conv_fused_forward": (
+        "const T* input, const T* offset, const T* mask, const T* weight_packed, "
+        f"const T* bias, T* output, {_FUSED_SIZES}, I channels_padded"
+    ),
+    "deform_conv_fused_grad_weight": (
+        "const T* grad_output, const T* input, const T* offset, const T* mask, "
+        f"A* grad_weight, {_FUSED_SIZES}"
+    ),
+    # deform_conv_fused_backward.cu: the same ConvGeometry-named sizes.
+    "deform_conv_fused_backward_data": (
+        "const T* grad_output, const T* input, const T* offset, const T* mask, "
+        "const T* weight, A* grad_input, T* grad_offset, T* grad_mask, "
+        f"{_DEPTHWISE_SIZES}"
+    ),
 }
 
 # The modules (source files) each public op launches kernels from, by the op's function
@@ -206,6 +237,8 @@ OP_SOURCE_FILES: dict[str, tuple[str, ...]] = {
         "convert.cu",
         "deform_conv_second_order.cu",
         "deform_conv_depthwise.cu",
+        "deform_conv_fused.cu",
+        "deform_conv_fused_backward.cu",
     ),
     "deform_roi_pool": ("deform_roi_pool.cu", "convert.cu"),
     "deform_psroi_pool": ("deform_psroi_pool.cu", "convert.cu"),

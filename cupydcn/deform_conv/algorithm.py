@@ -9,6 +9,9 @@
   problem, the reference the others are tested against;
 - ``"depthwise"``: the direct kernels of
   :func:`cupydcn.deform_conv.depthwise_cuda.depthwise_applies` problems (an error
+  elsewhere);
+- ``"fused"``: the implicit-GEMM tensor-core kernels, no column buffer (float16 /
+  bfloat16 on sm_80+, :func:`cupydcn.deform_conv.fused_cuda.fused_applies`; an error
   elsewhere).
 
 The NumPy backend has one algorithm and ignores the setting. An ``algorithm=`` argument of
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 
 from cupydcn.core.errors import CupydcnTypeError, CupydcnValueError
 
-ALGORITHMS: tuple[str, ...] = ("auto", "heuristic", "im2col", "depthwise")
+ALGORITHMS: tuple[str, ...] = ("auto", "heuristic", "im2col", "depthwise", "fused")
 
 _GLOBAL = ["auto"]
 _SCOPED: contextvars.ContextVar[str | None] = contextvars.ContextVar(

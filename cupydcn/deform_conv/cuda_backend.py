@@ -90,7 +90,13 @@ from cupydcn.cuda.launch import (
     workspace_empty,
 )
 from cupydcn.cuda.tf32 import is_tf32_allowed
-from cupydcn.deform_conv import autotune, cuda_kernels, depthwise_cuda
+from cupydcn.deform_conv import (
+    autotune,
+    cuda_kernels,
+    depthwise_cuda,
+    fused_backward_cuda,
+    fused_cuda,
+)
 from cupydcn.deform_conv.algorithm import check_algorithm, current_conv_algorithm
 from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
@@ -255,11 +261,20 @@ def _depthwise_types(launcher: KernelLauncher, geom: ConvGeometry, dtype_name, i
     return KernelTypes(dtype_name, launcher.xp.dtype(DTYPES[dtype_name].acc_name), bits)
 
 
-def candidates(geom: ConvGeometry, dtype_name: str, *, deterministic: bool = False) -> dict:
+def candidates(
+    geom: ConvGeometry,
+    dtype_name: str,
+    *,
+    deterministic: bool = False,
+    backward: bool = False,
+    compute_capability: int = 80,
+) -> dict:
     """The algorithms of :data:`~cupydcn.deform_conv.algorithm.ALGORITHMS` that can compute
     ``geom``: name -> None when it applies, else why not (the deterministic backward has
     the column path only: the others add with atomics)."""
-    why = {"im2col": None}
+    why = {"im2col": None, "fused": _fused_refusal(geom, dtype_name, backward, compute_capability)}
+    if deterministic:
+        why["fused"] = "the deterministic backward takes the column path"
     if deterministic:
         why["depthwise"] = "the deterministic backward takes the column path"
     elif not depthwise_cuda.depthwise_applies(geom):
@@ -273,7 +288,38 @@ def candidates(geom: ConvGeometry, dtype_name: str, *, deterministic: bool = Fal
     return why
 
 
-def _resolve(launcher, algorithm, geom, dtype_name, pass_name, run, *, deterministic=False):
+def _fused_refusal(
+    geom: ConvGeometry, dtype_name: str, backward: bool, compute_capability: int
+) -> str | None:
+    """Why the fused tensor-core kernels do not take ``geom`` (None when they do)."""
+    if not fused_cuda.fused_supported(compute_capability):
+        return f"the fused kernels need sm_80 or later; the device is sm_{compute_capability}"
+    if not fused_cuda.fused_applies(geom, dtype_name):
+        return (
+            "the fused kernels take float16 / bfloat16 with at least 8 input and 16 output "
+            f"channels per group (cupydcn.deform_conv.fused_cuda.fused_applies); got "
+            f"{dtype_name}, {geom.in_channels // geom.groups} and "
+            f"{geom.out_channels // geom.groups}"
+        )
+    if backward and not fused_backward_cuda.fused_data_applies(geom, dtype_name):
+        return (
+            "the fused data-gradient kernel does not apply "
+            "(cupydcn.deform_conv.fused_backward_cuda.fused_data_applies)"
+        )
+    return None
+
+
+def _compute_capability(launcher: KernelLauncher) -> int:
+    """The device's compute capability as an int (80 for sm_80); 80 for launchers without
+    a device (the CPU emulator runs the tensor-core primitives, the null launcher
+    nothing)."""
+    query = getattr(launcher, "compute_capability", None)
+    return 80 if query is None else int(query())
+
+
+def _resolve(
+    launcher, algorithm, geom, dtype_name, pass_name, run, *, deterministic=False, backward=False
+):
     """The algorithm a call runs: the one asked for (checked to apply), or for "auto" /
     "heuristic" the autotuned / heuristic choice among those that apply."""
     name = (
@@ -281,7 +327,13 @@ def _resolve(launcher, algorithm, geom, dtype_name, pass_name, run, *, determini
         if algorithm is None
         else check_algorithm(algorithm, "deform_conv2d")
     )
-    why = candidates(geom, dtype_name, deterministic=deterministic)
+    why = candidates(
+        geom,
+        dtype_name,
+        deterministic=deterministic,
+        backward=backward,
+        compute_capability=_compute_capability(launcher),
+    )
     usable = [c for c, reason in why.items() if reason is None]
     if name == "heuristic":
         return autotune.heuristic_choice(usable)
@@ -333,6 +385,21 @@ def conv_forward(
             return depthwise_cuda.depthwise_forward(
                 launcher, types, geom, input, offset, weight, bias, mask
             )
+        if name == "fused":
+            bits = index_bits if index_bits is not None else fused_cuda.fused_index_bits(geom)
+            output = xp.empty(geom.output_shape, dtype=input.dtype)
+            fused_cuda.launch_fused_forward(
+                launcher,
+                KernelTypes(dtype_name, xp.dtype("float32"), bits),
+                geom,
+                input=input,
+                offset=offset,
+                weight=weight,
+                bias=bias,
+                mask=mask,
+                output=output,
+            )
+            return output
         return _forward_im2col(
             launcher,
             input,
@@ -516,6 +583,19 @@ def conv_backward(
             return depthwise_cuda.depthwise_backward(
                 launcher, types, geom, grad_output, input, offset, weight, mask, wrt=wrt
             )
+        if name == "fused":
+            return _backward_fused(
+                launcher,
+                grad_output,
+                input,
+                offset,
+                weight,
+                mask,
+                geom,
+                wrt,
+                dtype_name,
+                index_bits,
+            )
         return _backward_im2col(
             launcher,
             grad_output,
@@ -539,8 +619,86 @@ def conv_backward(
         f"backward:{','.join(sorted(wrt))}:{workspace_bytes}",
         run,
         deterministic=deterministic,
+        backward=True,
     )
     return run(chosen)
+
+
+def _backward_fused(
+    launcher, grad_output, input, offset, weight, mask, geom, wrt, dtype_name, index_bits
+) -> ConvGrads:
+    """The backward on the fused kernels: grad_input, grad_offset and grad_mask from one
+    kernel that forms grad_columns tile by tile with MMAs and spends them at once, and
+    grad_weight from the fused implicit GEMM over pixels (split-K, float32 atomics); no
+    column buffer. grad_bias: one sum of grad_output."""
+    xp = launcher.xp
+    dtype = input.dtype
+    acc = xp.dtype("float32")
+    want_input = "input" in wrt
+    want_offset = "offset" in wrt
+    want_mask = "mask" in wrt and mask is not None
+    grad_input_acc = grad_offset = grad_mask = grad_weight_acc = grad_bias = None
+    if want_input or want_offset or want_mask:
+        bits = (
+            index_bits
+            if index_bits is not None
+            else fused_backward_cuda.fused_data_index_bits(geom)
+        )
+        if want_input:
+            grad_input_acc = xp.zeros(geom.input_shape, dtype=acc)
+            report_array_operation("zeros")
+        grad_offset = xp.empty(geom.offset_shape, dtype=dtype) if want_offset else None
+        grad_mask = xp.empty(geom.mask_shape, dtype=dtype) if want_mask else None
+        fused_backward_cuda.launch_fused_data_backward(
+            launcher,
+            KernelTypes(dtype_name, acc, bits),
+            geom,
+            grad_output=grad_output,
+            input=input,
+            offset=offset,
+            weight=weight,
+            mask=mask,
+            grad_input_acc=grad_input_acc,
+            grad_offset=grad_offset,
+            grad_mask=grad_mask,
+        )
+    types = KernelTypes(
+        dtype_name,
+        acc,
+        index_bits if index_bits is not None else fused_cuda.fused_index_bits(geom),
+    )
+    if "weight" in wrt:
+        grad_weight_acc = xp.zeros(
+            (geom.groups, geom.out_channels // geom.groups, geom.column_rows // geom.groups),
+            dtype=acc,
+        )
+        report_array_operation("zeros")
+        fused_cuda.launch_fused_grad_weight(
+            launcher,
+            types,
+            geom,
+            grad_output=grad_output,
+            input=input,
+            offset=offset,
+            mask=mask,
+            grad_weight_acc=grad_weight_acc,
+        )
+    if "bias" in wrt:
+        grad_bias = grad_output.sum(axis=(0, 2, 3), dtype=acc)
+        report_array_operation("sum")
+
+    def rounded(array):
+        return round_to_dtype(launcher, dtype_name, types.index_bits, array, dtype)
+
+    return ConvGrads(
+        grad_input=None if grad_input_acc is None else rounded(grad_input_acc),
+        grad_offset=grad_offset,
+        grad_weight=None
+        if grad_weight_acc is None
+        else rounded(grad_weight_acc).reshape(geom.weight_shape),
+        grad_mask=grad_mask,
+        grad_bias=None if grad_bias is None else rounded(grad_bias),
+    )
 
 
 def _backward_im2col(
