@@ -58,7 +58,7 @@ def geometry(shape, dtype_name: str) -> ConvGeometry:
     )
 
 
-def after(geom: ConvGeometry):
+def after(geom: ConvGeometry, algorithm: str = "im2col"):
     dtype = numpy_dtype(geom.dtype_name)
     z = lambda s: np.zeros(s, dtype)  # noqa: E731
     x, off, w, b, m = (
@@ -71,7 +71,15 @@ def after(geom: ConvGeometry):
     launcher = NullLauncher()
     with record_calls() as fwd:
         cuda_backend.conv_forward(
-            launcher, x, off, w, b, m, geom, workspace_bytes=DEFAULT_WORKSPACE_BYTES
+            launcher,
+            x,
+            off,
+            w,
+            b,
+            m,
+            geom,
+            workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+            algorithm=algorithm,
         )
     with record_calls() as bwd:
         cuda_backend.conv_backward(
@@ -84,6 +92,7 @@ def after(geom: ConvGeometry):
             geom,
             wrt=GRADS,
             workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+            algorithm=algorithm,
         )
     return fwd, bwd
 
@@ -121,9 +130,12 @@ def main() -> None:
         "the results, at the default 512 MiB budget. Every conv is 3×3, DCNv2 with bias,",
         "all gradients in the backward.",
         "",
+        '*after* is the column path (`algorithm="im2col"`); *fused* the tensor-core kernels',
+        "where they apply (float16, sm_80+), *depthwise* S7's direct kernels.",
+        "",
         "| shape | dtype | pass | launches before → after | GEMMs before → after "
-        "| workspace MB before → after |",
-        "|---|---|---|---:|---:|---:|",
+        "| workspace MB before → after | fused / depthwise: launches, workspace MB |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for shape in FULL.values():
         if getattr(shape, "op", "") != "deform_conv2d":
@@ -132,10 +144,23 @@ def main() -> None:
             geom = geometry(shape, dtype_name)
             fwd, bwd = after(geom)
             old_f, old_b = before(geom)
-            for name, new, old in (("fwd", fwd, old_f), ("bwd", bwd, old_b)):
+            why = cuda_backend.candidates(geom, dtype_name, backward=True)
+            other = next((a for a in ("fused", "depthwise") if why[a] is None), None)
+            alt = after(geom, other) if other else (None, None)
+            for name, new, old, alt_calls in (
+                ("fwd", fwd, old_f, alt[0]),
+                ("bwd", bwd, old_b, alt[1]),
+            ):
+                extra = (
+                    f"{other}: {alt_calls.launch_count + alt_calls.gemm_count}, "
+                    f"{alt_calls.workspace_bytes / MB:.1f}"
+                    if alt_calls is not None
+                    else "–"
+                )
                 lines.append(
                     f"| {shape.id} | {dtype_name} | {name} | {old[0]} → {new.launch_count} | "
-                    f"{old[1]} → {new.gemm_count} | {old[2]:.1f} → {new.workspace_bytes / MB:.1f} |"
+                    f"{old[1]} → {new.gemm_count} | {old[2]:.1f} → {new.workspace_bytes / MB:.1f} "
+                    f"| {extra} |"
                 )
     out = Path(__file__).resolve().parent / "results" / "call_records.md"
     out.write_text("\n".join(lines) + "\n")
