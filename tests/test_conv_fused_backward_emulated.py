@@ -18,43 +18,27 @@ Emulator builds: one g++ build of the file per (dtype, index width): 4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
 
+import fused_problems
 from cupydcn.cuda.launch import NullLauncher, kernel_types, record_calls
 from cupydcn.deform_conv import cuda_backend, fused_backward_cuda, numpy_backend
-from cupydcn.deform_conv.spec import conv_geometry
-from support import dtype_of, on_device, seeded, to_numpy
+from fused_problems import BIG_WORKSPACE, TYPES, Problem, problems_fixture
+from support import on_device, to_numpy
 
 emulated = pytest.mark.emulated
 
-BIG_WORKSPACE = 1 << 30
-HALF_TYPES = ("float16", "bfloat16")
-TYPES = [(d, b) for d in HALF_TYPES for b in (32, 64)]
-TYPE_IDS = [f"{d}-i{b}" for d, b in TYPES]
 # Unit roundoff of the element dtypes.
 EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
-@dataclass(frozen=True)
-class Case:
-    channels: int
-    out_channels: int
-    size: tuple[int, int]
-    kernel: tuple[int, int] = (3, 3)
-    batch: int = 1
-    groups: int = 1
-    offset_groups: int = 1
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    padding_mode: str = "zeros"
-    with_mask: bool = True
-    offset_scale: float = 2.0
-    edge_points: bool = False  # some offsets at +-1e4, +-inf, NaN
-
+# The data gradients have no bias (grad_bias is not theirs): one image unless a case says.
+Case = partial(fused_problems.Case, with_bias=False)
+SEED = "fused-backward"
 
 CASES = {
     # 42 pixels (one ragged tile), C_out 17 (one ragged MMA step), two images
@@ -91,60 +75,7 @@ CHECKS = [(name, d, b) for name in sorted(CASES) for d, b in TYPES]
 CHECK_IDS = [f"{n}-{d}-i{b}" for n, d, b in CHECKS]
 
 
-@dataclass
-class Problem:
-    case: Case
-    dtype_name: str
-
-    def __post_init__(self):
-        case = self.case
-        rng = seeded("fused-backward", case, self.dtype_name)
-        dtype = dtype_of(self.dtype_name)
-        H, W = case.size
-        kh, kw = case.kernel
-        (sh, sw), (ph, pw), (dh, dw) = case.stride, case.padding, case.dilation
-        out_h = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-        out_w = (W + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-        taps, G, n = kh * kw, case.offset_groups, case.batch
-        offset = rng.uniform(-case.offset_scale, case.offset_scale, (n, 2 * G * taps, out_h, out_w))
-        offset = np.round(offset * 1024) / 1024
-        offset[rng.random(offset.shape) < 0.2] = 0.0  # integer points
-        if case.edge_points:
-            flat = offset.reshape(-1)
-            picks = rng.choice(flat.size, 12, replace=False)
-            flat[picks] = rng.choice([1e4, -1e4, np.inf, -np.inf, np.nan, -H - 1.0, H], 12)
-        arrays = {
-            "input": rng.standard_normal((n, case.channels, H, W)),
-            "offset": offset,
-            "weight": rng.standard_normal((case.out_channels, case.channels // case.groups, kh, kw))
-            / np.sqrt(case.channels // case.groups * taps),
-            "mask": rng.uniform(-0.5, 1.5, (n, G * taps, out_h, out_w)) if case.with_mask else None,
-        }
-        self.arrays = {k: None if v is None else v.astype(dtype) for k, v in arrays.items()}
-        self.geom = conv_geometry(
-            self.arrays["input"],
-            self.arrays["offset"],
-            self.arrays["weight"],
-            None,
-            self.arrays["mask"],
-            stride=case.stride,
-            padding=case.padding,
-            dilation=case.dilation,
-            padding_mode=case.padding_mode,
-        )
-        self.grad_output = rng.standard_normal(self.geom.output_shape).astype(dtype)
-
-
-@pytest.fixture(scope="module")
-def problems():
-    cache = {}
-
-    def get(name: str, dtype_name: str) -> Problem:
-        if (name, dtype_name) not in cache:
-            cache[name, dtype_name] = Problem(CASES[name], dtype_name)
-        return cache[name, dtype_name]
-
-    return get
+problems = problems_fixture(CASES, SEED)
 
 
 def _wrt(problem: Problem) -> frozenset[str]:
@@ -247,7 +178,7 @@ def assert_agrees(got, want, dtype_name: str, what: str, *, slack: float = 1e-3)
 
 
 def _geom(case: Case, dtype_name: str = "float16"):
-    return Problem(case, dtype_name).geom
+    return Problem(case, dtype_name, SEED).geom
 
 
 def test_channel_chunks():
@@ -297,7 +228,7 @@ def test_launch_shape():
 
 def test_refuses_and_records():
     launcher = NullLauncher()
-    problem = Problem(CASES["base"], "float16")
+    problem = Problem(CASES["base"], "float16", SEED)
     a, geom = problem.arrays, problem.geom
     kwargs = dict(
         grad_output=problem.grad_output,

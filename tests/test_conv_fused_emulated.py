@@ -31,54 +31,35 @@ each; the emulated MMAs are a rendezvous of the warp, fast enough for these size
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
 
+import fused_problems
 from cupydcn.cuda.launch import kernel_types, record_calls
 from cupydcn.deform_conv import cuda_backend, cuda_kernels, fused_cuda
 from cupydcn.deform_conv.padding import cell_floor, map_coordinates
-from cupydcn.deform_conv.spec import conv_geometry
+from fused_problems import BIG_WORKSPACE, TYPE_IDS, TYPES, Problem, problems_fixture
 from reference import deform_conv2d_reference
 from support import (
     assert_close_to_sum,
     assert_close_with_rounded_columns,
     dtype_of,
     on_device,
-    seeded,
     to_numpy,
 )
 
 emulated = pytest.mark.emulated
 
-BIG_WORKSPACE = 1 << 30
-HALF_TYPES = ("float16", "bfloat16")
-TYPES = [(d, b) for d in HALF_TYPES for b in (32, 64)]
-TYPE_IDS = [f"{d}-i{b}" for d, b in TYPES]
-
 
 # ---------------------------------------------------------------------------- problems
 
 
-@dataclass(frozen=True)
-class Case:
-    channels: int
-    out_channels: int
-    size: tuple[int, int]
-    kernel: tuple[int, int] = (3, 3)
-    batch: int = 2
-    groups: int = 1
-    offset_groups: int = 1
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    padding_mode: str = "zeros"
-    with_mask: bool = True
-    with_bias: bool = True
-    offset_scale: float = 2.0
-    edge_points: bool = False  # some offsets at +-1e4, +-inf, NaN
-
+# Two images unless a case says.
+Case = partial(fused_problems.Case, batch=2)
+SEED = "fused"
 
 CASES = {
     # 6 x 7 = 42 pixels (one ragged pixel tile), C_out 17 (one ragged warp row), C / g 16.
@@ -123,75 +104,7 @@ CHECKS = [(name, dtype_name, bits) for name in sorted(CASES) for dtype_name, bit
 CHECK_IDS = [f"{n}-{d}-i{b}" for n, d, b in CHECKS]
 
 
-@dataclass
-class Problem:
-    case: Case
-    dtype_name: str
-
-    def __post_init__(self):
-        case = self.case
-        rng = seeded("fused", case, self.dtype_name)
-        dtype = dtype_of(self.dtype_name)
-        H, W = case.size
-        kh, kw = case.kernel
-        (sh, sw), (ph, pw), (dh, dw) = case.stride, case.padding, case.dilation
-        out_h = (H + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-        out_w = (W + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-        taps, G, n = kh * kw, case.offset_groups, case.batch
-        offset = rng.uniform(-case.offset_scale, case.offset_scale, (n, 2 * G * taps, out_h, out_w))
-        offset = np.round(offset * 1024) / 1024
-        offset[rng.random(offset.shape) < 0.2] = 0.0  # integer points
-        if case.edge_points:
-            flat = offset.reshape(-1)
-            picks = rng.choice(flat.size, 12, replace=False)
-            flat[picks] = rng.choice([1e4, -1e4, np.inf, -np.inf, np.nan, -H - 1.0, H], 12)
-        arrays = {
-            "input": rng.standard_normal((n, case.channels, H, W)),
-            "offset": offset,
-            "weight": rng.standard_normal((case.out_channels, case.channels // case.groups, kh, kw))
-            / np.sqrt(case.channels // case.groups * taps),
-            "bias": rng.standard_normal(case.out_channels) if case.with_bias else None,
-            "mask": rng.uniform(-0.5, 1.5, (n, G * taps, out_h, out_w)) if case.with_mask else None,
-        }
-        self.arrays = {k: None if v is None else v.astype(dtype) for k, v in arrays.items()}
-        self.geom = conv_geometry(
-            self.arrays["input"],
-            self.arrays["offset"],
-            self.arrays["weight"],
-            self.arrays["bias"],
-            self.arrays["mask"],
-            stride=case.stride,
-            padding=case.padding,
-            dilation=case.dilation,
-            padding_mode=case.padding_mode,
-        )
-        self.grad_output = rng.standard_normal(self.geom.output_shape).astype(dtype)
-        self.rng = rng
-
-    def with_weight(self, weight: np.ndarray) -> Problem:
-        """The problem with another weight (any number of output channels) and no bias."""
-        other = Problem.__new__(Problem)
-        other.case, other.dtype_name, other.rng = self.case, self.dtype_name, self.rng
-        other.arrays = {
-            **self.arrays,
-            "weight": weight.astype(dtype_of(self.dtype_name)),
-            "bias": None,
-        }
-        other.geom = replace(self.geom, out_channels=weight.shape[0], has_bias=False)
-        other.grad_output = None
-        return other
-
-
-@pytest.fixture(scope="module")
-def problems():
-    cache = {}
-
-    def get(name: str, dtype_name: str) -> Problem:
-        if (name, dtype_name) not in cache:
-            cache[name, dtype_name] = Problem(CASES[name], dtype_name)
-        return cache[name, dtype_name]
-
-    return get
+problems = problems_fixture(CASES, SEED)
 
 
 # ---------------------------------------------------------------------------- references
@@ -399,7 +312,7 @@ def column_path_grad_weight(launcher, problem: Problem, index_bits: int) -> np.n
 
 
 def _geom(case: Case, dtype_name: str = "float16"):
-    return Problem(case, dtype_name).geom
+    return Problem(case, dtype_name, SEED).geom
 
 
 def test_applicability_rule():
@@ -459,7 +372,7 @@ def test_refuses_what_it_cannot_compute():
     from cupydcn.cuda.launch import NullLauncher
 
     launcher = NullLauncher()
-    problem = Problem(CASES["base"], "float16")
+    problem = Problem(CASES["base"], "float16", SEED)
     a = problem.arrays
     output = np.empty(problem.geom.output_shape, np.float16)
     kwargs = dict(input=a["input"], offset=a["offset"], weight=a["weight"], bias=None, mask=None)
@@ -478,7 +391,7 @@ def test_records_launches_and_workspace():
     from cupydcn.cuda.launch import NullLauncher
 
     launcher = NullLauncher()
-    problem = Problem(CASES["c40-co130"], "bfloat16")
+    problem = Problem(CASES["c40-co130"], "bfloat16", SEED)
     geom, a = problem.geom, problem.arrays
     types = kernel_types(launcher, "bfloat16", 32)
     with record_calls() as calls:
@@ -583,7 +496,7 @@ def test_forward(launcher, problems, name, dtype_name, index_bits):
 def test_reference_columns_match_loop_reference():
     """columns_reference through forward_from_columns is tests/reference.py's loop form."""
     for name in ("groups2", "straddle", "reflection"):
-        problem = Problem(replace(CASES[name], batch=1), "float16")
+        problem = Problem(replace(CASES[name], batch=1), "float16", SEED)
         a = {k: None if v is None else v.astype(np.float64) for k, v in problem.arrays.items()}
         case = problem.case
         loop = deform_conv2d_reference(
