@@ -85,6 +85,7 @@ from cupydcn.cuda.launch import (
     KernelTypes,
     contiguous,
     index_bits_for_sizes,
+    kernel_types,
     report_array_operation,
     round_to_dtype,
     workspace_empty,
@@ -98,7 +99,6 @@ from cupydcn.deform_conv import (
     fused_cuda,
 )
 from cupydcn.deform_conv.algorithm import check_algorithm, current_conv_algorithm
-from cupydcn.deform_conv.padding import PADDING_MODE_CODES
 from cupydcn.deform_conv.spec import ConvGeometry, ConvGrads
 
 # An image is split into ranges of output pixels only when its buffers exceed
@@ -258,7 +258,7 @@ def _weight_operand(weight, geom: ConvGeometry):
 
 def _depthwise_types(launcher: KernelLauncher, geom: ConvGeometry, dtype_name, index_bits):
     bits = index_bits if index_bits is not None else depthwise_cuda.depthwise_index_bits(geom)
-    return KernelTypes(dtype_name, launcher.xp.dtype(DTYPES[dtype_name].acc_name), bits)
+    return kernel_types(launcher, dtype_name, bits)
 
 
 def candidates(
@@ -390,7 +390,7 @@ def conv_forward(
             output = xp.empty(geom.output_shape, dtype=input.dtype)
             fused_cuda.launch_fused_forward(
                 launcher,
-                KernelTypes(dtype_name, xp.dtype("float32"), bits),
+                kernel_types(launcher, dtype_name, bits),
                 geom,
                 input=input,
                 offset=offset,
@@ -538,18 +538,6 @@ def backward_plan(
     return _plan(launcher, dtype_name, geom, costs, workspace_bytes, index_bits)
 
 
-def _conv_sizes(geom: ConvGeometry, images: int, first: int, count: int) -> dict[str, int]:
-    """The size overrides of a conv kernel over ``images`` images and the output pixels
-    [first, first + count)."""
-    return dict(
-        batch=images,
-        channels=geom.in_channels,
-        padding_mode=PADDING_MODE_CODES[geom.padding_mode],
-        pixel_start=first,
-        pixel_count=count,
-    )
-
-
 def conv_backward(
     launcher: KernelLauncher,
     grad_output,
@@ -651,7 +639,7 @@ def _backward_fused(
         grad_mask = xp.empty(geom.mask_shape, dtype=dtype) if want_mask else None
         fused_backward_cuda.launch_fused_data_backward(
             launcher,
-            KernelTypes(dtype_name, acc, bits),
+            kernel_types(launcher, dtype_name, bits),
             geom,
             grad_output=grad_output,
             input=input,
@@ -662,9 +650,9 @@ def _backward_fused(
             grad_offset=grad_offset,
             grad_mask=grad_mask,
         )
-    types = KernelTypes(
+    types = kernel_types(
+        launcher,
         dtype_name,
-        acc,
         index_bits if index_bits is not None else fused_cuda.fused_index_bits(geom),
     )
     if "weight" in wrt:
@@ -808,7 +796,7 @@ def _backward_im2col(
                         n * geom.column_rows * count,
                         geom,
                         target,
-                        sizes=_conv_sizes(geom, n, first, count),
+                        sizes=cuda_kernels.conv_sizes(geom, n, (first, count)),
                         grad_columns=chunk_grad_columns,
                         offset=offset[start:stop],
                         mask=chunk_mask,

@@ -128,7 +128,12 @@ def _range(geom: ConvGeometry, pixels: tuple[int, int] | None) -> tuple[int, int
     return (0, geom.out_h * geom.out_w) if pixels is None else (int(pixels[0]), int(pixels[1]))
 
 
-def _sizes(geom: ConvGeometry, images: int, pixels: tuple[int, int] | None) -> dict[str, int]:
+def conv_sizes(
+    geom: ConvGeometry, images: int, pixels: tuple[int, int] | None = None
+) -> dict[str, int]:
+    """The size overrides of a deform_conv.cu kernel over ``images`` images and the output
+    pixel range ``pixels`` = (start, count) (default: all): the rest of its size
+    arguments are the geometry's."""
     start, count = _range(geom, pixels)
     return dict(
         batch=images,
@@ -161,7 +166,7 @@ def im2col_shape(
         (bx, by, 1),
         0,
         images * geom.in_channels * count,
-        _sizes(geom, images, pixels),
+        conv_sizes(geom, images, pixels),
     )
 
 
@@ -217,7 +222,7 @@ def col2im_input_shape(
     start, count = _range(geom, pixels)
     if tiling == "auto":
         tiling = col2im_tiling(geom, dtype_name, pixels)
-    sizes = _sizes(geom, images, pixels)
+    sizes = conv_sizes(geom, images, pixels)
     total = images * geom.column_rows * count
     if tiling is None:
         blocks, threads = launch_config(total)
@@ -268,7 +273,7 @@ def col2im_coord_shape(
         (bx, split, 1),
         3 * MAX_THREADS * _acc_itemsize(dtype_name),
         items,
-        _sizes(geom, images, pixels),
+        conv_sizes(geom, images, pixels),
     )
 
 
